@@ -1,0 +1,3 @@
+from ckpt_callbacks._cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,502 @@
+"""The checkpoint format, pure: state tree <-> (tensors, JSON). No I/O happens here.
+
+A checkpoint ``ckpt-1000`` is
+
+- ``ckpt-1000.data-00000-of-00001``: a valid safetensors file holding every tensor leaf;
+- ``ckpt-1000.meta``: JSON describing the run (framework, model, step, epoch, time, metrics);
+- ``ckpt-1000.index``: JSON with the state tree (non-tensor leaves inline, tensors by reference),
+  each tensor's dtype / shape / file / offset / length / checksum, each file's size, and its own
+  checksum on the last line. Written last: a checkpoint without a valid index does not exist.
+
+Tree encoding (JSON): ``None``, ``bool``, ``str`` and ``int`` are themselves; everything else is a
+one-key object: ``{"f": 1.5}`` / ``{"f": "nan"}`` floats, ``{"l": [...]}`` lists, ``{"t": [...]}`` tuples,
+``{"d": [[key, value], ...]}`` dicts (str or int keys, order kept), ``{"od": ...}`` OrderedDicts,
+``{"b": "<base64>"}`` bytes, ``{"s": [dtype, "<base64>"]}`` numpy scalars, ``{"x": name}`` tensors,
+``{"p": "<base64>"}`` pickled objects (only with ``allow_pickle=True``).
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import math
+import re
+import struct
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import xxhash
+
+from .errors import CorruptCheckpointError, IncompatibleCheckpointError
+
+FORMAT_NAME = "ckpt_callbacks"
+FORMAT_VERSION = 1
+CHECKSUM_ALGO = "xxh3_64"
+
+# safetensors refuses headers above 100 MB; so do we, before allocating anything.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_INDEX_BYTES = 512 * 1024 * 1024
+MAX_TREE_DEPTH = 512
+
+# numpy dtype name -> safetensors dtype. Dtypes safetensors has no name for are stored as raw
+# bytes ("U8", shape [nbytes]); the index keeps the real dtype and shape.
+_SAFETENSORS_DTYPES = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "uint16": "U16",
+    "int16": "I16",
+    "uint32": "U32",
+    "int32": "I32",
+    "uint64": "U64",
+    "int64": "I64",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "float64": "F64",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "complex64": "C64",
+}
+_ML_DTYPE_NAMES = frozenset(
+    name
+    for name in (
+        "bfloat16",
+        "float8_e3m4",
+        "float8_e4m3",
+        "float8_e4m3b11fnuz",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "float6_e2m3fn",
+        "float6_e3m2fn",
+        "float4_e2m1fn",
+        "int2",
+        "int4",
+        "uint2",
+        "uint4",
+    )
+    if hasattr(ml_dtypes, name)
+)
+_NUMERIC_KINDS = frozenset("biufc")
+
+
+def dtype_from_name(name: object) -> np.dtype:
+    """The numpy dtype for a stored dtype name; only numeric dtypes are accepted."""
+    if not isinstance(name, str) or len(name) > 32:
+        raise CorruptCheckpointError(f"Invalid dtype in checkpoint index: {name!r:.80}.")
+    if name in _ML_DTYPE_NAMES:
+        return np.dtype(getattr(ml_dtypes, name))
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        raise CorruptCheckpointError(
+            f"Unknown dtype {name!r} in checkpoint index. Expected a numeric numpy or ml_dtypes dtype."
+        ) from None
+    if dtype.kind not in _NUMERIC_KINDS or dtype.name != name:
+        raise CorruptCheckpointError(
+            f"Non-numeric dtype {name!r} in checkpoint index. Expected a numeric numpy or ml_dtypes dtype."
+        )
+    return dtype
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The stored name of a numeric dtype; raises TypeError for anything else."""
+    name = dtype.name
+    if name in _ML_DTYPE_NAMES or (dtype.kind in _NUMERIC_KINDS and dtype.fields is None):
+        return name
+    raise TypeError(f"dtype {dtype!r} is not numeric")
+
+
+@dataclass
+class LazyArray:
+    """A tensor leaf whose bytes are produced only when written.
+
+    Adapters wrap framework variables in it so that a sync save converts one tensor at a time
+    instead of copying the whole state up front. Loading gives back a numpy array.
+    """
+
+    shape: tuple[int, ...]
+    dtype: Any
+    materialize: Callable[[], Any]
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(d) for d in self.shape)
+        self.dtype = np.dtype(self.dtype) if not isinstance(self.dtype, str) else _parse_dtype(self.dtype)
+
+
+def _parse_dtype(name: str) -> np.dtype:
+    if name in _ML_DTYPE_NAMES:
+        return np.dtype(getattr(ml_dtypes, name))
+    return np.dtype(name)
+
+
+@dataclass
+class TensorEntry:
+    """One tensor leaf of a state being saved."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    source: Any  # np.ndarray, LazyArray or a torch tensor
+    kind: str = "numpy"  # "numpy" or "torch": what loading gives back
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def array(self) -> np.ndarray:
+        """The tensor as a C-contiguous little-endian numpy array (one conversion, no extra copy)."""
+        src = self.source
+        if isinstance(src, LazyArray):
+            arr = np.asarray(src.materialize())
+            if arr.shape != self.shape or arr.dtype != self.dtype:
+                arr = arr.astype(self.dtype, copy=False).reshape(self.shape)
+        elif self.kind == "torch":
+            from . import _torch
+
+            arr = _torch.to_numpy(src)
+        else:
+            arr = src
+        if not arr.flags.c_contiguous or arr.dtype.byteorder == ">":
+            arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        return arr
+
+
+@dataclass
+class EncodedState:
+    tree: Any
+    tensors: list[TensorEntry] = field(default_factory=list)
+
+
+def _path_str(path: tuple) -> str:
+    return "state" + "".join(f"[{k!r}]" for k in path)
+
+
+def encode_tree(state: Any, *, allow_pickle: bool = False) -> EncodedState:
+    """Split a state tree into a JSON-able tree and its tensor leaves.
+
+    Raises TypeError naming the key path of the first leaf that cannot be stored.
+    """
+    out = EncodedState(tree=None)
+    used: set[str] = set()
+
+    def tensor_name(path: tuple) -> str:
+        base = "/".join(str(k) for k in path) or "tensor"
+        name, n = base, 1
+        while name in used:
+            name = f"{base}#{n}"
+            n += 1
+        used.add(name)
+        return name
+
+    def enc(obj: Any, path: tuple, depth: int) -> Any:
+        if depth > MAX_TREE_DEPTH:
+            raise ValueError(f"State tree is nested deeper than {MAX_TREE_DEPTH} levels at {_path_str(path)}.")
+        t = type(obj)
+        if obj is None or t is bool or t is str:
+            return obj
+        if t is int:
+            return obj
+        if t is float:
+            return {"f": obj if math.isfinite(obj) else repr(obj)}
+        if t is dict or t is collections.OrderedDict:
+            items = []
+            for k, v in obj.items():
+                if type(k) not in (str, int):
+                    raise TypeError(
+                        f"Cannot save dict key {k!r} of type {type(k).__name__} at {_path_str(path)}: "
+                        "keys must be str or int."
+                    )
+                items.append([k, enc(v, (*path, k), depth + 1)])
+            return {"od" if t is collections.OrderedDict else "d": items}
+        if t is list or t is tuple:
+            items = [enc(v, (*path, i), depth + 1) for i, v in enumerate(obj)]
+            return {"l" if t is list else "t": items}
+        if t is bytes:
+            return {"b": base64.b64encode(obj).decode("ascii")}
+        if t is np.ndarray or t is LazyArray or _is_torch_tensor(obj):
+            return {"x": add_tensor(obj, path)}
+        if isinstance(obj, np.generic) and _numeric(obj.dtype):
+            return {"s": [dtype_name(obj.dtype), base64.b64encode(obj.tobytes()).decode("ascii")]}
+        if allow_pickle:
+            import pickle
+
+            return {"p": base64.b64encode(pickle.dumps(obj)).decode("ascii")}
+        raise TypeError(
+            f"Cannot save {_path_str(path)} of type {t.__module__}.{t.__qualname__}: only dict, list, tuple, "
+            "None, bool, int, float, str, bytes, numpy arrays/scalars and torch tensors are stored without "
+            "pickle. Convert it to one of those, or pass allow_pickle=True to both save and load."
+        )
+
+    def add_tensor(obj: Any, path: tuple) -> str:
+        if isinstance(obj, LazyArray):
+            dtype, shape, kind = obj.dtype, obj.shape, "numpy"
+        elif isinstance(obj, np.ndarray):
+            dtype, shape, kind = obj.dtype, obj.shape, "numpy"
+        else:
+            from . import _torch
+
+            dtype, shape, kind = _torch.numpy_dtype(obj), tuple(obj.shape), "torch"
+        if not _numeric(dtype):
+            raise TypeError(
+                f"Cannot save {_path_str(path)}: arrays of dtype {dtype!r} are not numeric. Only numeric "
+                "arrays (bool, int, uint, float, complex, ml_dtypes) are stored; convert it or pass "
+                "allow_pickle=True to both save and load."
+            )
+        entry = TensorEntry(tensor_name(path), np.dtype(dtype).newbyteorder("="), tuple(shape), obj, kind)
+        if entry.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts
+            entry.dtype = entry.dtype.newbyteorder("<")
+        out.tensors.append(entry)
+        return entry.name
+
+    out.tree = enc(state, (), 0)
+    return out
+
+
+def _numeric(dtype: np.dtype) -> bool:
+    try:
+        dtype_name(np.dtype(dtype))
+    except TypeError:
+        return False
+    return True
+
+
+def _is_torch_tensor(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def decode_tree(tree: Any, tensors: dict[str, Any], *, allow_pickle: bool = False) -> Any:
+    """Rebuild the state tree from its JSON form and the loaded tensors (by name)."""
+
+    def dec(node: Any, depth: int) -> Any:
+        if depth > MAX_TREE_DEPTH:
+            raise CorruptCheckpointError(f"Checkpoint tree is nested deeper than {MAX_TREE_DEPTH} levels.")
+        if node is None or isinstance(node, (bool, str, int)):
+            return node
+        if not isinstance(node, dict) or len(node) != 1:
+            raise CorruptCheckpointError(f"Invalid node in checkpoint tree: {str(node)[:80]!r}.")
+        (tag, val), = node.items()
+        if tag == "f":
+            if isinstance(val, (int, float)) and not isinstance(val, bool):
+                return float(val)
+            if val in ("nan", "inf", "-inf"):
+                return float(val)
+        elif tag in ("d", "od") and isinstance(val, list):
+            pairs = []
+            for item in val:
+                if not (isinstance(item, list) and len(item) == 2 and type(item[0]) in (str, int)):
+                    raise CorruptCheckpointError("Invalid dict entry in checkpoint tree.")
+                pairs.append((item[0], dec(item[1], depth + 1)))
+            return dict(pairs) if tag == "d" else collections.OrderedDict(pairs)
+        elif tag in ("l", "t") and isinstance(val, list):
+            items = [dec(v, depth + 1) for v in val]
+            return items if tag == "l" else tuple(items)
+        elif tag == "b" and isinstance(val, str):
+            return _b64(val)
+        elif tag == "s" and isinstance(val, list) and len(val) == 2:
+            dtype = dtype_from_name(val[0])
+            raw = _b64(val[1])
+            if len(raw) != dtype.itemsize:
+                raise CorruptCheckpointError("Invalid numpy scalar in checkpoint tree.")
+            return np.frombuffer(raw, dtype=dtype)[0]
+        elif tag == "x" and isinstance(val, str):
+            if val not in tensors:
+                raise CorruptCheckpointError(f"Checkpoint tree references unknown tensor {val!r}.")
+            return tensors[val]
+        elif tag == "p" and isinstance(val, str):
+            if not allow_pickle:
+                raise CorruptCheckpointError(
+                    "Checkpoint contains a pickled object; refusing to unpickle it because unpickling "
+                    "executes code. If you trust this checkpoint, load it with allow_pickle=True."
+                )
+            import pickle
+
+            return pickle.loads(_b64(val))
+        raise CorruptCheckpointError(f"Invalid node {tag!r} in checkpoint tree.")
+
+    return dec(tree, 0)
+
+
+def _b64(s: str) -> bytes:
+    try:
+        return base64.b64decode(s.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        raise CorruptCheckpointError("Invalid base64 payload in checkpoint tree.") from None
+
+
+# ---------------------------------------------------------------- safetensors data files
+
+
+def data_file_name(prefix_step: str, shard: int, num_shards: int) -> str:
+    return f"{prefix_step}.data-{shard:05d}-of-{num_shards:05d}"
+
+
+def plan_shards(tensors: list[TensorEntry], num_shards: int) -> list[list[TensorEntry]]:
+    """Split tensors into at most ``num_shards`` groups of similar byte size, order kept."""
+    if num_shards <= 1 or len(tensors) <= 1:
+        return [tensors]
+    total = sum(t.nbytes for t in tensors)
+    target = total / num_shards
+    shards: list[list[TensorEntry]] = [[]]
+    acc = 0
+    for t in tensors:
+        if shards[-1] and acc >= target * len(shards) and len(shards) < num_shards:
+            shards.append([])
+        shards[-1].append(t)
+        acc += t.nbytes
+    return shards
+
+
+def safetensors_header(tensors: list[TensorEntry]) -> tuple[bytes, list[tuple[int, int]]]:
+    """The safetensors header (length prefix included) and each tensor's absolute [begin, end)."""
+    meta: dict[str, Any] = {"__metadata__": {"format": FORMAT_NAME}}
+    offsets = []
+    pos = 0
+    for t in tensors:
+        st = _SAFETENSORS_DTYPES.get(t.dtype.name)
+        shape = list(t.shape) if st is not None else [t.nbytes]
+        meta[t.name] = {"dtype": st or "U8", "shape": shape, "data_offsets": [pos, pos + t.nbytes]}
+        offsets.append((pos, pos + t.nbytes))
+        pos += t.nbytes
+    header = json.dumps(meta, separators=(",", ":")).encode("utf-8")
+    header += b" " * (-len(header) % 8)  # safetensors pads the header to 8 bytes
+    start = 8 + len(header)
+    return struct.pack("<Q", len(header)) + header, [(start + b, start + e) for b, e in offsets]
+
+
+def iter_tensor_bytes(arr: np.ndarray, chunk: int = 64 << 20) -> Iterator[memoryview]:
+    """The bytes of a C-contiguous array as memoryviews of at most ``chunk`` bytes, without a copy."""
+    flat = arr.reshape(-1).view(np.uint8)
+    mv = memoryview(flat)
+    for i in range(0, len(mv), chunk):
+        yield mv[i : i + chunk]
+
+
+def new_hasher() -> Any:
+    return xxhash.xxh3_64()
+
+
+def checksum_str(hasher: Any) -> str:
+    return f"{CHECKSUM_ALGO}:{hasher.hexdigest()}"
+
+
+def checksum_bytes(data: bytes | memoryview) -> str:
+    return f"{CHECKSUM_ALGO}:{xxhash.xxh3_64_hexdigest(data)}"
+
+
+# ---------------------------------------------------------------- index
+
+
+_INDEX_TAIL = re.compile(rb',"index_checksum":"xxh3_64:([0-9a-f]{16})"\}\n\Z')
+
+
+def dump_index(index: dict) -> bytes:
+    """Serialize the index with a checksum of its own bytes as the last key (still plain JSON)."""
+    body = json.dumps(index, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    assert body.endswith(b"}")
+    head = body[:-1]
+    return head + b',"index_checksum":"' + checksum_bytes(head).encode() + b'"}\n'
+
+
+def parse_index(data: bytes, *, verify: bool = True) -> dict:
+    """Parse and validate an index file; raises CorruptCheckpointError on any defect."""
+    if len(data) > MAX_INDEX_BYTES:
+        raise CorruptCheckpointError(f"Checkpoint index is {len(data)} bytes, over the {MAX_INDEX_BYTES} limit.")
+    m = _INDEX_TAIL.search(data)
+    if m is None:
+        raise CorruptCheckpointError("Checkpoint index is truncated or not written by this library (no checksum).")
+    head = data[: m.start()]
+    if verify and checksum_bytes(head) != f"{CHECKSUM_ALGO}:{m.group(1).decode()}":
+        raise CorruptCheckpointError("Checkpoint index checksum does not match its contents.")
+    try:
+        index = json.loads(head + b"}")
+    except (ValueError, RecursionError):
+        raise CorruptCheckpointError("Checkpoint index is not valid JSON.") from None
+    validate_index(index)
+    return index
+
+
+def validate_index(index: Any) -> None:
+    """Structural checks of a parsed index: types, dtypes, shapes, offsets inside their files."""
+    if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
+        raise CorruptCheckpointError("Checkpoint index does not describe a ckpt_callbacks checkpoint.")
+    version = index.get("format_version")
+    if not isinstance(version, int):
+        raise CorruptCheckpointError("Checkpoint index has no format_version.")
+    if version > FORMAT_VERSION:
+        raise IncompatibleCheckpointError(
+            f"Checkpoint format version {version} is newer than this library supports ({FORMAT_VERSION}). "
+            "Upgrade ckpt-callbacks to load it."
+        )
+    files = index.get("files")
+    tensors = index.get("tensors")
+    if not isinstance(files, list) or not isinstance(tensors, dict):
+        raise CorruptCheckpointError("Checkpoint index lacks its file or tensor table.")
+    sizes = []
+    for f in files:
+        if not (
+            isinstance(f, dict)
+            and _safe_name(f.get("name"))
+            and _nonneg_int(f.get("size"))
+            and isinstance(f.get("checksum"), str)
+        ):
+            raise CorruptCheckpointError(f"Invalid file entry in checkpoint index: {str(f)[:120]!r}.")
+        sizes.append(f["size"])
+    ranges: dict[int, list[tuple[int, int, str]]] = {}
+    for name, t in tensors.items():
+        if not isinstance(t, dict):
+            raise CorruptCheckpointError(f"Invalid tensor entry {name!r} in checkpoint index.")
+        dtype = dtype_from_name(t.get("dtype"))
+        shape = t.get("shape")
+        if not (isinstance(shape, list) and len(shape) <= 64 and all(_nonneg_int(d) for d in shape)):
+            raise CorruptCheckpointError(f"Invalid shape for tensor {name!r}: {str(shape)[:80]}.")
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+            if nbytes > 1 << 62:
+                raise CorruptCheckpointError(f"Shape of tensor {name!r} overflows: {shape}.")
+        fi, off, length = t.get("file"), t.get("offset"), t.get("length")
+        if not (_nonneg_int(fi) and fi < len(sizes) and _nonneg_int(off) and _nonneg_int(length)):
+            raise CorruptCheckpointError(f"Invalid location for tensor {name!r} in checkpoint index.")
+        if length != nbytes or off + length > sizes[fi]:
+            raise CorruptCheckpointError(
+                f"Tensor {name!r} is {length} bytes at offset {off}; expected {nbytes} bytes inside its "
+                f"{sizes[fi]}-byte data file."
+            )
+        if t.get("kind", "numpy") not in ("numpy", "torch") or not isinstance(t.get("checksum"), str):
+            raise CorruptCheckpointError(f"Invalid tensor entry {name!r} in checkpoint index.")
+        ranges.setdefault(fi, []).append((off, off + length, name))
+    for spans in ranges.values():
+        spans.sort()
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise CorruptCheckpointError(f"Tensors {a!r} and {b!r} overlap in the data file.")
+
+
+def _nonneg_int(x: Any) -> bool:
+    return type(x) is int and 0 <= x < 1 << 62
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.=+-][A-Za-z0-9_.=+-]*\Z")
+
+
+def _safe_name(name: Any) -> bool:
+    """A plain file name inside the checkpoint directory: no separators, no '..', no scheme."""
+    return isinstance(name, str) and len(name) < 256 and bool(_SAFE_NAME.match(name)) and name not in (".", "..")
+
+
+def check_name(name: Any) -> str:
+    if not _safe_name(name) or ".." in name:
+        raise CorruptCheckpointError(
+            f"Refusing checkpoint file name {str(name)[:120]!r}: names must stay inside the checkpoint directory."
+        )
+    return name

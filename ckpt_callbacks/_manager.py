@@ -1,0 +1,864 @@
+"""CheckpointManager and the one-checkpoint functions: save, load, rotate, the state file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from . import _format as fmt
+from ._retention import BestN, EveryNHours, LatestN, Retention
+from ._state import (
+    MAX_STATE_FILE_BYTES,
+    STATE_FILE_NAME,
+    CheckpointState,
+    Record,
+    checked_name,
+    dump_state,
+    parse_state,
+)
+from ._storage import TEMP_MARK, Storage
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+)
+
+logger = logging.getLogger("ckpt_callbacks")
+
+INDEX_SUFFIX = ".index"
+META_SUFFIX = ".meta"
+MAX_META_BYTES = 64 * 1024 * 1024
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*\Z")
+# Small tensors are gathered into one write of this size; big ones go straight to storage.
+_COALESCE_BYTES = 4 << 20
+# Above this many bytes an object-store save is split into data shards uploaded concurrently.
+_SHARD_BYTES = 256 << 20
+_MAX_SHARDS = 8
+
+
+def _split(path: str) -> tuple[str, str]:
+    """(directory, checkpoint name) of a checkpoint path or URL."""
+    path = os.fspath(path).rstrip("/")
+    cut = max(path.rfind("/"), path.rfind(os.sep) if os.sep != "/" else -1)
+    if cut < 0:
+        return ".", path
+    if path[:cut].endswith(":/"):  # "memory://ckpt-1"
+        return path[: cut + 1], path[cut + 1 :]
+    return path[:cut] or "/", path[cut + 1 :]
+
+
+def _own_file_re(prefix: str) -> re.Pattern:
+    p = re.escape(prefix)
+    return re.compile(
+        rf"(?P<ckpt>{p}-\d+)(?:\.data-\d{{5}}-of-\d{{5}}|\.index|\.meta)\Z"
+    )
+
+
+# ===================================================================== writing one checkpoint
+
+
+def _write_checkpoint(
+    storage: Storage,
+    name: str,
+    encoded: fmt.EncodedState,
+    step: int,
+    meta_doc: dict,
+    arrays: dict[str, np.ndarray] | None = None,
+) -> int:
+    """Write data file(s), then .meta, then .index. Returns the number of data shards.
+
+    On any failure every file of this checkpoint that was written is removed again and
+    CheckpointWriteError is raised.
+    """
+    tensors = encoded.tensors
+    total = sum(t.nbytes for t in tensors)
+    free = storage.free_bytes()
+    if free is not None and total + (1 << 20) > free:
+        raise CheckpointWriteError(
+            f"Not enough free space to save {name!r}: it needs {total} bytes and {storage.url!r} has {free} "
+            "bytes free. Nothing was written or deleted; free space or lower max_to_keep, then save again."
+        )
+    num_shards = 1
+    if storage.streaming and total > _SHARD_BYTES:
+        num_shards = min(_MAX_SHARDS, len(tensors), math.ceil(total / _SHARD_BYTES))
+    shards = fmt.plan_shards(tensors, num_shards)
+    num_shards = len(shards)
+    written: list[str] = []
+    index_tensors: dict[str, dict] = {}
+    files: list[dict] = []
+    try:
+        results = _run_shards(storage, name, shards, arrays)
+        for shard_no, (fname, size, header_size, header_sum, entries) in enumerate(results):
+            written.append(fname)
+            files.append(
+                {"name": fname, "kind": "data", "size": size, "header_size": header_size, "checksum": header_sum}
+            )
+            for entry in entries:
+                entry["file"] = shard_no
+                index_tensors[entry.pop("name")] = entry
+        meta_bytes = (json.dumps(meta_doc, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        meta_name = name + META_SUFFIX
+        storage.write_bytes(meta_name, meta_bytes)
+        written.append(meta_name)
+        files.append(
+            {"name": meta_name, "kind": "meta", "size": len(meta_bytes), "checksum": fmt.checksum_bytes(meta_bytes)}
+        )
+        storage.sync_dir()
+        index = {
+            "format": fmt.FORMAT_NAME,
+            "format_version": fmt.FORMAT_VERSION,
+            "step": step,
+            "files": files,
+            "tensors": index_tensors,
+            "tree": encoded.tree,
+        }
+        storage.write_bytes(name + INDEX_SUFFIX, fmt.dump_index(index))
+        written.append(name + INDEX_SUFFIX)
+        storage.sync_dir()
+    except BaseException:
+        _remove_quietly(storage, written)
+        raise
+    return num_shards
+
+
+def _run_shards(storage, name, shards, arrays):
+    if len(shards) == 1:
+        return [_write_data_file(storage, fmt.data_file_name(name, 0, 1), shards[0], arrays)]
+    with ThreadPoolExecutor(len(shards), thread_name_prefix="ckpt-shard") as pool:
+        futures = [
+            pool.submit(_write_data_file, storage, fmt.data_file_name(name, i, len(shards)), shard, arrays)
+            for i, shard in enumerate(shards)
+        ]
+        results, error = [], None
+        for f in futures:
+            try:
+                results.append(f.result())
+            except BaseException as e:  # noqa: BLE001 - collect, clean up, re-raise the first
+                error = error or e
+        if error is not None:
+            _remove_quietly(storage, [r[0] for r in results])
+            raise error
+        return results
+
+
+def _write_data_file(storage: Storage, fname: str, tensors: list[fmt.TensorEntry], arrays) -> tuple:
+    """Stream one safetensors file: header, then each tensor's bytes, hashing as they pass."""
+    header, spans = fmt.safetensors_header(tensors)
+    writer = storage.writer(fname)
+    entries = []
+    try:
+        writer.write(header)
+        pending = bytearray()
+        for t, (begin, end) in zip(tensors, spans):
+            arr = arrays[t.name] if arrays is not None else t.array()
+            if arr.nbytes != end - begin:
+                raise ValueError(
+                    f"Tensor {t.name!r} changed while saving: expected {end - begin} bytes, got {arr.nbytes}."
+                )
+            hasher = fmt.new_hasher()
+            for chunk in fmt.iter_tensor_bytes(arr):
+                hasher.update(chunk)
+                if len(chunk) >= _COALESCE_BYTES:
+                    if pending:
+                        writer.write(pending)
+                        pending = bytearray()
+                    writer.write(chunk)
+                else:
+                    pending += chunk
+                    if len(pending) >= _COALESCE_BYTES:
+                        writer.write(pending)
+                        pending = bytearray()
+            del arr
+            entries.append(
+                {
+                    "name": t.name,
+                    "dtype": t.dtype.name,
+                    "shape": list(t.shape),
+                    "offset": begin,
+                    "length": end - begin,
+                    "checksum": fmt.checksum_str(hasher),
+                    **({"kind": t.kind} if t.kind != "numpy" else {}),
+                }
+            )
+        if pending:
+            writer.write(pending)
+        size = writer.written
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return fname, size, len(header), fmt.checksum_bytes(header), entries
+
+
+def _remove_quietly(storage: Storage, names: list[str]) -> None:
+    try:
+        storage.remove(names)
+    except Exception as e:  # noqa: BLE001 - the save already failed; report that one
+        logger.warning("Could not remove partial checkpoint files %s: %s", names, e)
+
+
+# ===================================================================== reading one checkpoint
+
+
+def _read_index(storage: Storage, name: str, verify: bool = True) -> dict:
+    data = storage.read_bytes(name + INDEX_SUFFIX, max_bytes=fmt.MAX_INDEX_BYTES)
+    index = fmt.parse_index(data, verify=verify)
+    for f in index["files"]:
+        fname = fmt.check_name(f["name"])
+        if not fname.startswith(name + "."):
+            raise CorruptCheckpointError(
+                f"Checkpoint index {name + INDEX_SUFFIX!r} names file {fname!r}, which belongs to another checkpoint."
+            )
+    return index
+
+
+def _load(storage: Storage, name: str, *, verify: bool, allow_pickle: bool) -> dict:
+    index = _read_index(storage, name, verify=verify)
+    by_file: dict[int, list[tuple[str, dict]]] = {}
+    for tname, t in index["tensors"].items():
+        by_file.setdefault(t["file"], []).append((tname, t))
+    arrays: dict[str, Any] = {}
+    for file_no, f in enumerate(index["files"]):
+        if f.get("kind") == "meta":
+            if verify:
+                data = storage.read_bytes(f["name"], max_bytes=MAX_META_BYTES)
+                if len(data) != f["size"] or fmt.checksum_bytes(data) != f["checksum"]:
+                    raise CorruptCheckpointError(
+                        f"{storage.url_of(f['name'])!r} is corrupt: its size or checksum does not match the index."
+                    )
+            continue
+        _read_data_file(storage, f, sorted(by_file.get(file_no, []), key=lambda x: x[1]["offset"]), arrays, verify)
+    tensors = {}
+    for tname, t in index["tensors"].items():
+        arr = arrays[tname].view(fmt.dtype_from_name(t["dtype"])).reshape(t["shape"])
+        if t.get("kind") == "torch":
+            from . import _torch
+
+            arr = _torch.from_numpy(arr)
+        tensors[tname] = arr
+    return fmt.decode_tree(index["tree"], tensors, allow_pickle=allow_pickle)
+
+
+def _read_data_file(storage: Storage, f: dict, tensors: list, out: dict, verify: bool) -> None:
+    fname = f["name"]
+    actual = storage.size(fname)
+    if actual is None:
+        raise CorruptCheckpointError(f"Data file {storage.url_of(fname)!r} of the checkpoint is missing.")
+    if actual != f["size"]:
+        raise CorruptCheckpointError(
+            f"Data file {storage.url_of(fname)!r} is {actual} bytes; the index expects {f['size']} "
+            "(truncated or extended)."
+        )
+    header_size = f.get("header_size")
+    if not isinstance(header_size, int) or not 8 <= header_size <= min(actual, fmt.MAX_HEADER_BYTES + 8):
+        raise CorruptCheckpointError(f"Invalid header size for {fname!r} in the checkpoint index.")
+    with storage.open_read(fname) as fh:
+        if verify:
+            header = _read_exact(fh, 0, header_size, fname)
+            if fmt.checksum_bytes(header) != f["checksum"]:
+                raise CorruptCheckpointError(f"{storage.url_of(fname)!r}: safetensors header checksum mismatch.")
+        for tname, t in tensors:
+            if t["offset"] < header_size:
+                raise CorruptCheckpointError(f"Tensor {tname!r} overlaps the header of {fname!r}.")
+            buf = np.empty(t["length"], dtype=np.uint8)
+            _read_into(fh, t["offset"], memoryview(buf), fname)
+            if verify and fmt.checksum_bytes(memoryview(buf)) != t["checksum"]:
+                raise CorruptCheckpointError(
+                    f"Checksum mismatch for tensor {tname!r} in {storage.url_of(fname)!r}: the file is corrupt."
+                )
+            out[tname] = buf
+
+
+def _read_exact(fh, offset: int, n: int, fname: str) -> bytes:
+    buf = bytearray(n)
+    _read_into(fh, offset, memoryview(buf), fname)
+    return bytes(buf)
+
+
+def _read_into(fh, offset: int, view: memoryview, fname: str) -> None:
+    fh.seek(offset)
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            raise CorruptCheckpointError(f"Data file {fname!r} ends early (truncated).")
+        got += n
+
+
+# ===================================================================== public one-shot functions
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    state: Any,
+    *,
+    meta: dict | None = None,
+    storage_options: dict | None = None,
+    allow_pickle: bool = False,
+) -> None:
+    """Write one checkpoint (``<path>.data-*``, ``<path>.meta``, ``<path>.index``) without a manager.
+
+    Example:
+        >>> save_checkpoint("runs/a/ckpt-10", {"w": np.zeros(3)})
+        >>> load_checkpoint("runs/a/ckpt-10")["w"]
+        array([0., 0., 0.])
+    """
+    directory, name = _split(os.fspath(path))
+    fmt.check_name(name)
+    storage = Storage(directory, storage_options)
+    storage.makedirs()
+    encoded = fmt.encode_tree(state, allow_pickle=allow_pickle)
+    step = _step_of(name)
+    _write_checkpoint(storage, name, encoded, step, _meta_doc(step, time.time(), None, meta, None))
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    storage_options: dict | None = None,
+    verify: bool = True,
+    allow_pickle: bool = False,
+) -> dict:
+    """Load one checkpoint's state tree; with ``verify`` every checksum is checked.
+
+    Raises CheckpointNotFoundError, CorruptCheckpointError or IncompatibleCheckpointError.
+    """
+    directory, name = _split(os.fspath(path))
+    storage = Storage(directory, storage_options)
+    return _load(storage, name, verify=verify, allow_pickle=allow_pickle)
+
+
+def list_variables(path: str | os.PathLike, storage_options: dict | None = None) -> list[tuple[str, str, tuple]]:
+    """``(name, dtype, shape)`` of every tensor in a checkpoint (or a directory's latest), by name."""
+    path = resolve_checkpoint(path, storage_options, verify=False)
+    directory, name = _split(path)
+    index = _read_index(Storage(directory, storage_options), name)
+    return sorted((n, t["dtype"], tuple(t["shape"])) for n, t in index["tensors"].items())
+
+
+def read_meta(path: str | os.PathLike, storage_options: dict | None = None) -> dict:
+    """The ``.meta`` JSON of a checkpoint."""
+    directory, name = _split(os.fspath(path))
+    data = Storage(directory, storage_options).read_bytes(name + META_SUFFIX, max_bytes=MAX_META_BYTES)
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise CorruptCheckpointError(f"{os.fspath(path) + META_SUFFIX!r} is not valid JSON.") from None
+
+
+def read_index(path: str | os.PathLike, storage_options: dict | None = None, verify: bool = True) -> dict:
+    directory, name = _split(os.fspath(path))
+    return _read_index(Storage(directory, storage_options), name, verify=verify)
+
+
+def get_checkpoint_state(directory: str | os.PathLike, storage_options: dict | None = None) -> CheckpointState | None:
+    """The directory's ``checkpoint`` state file with paths joined to the directory, or None."""
+    storage = Storage(directory, storage_options)
+    try:
+        data = storage.read_bytes(STATE_FILE_NAME, max_bytes=MAX_STATE_FILE_BYTES)
+    except CheckpointNotFoundError:
+        return None
+    state, _ = parse_state(data)
+    return CheckpointState(
+        model_checkpoint_path=storage.url_of(checked_name(state.model_checkpoint_path)),
+        all_model_checkpoint_paths=[storage.url_of(checked_name(p)) for p in state.all_model_checkpoint_paths],
+        all_model_checkpoint_timestamps=list(state.all_model_checkpoint_timestamps),
+        last_preserved_timestamp=state.last_preserved_timestamp,
+    )
+
+
+def latest_checkpoint(directory: str | os.PathLike, storage_options: dict | None = None) -> str | None:
+    """Path of the checkpoint the state file names as newest, or None (like ``tf.train.latest_checkpoint``)."""
+    storage = Storage(directory, storage_options)
+    try:
+        data = storage.read_bytes(STATE_FILE_NAME, max_bytes=MAX_STATE_FILE_BYTES)
+    except CheckpointNotFoundError:
+        return None
+    state, _ = parse_state(data)
+    if not state.model_checkpoint_path:
+        return None
+    name = checked_name(state.model_checkpoint_path)
+    return storage.url_of(name) if storage.exists(name + INDEX_SUFFIX) else None
+
+
+def resolve_checkpoint(
+    path_or_directory: str | os.PathLike, storage_options: dict | None = None, verify: bool = True
+) -> str:
+    """A checkpoint path: the argument itself, or the newest valid checkpoint of a directory."""
+    p = os.fspath(path_or_directory)
+    directory, name = _split(p)
+    storage = Storage(directory, storage_options)
+    if storage.exists(name + INDEX_SUFFIX):
+        return p
+    d = Storage(p, storage_options)
+    try:
+        data = d.read_bytes(STATE_FILE_NAME, max_bytes=MAX_STATE_FILE_BYTES)
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(
+            f"No checkpoint at {p!r}: expected a checkpoint path (with a '.index' file) or a directory with a "
+            "'checkpoint' state file."
+        ) from None
+    state, _ = parse_state(data)
+    names = [checked_name(n) for n in state.all_model_checkpoint_paths]
+    if state.model_checkpoint_path:
+        latest = checked_name(state.model_checkpoint_path)
+        names = [n for n in names if n != latest] + [latest]
+    for cname in reversed(names):
+        if not verify:
+            if d.exists(cname + INDEX_SUFFIX):
+                return d.url_of(cname)
+            continue
+        try:
+            _read_index(d, cname)
+            return d.url_of(cname)
+        except CheckpointError as e:
+            warnings.warn(f"Skipping checkpoint {d.url_of(cname)!r}: {e}", stacklevel=2)
+    raise CheckpointNotFoundError(f"No valid checkpoint in {p!r}.")
+
+
+def _step_of(name: str) -> int:
+    m = re.search(r"-(\d+)\Z", name)
+    return int(m.group(1)) if m else 0
+
+
+def _jsonable(x: Any) -> Any:
+    """Metrics and user meta as strict JSON: non-finite floats become strings, numpy scalars numbers."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return repr(x)
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if hasattr(x, "item") and getattr(x, "ndim", None) == 0:  # 0-d framework tensors
+        return _jsonable(x.item())
+    raise TypeError(f"meta and metrics must be JSON-like (dict, list, str, numbers); got {type(x).__name__}: {x!r:.80}")
+
+
+def _meta_doc(step: int, timestamp: float, metrics: dict | None, meta: dict | None, info: dict | None) -> dict:
+    doc: dict[str, Any] = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION}
+    doc.update(_jsonable(info or {}))
+    doc.setdefault("framework", None)
+    doc.update(
+        {
+            "step": step,
+            "time": timestamp,
+            "metrics": _jsonable(metrics or {}),
+            "user": _jsonable(meta or {}),
+            "library": {"ckpt_callbacks": _version(), "python": sys.version.split()[0], "numpy": np.__version__},
+        }
+    )
+    return doc
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ===================================================================== the manager
+
+
+class CheckpointManager:
+    """Saves numbered checkpoints into a directory, rotates them, and restores the newest valid one.
+
+    Args:
+        directory: local path or any fsspec URL (``"runs/a"``, ``"s3://b/run"``, ``"gs://b/run"``,
+            ``"memory://x"``).
+        prefix: checkpoint names are ``f"{prefix}-{step}"``.
+        max_to_keep: the newest N checkpoints are kept; ``None`` keeps all. Must be >= 1.
+        keep_checkpoint_every_n_hours: also keep one checkpoint per N hours, forever.
+        keep_best: also keep the best K checkpoints by ``metrics[monitor]`` (``mode`` "min" or "max").
+        storage_options: passed to fsspec (credentials, endpoint, ...).
+        async_save: ``save()`` returns after an in-memory snapshot; writing, committing and rotation
+            continue on a background thread. A save requested while one is in flight first waits for it.
+        allow_pickle: store (and load) leaves that are not plain tree types with pickle. Off by default:
+            loading never executes code unless this is passed on both sides.
+        clock: zero-argument callable returning POSIX seconds; tests inject a fake one.
+
+    Example:
+        >>> with CheckpointManager("runs/a", max_to_keep=3, keep_checkpoint_every_n_hours=1) as mgr:
+        ...     state = mgr.restore() or {"w": np.zeros(4), "step": 0}
+        ...     for step in range(state["step"] + 1, 1001):
+        ...         state = {"w": state["w"] + 1, "step": step}
+        ...         if step % 100 == 0:
+        ...             mgr.save(state, step=step, metrics={"loss": 1.0 / step})
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        prefix: str = "ckpt",
+        max_to_keep: int | None = 5,
+        keep_checkpoint_every_n_hours: float | None = None,
+        keep_best: int | None = None,
+        monitor: str | None = None,
+        mode: str = "min",
+        storage_options: dict | None = None,
+        async_save: bool = False,
+        allow_pickle: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        _validate_manager_args(prefix, max_to_keep, keep_checkpoint_every_n_hours, keep_best, monitor, mode, clock)
+        self._storage = Storage(directory, storage_options)
+        self._storage_options = storage_options
+        self.directory = self._storage.url
+        self._prefix = prefix
+        self._max_to_keep = max_to_keep
+        self._hours = keep_checkpoint_every_n_hours
+        self._keep_best = keep_best
+        self._monitor = monitor
+        self._mode = mode
+        self._async = async_save
+        self._allow_pickle = allow_pickle
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+        self._error: BaseException | None = None
+        self._buffers: dict[str, np.ndarray] = {}
+        self.resumed_from: str | None = None
+        self._closed = False
+        self._load_state()
+        self._remove_leftovers()
+
+    # ------------------------------------------------------------------ state
+
+    def _load_state(self) -> None:
+        now = float(self._clock())
+        self._latest: str | None = None
+        self._records: list[Record] = []
+        try:
+            data = self._storage.read_bytes(STATE_FILE_NAME, max_bytes=MAX_STATE_FILE_BYTES)
+        except CheckpointNotFoundError:
+            # Like TensorFlow: a second in the past, so a quickly re-created manager does not race.
+            self._last_preserved = now - 1.0
+            return
+        state, records = parse_state(data)
+        for n in [state.model_checkpoint_path, *state.all_model_checkpoint_paths]:
+            if n:
+                checked_name(n)
+        self._latest = state.model_checkpoint_path or None
+        last_preserved = state.last_preserved_timestamp
+        if now < last_preserved:
+            logger.warning(
+                "The clock (%s) is before the last preserved checkpoint time (%s); time went backwards. "
+                "Preservation restarts from now and nothing is deleted because of it.",
+                now,
+                last_preserved,
+            )
+            last_preserved = now
+        self._last_preserved = last_preserved
+        if records is None:  # a state file TensorFlow (or an older writer) wrote: TF's restart rule
+            stamps = state.all_model_checkpoint_timestamps or [last_preserved] * len(state.all_model_checkpoint_paths)
+            records = [
+                Record(n, _step_of(n), min(ts, now), "active" if min(ts, now) > last_preserved else "hourly")
+                for n, ts in zip(state.all_model_checkpoint_paths, stamps)
+            ]
+        else:
+            records = [replace(r, timestamp=min(r.timestamp, now)) for r in records]
+        self._records = records
+
+    def _remove_leftovers(self) -> None:
+        """Delete files of interrupted saves: ours (by name and content), named by no state file."""
+        names = self._storage.list_names()
+        keep = {r.name for r in self._records}
+        if self._latest:
+            keep.add(self._latest)
+        own = _own_file_re(self._prefix)
+        doomed = []
+        for fname in names:
+            tmp = fname.startswith(".") and TEMP_MARK in fname
+            base = fname[1 : fname.rindex(TEMP_MARK)] if tmp else fname
+            m = own.match(base)
+            if m is None or m.group("ckpt") in keep:
+                continue
+            if tmp or self._written_by_us(fname):
+                doomed.append(fname)
+        if doomed:
+            # Index first: once it is gone the checkpoint no longer exists for any reader.
+            doomed.sort(key=lambda n: not n.endswith(INDEX_SUFFIX))
+            logger.info("Removing %d leftover file(s) of interrupted saves in %s", len(doomed), self.directory)
+            _remove_quietly(self._storage, doomed)
+
+    def _written_by_us(self, fname: str) -> bool:
+        try:
+            head = self._storage.read_bytes(fname, max_bytes=64)[:64]
+        except CheckpointError:
+            return False
+        marker = b'{"format":"' + fmt.FORMAT_NAME.encode() + b'"'
+        return head.startswith(marker) or head[8:].startswith(b'{"__metadata__":' + b'{"format":"ckpt_callbacks"')
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def latest_checkpoint(self) -> str | None:
+        """Path of the newest committed checkpoint, or None."""
+        with self._lock:
+            return self._storage.url_of(self._latest) if self._latest else None
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """Every committed checkpoint the manager keeps (preserved ones included), oldest first."""
+        with self._lock:
+            return [self._storage.url_of(r.name) for r in self._records]
+
+    def _retention(self) -> Retention:
+        protected = frozenset({self.resumed_from} if self.resumed_from else ())
+        return Retention(
+            LatestN(self._max_to_keep),
+            EveryNHours(self._hours) if self._hours else None,
+            BestN(self._keep_best, self._monitor, self._mode) if self._keep_best else None,
+            protected,
+        )
+
+    # ------------------------------------------------------------------ save
+
+    def save(
+        self,
+        state: Any,
+        step: int,
+        metrics: dict | None = None,
+        meta: dict | None = None,
+        *,
+        _info: dict | None = None,
+    ) -> str:
+        """Save ``state`` as ``f"{prefix}-{step}"`` and apply retention. Returns the checkpoint path.
+
+        Sync: returns once the checkpoint is committed. Async: returns after the snapshot.
+        """
+        if self._closed:
+            raise CheckpointError("This CheckpointManager is closed; create a new one to save.")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step must be an int >= 0. Received: step={step!r}.")
+        step = int(step)
+        name = f"{self._prefix}-{step}"
+        timestamp = float(self._clock())
+        metric = self._metric(metrics)
+        meta_doc = _meta_doc(step, timestamp, metrics, meta, _info)
+        if self._async:
+            self._wait(raise_error=True)
+            encoded = fmt.encode_tree(state, allow_pickle=self._allow_pickle)
+            arrays = self._snapshot(encoded)
+            with self._lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckpt-save")
+                self._pending = self._executor.submit(
+                    self._save_now, name, step, timestamp, metric, encoded, meta_doc, arrays
+                )
+        else:
+            self._raise_pending_error()
+            encoded = fmt.encode_tree(state, allow_pickle=self._allow_pickle)
+            self._save_now(name, step, timestamp, metric, encoded, meta_doc, None)
+        return self._storage.url_of(name)
+
+    def _metric(self, metrics: dict | None) -> float | None:
+        if not self._monitor or not metrics or self._monitor not in metrics:
+            return None
+        try:
+            return float(metrics[self._monitor])
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"metrics[{self._monitor!r}] must be a number. Received: {metrics[self._monitor]!r}."
+            ) from None
+
+    def _snapshot(self, encoded: fmt.EncodedState) -> dict[str, np.ndarray]:
+        """Copy every tensor into host buffers reused between saves (the only work async blocks on)."""
+        arrays = {}
+        for t in encoded.tensors:
+            src = t.array()
+            buf = self._buffers.get(t.name)
+            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                buf = np.empty_like(src, order="C")
+                self._buffers[t.name] = buf
+            np.copyto(buf, src, casting="no")
+            arrays[t.name] = buf
+        for stale in set(self._buffers) - set(arrays):
+            del self._buffers[stale]
+        return arrays
+
+    def _save_now(self, name, step, timestamp, metric, encoded, meta_doc, arrays) -> None:
+        t0 = time.perf_counter()
+        storage = self._storage
+        storage.makedirs()
+        with self._lock:
+            if any(r.name == name for r in self._records):
+                # Re-saving a step: un-list the old one first so no state file names files in flux.
+                logger.warning("Replacing existing checkpoint %s", storage.url_of(name))
+                self._records = [r for r in self._records if r.name != name]
+                if self._latest == name:
+                    self._latest = self._records[-1].name if self._records else None
+                self._commit_state(self._records, self._last_preserved)
+        shards = _write_checkpoint(storage, name, encoded, step, meta_doc, arrays)
+        nbytes = sum(t.nbytes for t in encoded.tensors)
+        with self._lock:
+            records = [*self._records, Record(name, step, timestamp, "active", metric, shards)]
+            decision = self._retention().apply(records, self._last_preserved)
+            try:
+                self._commit_state(decision.kept, decision.last_preserved, latest=name)
+            except BaseException:
+                _remove_quietly(storage, _files_of(name, shards))
+                raise
+            self._records = decision.kept
+            self._latest = name
+            self._last_preserved = decision.last_preserved
+            if self.resumed_from is not None and self.resumed_from != name:
+                self.resumed_from = None  # a newer checkpoint is committed: no longer protected
+        for r in decision.deleted:
+            _remove_quietly(storage, [r.name + INDEX_SUFFIX, *_files_of(r.name, r.shards, storage)])
+        dt = time.perf_counter() - t0
+        logger.info(
+            "Saved %s (%d bytes in %.3f s, %.1f MiB/s)", storage.url_of(name), nbytes, dt, nbytes / 2**20 / max(dt, 1e-9)
+        )
+
+    def _commit_state(self, records: list[Record], last_preserved: float, latest: str | None = None) -> None:
+        latest = latest or self._latest or ""
+        self._storage.write_bytes(STATE_FILE_NAME, dump_state(latest, records, last_preserved))
+        self._storage.sync_dir()
+
+    # ------------------------------------------------------------------ async plumbing
+
+    def _wait(self, raise_error: bool) -> None:
+        pending = self._pending
+        if pending is not None:
+            try:
+                pending.result()
+            except BaseException as e:  # noqa: BLE001 - kept and re-raised below
+                self._error = self._error or e
+            self._pending = None
+        if raise_error:
+            self._raise_pending_error()
+
+    def _raise_pending_error(self) -> None:
+        err, self._error = self._error, None
+        if err is not None:
+            if isinstance(err, CheckpointError):
+                raise err
+            raise CheckpointWriteError(f"A background save failed: {type(err).__name__}: {err}") from err
+
+    def wait_until_finished(self) -> None:
+        """Block until every pending save is durable; re-raise a background failure."""
+        self._wait(raise_error=True)
+
+    def close(self) -> None:
+        """Wait for pending saves, then release the background thread."""
+        if self._closed:
+            return
+        try:
+            self._wait(raise_error=True)
+        finally:
+            self._closed = True
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self._buffers.clear()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self, path: str | os.PathLike | None = None) -> Any:
+        """The state of ``path``, or of the newest valid checkpoint (None when there is none).
+
+        With a path, missing or corrupt checkpoints raise CheckpointNotFoundError /
+        CorruptCheckpointError. Without one, corrupt checkpoints are skipped with a warning.
+        """
+        if path is not None:
+            directory, name = _split(os.fspath(path))
+            storage = Storage(directory, self._storage_options) if directory != "." else self._storage
+            return _load(storage, name, verify=True, allow_pickle=self._allow_pickle)
+        return self.restore_with_path()[1]
+
+    def restore_with_path(self) -> tuple[str | None, Any]:
+        """``(path, state)`` of the newest valid checkpoint, or ``(None, None)``."""
+        self.wait_until_finished()
+        with self._lock:
+            names = [r.name for r in self._records]
+            if self._latest and self._latest not in names:
+                names.append(self._latest)
+            elif self._latest:
+                names = [n for n in names if n != self._latest] + [self._latest]
+        for name in reversed(names):
+            try:
+                state = _load(self._storage, name, verify=True, allow_pickle=self._allow_pickle)
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                warnings.warn(
+                    f"Checkpoint {self._storage.url_of(name)!r} is unusable ({e}); falling back to an older one.",
+                    stacklevel=2,
+                )
+                logger.warning("Skipping corrupt checkpoint %s: %s", self._storage.url_of(name), e)
+                continue
+            self.resumed_from = name
+            return self._storage.url_of(name), state
+        return None, None
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.directory!r}, prefix={self._prefix!r}, max_to_keep={self._max_to_keep!r})"
+
+
+def _files_of(name: str, shards: int | None, storage: Storage | None = None) -> list[str]:
+    """Data and meta files of a checkpoint; reads the index when the shard count is unknown."""
+    if shards is None and storage is not None:
+        try:
+            return [f["name"] for f in _read_index(storage, name, verify=False)["files"]]
+        except CheckpointError:
+            shards = 1
+    n = shards or 1
+    return [fmt.data_file_name(name, i, n) for i in range(n)] + [name + META_SUFFIX]
+
+
+def _validate_manager_args(prefix, max_to_keep, hours, keep_best, monitor, mode, clock) -> None:
+    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
+        raise ValueError(
+            f"prefix must be a plain file-name prefix (letters, digits, '_', '.', '-', '=', '+'). "
+            f"Received: prefix={prefix!r}. Use for example prefix='ckpt'."
+        )
+    if max_to_keep is not None and (
+        isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
+    ):
+        raise ValueError(
+            f"max_to_keep must be an int >= 1 or None. Received: max_to_keep={max_to_keep!r}. "
+            "Use max_to_keep=None to keep every checkpoint."
+        )
+    if hours is not None and (
+        isinstance(hours, bool) or not isinstance(hours, (int, float)) or not math.isfinite(hours) or hours <= 0
+    ):
+        raise ValueError(
+            f"keep_checkpoint_every_n_hours must be a positive number of hours or None. "
+            f"Received: keep_checkpoint_every_n_hours={hours!r}."
+        )
+    if keep_best is not None:
+        if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 1:
+            raise ValueError(f"keep_best must be an int >= 1 or None. Received: keep_best={keep_best!r}.")
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(
+                f"keep_best needs the metric to rank by. Received: monitor={monitor!r}. "
+                "Pass e.g. monitor='val_loss' and metrics={'val_loss': ...} to save()."
+            )
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max'. Received: mode={mode!r}.")
+    if not callable(clock):
+        raise TypeError(f"clock must be a zero-argument callable returning seconds. Received: clock={clock!r}.")

@@ -1,0 +1,182 @@
+"""The ``checkpoint`` state file, in TensorFlow's ``CheckpointState`` text format.
+
+Only the four TF field names appear as fields, so ``tf.train.get_checkpoint_state`` parses it. The
+retention bookkeeping TensorFlow keeps in memory (which checkpoints are preserved hourly or as best,
+their metrics and shard counts) rides along in one ``#`` comment line, which text-format parsers
+skip. Writing this file is the commit point of a save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+from ._format import check_name
+from .errors import CorruptCheckpointError
+
+STATE_FILE_NAME = "checkpoint"
+MAX_STATE_FILE_BYTES = 16 * 1024 * 1024
+_COMMENT_KEY = "# ckpt_callbacks: "
+_FIELD = re.compile(r'\s*([a-z_]+)\s*:\s*(".*"|[-+0-9.eEinfINFa]+)\s*\Z')
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "'": "'", "\\": "\\"}
+
+
+@dataclass
+class CheckpointState:
+    """The parsed ``checkpoint`` state file (TensorFlow's field names).
+
+    Paths are as written in the file, relative to the directory, unless a reader such as
+    ``get_checkpoint_state`` joined them with it.
+    """
+
+    model_checkpoint_path: str = ""
+    all_model_checkpoint_paths: list[str] = field(default_factory=list)
+    all_model_checkpoint_timestamps: list[float] = field(default_factory=list)
+    last_preserved_timestamp: float = 0.0
+
+
+@dataclass
+class Record:
+    """One kept checkpoint as retention sees it."""
+
+    name: str
+    step: int
+    timestamp: float
+    status: str = "active"  # "active" (in the max_to_keep window), "hourly" or "best"
+    metric: float | None = None
+    shards: int | None = None
+
+
+def _unquote(s: str) -> str:
+    body = s[1:-1]
+    out, i = [], 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\" and i + 1 < len(body):
+            nxt = body[i + 1]
+            if nxt in _ESCAPES:
+                out.append(_ESCAPES[nxt])
+                i += 2
+                continue
+            m = re.match(r"[0-7]{1,3}", body[i + 1 :])
+            if m:
+                out.append(chr(int(m.group(0), 8)))
+                i += 1 + len(m.group(0))
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _quote(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _float(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise CorruptCheckpointError(f"Invalid number {s!r} in checkpoint state file.") from None
+
+
+def parse_state(text: bytes | str) -> tuple[CheckpointState, list[Record] | None]:
+    """Parse a state file; also returns this library's retention records when the file has them."""
+    if isinstance(text, bytes):
+        if len(text) > MAX_STATE_FILE_BYTES:
+            raise CorruptCheckpointError("Checkpoint state file is larger than any this library writes.")
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptCheckpointError("Checkpoint state file is not UTF-8 text.") from None
+    state = CheckpointState()
+    extra = None
+    for line in text.splitlines():
+        if line.startswith(_COMMENT_KEY):
+            extra = line[len(_COMMENT_KEY) :]
+            continue
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = _FIELD.match(line)
+        if m is None:
+            raise CorruptCheckpointError(f"Cannot parse checkpoint state file line {line[:120]!r}.")
+        key, value = m.groups()
+        if key in ("model_checkpoint_path", "all_model_checkpoint_paths"):
+            if not value.startswith('"'):
+                raise CorruptCheckpointError(f"Expected a quoted path in checkpoint state file: {line[:120]!r}.")
+            path = _unquote(value)
+            if key == "model_checkpoint_path":
+                state.model_checkpoint_path = path
+            else:
+                state.all_model_checkpoint_paths.append(path)
+        elif key == "all_model_checkpoint_timestamps":
+            state.all_model_checkpoint_timestamps.append(_float(value))
+        elif key == "last_preserved_timestamp":
+            state.last_preserved_timestamp = _float(value)
+        else:
+            raise CorruptCheckpointError(f"Unknown field {key!r} in checkpoint state file.")
+    return state, (_parse_records(extra, state) if extra is not None else None)
+
+
+def _parse_records(extra: str, state: CheckpointState) -> list[Record] | None:
+    try:
+        data = json.loads(extra)
+        records = [
+            Record(
+                name=str(r["name"]),
+                step=int(r["step"]),
+                timestamp=float(r["timestamp"]),
+                status=str(r["status"]),
+                metric=None if r.get("metric") is None else float(r["metric"]),
+                shards=None if r.get("shards") is None else int(r["shards"]),
+            )
+            for r in data["checkpoints"]
+        ]
+    except (ValueError, KeyError, TypeError):
+        return None  # fall back to the TF fields, which are authoritative
+    # The comment is only trusted when it agrees with the fields TensorFlow reads.
+    if [r.name for r in records] != state.all_model_checkpoint_paths or any(
+        r.status not in ("active", "hourly", "best") for r in records
+    ):
+        return None
+    return records
+
+
+def dump_state(latest: str, records: list[Record], last_preserved: float) -> bytes:
+    lines = [f"model_checkpoint_path: {_quote(latest)}"]
+    lines += [f"all_model_checkpoint_paths: {_quote(r.name)}" for r in records]
+    lines += [f"all_model_checkpoint_timestamps: {_fmt(r.timestamp)}" for r in records]
+    lines.append(f"last_preserved_timestamp: {_fmt(last_preserved)}")
+    extra = {
+        "v": 1,
+        "checkpoints": [
+            {
+                "name": r.name,
+                "step": r.step,
+                "timestamp": r.timestamp,
+                "status": r.status,
+                "metric": r.metric if r.metric is not None and math.isfinite(r.metric) else None,
+                "shards": r.shards,
+            }
+            for r in records
+        ],
+    }
+    lines.append(_COMMENT_KEY + json.dumps(extra, separators=(",", ":")))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _fmt(x: float) -> str:
+    return repr(float(x)) if math.isfinite(x) else "0.0"
+
+
+def checked_name(path: str) -> str:
+    """A state-file path as a plain name inside the directory, or CorruptCheckpointError.
+
+    Absolute paths, ``..``, separators and other schemes are refused (SPEC §7).
+    """
+    if not isinstance(path, str) or "/" in path or "\\" in path or ":" in path:
+        raise CorruptCheckpointError(
+            f"Checkpoint state file names {path!r:.200}, which is not a checkpoint inside its directory."
+        )
+    return check_name(path)
