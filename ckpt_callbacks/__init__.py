@@ -4,8 +4,6 @@ The core is framework-free: ``import ckpt_callbacks`` imports no framework and n
 Framework callbacks live in ``ckpt_callbacks.keras`` and ``ckpt_callbacks.lightning``.
 """
 
-from __future__ import annotations
-
 __version__ = "0.1.0"
 
 from ._manager import (

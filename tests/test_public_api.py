@@ -1,0 +1,58 @@
+"""The public surface: exported names, framework-free import, the error tree (SPEC §2, §6)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import ckpt_callbacks
+from ckpt_callbacks import errors
+
+
+def test_all_matches_public_names():
+    public = {name for name in vars(ckpt_callbacks) if not name.startswith("_")}
+    submodules = {"errors", "keras", "lightning"}
+    assert sorted(ckpt_callbacks.__all__) == ckpt_callbacks.__all__
+    assert set(ckpt_callbacks.__all__) == public - submodules
+
+
+def test_import_pulls_in_no_framework_or_cloud_backend():
+    code = (
+        "import sys, ckpt_callbacks, ckpt_callbacks.errors\n"
+        "heavy = {'torch', 'tensorflow', 'keras', 'lightning', 'pytorch_lightning', 's3fs', 'gcsfs'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "cls, builtin",
+    [
+        (errors.CheckpointNotFoundError, FileNotFoundError),
+        (errors.CorruptCheckpointError, ValueError),
+        (errors.IncompatibleCheckpointError, ValueError),
+        (errors.CheckpointWriteError, OSError),
+    ],
+)
+def test_error_tree(cls, builtin):
+    assert issubclass(cls, errors.CheckpointError) and issubclass(cls, builtin)
+    assert getattr(ckpt_callbacks, cls.__name__) is cls
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_to_keep": 0}, "max_to_keep must be an int >= 1 or None. Received: max_to_keep=0"),
+        ({"max_to_keep": 2.5}, "max_to_keep=2.5"),
+        ({"keep_checkpoint_every_n_hours": -1}, "keep_checkpoint_every_n_hours=-1"),
+        ({"keep_best": 2}, "monitor=None"),
+        ({"mode": "lowest"}, "mode='lowest'"),
+        ({"prefix": "../x"}, "prefix='../x'"),
+    ],
+)
+def test_constructor_validates(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=__import__("re").escape(match)):
+        ckpt_callbacks.CheckpointManager(str(tmp_path), **kwargs)
