@@ -539,7 +539,7 @@ class CheckpointManager:
         self.resumed_from: str | None = None
         self._closed = False
         self._load_state()
-        self._remove_leftovers()
+        self.removed_leftovers = self._remove_leftovers()
 
     # ------------------------------------------------------------------ state
 
@@ -578,7 +578,7 @@ class CheckpointManager:
             records = [replace(r, timestamp=min(r.timestamp, now)) for r in records]
         self._records = records
 
-    def _remove_leftovers(self) -> None:
+    def _remove_leftovers(self) -> list[str]:
         """Delete files of interrupted saves: ours (by name and content), named by no state file."""
         names = self._storage.list_names()
         keep = {r.name for r in self._records}
@@ -594,11 +594,12 @@ class CheckpointManager:
                 continue
             if tmp or self._written_by_us(fname):
                 doomed.append(fname)
+        # Index first: once it is gone the checkpoint no longer exists for any reader.
+        doomed.sort(key=lambda n: not n.endswith(INDEX_SUFFIX))
         if doomed:
-            # Index first: once it is gone the checkpoint no longer exists for any reader.
-            doomed.sort(key=lambda n: not n.endswith(INDEX_SUFFIX))
             logger.info("Removing %d leftover file(s) of interrupted saves in %s", len(doomed), self.directory)
             _remove_quietly(self._storage, doomed)
+        return doomed
 
     def _written_by_us(self, fname: str) -> bool:
         try:
