@@ -1,0 +1,345 @@
+"""``CheckpointCallback``: decides "save now?" from the optimizer's step counter and the clock."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+import weakref
+from typing import Any
+
+import keras
+import numpy as np
+
+from .._manager import CheckpointManager, _validate_manager_args
+from . import _adapter
+
+# Keras ends an epoch whose input runs out early with this warning; a ResumableDataset does that on
+# purpose for the epoch a mid-epoch resume re-enters, so that one warning is silenced for that epoch.
+_RAN_OUT_WARNING = "Your input ran out of data"
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Saves crash-safe checkpoints during ``model.fit`` and resumes from the newest one.
+
+    A checkpoint holds the model variables (including seed-generator states), the optimizer variables
+    (including ``iterations``), the position in training (epoch, batches of that epoch already
+    consumed, global step), this callback's counters, and the process-global RNG states (Python,
+    NumPy, PyTorch, Keras' global seed generator) as they were at the start of the saved epoch. With
+    ``resume=True``, ``fit`` continues from the newest valid checkpoint at the saved epoch and global
+    step; link a :class:`ResumableDataset` to also continue at the saved batch inside the epoch.
+
+    Args:
+        directory: local path or fsspec URL (``"s3://bucket/run"``, ``"gs://bucket/run"``, ...).
+        save_every_n_steps: save whenever the global optimizer step (``optimizer.iterations``) crosses
+            a multiple of N. With ``steps_per_execution > 1`` Keras reports progress every few steps;
+            the save then happens at the first reported step at or past the boundary, once.
+        save_every_n_seconds: save at the first batch end at least N seconds after the last save (or
+            after the start of training).
+        save_on_epoch_end: save at the end of every epoch.
+        save_on_train_end: save when ``fit`` returns (skipped when the last save is at the same step).
+        max_to_keep: newest N checkpoints kept; ``None`` keeps all.
+        keep_checkpoint_every_n_hours: also keep one checkpoint per N hours, forever.
+        keep_best: also keep the best K checkpoints by ``logs[monitor]``.
+        monitor: the log entry ``keep_best`` ranks by.
+        mode: ``"min"`` or ``"max"``: whether a smaller or a larger ``monitor`` is better.
+        save_optimizer: include the optimizer variables. Without them a resume restarts the optimizer's
+            slots but keeps the global step.
+        resume: at train start, restore the newest valid checkpoint in ``directory`` (if any).
+        async_save: ``fit`` waits only for an in-memory copy; files are written in the background.
+            ``fit`` returns once every save is durable.
+        storage_options: passed to fsspec (credentials, endpoint, ...).
+        prefix: checkpoint names are ``f"{prefix}-{step}"``.
+
+    A save whose step ends an epoch is written in ``on_epoch_end`` instead of after the batch, so it
+    carries that epoch's validation metrics and resumes at the start of the next epoch.
+
+    Example:
+        >>> cb = CheckpointCallback("gs://bucket/run", save_every_n_steps=500, max_to_keep=3,
+        ...                         keep_checkpoint_every_n_hours=1)
+        >>> model.fit(x, y, epochs=10, callbacks=[cb])   # rerun after a crash: continues where it stopped
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        save_every_n_steps: int | None = None,
+        save_every_n_seconds: float | None = None,
+        save_on_epoch_end: bool = False,
+        save_on_train_end: bool = True,
+        max_to_keep: int | None = 5,
+        keep_checkpoint_every_n_hours: float | None = None,
+        keep_best: int | None = None,
+        monitor: str = "val_loss",
+        mode: str = "min",
+        save_optimizer: bool = True,
+        resume: bool = True,
+        async_save: bool = False,
+        storage_options: dict | None = None,
+        prefix: str = "ckpt",
+    ) -> None:
+        super().__init__()
+        if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+            raise ValueError(
+                f"directory must be a non-empty path or fsspec URL. Received: directory={directory!r}. "
+                "Pass e.g. 'runs/exp1' or 's3://bucket/exp1'."
+            )
+        if save_every_n_steps is not None and (
+            isinstance(save_every_n_steps, bool) or not isinstance(save_every_n_steps, int) or save_every_n_steps < 1
+        ):
+            raise ValueError(
+                f"save_every_n_steps must be an int >= 1 or None. Received: save_every_n_steps={save_every_n_steps!r}. "
+                "To save only at the end of training, use save_every_n_steps=None and save_on_train_end=True."
+            )
+        if save_every_n_seconds is not None and (
+            isinstance(save_every_n_seconds, bool)
+            or not isinstance(save_every_n_seconds, (int, float))
+            or not math.isfinite(save_every_n_seconds)
+            or save_every_n_seconds <= 0
+        ):
+            raise ValueError(
+                "save_every_n_seconds must be a positive number of seconds or None. "
+                f"Received: save_every_n_seconds={save_every_n_seconds!r}. Use e.g. save_every_n_seconds=600."
+            )
+        for name, value in (
+            ("save_on_epoch_end", save_on_epoch_end),
+            ("save_on_train_end", save_on_train_end),
+            ("save_optimizer", save_optimizer),
+            ("resume", resume),
+            ("async_save", async_save),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False. Received: {name}={value!r}.")
+        if not (save_every_n_steps or save_every_n_seconds or save_on_epoch_end or save_on_train_end):
+            raise ValueError(
+                "CheckpointCallback would never save: every trigger is off. Received: save_every_n_steps=None, "
+                "save_every_n_seconds=None, save_on_epoch_end=False, save_on_train_end=False. "
+                "Enable at least one, e.g. save_every_n_steps=1000."
+            )
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise ValueError(
+                f"storage_options must be a dict or None. Received: storage_options={storage_options!r}. "
+                "Pass fsspec options as a dict, e.g. {'anon': False}."
+            )
+        _validate_manager_args(prefix, max_to_keep, keep_checkpoint_every_n_hours, keep_best, monitor, mode, time.time)
+        self.directory = os.fspath(directory)
+        self.save_every_n_steps = save_every_n_steps
+        self.save_every_n_seconds = save_every_n_seconds
+        self.save_on_epoch_end = save_on_epoch_end
+        self.save_on_train_end = save_on_train_end
+        self.max_to_keep = max_to_keep
+        self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
+        self.keep_best = keep_best
+        self.monitor = monitor
+        self.mode = mode
+        self.save_optimizer = save_optimizer
+        self.resume = resume
+        self.async_save = async_save
+        self.storage_options = storage_options
+        self.prefix = prefix
+        # Test seam: the manager's clock (retention timestamps) and the save_every_n_seconds clock.
+        self._clock = time.time
+        self._manager: CheckpointManager | None = None
+        self._datasets: list[weakref.ref] = []
+        self._info: dict[str, Any] = {}
+        self._reset_counters()
+        self.last_checkpoint: str | None = None
+        self.restored_from: str | None = None
+
+    def _reset_counters(self) -> None:
+        self._epoch = 0  # epoch in progress (or the next one, between epochs)
+        self._offset = 0  # batches of the current epoch skipped by a mid-epoch resume
+        self._consumed = 0  # batches of the current epoch done, offset included
+        self._last_checked_step = 0
+        self._last_saved_step: int | None = None
+        self._last_save_time = 0.0
+        self._save_count = 0
+        self._pending_epoch_save = False
+        self._resume_epoch: int | None = None
+        self._resume_skip = 0
+        self._epoch_rng: dict | None = None
+        self._warn_ctx: Any = None
+        self._saved_initial_epoch: Any = None
+        self._initial_epoch_set = False
+
+    # ------------------------------------------------------------------ wiring
+
+    def _attach_dataset(self, dataset: Any) -> None:
+        self._datasets.append(weakref.ref(dataset))
+
+    def _live_datasets(self) -> list:
+        return [d for d in (r() for r in self._datasets) if d is not None]
+
+    def _global_step(self) -> int:
+        opt = getattr(self.model, "optimizer", None)
+        if opt is None:
+            return self._last_checked_step
+        return int(keras.ops.convert_to_numpy(opt.iterations))
+
+    def _steps_per_epoch(self) -> int | None:
+        steps = (self.params or {}).get("steps")
+        return int(steps) if steps else None
+
+    @property
+    def manager(self) -> CheckpointManager:
+        """The CheckpointManager writing this callback's checkpoints (created on first use)."""
+        if self._manager is None:
+            self._manager = CheckpointManager(
+                self.directory,
+                prefix=self.prefix,
+                max_to_keep=self.max_to_keep,
+                keep_checkpoint_every_n_hours=self.keep_checkpoint_every_n_hours,
+                keep_best=self.keep_best,
+                monitor=self.monitor,
+                mode=self.mode,
+                storage_options=self.storage_options,
+                async_save=self.async_save,
+                clock=self._clock,
+            )
+        return self._manager
+
+    # ------------------------------------------------------------------ Keras hooks
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._reset_counters()
+        self._info = _adapter.framework_info(self.model)
+        _adapter.ensure_optimizer_built(self.model)
+        self._last_checked_step = self._global_step()
+        self._last_save_time = float(self._clock())
+        if self.resume:
+            path, state = self.manager.restore_with_path()
+            if state is not None:
+                self._apply_resume(state)
+                self.restored_from = path
+
+    def _apply_resume(self, state: dict) -> None:
+        _adapter.restore_model_state(self.model, state)
+        trainer = state.get(_adapter.TRAINER_KEY) or {}
+        step = int(trainer.get("global_step", 0))
+        opt = getattr(self.model, "optimizer", None)
+        if opt is not None and _adapter.OPTIMIZER_KEY not in state:
+            opt.iterations.assign(step)  # no optimizer state saved: keep counting steps from the checkpoint
+        _adapter.restore_rng(state.get(_adapter.RNG_KEY))
+        epoch, consumed = int(trainer.get("epoch", 0)), int(trainer.get("batches_in_epoch", 0))
+        self._epoch = epoch
+        self._last_checked_step = step
+        self._last_saved_step = step
+        self._save_count = int(trainer.get("save_count", 0))
+        if consumed:
+            if self._live_datasets():
+                self._resume_epoch, self._resume_skip = epoch, consumed
+            else:
+                warnings.warn(
+                    f"Resuming inside epoch {epoch} at global step {step}: the {consumed} batches of that epoch "
+                    "seen before the checkpoint will be seen again, because the input pipeline's position is "
+                    "not restorable. For an exact mid-epoch resume, feed fit() a "
+                    "ckpt_callbacks.keras.ResumableDataset(..., callback=cb).",
+                    stacklevel=2,
+                )
+        # Keras' fit reads model._initial_epoch right after on_train_begin (as BackupAndRestore uses it).
+        self._saved_initial_epoch = getattr(self.model, "_initial_epoch", None)
+        self._initial_epoch_set = True
+        self.model._initial_epoch = epoch
+
+    def _unset_initial_epoch(self) -> None:
+        # Only this fit resumes: a later fit on the same model must not start at the restored epoch.
+        if self._initial_epoch_set:
+            self.model._initial_epoch = self._saved_initial_epoch
+            self._initial_epoch_set = False
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._unset_initial_epoch()
+        offset = self._resume_skip if epoch == self._resume_epoch else 0
+        self._resume_epoch, self._resume_skip = None, 0
+        self._epoch, self._offset, self._consumed = epoch, offset, offset
+        for ds in self._live_datasets():
+            ds._set_position(epoch, offset)
+        self._epoch_rng = _adapter.capture_rng()
+        if offset:
+            self._warn_ctx = warnings.catch_warnings()
+            self._warn_ctx.__enter__()
+            warnings.filterwarnings("ignore", message=_RAN_OUT_WARNING)
+
+    def _restore_warnings(self) -> None:
+        if self._warn_ctx is not None:
+            self._warn_ctx.__exit__(None, None, None)
+            self._warn_ctx = None
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._consumed = self._offset + int(batch) + 1
+        step = self._global_step()
+        due = False
+        n = self.save_every_n_steps
+        if n and step // n > self._last_checked_step // n:
+            due = True
+        if self.save_every_n_seconds and self._clock() - self._last_save_time >= self.save_every_n_seconds:
+            due = True
+        self._last_checked_step = step
+        if not due or step == self._last_saved_step:
+            return
+        steps = self._steps_per_epoch()
+        if steps is not None and self._consumed >= steps:
+            self._pending_epoch_save = True  # the epoch ends here: save in on_epoch_end (see class doc)
+        else:
+            self._save(step, logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._restore_warnings()
+        self._epoch, self._offset, self._consumed = epoch + 1, 0, 0
+        if self.save_on_epoch_end or self._pending_epoch_save:
+            self._pending_epoch_save = False
+            step = self._global_step()
+            if step != self._last_saved_step:
+                self._save(step, logs)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._restore_warnings()
+        self._unset_initial_epoch()
+        for ds in self._live_datasets():
+            ds._set_position(self._epoch, 0)
+        try:
+            step = self._global_step()
+            if (self.save_on_train_end or self._pending_epoch_save) and step != self._last_saved_step:
+                self._save(step, logs)
+        finally:
+            if self._manager is not None:
+                manager, self._manager = self._manager, None
+                manager.close()  # waits for background saves: fit returns with every checkpoint durable
+
+    # ------------------------------------------------------------------ saving
+
+    def _save(self, step: int, logs: dict | None) -> str:
+        state = _adapter.model_state(self.model, self.save_optimizer)
+        # Mid-epoch, the global RNGs have already been drawn from for this epoch's input order; a resume
+        # re-enters the epoch from its start, so it needs the states of that moment.
+        rng = self._epoch_rng if (self._consumed and self._epoch_rng is not None) else _adapter.capture_rng()
+        state[_adapter.RNG_KEY] = rng
+        state[_adapter.TRAINER_KEY] = {
+            "epoch": self._epoch,
+            "batches_in_epoch": self._consumed,
+            "global_step": step,
+            "steps_per_epoch": self._steps_per_epoch(),
+            "save_count": self._save_count + 1,
+        }
+        path = self.manager.save(
+            state, step, metrics=_scalar_logs(logs), _info={**self._info, "epoch": self._epoch}
+        )
+        self._save_count += 1
+        self._last_saved_step = step
+        self._last_save_time = float(self._clock())
+        self.last_checkpoint = path
+        return path
+
+
+def _scalar_logs(logs: dict | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in (logs or {}).items():
+        try:
+            a = np.asarray(keras.ops.convert_to_numpy(v))
+        except Exception:  # noqa: BLE001 - logs may carry anything; only scalars are metrics
+            continue
+        if a.ndim == 0 and a.dtype.kind in "iuf":
+            out[str(k)] = float(a)
+    return out

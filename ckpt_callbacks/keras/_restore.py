@@ -1,0 +1,82 @@
+"""``restore`` into a live model and ``load_model`` from the checkpoint's own model description."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import keras
+
+from .._manager import load_checkpoint, read_meta, resolve_checkpoint
+from ..errors import IncompatibleCheckpointError
+from . import _adapter
+
+
+def restore(
+    model: keras.Model, path_or_directory: str | os.PathLike, *, storage_options: dict | None = None
+) -> str:
+    """Load a checkpoint's weights (and optimizer variables, when the model is compiled) into ``model``.
+
+    ``path_or_directory`` is one checkpoint (``"runs/a/ckpt-1000"``) or a directory, meaning its newest
+    valid checkpoint. Every variable is checked before any is written, so a mismatch leaves the model
+    untouched. Training position and global RNG states are not touched: that is what
+    ``CheckpointCallback(resume=True)`` is for.
+
+    Returns the path of the checkpoint that was loaded.
+
+    Raises IncompatibleCheckpointError when the variables do not fit (listing the missing, unexpected
+    and wrongly shaped or typed ones), CheckpointNotFoundError, CorruptCheckpointError.
+
+    Example:
+        >>> model = build_model()
+        >>> model.compile(optimizer="adam", loss="mse")
+        >>> restore(model, "runs/a")          # newest valid checkpoint of runs/a
+        'runs/a/ckpt-1200'
+    """
+    path = resolve_checkpoint(path_or_directory, storage_options)
+    state = load_checkpoint(path, storage_options=storage_options)
+    _adapter.restore_model_state(model, state)
+    return path
+
+
+def load_model(
+    path_or_directory: str | os.PathLike,
+    *,
+    compile: bool = True,
+    custom_objects: dict[str, Any] | None = None,
+    storage_options: dict | None = None,
+) -> keras.Model:
+    """Rebuild a model from a checkpoint alone: its ``.meta`` model description plus its variables.
+
+    Works without the code that built the model for Sequential and functional models of built-in
+    layers; custom layers need to be importable and registered with
+    ``@keras.saving.register_keras_serializable()`` (or passed in ``custom_objects``). Keras' safe
+    mode is on: a description that would run code (a ``Lambda`` layer's bytecode) is refused.
+
+    With ``compile=True`` and a compiled model in the checkpoint, the model is compiled again with
+    the same optimizer, loss and metrics, and the optimizer variables are restored too.
+
+    Example:
+        >>> model = load_model("s3://bucket/run")     # newest valid checkpoint
+        >>> model.predict(x)
+    """
+    path = resolve_checkpoint(path_or_directory, storage_options)
+    meta = read_meta(path, storage_options)
+    desc = meta.get("model") if isinstance(meta, dict) else None
+    if not isinstance(desc, dict) or "class_name" not in desc:
+        raise IncompatibleCheckpointError(
+            f"Checkpoint {path!r} has no Keras model description in its .meta file, so load_model cannot "
+            "rebuild the model. Expected a checkpoint written by ckpt_callbacks.keras.CheckpointCallback from "
+            "a model with get_config(). Build the model in code and use ckpt_callbacks.keras.restore(model, path)."
+        )
+    if not compile:
+        desc = {k: v for k, v in desc.items() if k != "compile_config"}
+    model = keras.saving.deserialize_keras_object(desc, custom_objects=custom_objects, safe_mode=True)
+    if not model.built:
+        raise IncompatibleCheckpointError(
+            f"The model described in {path!r} could not be built from its config (no input shape). "
+            "Build the model in code and use ckpt_callbacks.keras.restore(model, path)."
+        )
+    state = load_checkpoint(path, storage_options=storage_options)
+    _adapter.restore_model_state(model, state, restore_optimizer=compile)
+    return model
