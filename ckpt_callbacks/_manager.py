@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import _format as fmt
+from . import _lock
 from ._retention import BestN, EveryNHours, LatestN, Retention
 from ._state import (
     MAX_STATE_FILE_BYTES,
@@ -48,6 +51,10 @@ _COALESCE_BYTES = 4 << 20
 # Above this many bytes an object-store save is split into data shards uploaded concurrently.
 _SHARD_BYTES = 256 << 20
 _MAX_SHARDS = 8
+
+
+def _crash_point(name: str) -> None:
+    """Test seam, a no-op: crash tests replace it to kill the process at this step of a save."""
 
 
 def _split(path: str) -> tuple[str, str]:
@@ -101,7 +108,9 @@ def _write_checkpoint(
     index_tensors: dict[str, dict] = {}
     files: list[dict] = []
     try:
+        _crash_point("before_data")
         results = _run_shards(storage, name, shards, arrays)
+        _crash_point("after_data")
         for shard_no, (fname, size, header_size, header_sum, entries) in enumerate(results):
             written.append(fname)
             files.append(
@@ -118,6 +127,7 @@ def _write_checkpoint(
             {"name": meta_name, "kind": "meta", "size": len(meta_bytes), "checksum": fmt.checksum_bytes(meta_bytes)}
         )
         storage.sync_dir()
+        _crash_point("after_meta")
         index = {
             "format": fmt.FORMAT_NAME,
             "format_version": fmt.FORMAT_VERSION,
@@ -129,6 +139,7 @@ def _write_checkpoint(
         storage.write_bytes(name + INDEX_SUFFIX, fmt.dump_index(index))
         written.append(name + INDEX_SUFFIX)
         storage.sync_dir()
+        _crash_point("after_index")
     except BaseException:
         _remove_quietly(storage, written)
         raise
@@ -489,7 +500,10 @@ class CheckpointManager:
         keep_best: also keep the best K checkpoints by ``metrics[monitor]`` (``mode`` "min" or "max").
         storage_options: passed to fsspec (credentials, endpoint, ...).
         async_save: ``save()`` returns after an in-memory snapshot; writing, committing and rotation
-            continue on a background thread. A save requested while one is in flight first waits for it.
+            continue on a background thread. A save requested while one is in flight first waits for it
+            (saves are never coalesced or dropped; each wait is counted in the log). A background
+            failure is raised by the next ``save``, ``wait_until_finished`` or ``close``; at interpreter
+            exit a pending save is finished (and a failure logged) before the process ends.
         allow_pickle: store (and load) leaves that are not plain tree types with pickle. Off by default:
             loading never executes code unless this is passed on both sides.
         clock: zero-argument callable returning POSIX seconds; tests inject a fake one.
@@ -517,6 +531,7 @@ class CheckpointManager:
         async_save: bool = False,
         allow_pickle: bool = False,
         clock: Callable[[], float] = time.time,
+        _allow_concurrent_writers: bool = False,
     ) -> None:
         _validate_manager_args(prefix, max_to_keep, keep_checkpoint_every_n_hours, keep_best, monitor, mode, clock)
         self._storage = Storage(directory, storage_options)
@@ -536,10 +551,24 @@ class CheckpointManager:
         self._pending: Future | None = None
         self._error: BaseException | None = None
         self._buffers: dict[str, np.ndarray] = {}
+        self._waited_saves = 0  # async saves that had to wait for the previous one
         self.resumed_from: str | None = None
         self._closed = False
-        self._load_state()
-        self.removed_leftovers = self._remove_leftovers()
+        # One writer per directory: the leftovers cleanup below would delete another writer's
+        # in-flight files. `_allow_concurrent_writers` (private, for readers such as non-zero DDP
+        # ranks) skips the lock and, for the same reason, the cleanup.
+        self._writer_lock = None if _allow_concurrent_writers else _lock.acquire(self._storage, self)
+        try:
+            self._load_state()
+            self.removed_leftovers = [] if _allow_concurrent_writers else self._remove_leftovers()
+        except BaseException:
+            self._release_writer_lock()
+            raise
+
+    def _release_writer_lock(self) -> None:
+        lock, self._writer_lock = self._writer_lock, None
+        if lock is not None:
+            lock.release()
 
     # ------------------------------------------------------------------ state
 
@@ -657,15 +686,23 @@ class CheckpointManager:
         metric = self._metric(metrics)
         meta_doc = _meta_doc(step, timestamp, metrics, meta, _info)
         if self._async:
-            self._wait(raise_error=True)
+            self._wait_previous(name)
             encoded = fmt.encode_tree(state, allow_pickle=self._allow_pickle)
             arrays = self._snapshot(encoded)
+            args = (name, step, timestamp, metric, encoded, meta_doc, arrays)
             with self._lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckpt-save")
-                self._pending = self._executor.submit(
-                    self._save_now, name, step, timestamp, metric, encoded, meta_doc, arrays
-                )
+                if self._closed:
+                    raise CheckpointError("This CheckpointManager is closed; create a new one to save.")
+                try:
+                    if self._executor is None:
+                        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckpt-save")
+                        _ASYNC_MANAGERS.add(self)
+                    self._pending = self._executor.submit(self._save_background, *args)
+                except RuntimeError:
+                    # The interpreter is shutting down (e.g. save() from an atexit handler) and
+                    # refuses new threads: write it here rather than lose the save.
+                    self._pending = None
+                    self._save_now(*args)
         else:
             self._raise_pending_error()
             encoded = fmt.encode_tree(state, allow_pickle=self._allow_pickle)
@@ -682,16 +719,53 @@ class CheckpointManager:
                 f"metrics[{self._monitor!r}] must be a number. Received: {metrics[self._monitor]!r}."
             ) from None
 
+    def _wait_previous(self, name: str) -> None:
+        """A save requested while one is in flight waits for it: never coalesced, every step is written.
+
+        Each such wait is counted and logged, so a save interval shorter than the write time shows up.
+        """
+        pending = self._pending
+        if pending is not None and not pending.done():
+            t0 = time.perf_counter()
+            self._wait(raise_error=True)
+            self._waited_saves += 1
+            logger.info(
+                "Async save of %s waited %.3f s for the previous save to finish (%d such wait(s) so far); "
+                "save less often or to faster storage to avoid blocking training.",
+                self._storage.url_of(name),
+                time.perf_counter() - t0,
+                self._waited_saves,
+            )
+        else:
+            self._wait(raise_error=True)
+
     def _snapshot(self, encoded: fmt.EncodedState) -> dict[str, np.ndarray]:
-        """Copy every tensor into host buffers reused between saves (the only work async blocks on)."""
+        """Copy every tensor into host buffers reused between saves (the only work async blocks on).
+
+        Called only when no save is in flight, so the worker never reads a buffer being refilled.
+        """
         arrays = {}
         for t in encoded.tensors:
-            src = t.array()
             buf = self._buffers.get(t.name)
-            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                buf = np.empty_like(src, order="C")
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = np.empty(t.shape, dtype=t.dtype)
                 self._buffers[t.name] = buf
-            np.copyto(buf, src, casting="no")
+            src = t.source
+            if t.kind == "torch" and not (src.is_conj() or src.is_neg()):
+                from . import _torch
+
+                # One copy straight from the tensor (any device, any strides) into the host buffer:
+                # to_numpy() would first make a CPU / contiguous copy of its own. torch also copies
+                # with all its threads, np.copyto with one.
+                _torch.from_numpy(buf).copy_(src.detach())
+            else:
+                src = t.array()
+                if src.shape != buf.shape or src.dtype != buf.dtype:
+                    raise ValueError(
+                        f"Tensor {t.name!r} changed while saving: expected {t.dtype} {t.shape}, "
+                        f"got {src.dtype} {src.shape}."
+                    )
+                np.copyto(buf, src, casting="no")
             arrays[t.name] = buf
         for stale in set(self._buffers) - set(arrays):
             del self._buffers[stale]
@@ -715,7 +789,9 @@ class CheckpointManager:
             records = [*self._records, Record(name, step, timestamp, "active", metric, shards)]
             decision = self._retention().apply(records, self._last_preserved)
             try:
+                _crash_point("before_state")
                 self._commit_state(decision.kept, decision.last_preserved, latest=name)
+                _crash_point("after_state")
             except BaseException:
                 _remove_quietly(storage, _files_of(name, shards))
                 raise
@@ -725,7 +801,9 @@ class CheckpointManager:
             if self.resumed_from is not None and self.resumed_from != name:
                 self.resumed_from = None  # a newer checkpoint is committed: no longer protected
         for r in decision.deleted:
+            _crash_point("before_delete")
             _remove_quietly(storage, [r.name + INDEX_SUFFIX, *_files_of(r.name, r.shards, storage)])
+            _crash_point("after_delete")
         dt = time.perf_counter() - t0
         logger.info(
             "Saved %s (%d bytes in %.3f s, %.1f MiB/s)", storage.url_of(name), nbytes, dt, nbytes / 2**20 / max(dt, 1e-9)
@@ -738,19 +816,30 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ async plumbing
 
+    def _save_background(self, *args: Any) -> None:
+        """The worker's job: write, commit, rotate. A failure is kept for the next save / wait / close
+        and logged at once, so it is seen even if the program never calls the manager again."""
+        try:
+            self._save_now(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
+            logger.error("Background save of %s failed: %s: %s", self._storage.url_of(args[0]), type(e).__name__, e)
+            with self._lock:
+                self._error = self._error or e
+
     def _wait(self, raise_error: bool) -> None:
+        # Never wait while holding self._lock: the worker takes it to commit.
         pending = self._pending
         if pending is not None:
-            try:
-                pending.result()
-            except BaseException as e:  # noqa: BLE001 - kept and re-raised below
-                self._error = self._error or e
-            self._pending = None
+            pending.result()  # _save_background never raises
+            with self._lock:
+                if self._pending is pending:
+                    self._pending = None
         if raise_error:
             self._raise_pending_error()
 
     def _raise_pending_error(self) -> None:
-        err, self._error = self._error, None
+        with self._lock:
+            err, self._error = self._error, None
         if err is not None:
             if isinstance(err, CheckpointError):
                 raise err
@@ -771,7 +860,9 @@ class CheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            _ASYNC_MANAGERS.discard(self)
             self._buffers.clear()
+            self._release_writer_lock()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -818,6 +909,21 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r}, prefix={self._prefix!r}, max_to_keep={self._max_to_keep!r})"
+
+
+# Async managers with a background worker. Python joins the worker threads at exit, so a pending
+# save still completes after `fit` returns; this hook then reports a failure that nobody waited for.
+_ASYNC_MANAGERS: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_pending_saves() -> None:
+    for mgr in list(_ASYNC_MANAGERS):
+        try:
+            mgr._wait(raise_error=True)
+        except BaseException as e:  # noqa: BLE001 - nobody is left to raise to
+            logger.error("A background checkpoint save in %s failed before exit: %s", mgr.directory, e)
+            print(f"ckpt_callbacks: background save in {mgr.directory} failed before exit: {e}", file=sys.stderr)
 
 
 def _files_of(name: str, shards: int | None, storage: Storage | None = None) -> list[str]:
