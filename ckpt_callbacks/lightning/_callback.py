@@ -1,0 +1,505 @@
+"""``CheckpointCallback`` for Lightning: step / time / epoch triggered saves through CheckpointManager.
+
+Thin and stateful: it decides "save now?" from ``trainer.global_step`` and an injectable clock,
+asks Lightning for its full checkpoint dict (``dump_checkpoint``, the same dict
+``trainer.save_checkpoint`` writes), adds the RNG states, and hands it to the core manager.
+
+It subclasses ``ModelCheckpoint`` for one reason: that is the only kind of callback Lightning asks
+to resolve ``trainer.fit(ckpt_path="last")`` (``_CheckpointConnector._parse_ckpt_path`` calls
+``ModelCheckpoint._find_last_checkpoints``). Every ``ModelCheckpoint`` hook is overridden; none of
+its own saving runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import lightning
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from .._manager import CheckpointManager, resolve_checkpoint
+from .._manager import load_checkpoint as _core_load
+from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
+from . import _convert, _rng
+from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO
+
+_STATE_VERSION = 1
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*\Z")
+# Errors re-raised on the other ranks under their own class; anything else becomes CheckpointWriteError.
+_REMOTE_ERRORS: dict[str, type[BaseException]] = {
+    "TypeError": TypeError,
+    "ValueError": ValueError,
+    "CheckpointError": CheckpointError,
+    "CheckpointWriteError": CheckpointWriteError,
+    "CheckpointNotFoundError": CheckpointNotFoundError,
+}
+
+
+class CheckpointCallback(ModelCheckpoint):
+    """Saves the whole training state every N steps / seconds / epochs and resumes from the newest.
+
+    A checkpoint carries everything Lightning's own checkpoint dict carries (``state_dict``,
+    ``optimizer_states``, ``lr_schedulers``, ``loops``, ``callbacks``, ``hyper_parameters``,
+    precision-plugin and datamodule state, ``on_save_checkpoint`` additions) plus the torch, CUDA,
+    numpy and python RNG states of every rank, in this library's pickle-free format. No plugin is
+    needed; with ``Trainer(plugins=[FsspecCheckpointIO()])`` Lightning's ``ModelCheckpoint`` writes
+    the same format too.
+
+    Under DDP only global rank zero writes and deletes; every rank takes the same decision (the
+    step count is global, the time-based decision is broadcast from rank zero), and a failed save
+    raises on every rank (rank zero broadcasts the outcome after each save).
+
+    It is a ``ModelCheckpoint`` subclass so that ``trainer.fit(model, ckpt_path="last")`` resolves
+    to its newest valid checkpoint; Lightning therefore adds no default ``ModelCheckpoint`` next to it.
+
+    Args:
+        directory: local path or fsspec URL of the checkpoint directory (``"s3://bucket/run"``).
+        save_every_n_steps: save when ``trainer.global_step`` (optimizer steps) crosses a multiple of N.
+        save_every_n_seconds: save when this many seconds passed since the last save (or train start).
+        save_on_epoch_end: save at the end of every training epoch.
+        save_on_train_end: save when training ends.
+        max_to_keep: the newest N checkpoints are kept; ``None`` keeps all.
+        keep_checkpoint_every_n_hours: also keep one checkpoint per N hours, forever.
+        keep_best: also keep the best K checkpoints by ``monitor`` (a logged metric).
+        monitor: metric name in ``trainer.callback_metrics`` ranked by ``keep_best``.
+        mode: ``"min"`` or ``"max"`` for ``monitor``.
+        save_optimizer: store optimizer states. Without them a resume restarts the optimizer.
+        resume: at fit start, when no ``ckpt_path`` is given, restore the newest valid checkpoint.
+        async_save: return from a save after an in-memory snapshot; writing continues in the background.
+        storage_options: passed to fsspec (credentials, endpoint, ...).
+        prefix: checkpoint names are ``f"{prefix}-{step}"``.
+        allow_pickle: store (and load) leaves that are not plain tree types with pickle.
+        clock: zero-argument callable returning POSIX seconds (time trigger and retention); for tests.
+
+    Example:
+        >>> cb = CheckpointCallback("s3://bucket/run", save_every_n_steps=100, max_to_keep=5,
+        ...                         keep_checkpoint_every_n_hours=1)
+        >>> trainer = Trainer(max_epochs=10, callbacks=[cb])
+        >>> trainer.fit(model)                    # resumes from the newest valid checkpoint, if any
+        >>> trainer.fit(model, ckpt_path="last")  # the Lightning idiom resolves to the same checkpoint
+    """
+
+    # Tests switch this off to show that without the RNG restore a resumed run diverges.
+    _restore_rng = True
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        save_every_n_steps: int | None = None,
+        save_every_n_seconds: float | None = None,
+        save_on_epoch_end: bool = False,
+        save_on_train_end: bool = True,
+        max_to_keep: int | None = 5,
+        keep_checkpoint_every_n_hours: float | None = None,
+        keep_best: int | None = None,
+        monitor: str | None = "val_loss",
+        mode: str = "min",
+        save_optimizer: bool = True,
+        resume: bool = True,
+        async_save: bool = False,
+        storage_options: dict | None = None,
+        prefix: str = "ckpt",
+        allow_pickle: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        _validate(
+            directory, save_every_n_steps, save_every_n_seconds, max_to_keep, keep_checkpoint_every_n_hours,
+            keep_best, monitor, mode, storage_options, prefix, clock,
+            save_on_epoch_end=save_on_epoch_end, save_on_train_end=save_on_train_end,
+            save_optimizer=save_optimizer, resume=resume, async_save=async_save, allow_pickle=allow_pickle,
+        )  # fmt: skip
+        super().__init__(save_top_k=0, save_last=False, enable_version_counter=False)
+        self.directory = os.fspath(directory)
+        self.dirpath = self.directory
+        self.save_every_n_steps = save_every_n_steps
+        self.save_every_n_seconds = save_every_n_seconds
+        self.save_on_epoch_end = save_on_epoch_end
+        self.save_on_train_end = save_on_train_end
+        self.max_to_keep = max_to_keep
+        self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
+        self.keep_best = keep_best
+        self.monitor = monitor
+        self.mode = mode
+        self.save_optimizer = save_optimizer
+        self.resume = resume
+        self.async_save = async_save
+        self.storage_options = dict(storage_options) if storage_options else None
+        self.prefix = prefix
+        self.allow_pickle = allow_pickle
+        self._clock = clock
+
+        self._mgr: CheckpointManager | None = None
+        self._trainer_ref: Callable[[], Trainer | None] = lambda: None
+        self._global_rank = 0
+        self._replaced_io: tuple[Any, Any] | None = None
+        # counters (persisted through state_dict)
+        self._last_saved_step: int | None = None
+        self._last_step_seen = 0
+        self._num_saves = 0
+        self._last_save_time = 0.0
+        # transient
+        self._rng_for_save: list[dict] | None = None
+        self._saving_mid_epoch = False
+        self._pending_rng: dict | None = None
+        self._pending_rng_at_batch = False
+        self._best_metric: float | None = None
+
+    # ------------------------------------------------------------------ identity and state
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(directory=self.directory, prefix=self.prefix)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The callback's counters and the RNG states of every rank (captured at the save)."""
+        return {
+            "version": _STATE_VERSION,
+            "last_saved_step": self._last_saved_step,
+            "last_step_seen": self._last_step_seen,
+            "num_saves": self._num_saves,
+            "mid_epoch": self._saving_mid_epoch if self._rng_for_save is not None else self._mid_epoch_now(),
+            "rng": self._rng_for_save if self._rng_for_save is not None else [_rng.capture()],
+            "best_model_path": self.best_model_path,
+            "last_model_path": self.last_model_path,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_saved_step = state_dict.get("last_saved_step")
+        self._last_step_seen = int(state_dict.get("last_step_seen") or 0)
+        self._num_saves = int(state_dict.get("num_saves") or 0)
+        self.best_model_path = state_dict.get("best_model_path") or self.best_model_path
+        self.last_model_path = state_dict.get("last_model_path") or self.last_model_path
+        rngs = state_dict.get("rng") or []
+        self._pending_rng = None
+        if self._restore_rng and rngs:
+            self._pending_rng = rngs[self._global_rank] if self._global_rank < len(rngs) else rngs[0]
+            # Saved between two batches of an epoch: restore just before the next batch, after the
+            # resumed run re-created its data iterator. Saved at an epoch boundary: restore at fit
+            # start, before the next epoch's iterator draws its shuffling seed.
+            self._pending_rng_at_batch = bool(state_dict.get("mid_epoch"))
+
+    # ------------------------------------------------------------------ ckpt_path="last"
+
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
+        """The newest valid checkpoint's index file: what ``ckpt_path="last"`` resolves to."""
+        try:
+            path = resolve_checkpoint(self.directory, self.storage_options)
+        except CheckpointNotFoundError:
+            return set()
+        return {path + INDEX_SUFFIX}
+
+    # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer_ref = weakref.ref(trainer)
+        self._global_rank = trainer.global_rank
+        self._install_io(trainer)
+        if stage == TrainerFn.FITTING.value and trainer.is_global_zero and self._mgr is None:
+            self._mgr = CheckpointManager(
+                self.directory,
+                prefix=self.prefix,
+                max_to_keep=self.max_to_keep,
+                keep_checkpoint_every_n_hours=self.keep_checkpoint_every_n_hours,
+                keep_best=self.keep_best,
+                monitor=self.monitor if self.keep_best else None,
+                mode=self.mode,
+                storage_options=self.storage_options,
+                async_save=self.async_save,
+                allow_pickle=self.allow_pickle,
+                clock=self._clock,
+            )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.resume and trainer.ckpt_path is None and not trainer.fast_dev_run:
+            self._auto_resume(trainer)
+        if self._pending_rng is not None and not self._pending_rng_at_batch:
+            _rng.restore(self._pending_rng)
+            self._pending_rng = None
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint saved with save_optimizer=False: keep the optimizers as configured instead of
+        # letting Lightning fail on the missing key.
+        if "optimizer_states" not in checkpoint and trainer.state.fn == TrainerFn.FITTING:
+            checkpoint["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
+            checkpoint.setdefault("lr_schedulers", [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs])
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_step_seen = trainer.global_step
+        self._last_save_time = float(self._clock())
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._pending_rng is not None and self._pending_rng_at_batch:
+            _rng.restore(self._pending_rng)
+            self._pending_rng = None
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._skip(trainer):
+            return
+        step = trainer.global_step
+        n = self.save_every_n_steps
+        crossed = n is not None and step // n > self._last_step_seen // n
+        self._last_step_seen = step
+        time_due = self._time_due(trainer)  # a collective under DDP: every rank calls it here
+        if (crossed or time_due) and step != self._last_saved_step:
+            self._save(trainer, pl_module, mid_epoch=self._mid_epoch_now())
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.save_on_epoch_end and not self._skip(trainer) and trainer.global_step != self._last_saved_step:
+            self._save(trainer, pl_module, mid_epoch=False)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pass  # ModelCheckpoint saves here; this callback does not.
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        pass  # no save on failure: the last committed checkpoint is the resume point
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._skip(trainer):
+            return
+        if self.save_on_train_end and trainer.global_step != self._last_saved_step:
+            self._save(trainer, pl_module, mid_epoch=self._mid_epoch_now())
+        # Surface a failed background save on every rank before fit returns.
+        error = None
+        if self._mgr is not None:
+            try:
+                self._mgr.wait_until_finished()
+            except Exception as e:  # noqa: BLE001 - broadcast, then raised on every rank
+                error = e
+        self._raise_everywhere(trainer, error, "Finishing the background checkpoint saves")
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._replaced_io is not None:
+            strategy, original = self._replaced_io
+            strategy.checkpoint_io = original
+            self._replaced_io = None
+        self._pending_rng = None
+        if self._mgr is not None and stage == TrainerFn.FITTING.value:
+            mgr, self._mgr = self._mgr, None
+            try:
+                mgr.close()
+            except Exception as e:  # noqa: BLE001 - already raised in on_train_end unless fit failed
+                rank_zero_info(f"CheckpointCallback: a background save had failed: {e}")
+
+    # ------------------------------------------------------------------ internals
+
+    def _skip(self, trainer: Trainer) -> bool:
+        return bool(trainer.fast_dev_run) or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING
+
+    def _mid_epoch_now(self) -> bool:
+        trainer = self._trainer_ref()
+        if trainer is None:
+            return False
+        return not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+
+    def _time_due(self, trainer: Trainer) -> bool:
+        if self.save_every_n_seconds is None:
+            return False
+        due = False
+        if trainer.is_global_zero:
+            due = float(self._clock()) - self._last_save_time >= self.save_every_n_seconds
+        if trainer.world_size > 1:
+            due = bool(trainer.strategy.broadcast(due, src=0))
+        return due
+
+    def _install_io(self, trainer: Trainer) -> None:
+        """Let the strategy load our checkpoints (``ckpt_path="last"``, a checkpoint path) with any plugin."""
+        strategy = trainer.strategy
+        current = strategy.checkpoint_io
+        if isinstance(current, (FsspecCheckpointIO, _DispatchingCheckpointIO)):
+            return
+        strategy.checkpoint_io = _DispatchingCheckpointIO(current, self.storage_options, self.allow_pickle)
+        self._replaced_io = (strategy, current)
+
+    def _auto_resume(self, trainer: Trainer) -> None:
+        path, state, error = None, None, None
+        if trainer.is_global_zero:
+            try:
+                assert self._mgr is not None
+                path, state = self._mgr.restore_with_path()
+            except Exception as e:  # noqa: BLE001 - broadcast, then raised on every rank
+                error = e
+        self._raise_everywhere(trainer, error, "Restoring the newest checkpoint")
+        if trainer.world_size > 1:
+            path = trainer.strategy.broadcast(path, src=0)
+        if path is None:
+            return
+        if state is None:
+            state = _core_load(path, storage_options=self.storage_options, allow_pickle=self.allow_pickle)
+        checkpoint = _convert.from_tree(state)
+        from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
+
+        connector = trainer._checkpoint_connector
+        connector._ckpt_path = path
+        connector._loaded_checkpoint = _pl_migrate_checkpoint(checkpoint, path)
+        # What Lightning's own restore does before strategy.setup; Lightning then restores the
+        # precision plugin, loops, optimizers and schedulers right after on_fit_start.
+        connector.restore_model()
+        connector.restore_datamodule()
+        connector.restore_callbacks()
+        rank_zero_info(f"CheckpointCallback: resumed from {path} (global step {trainer.global_step}).")
+
+    def _save(self, trainer: Trainer, pl_module: LightningModule, mid_epoch: bool) -> None:
+        step = trainer.global_step
+        self._last_saved_step = step
+        self._last_save_time = float(self._clock())
+        self._num_saves += 1
+        self._saving_mid_epoch = mid_epoch
+        self._rng_for_save = _gather_rng(trainer)
+        try:
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        finally:
+            self._rng_for_save = None
+        if not self.save_optimizer:
+            checkpoint.pop("optimizer_states", None)
+        error = None
+        if trainer.is_global_zero:
+            try:
+                assert self._mgr is not None
+                metrics = _metrics(trainer)
+                path = self._mgr.save(
+                    _convert.to_tree(checkpoint), step=step, metrics=metrics, _info=_info(trainer, pl_module)
+                )
+                self._track_paths(path, metrics)
+            except Exception as e:  # noqa: BLE001 - broadcast, then raised on every rank
+                error = e
+        self._raise_everywhere(trainer, error, f"Saving the checkpoint of step {step}")
+        if trainer.world_size > 1:
+            self.best_model_path, self.last_model_path = trainer.strategy.broadcast(
+                (self.best_model_path, self.last_model_path), src=0
+            )
+
+    def _track_paths(self, path: str, metrics: dict[str, float]) -> None:
+        self.last_model_path = path
+        value = metrics.get(self.monitor) if self.keep_best and self.monitor else None
+        if value is None:
+            if not self.keep_best:
+                self.best_model_path = path  # no ranking configured: "best" is the newest
+            return
+        better = self._best_metric is None or (value < self._best_metric if self.mode == "min" else value > self._best_metric)
+        if better:
+            self._best_metric = value
+            self.best_model_path = path
+
+    def _raise_everywhere(self, trainer: Trainer, error: BaseException | None, what: str) -> None:
+        """Rank zero's outcome, broadcast: every rank raises, or none does (no rank waits forever)."""
+        status = None if error is None else (type(error).__name__, str(error))
+        if trainer.world_size > 1:
+            status = trainer.strategy.broadcast(status, src=0)
+        if status is None:
+            return
+        if error is not None:
+            raise error
+        name, message = status
+        cls = _REMOTE_ERRORS.get(name, CheckpointWriteError)
+        raise cls(f"{what} failed on global rank 0 ({name}): {message}")
+
+
+def _gather_rng(trainer: Trainer) -> list[dict]:
+    local = _rng.capture()
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, local)
+        return out
+    return [local]
+
+
+def _metrics(trainer: Trainer) -> dict[str, float]:
+    out = {}
+    for k, v in trainer.callback_metrics.items():
+        try:
+            value = float(v.item() if isinstance(v, torch.Tensor) else v)
+        except (TypeError, ValueError, RuntimeError):
+            continue
+        out[str(k)] = value
+    return out
+
+
+def _jsonable(x: Any, depth: int = 0) -> Any:
+    if depth > 32:
+        return repr(x)[:200]
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v, depth + 1) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v, depth + 1) for v in x]
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else repr(x)
+    return repr(x)[:200]
+
+
+def _info(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    cls = type(pl_module)
+    return {
+        "framework": "lightning",
+        "framework_versions": {"lightning": lightning.__version__, "torch": torch.__version__},
+        "model": {"class_path": f"{cls.__module__}.{cls.__qualname__}", "hparams": _jsonable(dict(pl_module.hparams))},
+        "epoch": trainer.current_epoch,
+    }
+
+
+def _validate(
+    directory, steps, seconds, max_to_keep, hours, keep_best, monitor, mode, storage_options, prefix, clock, **flags
+) -> None:
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+        raise ValueError(
+            f"directory must be a non-empty path or fsspec URL. Received: directory={directory!r}. "
+            "Use for example directory='runs/a' or 's3://bucket/run'."
+        )
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(
+            f"save_every_n_steps must be >= 1. Received: save_every_n_steps={steps!r}. "
+            "To save only at the end of training, use save_on_train_end=True."
+        )
+    if seconds is not None and (
+        isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0
+    ):
+        raise ValueError(
+            f"save_every_n_seconds must be a positive number of seconds or None. "
+            f"Received: save_every_n_seconds={seconds!r}."
+        )
+    if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1):
+        raise ValueError(
+            f"max_to_keep must be an int >= 1 or None. Received: max_to_keep={max_to_keep!r}. "
+            "Use max_to_keep=None to keep every checkpoint."
+        )
+    if hours is not None and (isinstance(hours, bool) or not isinstance(hours, (int, float)) or not math.isfinite(hours) or hours <= 0):
+        raise ValueError(
+            f"keep_checkpoint_every_n_hours must be a positive number of hours or None. "
+            f"Received: keep_checkpoint_every_n_hours={hours!r}."
+        )
+    if keep_best is not None:
+        if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 1:
+            raise ValueError(f"keep_best must be an int >= 1 or None. Received: keep_best={keep_best!r}.")
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(
+                f"keep_best needs a metric to rank by. Received: monitor={monitor!r}. "
+                "Pass the name of a metric you log with self.log(), e.g. monitor='val_loss'."
+            )
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max'. Received: mode={mode!r}.")
+    if storage_options is not None and not isinstance(storage_options, dict):
+        raise TypeError(f"storage_options must be a dict or None. Received: storage_options={storage_options!r}.")
+    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
+        raise ValueError(
+            f"prefix must be a plain file-name prefix (letters, digits, '_', '.', '-', '=', '+'). "
+            f"Received: prefix={prefix!r}. Use for example prefix='ckpt'."
+        )
+    if not callable(clock):
+        raise TypeError(f"clock must be a zero-argument callable returning seconds. Received: clock={clock!r}.")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False. Received: {name}={value!r}.")

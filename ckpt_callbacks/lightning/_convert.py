@@ -1,0 +1,274 @@
+"""Lightning's checkpoint dict <-> the core state tree, without pickle.
+
+The core stores dict (str/int keys), OrderedDict, list, tuple, scalars, bytes, numpy and torch
+tensors. A Lightning checkpoint also holds containers the core does not know: the hparams
+``AttributeDict``, ``argparse.Namespace``, ``torch.Size``, sets, ``torch.dtype`` / ``torch.device``
+values, ``pathlib`` paths, enums, named tuples, class objects (the omegaconf hparams type, legacy
+callback-state keys) and the ``_metadata`` attribute of a module ``state_dict``. Each is turned into a
+plain tree node, and its original type is recorded in a side table stored under the reserved
+top-level key ``RESERVED_KEY``: a list of ``[key_path, tag, extra]`` rows. Decoding replays the table
+deepest-first, so the tree itself stays readable by ``ckpt-callbacks inspect`` and any other reader.
+
+Class objects are written as ``"module:qualname"`` and resolved back only through ``sys.modules``:
+loading never imports a module or runs code. A class whose module is not imported comes back as
+its name, with a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import enum
+import pathlib
+import sys
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric.utilities.data import AttributeDict as _FabricAttributeDict
+from lightning.pytorch.utilities.parsing import AttributeDict as _AttributeDict
+
+from ..errors import CorruptCheckpointError
+
+RESERVED_KEY = "__ckpt_callbacks__"
+_CONVERTER_VERSION = 1
+
+_ATTRIBUTE_DICTS = {
+    "AttributeDict": _AttributeDict,
+    "fabric.AttributeDict": _FabricAttributeDict,
+}
+_SCALAR_TYPES = (type(None), bool, int, float, str, bytes)
+
+
+def class_path(cls: type) -> str:
+    """``"module:qualname"`` of a class."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def resolve_class(path: str) -> type | None:
+    """The class named by :func:`class_path` if its module is already imported, else None.
+
+    Never imports anything: a checkpoint must not be able to make the loader run code.
+    """
+    if not isinstance(path, str) or ":" not in path:
+        return None
+    module_name, qualname = path.split(":", 1)
+    obj: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        if obj is None or part.startswith("<"):
+            return None
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, type) else None
+
+
+def to_tree(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """A Lightning checkpoint dict as a core state tree (plus the type table under ``RESERVED_KEY``).
+
+    Tensors are not copied. Leaves the core cannot store are left in place so that the core raises
+    its ``TypeError`` naming the key path (``state['hyper_parameters']['cfg']``) with the
+    ``allow_pickle`` hint.
+
+    Example:
+        >>> tree = to_tree({"state_dict": model.state_dict(), "hyper_parameters": model.hparams})
+        >>> from_tree(tree)["hyper_parameters"].lr
+        0.1
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(
+            f"A Lightning checkpoint must be a dict. Received: {type(checkpoint).__name__}. "
+            "Pass the dict that Trainer.save_checkpoint / CheckpointIO.save_checkpoint produces."
+        )
+    if RESERVED_KEY in checkpoint:
+        raise ValueError(
+            f"The checkpoint dict already has the reserved key {RESERVED_KEY!r}; it is used by "
+            "ckpt_callbacks to record container types. Rename that key."
+        )
+    table: list[list[Any]] = []
+    tree = _encode(checkpoint, (), table, seen=set())
+    tree = dict(tree) if not isinstance(tree, dict) else tree
+    tree[RESERVED_KEY] = {"version": _CONVERTER_VERSION, "types": table}
+    return tree
+
+
+def _encode(obj: Any, path: tuple, table: list, seen: set[int]) -> Any:
+    t = type(obj)
+    if t in _SCALAR_TYPES or isinstance(obj, torch.Tensor):
+        return obj
+    if t is dict or t is collections.OrderedDict or isinstance(obj, Mapping):
+        if id(obj) in seen:
+            raise ValueError(f"The checkpoint contains a reference cycle at {_path_str(path)}.")
+        seen.add(id(obj))
+        out: dict[Any, Any] = collections.OrderedDict() if t is collections.OrderedDict else {}
+        type_keys = []
+        for k, v in obj.items():
+            key = k
+            if isinstance(k, type):  # legacy callback-state keys were the callback classes
+                key = class_path(k)
+                type_keys.append(key)
+            elif type(k) is not str and isinstance(k, str):
+                key = str(k)
+            out[key] = _encode(v, (*path, key), table, seen)
+        seen.discard(id(obj))
+        if type_keys:
+            table.append([list(path), "typekeys", type_keys])
+        metadata = getattr(obj, "_metadata", None)
+        if t is collections.OrderedDict and isinstance(metadata, dict):
+            # nn.Module.state_dict() carries per-submodule versions used by _load_from_state_dict.
+            table.append([list(path), "state_dict_metadata", _encode(metadata, (*path, "_metadata"), [], set())])
+        for tag, cls in _ATTRIBUTE_DICTS.items():
+            if t is cls:
+                table.append([list(path), tag, None])
+        return out
+    if isinstance(obj, argparse.Namespace):
+        table.append([list(path), "Namespace", None])
+        return {k: _encode(v, (*path, k), table, seen) for k, v in vars(obj).items()}
+    if t is list or t is tuple:
+        if id(obj) in seen:
+            raise ValueError(f"The checkpoint contains a reference cycle at {_path_str(path)}.")
+        seen.add(id(obj))
+        out_seq = t(_encode(v, (*path, i), table, seen) for i, v in enumerate(obj))
+        seen.discard(id(obj))
+        return out_seq
+    if isinstance(obj, torch.Size):
+        table.append([list(path), "torch.Size", None])
+        return tuple(int(d) for d in obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        table.append([list(path), "namedtuple", class_path(t)])
+        return tuple(_encode(v, (*path, i), table, seen) for i, v in enumerate(obj))
+    if isinstance(obj, (set, frozenset)):
+        table.append([list(path), "frozenset" if isinstance(obj, frozenset) else "set", None])
+        items = list(obj)
+        try:
+            items.sort()
+        except TypeError:
+            pass
+        return [_encode(v, (*path, i), table, seen) for i, v in enumerate(items)]
+    if isinstance(obj, list):
+        return [_encode(v, (*path, i), table, seen) for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return tuple(_encode(v, (*path, i), table, seen) for i, v in enumerate(obj))
+    if isinstance(obj, torch.dtype):
+        table.append([list(path), "torch.dtype", None])
+        return str(obj).removeprefix("torch.")
+    if isinstance(obj, torch.device):
+        table.append([list(path), "torch.device", None])
+        return str(obj)
+    if isinstance(obj, pathlib.PurePath):
+        table.append([list(path), "Path", None])
+        return str(obj)
+    if isinstance(obj, enum.Enum):
+        table.append([list(path), "enum", class_path(t)])
+        return _encode(obj.value, path, table, seen)
+    if isinstance(obj, type):
+        table.append([list(path), "type", None])
+        return class_path(obj)
+    if isinstance(obj, np.generic):
+        return obj
+    for base in (int, float, str, bytes):  # subclasses of plain scalars (not numpy, not enums)
+        if isinstance(obj, base):
+            return base(obj)
+    return obj  # numpy arrays/scalars and unknown leaves: the core stores or rejects them
+
+
+def from_tree(tree: Any) -> dict[str, Any]:
+    """The Lightning checkpoint dict of a tree written by :func:`to_tree` (types restored).
+
+    A tree without the reserved key (a plain core checkpoint) is returned as is.
+    """
+    if not isinstance(tree, dict):
+        raise CorruptCheckpointError(
+            f"A Lightning checkpoint's state must be a dict; this one is a {type(tree).__name__}."
+        )
+    info = tree.pop(RESERVED_KEY, None)
+    if info is None:
+        return tree
+    if not isinstance(info, dict) or not isinstance(info.get("types"), list):
+        raise CorruptCheckpointError(f"Invalid {RESERVED_KEY!r} entry in the checkpoint.")
+    if info.get("version", 0) > _CONVERTER_VERSION:
+        warnings.warn(
+            f"The checkpoint was written by a newer ckpt_callbacks (Lightning converter version "
+            f"{info.get('version')}); some container types may come back as plain dicts or lists.",
+            stacklevel=2,
+        )
+    rows = info["types"]
+    for row in rows:
+        if not (isinstance(row, (list, tuple)) and len(row) == 3 and isinstance(row[0], (list, tuple))):
+            raise CorruptCheckpointError(f"Invalid type-table row in the checkpoint: {str(row)[:80]!r}.")
+    # Deepest first: a parent (say, a dict whose keys are classes) is rebuilt after its children.
+    root = {"": tree}
+    for path, tag, extra in sorted(rows, key=lambda r: -len(r[0])):
+        parent, key = _locate(root, ["", *path])
+        parent[key] = _decode_node(parent[key], tag, extra)
+    return root[""]
+
+
+def _locate(root: Any, path: list) -> tuple[Any, Any]:
+    node = root
+    for k in path[:-1]:
+        try:
+            node = node[k]
+        except (KeyError, IndexError, TypeError):
+            raise CorruptCheckpointError(f"The checkpoint's type table names a missing key path {path[1:]!r}.") from None
+    if isinstance(node, tuple):
+        raise CorruptCheckpointError(f"The checkpoint's type table names a path inside a tuple: {path[1:]!r}.")
+    try:
+        node[path[-1]]
+    except (KeyError, IndexError, TypeError):
+        raise CorruptCheckpointError(f"The checkpoint's type table names a missing key path {path[1:]!r}.") from None
+    return node, path[-1]
+
+
+def _decode_node(node: Any, tag: str, extra: Any) -> Any:
+    if tag in _ATTRIBUTE_DICTS and isinstance(node, dict):
+        return _ATTRIBUTE_DICTS[tag](node)
+    if tag == "Namespace" and isinstance(node, dict):
+        return argparse.Namespace(**{str(k): v for k, v in node.items()})
+    if tag == "state_dict_metadata" and isinstance(node, collections.OrderedDict):
+        node._metadata = extra  # type: ignore[attr-defined]
+        return node
+    if tag == "typekeys" and isinstance(node, dict) and isinstance(extra, list):
+        out = type(node)()
+        for k, v in node.items():
+            if k in extra:
+                cls = resolve_class(k)
+                if cls is None:
+                    warnings.warn(f"Class {k!r} (a checkpoint dict key) is not imported; keeping its name.", stacklevel=3)
+                out[cls if cls is not None else k] = v
+            else:
+                out[k] = v
+        return out
+    if tag == "torch.Size" and isinstance(node, tuple):
+        return torch.Size(node)
+    if tag == "namedtuple" and isinstance(node, tuple):
+        cls = resolve_class(extra)
+        return cls(*node) if cls is not None and issubclass(cls, tuple) else node
+    if tag in ("set", "frozenset") and isinstance(node, list):
+        return set(node) if tag == "set" else frozenset(node)
+    if tag == "torch.dtype" and isinstance(node, str):
+        dtype = getattr(torch, node, None)
+        if not isinstance(dtype, torch.dtype):
+            raise CorruptCheckpointError(f"Unknown torch dtype {node!r} in the checkpoint.")
+        return dtype
+    if tag == "torch.device" and isinstance(node, str):
+        return torch.device(node)
+    if tag == "Path" and isinstance(node, str):
+        return pathlib.Path(node)
+    if tag == "enum":
+        cls = resolve_class(extra)
+        if cls is not None and issubclass(cls, enum.Enum):
+            return cls(node)
+        warnings.warn(f"Enum class {extra!r} is not imported; keeping the raw value {node!r}.", stacklevel=3)
+        return node
+    if tag == "type" and isinstance(node, str):
+        cls = resolve_class(node)
+        if cls is None:
+            warnings.warn(f"Class {node!r} named in the checkpoint is not imported; keeping its name.", stacklevel=3)
+            return node
+        return cls
+    raise CorruptCheckpointError(f"Invalid type-table entry {tag!r} for a {type(node).__name__} in the checkpoint.")
+
+
+def _path_str(path: tuple) -> str:
+    return "state" + "".join(f"[{k!r}]" for k in path)

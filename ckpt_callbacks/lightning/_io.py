@@ -1,0 +1,309 @@
+"""``FsspecCheckpointIO``: Lightning's ``CheckpointIO`` writing this library's format through fsspec.
+
+Lightning hands a checkpoint IO one *file* path per checkpoint (``.../epoch=0-step=10.ckpt``,
+``.../last.ckpt``) and then checks that path with ``fs.exists`` / ``fs.modified`` / ``fs.ls``
+(``ModelCheckpoint``'s version counter, ``ckpt_path="last"``, ``save_top_k`` removals). Our format is
+several files, so the path Lightning names becomes a small JSON *marker* file, written last, that
+names the checkpoint files next to it::
+
+    epoch=0-step=10.ckpt                           marker: {"format": "ckpt_callbacks.lightning", ...}
+    epoch=0-step=10.ckpt.3f9a0c1e.data-00000-of-00001
+    epoch=0-step=10.ckpt.3f9a0c1e.meta
+    epoch=0-step=10.ckpt.3f9a0c1e.index
+
+Each save writes under a fresh 8-hex token and replaces the marker atomically, so re-saving
+``last.ckpt`` never leaves a half-overwritten checkpoint: a crash leaves the previous marker naming
+the previous, complete files. The files of the replaced token are deleted after the new marker is
+committed; leftovers of a crashed save (same name, unreferenced token) are deleted on the next save
+or removal of that path. Only files matching this naming are ever deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import uuid
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
+from .. import _storage
+from .._manager import load_checkpoint as _core_load
+from .._manager import resolve_checkpoint
+from .._manager import save_checkpoint as _core_save
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
+from . import _convert
+
+MARKER_FORMAT = "ckpt_callbacks.lightning"
+MARKER_VERSION = 1
+INDEX_SUFFIX = ".index"
+STATE_FILE_NAME = "checkpoint"
+_MAX_MARKER_BYTES = 4096
+_MARKER_HEAD = b'{"format":"' + MARKER_FORMAT.encode() + b'"'
+_INDEX_HEAD = b'{"format":"ckpt_callbacks"'
+_TOKEN_RE = r"[0-9a-f]{8}"
+_FILE_KINDS = r"(?:\.index|\.meta|\.data-\d{5}-of-\d{5})"
+
+
+def split_path(path: str | os.PathLike) -> tuple[str, str]:
+    """(directory, file name) of a local path or fsspec URL."""
+    p = os.fspath(path)
+    if "://" in p:
+        protocol, rest = p.split("://", 1)
+        head, base = posixpath.split(rest.rstrip("/"))
+        return f"{protocol}://{head}", base
+    head, base = os.path.split(p.rstrip(os.sep) or p)
+    return head or ".", base
+
+
+def join_path(directory: str, name: str) -> str:
+    if "://" in directory:
+        return directory.rstrip("/") + "/" + name if not directory.endswith("://") else directory + name
+    return os.path.join(directory, name)
+
+
+def _marker_bytes(checkpoint_name: str) -> bytes:
+    doc = {"format": MARKER_FORMAT, "version": MARKER_VERSION, "checkpoint": checkpoint_name}
+    return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+
+
+def _read_marker(storage: _storage.Storage, name: str) -> str | None:
+    """The checkpoint name a marker file names; None when ``name`` is no marker (or missing)."""
+    try:
+        data = storage.read_bytes(name, max_bytes=_MAX_MARKER_BYTES)
+    except CheckpointError:
+        return None
+    if not data.startswith(_MARKER_HEAD):
+        return None
+    try:
+        doc = json.loads(data[: _MAX_MARKER_BYTES + 1])
+    except ValueError:
+        raise CorruptCheckpointError(f"Checkpoint marker {storage.url_of(name)!r} is not valid JSON.") from None
+    target = doc.get("checkpoint") if isinstance(doc, dict) else None
+    if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z0-9_.=+-]+", target) or ".." in target:
+        raise CorruptCheckpointError(
+            f"Checkpoint marker {storage.url_of(name)!r} names an invalid checkpoint {str(target)[:80]!r}."
+        )
+    return target
+
+
+def resolve_ours(path: str | os.PathLike, storage_options: dict | None = None) -> str | None:
+    """The core checkpoint path behind ``path`` if it is in this library's format, else None.
+
+    Accepted: a marker file written by :class:`FsspecCheckpointIO`; a checkpoint prefix
+    (``.../ckpt-100``, has a ``.index``); its ``.index`` file; a directory with a ``checkpoint`` state
+    file (its newest valid checkpoint).
+    """
+    directory, name = split_path(path)
+    if not name:
+        return None
+    storage = _storage.Storage(directory, storage_options)
+    target = _read_marker(storage, name)
+    if target is not None:
+        return join_path(directory, target)
+    if storage.exists(name + INDEX_SUFFIX):
+        return os.fspath(path)
+    if name.endswith(INDEX_SUFFIX):
+        try:
+            head = storage.read_bytes(name, max_bytes=64)[: len(_INDEX_HEAD)]
+        except CheckpointError:
+            head = b""
+        if head == _INDEX_HEAD:
+            return os.fspath(path)[: -len(INDEX_SUFFIX)]
+    sub = _storage.Storage(os.fspath(path), storage_options)
+    if sub.exists(STATE_FILE_NAME):
+        return resolve_checkpoint(os.fspath(path), storage_options)
+    return None
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            obj[k] = _to_device(v, device)
+        return obj
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    if type(obj) is tuple:
+        return tuple(_to_device(v, device) for v in obj)
+    return obj
+
+
+def load_lightning_checkpoint(
+    path: str, storage_options: dict | None = None, allow_pickle: bool = False, map_location: Any = None
+) -> dict[str, Any]:
+    """Load one checkpoint of this format (a core checkpoint path) as Lightning's checkpoint dict."""
+    state = _core_load(path, storage_options=storage_options, allow_pickle=allow_pickle)
+    checkpoint = _convert.from_tree(state)
+    if isinstance(map_location, (str, torch.device)):
+        device = torch.device(map_location)
+        if device.type != "cpu":
+            checkpoint = _to_device(checkpoint, device)
+    return checkpoint
+
+
+class FsspecCheckpointIO(CheckpointIO):
+    """A Lightning ``CheckpointIO`` that writes ckpt_callbacks checkpoints to any fsspec URL, pickle-free.
+
+    With it, Lightning's own ``ModelCheckpoint`` (``save_top_k``, ``save_last``, ``every_n_train_steps``,
+    ``ckpt_path="last"`` / ``"best"`` / a path) works unchanged. The path Lightning names
+    (``.../epoch=0-step=10.ckpt``) becomes a small marker file, written last as the commit point,
+    that names the checkpoint's data / meta / index files next to it (``<path>.<token>.index`` ...).
+    Loading accepts such a marker, a ckpt_callbacks checkpoint prefix (``.../ckpt-100``), its
+    ``.index`` file, or a directory with a ``checkpoint`` state file.
+
+    Args:
+        storage_options: passed to fsspec for every path (credentials, endpoint, ...). Options that
+            Lightning passes to ``save_checkpoint`` (``trainer.save_checkpoint(..., storage_options=)``)
+            override these.
+        allow_pickle: store (and load) leaves that are not plain tree types with pickle. Off by
+            default: loading never executes code. With it, legacy ``torch.save`` files are loaded too.
+
+    Example:
+        >>> trainer = Trainer(
+        ...     plugins=[FsspecCheckpointIO()],
+        ...     callbacks=[ModelCheckpoint(dirpath="s3://bucket/run", save_top_k=2, monitor="val_loss", save_last=True)],
+        ... )
+        >>> trainer.fit(model)
+        >>> trainer.fit(model, ckpt_path="last")   # resumes from s3://bucket/run/last.ckpt
+    """
+
+    def __init__(self, storage_options: dict | None = None, allow_pickle: bool = False) -> None:
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise TypeError(
+                f"storage_options must be a dict or None. Received: storage_options={storage_options!r}. "
+                "Pass fsspec options such as {'anon': False}."
+            )
+        if not isinstance(allow_pickle, bool):
+            raise TypeError(f"allow_pickle must be a bool. Received: allow_pickle={allow_pickle!r}.")
+        self.storage_options = dict(storage_options or {})
+        self.allow_pickle = allow_pickle
+
+    def _options(self, extra: Any = None) -> dict | None:
+        if extra is not None and not isinstance(extra, dict):
+            raise TypeError(
+                f"storage_options must be a dict of fsspec options. Received: storage_options={extra!r}."
+            )
+        merged = {**self.storage_options, **(extra or {})}
+        return merged or None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        """Write ``checkpoint`` as ``<path>.<token>.*`` files, then the marker ``path`` (the commit point)."""
+        options = self._options(storage_options)
+        directory, name = split_path(path)
+        storage = _storage.Storage(directory, options)
+        storage.makedirs()
+        previous = _read_marker_quietly(storage, name)
+        target = f"{name}.{uuid.uuid4().hex[:8]}"
+        tree = _convert.to_tree(checkpoint)
+        meta = {"lightning": {"path": name, "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}}
+        _core_save(join_path(directory, target), tree, meta=meta, storage_options=options, allow_pickle=self.allow_pickle)
+        storage.write_bytes(name, _marker_bytes(target))
+        storage.sync_dir()
+        _remove_unreferenced(storage, name, keep=target, also=previous)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's checkpoint dict from ``path`` (never unpickles unless ``allow_pickle=True``)."""
+        options = self._options()
+        target = resolve_ours(path, options)
+        if target is None:
+            return self._load_foreign(path, map_location, weights_only)
+        return load_lightning_checkpoint(target, options, self.allow_pickle, map_location)
+
+    def _load_foreign(self, path: Any, map_location: Any, weights_only: bool | None) -> dict[str, Any]:
+        directory, name = split_path(path)
+        if not _storage.Storage(directory, self._options()).exists(name):
+            raise CheckpointNotFoundError(
+                f"Checkpoint file not found: {os.fspath(path)!r}. Expected a checkpoint written by "
+                "FsspecCheckpointIO or CheckpointCallback (a marker file, a checkpoint prefix with a '.index' "
+                "file, or a directory with a 'checkpoint' state file)."
+            )
+        if self.allow_pickle:
+            from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+            return TorchCheckpointIO().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        raise IncompatibleCheckpointError(
+            f"{os.fspath(path)!r} is not a ckpt_callbacks checkpoint (probably a torch.save file). Loading it "
+            "would unpickle it; pass FsspecCheckpointIO(allow_pickle=True) if you trust it, or re-save it "
+            "with FsspecCheckpointIO."
+        )
+
+    def remove_checkpoint(self, path: Any) -> None:
+        """Delete the marker first (the checkpoint stops existing), then its files; other paths as fsspec does."""
+        options = self._options()
+        directory, name = split_path(path)
+        storage = _storage.Storage(directory, options)
+        target = _read_marker_quietly(storage, name)
+        if target is not None:
+            storage.remove([name])
+            storage.sync_dir()
+            _remove_unreferenced(storage, name, keep=None, also=target)
+            return
+        if storage.exists(name + INDEX_SUFFIX):  # a core checkpoint prefix: index first
+            _remove_unreferenced(storage, None, keep=None, also=name)
+            return
+        if storage.fs.exists(storage.path(name)):
+            storage.fs.rm(storage.path(name), recursive=True)
+
+
+def _read_marker_quietly(storage: _storage.Storage, name: str) -> str | None:
+    try:
+        return _read_marker(storage, name)
+    except CorruptCheckpointError:
+        return None
+
+
+def _remove_unreferenced(storage: _storage.Storage, marker: str | None, keep: str | None, also: str | None) -> None:
+    """Remove checkpoint files of ``also`` and unreferenced ``<marker>.<token>.*`` files (index first)."""
+    patterns = []
+    if marker is not None:
+        m = re.escape(marker)
+        patterns.append(re.compile(rf"(?P<ckpt>{m}\.{_TOKEN_RE}){_FILE_KINDS}\Z"))
+        patterns.append(re.compile(rf"\.(?P<ckpt>{m}\.{_TOKEN_RE}){_FILE_KINDS}{re.escape(_storage.TEMP_MARK)}{_TOKEN_RE}\Z"))
+    if also is not None:
+        a = re.escape(also)
+        patterns.append(re.compile(rf"(?P<ckpt>{a}){_FILE_KINDS}\Z"))
+    doomed = []
+    for fname in storage.list_names():
+        for pat in patterns:
+            match = pat.match(fname)
+            if match and match.group("ckpt") != keep:
+                doomed.append(fname)
+                break
+    doomed.sort(key=lambda n: not n.endswith(INDEX_SUFFIX))
+    storage.remove(doomed)
+
+
+class _DispatchingCheckpointIO(CheckpointIO):
+    """Installed by ``CheckpointCallback`` so that Lightning can load our checkpoints with any plugin.
+
+    Loads of this library's checkpoints (``ckpt_path="last"`` resolved by the callback, a checkpoint
+    path, a marker) go to :class:`FsspecCheckpointIO`; everything else — saving, removing, loading
+    other files — goes to the strategy's own checkpoint IO, unchanged.
+    """
+
+    def __init__(self, inner: CheckpointIO, storage_options: dict | None, allow_pickle: bool) -> None:
+        self.inner = inner
+        self.ours = FsspecCheckpointIO(storage_options, allow_pickle)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            target = resolve_ours(path, self.ours._options())
+        except (CheckpointNotFoundError, ValueError):
+            target = None
+        if target is None:
+            return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        return load_lightning_checkpoint(target, self.ours._options(), self.ours.allow_pickle, map_location)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.inner.teardown()
