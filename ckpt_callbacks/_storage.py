@@ -12,8 +12,8 @@ import io
 import os
 import posixpath
 import uuid
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -23,6 +23,7 @@ from .errors import CheckpointNotFoundError, CheckpointWriteError
 # Stores whose write handles upload on close() and can discard() an unfinished upload.
 STREAMING_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az", "adl"})
 TEMP_MARK = ".tmp-"
+T = TypeVar("T")
 
 
 def temp_name(name: str) -> str:
@@ -67,6 +68,12 @@ class Storage:
     def writer(self, name: str) -> AtomicWriter:
         if self.is_local:
             return _LocalWriter(self, name)
+        if self.protocol in ("s3", "s3a"):
+            from . import _cloud
+
+            # s3fs's own writer uploads parts one at a time; ours uploads them in parallel.
+            if _cloud.s3_supported(self):
+                return _cloud.S3MultipartWriter(self, name)  # type: ignore[return-value]
         if self.streaming:
             return _StreamWriter(self, name)
         return _BufferWriter(self, name)
@@ -111,9 +118,18 @@ class Storage:
                 if self.is_local:
                     os.remove(self.path(name))
                 else:
-                    self.fs.rm_file(self.path(name))
+                    path = self.path(name)
+                    self._retrying(lambda p=path: self.fs.rm_file(p), f"delete {name}")
             except FileNotFoundError:
                 pass
+
+    def _retrying(self, fn: Callable[[], T], what: str) -> T:
+        """``fn()``; on object stores retried with bounded backoff on transient errors (5xx, resets)."""
+        if not self.streaming:
+            return fn()
+        from . import _cloud
+
+        return _cloud.retry_call(fn, f"{what} in {self.url}")
 
     # ------------------------------------------------------------------ reading
 
@@ -126,7 +142,7 @@ class Storage:
                 return []
         self.fs.invalidate_cache(self.root)
         try:
-            entries = self.fs.ls(self.root, detail=False)
+            entries = self._retrying(lambda: self.fs.ls(self.root, detail=False), "list")
         except FileNotFoundError:
             return []
         return [posixpath.basename(p.rstrip("/")) for p in entries]
@@ -137,9 +153,13 @@ class Storage:
                 with open(self.path(name), "rb") as f:
                     return f.read() if max_bytes is None else f.read(max_bytes + 1)
             if max_bytes is None:
-                return self.fs.cat_file(self.path(name))
-            with self.fs.open(self.path(name), "rb") as f:
-                return f.read(max_bytes + 1)
+                return self._retrying(lambda: self.fs.cat_file(self.path(name)), f"read {name}")
+
+            def read_head() -> bytes:
+                with self.fs.open(self.path(name), "rb") as f:
+                    return f.read(max_bytes + 1)
+
+            return self._retrying(read_head, f"read {name}")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise CheckpointNotFoundError(f"No file {self.url_of(name)!r}.") from None
 
@@ -148,7 +168,7 @@ class Storage:
             if self.is_local:
                 return os.stat(self.path(name)).st_size
             self.fs.invalidate_cache(self.path(name))
-            return int(self.fs.size(self.path(name)))
+            return int(self._retrying(lambda: self.fs.size(self.path(name)), f"stat {name}"))
         except (FileNotFoundError, NotADirectoryError):
             return None
 
@@ -160,7 +180,7 @@ class Storage:
         try:
             if self.is_local:
                 return open(self.path(name), "rb", buffering=0)
-            return self.fs.open(self.path(name), "rb", cache_type="none")
+            return self._retrying(lambda: self.fs.open(self.path(name), "rb", cache_type="none"), f"open {name}")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise CheckpointNotFoundError(f"No file {self.url_of(name)!r}.") from None
 
@@ -264,7 +284,9 @@ class _StreamWriter(AtomicWriter):
         if getattr(f, "closed", True):
             return
         try:
-            f.discard()  # aborts the multipart upload / resumable session: nothing becomes visible
+            from . import _cloud
+
+            _cloud.discard_upload(f)  # aborts the multipart upload / resumable session: nothing becomes visible
         except Exception:  # noqa: BLE001 - best effort; the upload was never completed
             pass
         try:

@@ -1,0 +1,359 @@
+"""Object-store plumbing: a parallel, bounded-memory S3 multipart writer and transient-error retries.
+
+Why a writer of our own for S3: s3fs's file object uploads one part at a time from a buffer of
+``block_size`` bytes, so a multi-GiB save runs at the speed of one HTTP stream. boto3's transfer
+manager is parallel but wants a file or an in-memory payload. This writer takes the checkpoint as a
+stream of ``write()`` calls, cuts it into parts and uploads up to ``MAX_INFLIGHT_PARTS`` of them at
+once on fsspec's event loop (the same aiobotocore client, credentials and ``storage_options`` that
+s3fs uses). Memory stays bounded: the in-flight limit is one semaphore for the whole process, so
+the manager's concurrent data shards share it instead of multiplying it, and ``write()`` blocks
+(back-pressure) while every slot is taken. Peak extra memory is about
+``(MAX_INFLIGHT_PARTS + concurrent writers) * PART_BYTES`` — 128 MiB for an 8-shard save — well
+within SPEC §8 P6 (0.1·S + 64 MiB) for the sizes where sharding starts (> 256 MiB).
+
+Visibility: parts are invisible until ``CompleteMultipartUpload``; a failed or aborted save calls
+``AbortMultipartUpload`` (after cancelling and draining its in-flight parts, so no late part
+re-creates storage) and nothing is ever visible. Objects smaller than one part are one PUT.
+
+Retries: s3fs and botocore already retry some failures; on top of that every request here goes
+through :func:`retry_async` / :func:`retry_call` with bounded exponential backoff and jitter for the
+errors that are transient by nature (5xx, 429, throttling, timeouts, connection resets). Anything else
+(403, 404, a bad request) fails at once. An ambiguous ``CompleteMultipartUpload`` (the connection
+dropped after the server finished it) is resolved by comparing the object's ETag with the one S3
+derives from the part ETags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import concurrent.futures
+import hashlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from ._storage import Storage
+
+logger = logging.getLogger("ckpt_callbacks")
+
+T = TypeVar("T")
+
+# S3 parts must be >= 5 MiB except the last; 8 MiB matches boto3's default multipart chunk size.
+PART_BYTES = 8 << 20
+# S3 allows at most 10,000 parts; the part size doubles every PART_GROWTH_EVERY parts so that a
+# stream of unknown length never runs out (8 MiB * 1000 + 16 MiB * 1000 + ... covers petabytes).
+MAX_PARTS = 10_000
+PART_GROWTH_EVERY = 1_000
+# Parts being uploaded at once, process-wide (boto3's transfer manager uses 10 threads).
+MAX_INFLIGHT_PARTS = 8
+# Bounded retries for transient errors: attempts in total, and the backoff between them.
+RETRY_ATTEMPTS = 5
+BACKOFF_BASE_S = 0.1
+BACKOFF_MAX_S = 2.0
+
+_inflight = threading.BoundedSemaphore(MAX_INFLIGHT_PARTS)
+
+_TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
+_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException",
+     "RequestLimitExceeded", "TooManyRequests", "OperationAborted"}
+)
+_PERMANENT = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether an error (or one it was raised from) is worth retrying: 5xx/429, timeouts, resets.
+
+    s3fs translates botocore's ``ClientError`` into ``OSError`` and gcsfs raises its own
+    ``HttpError``, keeping the original as ``__cause__``; so the whole chain is inspected.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, _PERMANENT):
+            return False
+        if isinstance(exc, (TimeoutError, ConnectionError, asyncio.TimeoutError)):
+            return True
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):  # botocore ClientError
+            err = response.get("Error") or {}
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if err.get("Code") in _TRANSIENT_CODES or status in _TRANSIENT_HTTP:
+                return True
+        code = getattr(exc, "code", None)  # gcsfs HttpError
+        if type(exc).__name__ == "HttpError" and str(code).isdigit() and int(code) in _TRANSIENT_HTTP:
+            return True
+        module = type(exc).__module__ or ""
+        if module.startswith("botocore") and type(exc).__name__ in {
+            "HTTPClientError", "ConnectionError", "ConnectionClosedError", "EndpointConnectionError",
+            "ReadTimeoutError", "ConnectTimeoutError", "ResponseStreamingError", "IncompleteReadError",
+            "ResponseParserError",
+        }:
+            return True
+        if module.startswith("aiohttp") and type(exc).__name__ in {
+            "ServerDisconnectedError", "ClientOSError", "ClientConnectionError", "ClientPayloadError",
+            "ServerTimeoutError", "ClientConnectorError", "ConnectionTimeoutError", "SocketTimeoutError",
+        }:
+            return True
+        if type(exc).__name__ == "FSTimeoutError":
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with jitter, capped: 0.1, 0.2, 0.4, ... seconds, at most BACKOFF_MAX_S."""
+    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt) * (0.5 + random.random() / 2)
+
+
+def retry_call(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS) -> T:
+    """``fn()``, retried with bounded backoff while it fails with a transient error."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified below
+            if attempt == attempts - 1 or not is_transient(e):
+                raise
+            delay = _backoff(attempt)
+            logger.warning("%s failed (%s: %s); retrying in %.2f s", what, type(e).__name__, e, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+async def retry_async(
+    fn: Callable[[], Awaitable[T]],
+    what: str,
+    attempts: int = RETRY_ATTEMPTS,
+    give_up: Callable[[], bool] = lambda: False,
+) -> T:
+    """The coroutine version of :func:`retry_call` (sleeps without blocking the event loop).
+
+    ``give_up()`` is checked before each retry: an aborted upload stops retrying its parts.
+    """
+    for attempt in range(attempts):
+        try:
+            return await fn()
+        except Exception as e:  # noqa: BLE001 - classified below
+            if attempt == attempts - 1 or not is_transient(e) or give_up():
+                raise
+            delay = _backoff(attempt)
+            logger.warning("%s failed (%s: %s); retrying in %.2f s", what, type(e).__name__, e, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _multipart_etag(etags: list[str]) -> str:
+    """The ETag S3 gives a completed multipart object: md5 of the parts' binary md5s, '-', count."""
+    digests = b"".join(binascii.unhexlify(e.strip('"')) for e in etags)
+    return f'"{hashlib.md5(digests).hexdigest()}-{len(etags)}"'  # noqa: S324 - S3's definition, not security
+
+
+def part_size_for(part_number: int) -> int:
+    """Size of part ``part_number`` (1-based): PART_BYTES, doubling every PART_GROWTH_EVERY parts."""
+    return PART_BYTES << ((part_number - 1) // PART_GROWTH_EVERY)
+
+
+def s3_supported(storage: Storage) -> bool:
+    """True when ``storage.fs`` is an s3fs filesystem this writer can drive (async ``_call_s3``)."""
+    return hasattr(storage.fs, "_call_s3") and hasattr(storage.fs, "split_path") and storage.fs.loop is not None
+
+
+class S3MultipartWriter:
+    """An AtomicWriter for S3: bounded-memory parallel multipart upload, aborted on failure.
+
+    Created through ``Storage.writer(name)``; not thread-safe (one writer per thread), but any number
+    of writers may run concurrently and share the process-wide in-flight limit.
+    """
+
+    def __init__(self, storage: Storage, name: str) -> None:
+        self.storage = storage
+        self.name = name
+        self.written = 0
+        self.fs = storage.fs
+        self.bucket, self.key, _ = self.fs.split_path(storage.path(name))
+        self.upload_id: str | None = None
+        self.futures: list[concurrent.futures.Future] = []
+        self.part_no = 1
+        self.buf = bytearray(part_size_for(1))
+        self.fill = 0
+        self.done = False
+
+    # ---------------------------------------------------------------- AtomicWriter protocol
+
+    def write(self, data: bytes | memoryview) -> None:
+        from ._storage import _write_error
+
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                n = min(len(self.buf) - self.fill, len(view))
+                self.buf[self.fill : self.fill + n] = view[:n]
+                self.fill += n
+                view = view[n:]
+                if self.fill == len(self.buf):
+                    self._submit_part()
+        except Exception as e:  # noqa: BLE001 - any backend error is a write failure
+            raise _write_error(self.storage, self.name, e) from e
+        self.written += len(memoryview(data).cast("B"))
+
+    def commit(self) -> None:
+        from ._storage import _write_error
+
+        try:
+            if self.upload_id is None:
+                # Smaller than one part: a single PUT is atomic by itself.
+                del self.buf[self.fill :]
+                body = self.buf
+                self._run(lambda: self.fs._call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body), "PUT")
+            else:
+                if self.fill:
+                    self._submit_part()
+                etags = [f.result() for f in self.futures]
+                self._complete(etags)
+            self.done = True
+            self.buf = bytearray()
+        except Exception as e:  # noqa: BLE001
+            self.abort()
+            raise _write_error(self.storage, self.name, e) from e
+
+    def abort(self) -> None:
+        """Wait for in-flight parts, then abort the multipart upload (best effort).
+
+        The parts are drained rather than cancelled: a part still arriving at the server after the
+        abort could otherwise be stored again. They stop retrying once ``done`` is set.
+        """
+        if self.done:
+            return
+        self.done = True
+        self.buf = bytearray()
+        concurrent.futures.wait(self.futures)
+        if self.upload_id is None:
+            return
+        upload_id, self.upload_id = self.upload_id, None
+        try:
+            self._run(
+                lambda: self.fs._call_s3(
+                    "abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=upload_id
+                ),
+                "AbortMultipartUpload",
+            )
+        except Exception as e:  # noqa: BLE001 - the upload was never completed, so nothing is visible
+            if "NoSuchUpload" not in str(e):
+                logger.warning(
+                    "Could not abort multipart upload %s of s3://%s/%s (%s); its parts stay invisible but "
+                    "are stored until an AbortIncompleteMultipartUpload lifecycle rule removes them.",
+                    upload_id, self.bucket, self.key, e,
+                )
+
+    # ---------------------------------------------------------------- internals
+
+    def _run(self, make: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run one request (with retries) on fsspec's event loop and wait for it."""
+        label = f"{what} s3://{self.bucket}/{self.key}"
+        fut = asyncio.run_coroutine_threadsafe(retry_async(make, label), self.fs.loop)
+        return fut.result()
+
+    def _raise_failed_part(self) -> None:
+        for f in self.futures:
+            if f.done() and not f.cancelled() and f.exception() is not None:
+                raise f.exception()
+
+    def _submit_part(self) -> None:
+        self._raise_failed_part()
+        if self.part_no > MAX_PARTS:
+            raise OSError(f"More than {MAX_PARTS} parts for one S3 object; the object is too large.")
+        if self.upload_id is None:
+            resp = self._run(
+                lambda: self.fs._call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key),
+                "CreateMultipartUpload",
+            )
+            self.upload_id = resp["UploadId"]
+        body = self.buf
+        del body[self.fill :]
+        number = self.part_no
+        self.part_no += 1
+        self.buf = bytearray(part_size_for(self.part_no))
+        self.fill = 0
+        # Back-pressure: at most MAX_INFLIGHT_PARTS bodies exist beyond the writers' own buffers.
+        _inflight.acquire()
+        try:
+            fut = asyncio.run_coroutine_threadsafe(self._upload_part(number, body), self.fs.loop)
+        except BaseException:
+            _inflight.release()
+            raise
+        fut.add_done_callback(lambda _f: _inflight.release())
+        self.futures.append(fut)
+
+    async def _upload_part(self, number: int, body: bytearray) -> str:
+        upload_id = self.upload_id
+        resp = await retry_async(
+            lambda: self.fs._call_s3(
+                "upload_part", Bucket=self.bucket, Key=self.key, UploadId=upload_id, PartNumber=number, Body=body
+            ),
+            f"UploadPart {number} of s3://{self.bucket}/{self.key}",
+            give_up=lambda: self.done,
+        )
+        return resp["ETag"]
+
+    def _complete(self, etags: list[str]) -> None:
+        parts = {"Parts": [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]}
+        upload_id = self.upload_id
+        try:
+            self._run(
+                lambda: self.fs._call_s3(
+                    "complete_multipart_upload",
+                    Bucket=self.bucket, Key=self.key, UploadId=upload_id, MultipartUpload=parts,
+                ),
+                "CompleteMultipartUpload",
+            )
+        except Exception as e:
+            # A retried Complete whose first attempt did finish (the response was lost) gets NoSuchUpload:
+            # the object is there if its ETag is the one S3 computes from exactly our parts.
+            if "NoSuchUpload" not in str(e) or not self._object_matches(etags):
+                raise
+        self.upload_id = None
+
+    def _object_matches(self, etags: list[str]) -> bool:
+        try:
+            head = self._run(lambda: self.fs._call_s3("head_object", Bucket=self.bucket, Key=self.key), "HEAD")
+        except Exception:  # noqa: BLE001
+            return False
+        return head.get("ETag") == _multipart_etag(etags)
+
+
+def discard_upload(f: Any) -> None:
+    """Abandon an unfinished fsspec write handle so that nothing becomes visible (best effort).
+
+    For gcsfs the resumable session is cancelled with one DELETE of its session URI instead of
+    ``GCSFile.discard()``, which retries six times with up to 32 s of backoff; a session that is not
+    cancelled is never visible either and expires by itself after a week. Other stores use
+    ``discard()`` (s3fs: AbortMultipartUpload).
+    """
+    location = getattr(f, "location", None)
+    fs = getattr(f, "fs", None)
+    if type(fs).__module__.startswith("gcsfs") and isinstance(location, str):
+        f.location = None
+
+        async def cancel() -> int:
+            import aiohttp
+
+            session = await fs._set_session()
+            url = location.replace("&ifGenerationMatch=0", "")
+            timeout = aiohttp.ClientTimeout(total=30)
+            async with session.request("DELETE", url, headers=fs._get_headers(None), timeout=timeout) as r:
+                await r.read()
+                return r.status
+
+        try:
+            status = asyncio.run_coroutine_threadsafe(cancel(), fs.loop).result()
+            if status not in (204, 499, 404, 410):
+                logger.debug("Cancelling GCS upload session answered HTTP %s", status)
+        except Exception as e:  # noqa: BLE001 - best effort
+            logger.debug("Could not cancel GCS upload session: %s", e)
+        return
+    f.discard()
