@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from .._manager import CheckpointManager, resolve_checkpoint
 from .._manager import load_checkpoint as _core_load
@@ -149,10 +149,11 @@ class CheckpointCallback(ModelCheckpoint):
         self._num_saves = 0
         self._last_save_time = 0.0
         # transient
-        self._rng_for_save: list[dict] | None = None
-        self._saving_mid_epoch = False
-        self._pending_rng: dict | None = None
-        self._pending_rng_at_batch = False
+        self._rng_for_save: list[dict] | None = None  # every rank's RNG states, gathered by _save
+        self._epoch_rng: dict | None = None  # RNG states just before this epoch's data iterator was made
+        self._epoch_start_seen = False
+        self._resume_rng: dict | None = None  # this rank's RNG states of the checkpoint being resumed
+        self._resume_consumed = 0  # batches of the interrupted epoch to skip (mid-epoch resume)
         self._best_metric: float | None = None
 
     # ------------------------------------------------------------------ identity and state
@@ -162,14 +163,16 @@ class CheckpointCallback(ModelCheckpoint):
         return self._generate_state_key(directory=self.directory, prefix=self.prefix)
 
     def state_dict(self) -> dict[str, Any]:
-        """The callback's counters and the RNG states of every rank (captured at the save)."""
+        """The callback's counters, the data position and the RNG states of every rank."""
+        mid_epoch, consumed = self._position()
         return {
             "version": _STATE_VERSION,
             "last_saved_step": self._last_saved_step,
             "last_step_seen": self._last_step_seen,
             "num_saves": self._num_saves,
-            "mid_epoch": self._saving_mid_epoch if self._rng_for_save is not None else self._mid_epoch_now(),
-            "rng": self._rng_for_save if self._rng_for_save is not None else [_rng.capture()],
+            "mid_epoch": mid_epoch,
+            "batches_consumed": consumed,
+            "rng": self._rng_for_save if self._rng_for_save is not None else [self._local_rng()],
             "best_model_path": self.best_model_path,
             "last_model_path": self.last_model_path,
         }
@@ -181,13 +184,12 @@ class CheckpointCallback(ModelCheckpoint):
         self.best_model_path = state_dict.get("best_model_path") or self.best_model_path
         self.last_model_path = state_dict.get("last_model_path") or self.last_model_path
         rngs = state_dict.get("rng") or []
-        self._pending_rng = None
+        self._resume_rng = None
+        self._resume_consumed = 0
         if self._restore_rng and rngs:
-            self._pending_rng = rngs[self._global_rank] if self._global_rank < len(rngs) else rngs[0]
-            # Saved between two batches of an epoch: restore just before the next batch, after the
-            # resumed run re-created its data iterator. Saved at an epoch boundary: restore at fit
-            # start, before the next epoch's iterator draws its shuffling seed.
-            self._pending_rng_at_batch = bool(state_dict.get("mid_epoch"))
+            self._resume_rng = rngs[self._global_rank] if self._global_rank < len(rngs) else rngs[0]
+            if state_dict.get("mid_epoch"):
+                self._resume_consumed = int(state_dict.get("batches_consumed") or 0)
 
     # ------------------------------------------------------------------ ckpt_path="last"
 
@@ -223,9 +225,22 @@ class CheckpointCallback(ModelCheckpoint):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.resume and trainer.ckpt_path is None and not trainer.fast_dev_run:
             self._auto_resume(trainer)
-        if self._pending_rng is not None and not self._pending_rng_at_batch:
-            _rng.restore(self._pending_rng)
-            self._pending_rng = None
+        # Exact resume (SPEC §5). Lightning makes the train data iterator (drawing the shuffling
+        # seed from the global RNG) right after this hook; the sanity check runs in isolate_rng.
+        # - Saved at an epoch boundary: restore the RNGs of the save now; the next epoch's iterator
+        #   and dropout then draw exactly what the uninterrupted run drew.
+        # - Saved mid-epoch: restore the RNGs of that epoch's start, so the iterator reproduces the
+        #   epoch's order; on_train_start skips the batches already trained on (the data-position
+        #   mechanism) and then restores the RNGs of the save.
+        rng = self._resume_rng
+        if rng is not None:
+            if self._resume_consumed and rng.get("epoch") is not None:
+                _rng.restore(rng["epoch"])
+            else:
+                _rng.restore(rng["save"])
+                self._resume_rng = None
+        self._epoch_rng = _rng.capture()
+        self._epoch_start_seen = False
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # A checkpoint saved with save_optimizer=False: keep the optimizers as configured instead of
@@ -237,11 +252,20 @@ class CheckpointCallback(ModelCheckpoint):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_step_seen = trainer.global_step
         self._last_save_time = float(self._clock())
+        if self._resume_rng is not None:
+            if self._resume_consumed:
+                self._epoch_start_seen = True  # Lightning skips on_train_epoch_start of a resumed epoch
+                _fast_forward(trainer, self._resume_consumed)
+            _rng.restore(self._resume_rng["save"])
+            self._resume_rng = None
+            self._resume_consumed = 0
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._pending_rng is not None and self._pending_rng_at_batch:
-            _rng.restore(self._pending_rng)
-            self._pending_rng = None
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The first epoch of a fit() got its iterator before on_train_start (captured in
+        # on_fit_start); every later epoch makes it right after this hook.
+        if self._epoch_start_seen:
+            self._epoch_rng = _rng.capture()
+        self._epoch_start_seen = True
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -254,11 +278,11 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_step_seen = step
         time_due = self._time_due(trainer)  # a collective under DDP: every rank calls it here
         if (crossed or time_due) and step != self._last_saved_step:
-            self._save(trainer, pl_module, mid_epoch=self._mid_epoch_now())
+            self._save(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_on_epoch_end and not self._skip(trainer) and trainer.global_step != self._last_saved_step:
-            self._save(trainer, pl_module, mid_epoch=False)
+            self._save(trainer, pl_module)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pass  # ModelCheckpoint saves here; this callback does not.
@@ -270,7 +294,7 @@ class CheckpointCallback(ModelCheckpoint):
         if self._skip(trainer):
             return
         if self.save_on_train_end and trainer.global_step != self._last_saved_step:
-            self._save(trainer, pl_module, mid_epoch=self._mid_epoch_now())
+            self._save(trainer, pl_module)
         # Surface a failed background save on every rank before fit returns.
         error = None
         if self._mgr is not None:
@@ -285,7 +309,7 @@ class CheckpointCallback(ModelCheckpoint):
             strategy, original = self._replaced_io
             strategy.checkpoint_io = original
             self._replaced_io = None
-        self._pending_rng = None
+        self._resume_rng = None
         if self._mgr is not None and stage == TrainerFn.FITTING.value:
             mgr, self._mgr = self._mgr, None
             try:
@@ -298,11 +322,18 @@ class CheckpointCallback(ModelCheckpoint):
     def _skip(self, trainer: Trainer) -> bool:
         return bool(trainer.fast_dev_run) or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING
 
-    def _mid_epoch_now(self) -> bool:
+    def _position(self) -> tuple[bool, int]:
+        """(saved between two batches of an epoch?, batches of that epoch already trained on)."""
         trainer = self._trainer_ref()
-        if trainer is None:
-            return False
-        return not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return False, 0
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.is_last_batch or progress.current.ready == 0:
+            return False, 0
+        return True, int(progress.current.ready)
+
+    def _local_rng(self) -> dict[str, Any]:
+        return {"save": _rng.capture(), "epoch": self._epoch_rng}
 
     def _time_due(self, trainer: Trainer) -> bool:
         if self.save_every_n_seconds is None:
@@ -349,15 +380,14 @@ class CheckpointCallback(ModelCheckpoint):
         connector.restore_model()
         connector.restore_datamodule()
         connector.restore_callbacks()
-        rank_zero_info(f"CheckpointCallback: resumed from {path} (global step {trainer.global_step}).")
+        rank_zero_info(f"CheckpointCallback: resuming from {path} (global step {checkpoint.get('global_step')}).")
 
-    def _save(self, trainer: Trainer, pl_module: LightningModule, mid_epoch: bool) -> None:
+    def _save(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
         self._last_saved_step = step
         self._last_save_time = float(self._clock())
         self._num_saves += 1
-        self._saving_mid_epoch = mid_epoch
-        self._rng_for_save = _gather_rng(trainer)
+        self._rng_for_save = _gather(trainer, self._local_rng())
         try:
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         finally:
@@ -407,8 +437,30 @@ class CheckpointCallback(ModelCheckpoint):
         raise cls(f"{what} failed on global rank 0 ({name}): {message}")
 
 
-def _gather_rng(trainer: Trainer) -> list[dict]:
-    local = _rng.capture()
+def _fast_forward(trainer: Trainer, consumed: int) -> None:
+    """Skip the batches of the interrupted epoch that were already trained on.
+
+    Lightning re-creates the epoch's data iterator on resume and would replay the epoch from its
+    first batch (unless the loader is stateful: then Lightning restores its position itself).
+    """
+    fit_loop = trainer.fit_loop
+    loader, fetcher = fit_loop._combined_loader, fit_loop._data_fetcher
+    if loader is None or fetcher is None or loader._state_dicts():
+        return
+    if getattr(fetcher, "batches", None) or getattr(fetcher, "iterator", None) is None:
+        rank_zero_warn(
+            "CheckpointCallback: cannot skip the already-trained batches of the interrupted epoch "
+            "(the train data iterator has no length, so Lightning pre-fetched from it); the epoch is replayed."
+        )
+        return
+    for _ in range(consumed):
+        try:
+            next(fetcher.iterator)
+        except StopIteration:
+            break
+
+
+def _gather(trainer: Trainer, local: Any) -> list[Any]:
     if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         out: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(out, local)
