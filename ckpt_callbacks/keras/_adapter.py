@@ -31,7 +31,7 @@ def _variable_array(v: Any) -> np.ndarray:
     want = np.dtype(_np_dtype(v.dtype))
     if arr.dtype != want:  # e.g. a backend that upcasts bfloat16 on the way to numpy; the cast is exact
         arr = arr.astype(want)
-    return np.ascontiguousarray(arr)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
 def _np_dtype(keras_dtype: str) -> np.dtype:
@@ -211,6 +211,18 @@ def capture_rng() -> dict[str, Any]:
 
         out["torch"] = torch.get_rng_state().numpy().copy()
     return out
+
+
+def seed_rng(seed: int, epoch: int) -> None:
+    """Seed Python's, NumPy's and (on the PyTorch backend) torch's global RNGs from ``(seed, epoch)``."""
+    words = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(2, dtype=np.uint32)
+    value = (int(words[0]) << 32) | int(words[1])
+    random.seed(value)
+    np.random.seed(words)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch.manual_seed(value & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def restore_rng(rng: Any) -> None:

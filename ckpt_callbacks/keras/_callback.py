@@ -161,6 +161,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._resume_skip = 0
         self._epoch_rng: dict | None = None
         self._warn_ctx: Any = None
+        self._exhaust_guard: list | None = None
+        self._rng_after_skip: dict | None = None
         self._saved_initial_epoch: Any = None
         self._initial_epoch_set = False
 
@@ -221,8 +223,14 @@ class CheckpointCallback(keras.callbacks.Callback):
         opt = getattr(self.model, "optimizer", None)
         if opt is not None and _adapter.OPTIMIZER_KEY not in state:
             opt.iterations.assign(step)  # no optimizer state saved: keep counting steps from the checkpoint
-        _adapter.restore_rng(state.get(_adapter.RNG_KEY))
         epoch, consumed = int(trainer.get("epoch", 0)), int(trainer.get("batches_in_epoch", 0))
+        rng = state.get(_adapter.RNG_KEY) or {}
+        if consumed and self._live_datasets():
+            self._rng_after_skip = rng.get("at_save")  # see on_train_batch_begin
+        elif consumed:
+            _adapter.restore_rng(rng.get("epoch_begin"))
+        else:
+            _adapter.restore_rng(rng.get("at_save"))
         self._epoch = epoch
         self._last_checked_step = step
         self._last_saved_step = step
@@ -254,8 +262,14 @@ class CheckpointCallback(keras.callbacks.Callback):
         offset = self._resume_skip if epoch == self._resume_epoch else 0
         self._resume_epoch, self._resume_skip = None, 0
         self._epoch, self._offset, self._consumed = epoch, offset, offset
-        for ds in self._live_datasets():
+        datasets = self._live_datasets()
+        for ds in datasets:
             ds._set_position(epoch, offset)
+        if datasets:
+            # An epoch a resume re-enters runs fewer batches, and Keras' loaders draw from the global
+            # RNGs a different number of times then; seeding every epoch from (seed, epoch) makes what
+            # follows independent of how the previous epoch ended.
+            _adapter.seed_rng(datasets[0].seed, epoch)
         self._epoch_rng = _adapter.capture_rng()
         if offset:
             self._warn_ctx = warnings.catch_warnings()
@@ -267,8 +281,20 @@ class CheckpointCallback(keras.callbacks.Callback):
             self._warn_ctx.__exit__(None, None, None)
             self._warn_ctx = None
 
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        if self._rng_after_skip is not None:
+            # The resumed epoch's loader has been created and its first batch fetched; the random ops of
+            # the next train step must draw from the states the interrupted run had at the checkpoint.
+            rng, self._rng_after_skip = self._rng_after_skip, None
+            _adapter.restore_rng(rng)
+
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        steps = self._steps_per_epoch()
         self._consumed = self._offset + int(batch) + 1
+        if steps is not None:
+            self._consumed = min(self._consumed, steps)
+            if self._offset and self._consumed == steps and self._exhaust_guard is None:
+                self._exhaust_guard = _snapshot_variables(self.model)
         step = self._global_step()
         due = False
         n = self.save_every_n_steps
@@ -279,7 +305,6 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._last_checked_step = step
         if not due or step == self._last_saved_step:
             return
-        steps = self._steps_per_epoch()
         if steps is not None and self._consumed >= steps:
             self._pending_epoch_save = True  # the epoch ends here: save in on_epoch_end (see class doc)
         else:
@@ -287,6 +312,13 @@ class CheckpointCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._restore_warnings()
+        if self._exhaust_guard is not None:
+            # The epoch a mid-epoch resume re-enters ends when its input runs out. On TensorFlow the
+            # train function that hits the end still runs its data-independent ops (the optimizer's
+            # iteration counter, seed-generator states) before raising; undo them, so the state
+            # equals that of an uninterrupted run.
+            guard, self._exhaust_guard = self._exhaust_guard, None
+            _adapter.assign_pairs(guard)
         self._epoch, self._offset, self._consumed = epoch + 1, 0, 0
         if self.save_on_epoch_end or self._pending_epoch_save:
             self._pending_epoch_save = False
@@ -312,10 +344,13 @@ class CheckpointCallback(keras.callbacks.Callback):
 
     def _save(self, step: int, logs: dict | None) -> str:
         state = _adapter.model_state(self.model, self.save_optimizer)
-        # Mid-epoch, the global RNGs have already been drawn from for this epoch's input order; a resume
-        # re-enters the epoch from its start, so it needs the states of that moment.
-        rng = self._epoch_rng if (self._consumed and self._epoch_rng is not None) else _adapter.capture_rng()
-        state[_adapter.RNG_KEY] = rng
+        # Two moments: now (for random ops inside the train step, e.g. unseeded dropout on PyTorch) and
+        # the start of this epoch (input pipelines draw their epoch order then; a resume without a
+        # ResumableDataset re-enters the epoch from its start and needs that state).
+        state[_adapter.RNG_KEY] = {
+            "at_save": _adapter.capture_rng(),
+            "epoch_begin": self._epoch_rng if self._consumed else None,
+        }
         state[_adapter.TRAINER_KEY] = {
             "epoch": self._epoch,
             "batches_in_epoch": self._consumed,
@@ -331,6 +366,12 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._last_save_time = float(self._clock())
         self.last_checkpoint = path
         return path
+
+
+def _snapshot_variables(model: Any) -> list[tuple[Any, np.ndarray]]:
+    opt = getattr(model, "optimizer", None)
+    variables = list(model.variables) + (list(opt.variables) if opt is not None else [])
+    return [(v, _adapter._variable_array(v).copy()) for v in variables]
 
 
 def _scalar_logs(logs: dict | None) -> dict[str, float]:
