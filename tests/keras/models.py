@@ -1,0 +1,36 @@
+"""Small models and data shared by the Keras tests (importable in subprocesses too)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+
+def data(n: int = 40, features: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.RandomState(seed)
+    x = rng.randn(n, features).astype("float32")
+    y = (x @ rng.randn(features, 1)).astype("float32")
+    return x, y
+
+
+def sequential(features: int = 4, hidden: int = 8, steps_per_execution: int = 1, dtype=None) -> keras.Model:
+    model = keras.Sequential(
+        [
+            keras.Input((features,)),
+            keras.layers.Dense(hidden, activation="relu", dtype=dtype),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(1, dtype=dtype),
+        ]
+    )
+    model.compile(keras.optimizers.Adam(1e-2), "mse", steps_per_execution=steps_per_execution)
+    return model
+
+
+def functional(features: int = 4) -> keras.Model:
+    inp = keras.Input((features,), name="x")
+    h = keras.layers.Dense(8, activation="tanh")(inp)
+    h = keras.layers.BatchNormalization()(h)
+    out = keras.layers.Add()([keras.layers.Dense(1)(h), keras.layers.Dense(1)(inp)])
+    model = keras.Model(inp, out)
+    model.compile(keras.optimizers.SGD(1e-2, momentum=0.9), "mse", metrics=["mae"])
+    return model
