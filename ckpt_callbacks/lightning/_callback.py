@@ -155,6 +155,7 @@ class CheckpointCallback(ModelCheckpoint):
         self._resume_rng: dict | None = None  # this rank's RNG states of the checkpoint being resumed
         self._resume_consumed = 0  # batches of the interrupted epoch to skip (mid-epoch resume)
         self._best_metric: float | None = None
+        self._deferred_to_epoch_end = False
 
     # ------------------------------------------------------------------ identity and state
 
@@ -278,11 +279,19 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_step_seen = step
         time_due = self._time_due(trainer)  # a collective under DDP: every rank calls it here
         if (crossed or time_due) and step != self._last_saved_step:
-            self._save(trainer, pl_module)
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                # Saved here, Lightning (2.6) would count this epoch twice after a second resume (its
+                # epoch counters are mid-update); at on_train_epoch_end they are consistent, and no
+                # optimizer step happens in between.
+                self._deferred_to_epoch_end = True
+            else:
+                self._save(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.save_on_epoch_end and not self._skip(trainer) and trainer.global_step != self._last_saved_step:
-            self._save(trainer, pl_module)
+        deferred, self._deferred_to_epoch_end = self._deferred_to_epoch_end, False
+        if (self.save_on_epoch_end or deferred) and not self._skip(trainer):
+            if trainer.global_step != self._last_saved_step:
+                self._save(trainer, pl_module)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pass  # ModelCheckpoint saves here; this callback does not.
@@ -327,8 +336,10 @@ class CheckpointCallback(ModelCheckpoint):
         trainer = self._trainer_ref()
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return False, 0
+        epoch = trainer.fit_loop.epoch_progress.current
         progress = trainer.fit_loop.epoch_loop.batch_progress
-        if progress.is_last_batch or progress.current.ready == 0:
+        # Lightning resumes mid-epoch only when the epoch was started but not processed.
+        if epoch.processed >= epoch.ready or progress.is_last_batch or progress.current.ready == 0:
             return False, 0
         return True, int(progress.current.ready)
 
