@@ -122,6 +122,9 @@ def keras_child(directory: str, kill_at: int, opts: dict) -> None:
 
 
 def lightning_child(directory: str, kill_at: int, opts: dict) -> None:
+    import logging
+    import warnings
+
     import lightning as L
     import torch
     from torch.utils.data import DataLoader, TensorDataset
@@ -143,6 +146,9 @@ def lightning_child(directory: str, kill_at: int, opts: dict) -> None:
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-2)
 
+    # Keep the demo's output to what it is about: Lightning's banners and tips are not.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
     L.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 8, generator=g)
@@ -155,11 +161,12 @@ def lightning_child(directory: str, kill_at: int, opts: dict) -> None:
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
         accelerator="cpu",
         deterministic=True,
     )
     trainer.fit(model, loader)
+    if trainer.ckpt_path:
+        print(f"  [lightning] resumed from {trainer.ckpt_path}", flush=True)
     print(f"  [lightning] finished at global step {trainer.global_step}", flush=True)
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(os.environ["DEMO_OUT"], "lightning.pt"))
 
@@ -186,8 +193,10 @@ def demo(kind: str, base: str, out: str, kill_at: int, opts: dict) -> bool:
     ref_out, run_out = os.path.join(out, f"{kind}-ref"), os.path.join(out, kind)
     for d in (ref_out, run_out):
         os.makedirs(d, exist_ok=True)
+    print(f"  uninterrupted reference run -> {reference}", flush=True)
     os.environ["DEMO_OUT"] = ref_out
     child(kind, reference, "-1", storage_options=opts)
+    print(f"  the run that gets killed    -> {directory}", flush=True)
     os.environ["DEMO_OUT"] = run_out
     rc = child(kind, directory, str(kill_at), storage_options=opts)
     print(f"  -> the first run died with exit status {rc} (SIGKILL is -9); starting it again", flush=True)
