@@ -161,7 +161,10 @@ class CheckpointCallback(ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(directory=self.directory, prefix=self.prefix)
+        # Not the directory: a checkpoint directory copied elsewhere (bucket -> local disk) must
+        # still restore the counters, data position and RNG states. Two CheckpointCallbacks in one
+        # Trainer need different prefixes.
+        return self._generate_state_key(prefix=self.prefix)
 
     def state_dict(self) -> dict[str, Any]:
         """The callback's counters, the data position and the RNG states of every rank."""

@@ -2,7 +2,9 @@
 
 Lightning's own checkpoints do not carry them, so dropout masks and the order a shuffled
 ``DataLoader`` draws after a resume differ from an uninterrupted run. The states are plain tree
-leaves (a uint8 tensor, a numpy array, tuples of ints), so they are stored without pickle.
+leaves (torch tensors, strings and numbers), so they are stored without pickle; being torch
+tensors they also pass ``torch.load(weights_only=True)`` when Lightning's own ``ModelCheckpoint``
+writes this callback's state with ``torch.save``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ def capture() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": keys, "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
-        "python": {"version": version, "internal": np.asarray(internal, dtype=np.uint32), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = list(torch.cuda.get_rng_state_all())
@@ -43,12 +45,16 @@ def restore(state: dict[str, Any]) -> None:
     if "numpy" in state:
         n = state["numpy"]
         np.random.set_state(
-            (n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"])
+            (n["kind"], np.asarray(_numpy(n["keys"]), dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"])
         )
     if "python" in state:
         p = state["python"]
-        random.setstate((p["version"], tuple(int(x) for x in p["internal"]), p["gauss"]))
+        random.setstate((p["version"], tuple(int(x) for x in _numpy(p["internal"])), p["gauss"]))
     if state.get("cuda") and torch.cuda.is_available():
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8).cpu() for s in cuda_states])
+
+
+def _numpy(x: Any) -> Any:
+    return x.numpy() if isinstance(x, torch.Tensor) else x
