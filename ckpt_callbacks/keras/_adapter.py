@@ -27,11 +27,30 @@ _MAX_LISTED = 10
 
 
 def _variable_array(v: Any) -> np.ndarray:
-    arr = keras.ops.convert_to_numpy(v.value)
+    arr = _host_array(v.value)
     want = np.dtype(_np_dtype(v.dtype))
     if arr.dtype != want:  # e.g. a backend that upcasts bfloat16 on the way to numpy; the cast is exact
         arr = arr.astype(want)
     return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
+def _host_array(value: Any) -> np.ndarray:
+    """The variable's bytes as numpy, without a copy where the backend allows (CPU tensors)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        tensor = value.read_value() if hasattr(value, "read_value") else value
+        try:
+            # A read-only view of the tensor's buffer (TensorFlow's documented zero-copy route);
+            # `.numpy()` would copy every variable once more before it is written.
+            return np.asarray(memoryview(tensor))
+        except (TypeError, ValueError):  # bfloat16 and other dtypes the buffer protocol cannot name
+            return np.asarray(tensor.numpy())
+    if backend == "torch" and value.device.type == "cpu":
+        try:
+            return value.detach().numpy()
+        except (TypeError, RuntimeError):  # bfloat16 / float8 have no numpy view
+            pass
+    return keras.ops.convert_to_numpy(value)
 
 
 def _np_dtype(keras_dtype: str) -> np.dtype:
@@ -205,7 +224,7 @@ def capture_rng() -> dict[str, Any]:
 
     gen = global_state.get_global_attribute("global_seed_generator")
     if gen is not None:
-        out["keras_global_seed"] = _variable_array(gen.state)
+        out["keras_global_seed"] = _variable_array(gen.state).copy()
     if keras.backend.backend() == "torch":
         import torch
 

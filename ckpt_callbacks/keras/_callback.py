@@ -178,7 +178,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         opt = getattr(self.model, "optimizer", None)
         if opt is None:
             return self._last_checked_step
-        return int(keras.ops.convert_to_numpy(opt.iterations))
+        return int(keras.ops.convert_to_numpy(opt.iterations.value))
 
     def _steps_per_epoch(self) -> int | None:
         steps = (self.params or {}).get("steps")
