@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning
 import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
@@ -467,6 +468,10 @@ def _fast_forward(trainer: Trainer, consumed: int) -> None:
             "(the train data iterator has no length, so Lightning pre-fetched from it); the epoch is replayed."
         )
         return
+    # Lightning sets the samplers' epoch (DistributedSampler's shuffling seed) only later, in
+    # on_advance_start; the skipped batches must come from this epoch's order.
+    for dl in loader.flattened:
+        _set_sampler_epoch(dl, fit_loop.epoch_progress.current.processed)
     for _ in range(consumed):
         try:
             next(fetcher.iterator)
