@@ -81,6 +81,7 @@ class ResumableDataset(keras.utils.PyDataset):
         self._epoch = 0
         self._skip = 0
         self._perm: tuple[int, np.ndarray] | None = None
+        self._served: set[int] = set()
         callback._attach_dataset(self)
         self._callback = weakref.ref(callback)
 
@@ -98,6 +99,21 @@ class ResumableDataset(keras.utils.PyDataset):
 
     def _set_position(self, epoch: int, skip: int) -> None:
         self._epoch, self._skip = int(epoch), int(skip)
+        self._served = set()
+
+    def _check_sequential(self, index: int) -> None:
+        # Keras reads a PyDataset front to back (several readers may run at once, each from 0) unless
+        # fit(shuffle=True) permutes the batch indices with Python's global RNG: that order could not
+        # be replayed by a resume. One worker thread reads in order; a pool may legitimately not.
+        if self.workers > 1 or self.use_multiprocessing:
+            return
+        if index and index - 1 not in self._served:
+            raise ValueError(
+                "ResumableDataset was read out of order: Keras is shuffling its batches. Expected "
+                f"model.fit(..., shuffle=False) (this dataset shuffles itself, seeded by (seed, epoch)). "
+                f"Received: batch {index} before batch {index - 1}. Pass shuffle=False to fit()."
+            )
+        self._served.add(index)
 
     def _permutation(self, epoch: int) -> np.ndarray | None:
         if not self.shuffle:
@@ -111,7 +127,9 @@ class ResumableDataset(keras.utils.PyDataset):
 
     def __getitem__(self, index: int) -> tuple:
         epoch, skip = self._epoch, self._skip
-        position = skip + int(index)
+        index = int(index)
+        self._check_sequential(index)
+        position = skip + index
         if not 0 <= position < self.batches_per_epoch:
             raise IndexError(f"batch {index} is out of range for this epoch ({self.batches_per_epoch - skip} batches).")
         start = position * self.batch_size

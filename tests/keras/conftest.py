@@ -21,17 +21,18 @@ def backend_available(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def run_python(code_or_script, *args, backend: str = "tensorflow", cwd=None, check=True, timeout=240):
+def run_python(code_or_script, *args, backend: str = "tensorflow", cwd=None, check=True, timeout=240, env=None):
     """Run Python in a fresh process on the given Keras backend (KERAS_BACKEND is fixed per process)."""
     if not backend_available(backend):
         pytest.skip(f"Keras backend {backend!r} is not installed")
-    env = dict(os.environ)
+    extra_env, env = env, dict(os.environ)
     env.update(
         KERAS_BACKEND=backend,
         TF_CPP_MIN_LOG_LEVEL="3",
         PYTHONPATH=os.pathsep.join([str(REPO), str(HERE), env.get("PYTHONPATH", "")]),
         PYTHONHASHSEED="0",
     )
+    env.update(extra_env or {})
     if isinstance(code_or_script, Path):
         cmd = [sys.executable, str(code_or_script), *map(str, args)]
     else:

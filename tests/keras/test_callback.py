@@ -299,9 +299,20 @@ def test_resumable_dataset_order_depends_only_on_seed_and_epoch(tmp_path):
     a._set_position(2, 0)
     b._set_position(2, 3)
     assert len(a) == 10 and len(b) == 7
+    a_batches = [a[i][0] for i in range(10)]
+    b_batches = [b[i][0] for i in range(7)]
     for i in range(7):
-        assert np.array_equal(a[i + 3][0], b[i][0])
-    seen = np.concatenate([a[i][0] for i in range(10)])
+        assert np.array_equal(a_batches[i + 3], b_batches[i])
+    seen = np.concatenate(a_batches)
     assert sorted(map(tuple, seen)) == sorted(map(tuple, x))
     a._set_position(3, 0)
     assert not np.array_equal(np.concatenate([a[i][0] for i in range(10)]), seen)
+
+
+def test_resumable_dataset_refuses_keras_shuffling(tmp_path):
+    x, y = data()
+    model = sequential()
+    cb = CheckpointCallback(tmp_path)
+    ds = ResumableDataset(x, y, batch_size=2, callback=cb)  # 20 batches: a shuffled order shows at once
+    with pytest.raises(Exception, match="shuffle=False"):
+        model.fit(ds, epochs=1, shuffle=True, callbacks=[cb], verbose=0)

@@ -11,13 +11,24 @@ from conftest import BACKENDS, HERE, run_python
 SCRIPT = HERE / "train_script.py"
 
 
+def _reference(backend, tmp_path_factory, env=None):
+    out = tmp_path_factory.mktemp(f"ref-{backend}")
+    run_python(SCRIPT, out / "ckpt", out / "final.npz", "epoch", backend=backend, env=env)
+    return np.load(out / "final.npz")
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
 def reference(request, tmp_path_factory):
     """Final state of an uninterrupted run (the checkpoint trigger does not change training)."""
-    backend = request.param
-    out = tmp_path_factory.mktemp(f"ref-{backend}")
-    run_python(SCRIPT, out / "ckpt", out / "final.npz", "epoch", backend=backend)
-    return backend, np.load(out / "final.npz")
+    return request.param, _reference(request.param, tmp_path_factory)
+
+
+def _assert_same_state(got, expected, backend):
+    names = [k for k in expected.files if k != "resumed"]
+    assert names == [k for k in got.files if k != "resumed"]
+    for k in names:
+        assert got[k].dtype == expected[k].dtype
+        assert np.array_equal(got[k], expected[k]), f"{backend}: variable {k} differs after resume"
 
 
 @pytest.mark.parametrize(
@@ -38,11 +49,21 @@ def test_sigkill_then_rerun_resumes_bit_exactly(reference, tmp_path, trigger, ki
     run_python(SCRIPT, *args, backend=backend)  # the same command again
     got = np.load(tmp_path / "final.npz")
     assert str(got["resumed"]).endswith(resumed_from)
-    names = [k for k in expected.files if k != "resumed"]
-    assert names == [k for k in got.files if k != "resumed"]
-    for k in names:
-        assert got[k].dtype == expected[k].dtype
-        assert np.array_equal(got[k], expected[k]), f"{backend}: variable {k} differs after resume"
+    _assert_same_state(got, expected, backend)
+
+
+def test_sigkill_mid_epoch_with_steps_per_execution_3(tmp_path, tmp_path_factory):
+    # TensorFlow only: the PyTorch backend requires steps_per_execution=1. Reported steps are
+    # 3, 5 | 8, 10 | ...; saves at 5 (epoch end), 8 (inside epoch 1), ...; killed at 10.
+    env = {"STEPS_PER_EXECUTION": "3"}
+    expected = _reference("tensorflow", tmp_path_factory, env=env)
+    args = (tmp_path / "ckpt", tmp_path / "final.npz", "steps", 10)
+    killed = run_python(SCRIPT, *args, env=env, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_python(SCRIPT, *args, env=env)
+    got = np.load(tmp_path / "final.npz")
+    assert str(got["resumed"]).endswith("ckpt-8")
+    _assert_same_state(got, expected, "tensorflow")
 
 
 TRAIN_AND_PREDICT = r"""
