@@ -138,6 +138,17 @@ def test_resume_by_default_and_ckpt_path_last(tmp_path):
     assert trainer.ckpt_path is None and trainer.global_step == 6
 
 
+def test_keep_best_sets_best_model_path_for_test_best(tmp_path):
+    d = str(tmp_path / "run")
+    cb = CheckpointCallback(d, save_every_n_steps=1, max_to_keep=1, keep_best=1, monitor="train_loss")
+    trainer, model = run(tmp_path, cb, max_epochs=1)
+    assert cb.last_model_path == os.path.join(d, "ckpt-6")
+    best_step = int(cb.best_model_path.rsplit("-", 1)[1])
+    assert set(steps_of(d)) == {best_step, 6}
+    [metrics] = trainer.test(model, make_loader(), ckpt_path="best", verbose=False)
+    assert trainer.ckpt_path == cb.best_model_path and "test_loss" in metrics
+
+
 def test_explicit_checkpoint_paths_load(tmp_path):
     d = str(tmp_path / "run")
     run(tmp_path, CheckpointCallback(d, save_every_n_steps=2, max_to_keep=None), max_epochs=1)
