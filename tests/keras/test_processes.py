@@ -37,7 +37,6 @@ def _assert_same_state(got, expected, backend):
         # 40 samples / batch 8 = 5 batches per epoch, 4 epochs.
         ("epoch", 7, "ckpt-5"),  # checkpoint at the end of epoch 0, killed in epoch 1
         ("steps", 10, "ckpt-8"),  # checkpoint after batch 3 of epoch 1, killed at the end of epoch 1
-        ("steps", 14, "ckpt-12"),  # checkpoint after batch 2 of epoch 2
     ],
 )
 def test_sigkill_then_rerun_resumes_bit_exactly(reference, tmp_path, trigger, kill_at, resumed_from):
@@ -66,39 +65,43 @@ def test_sigkill_mid_epoch_with_steps_per_execution_3(tmp_path, tmp_path_factory
     _assert_same_state(got, expected, "tensorflow")
 
 
+KINDS = ["sequential", "functional", "custom"]
+
 TRAIN_AND_PREDICT = r"""
-import sys, keras, numpy as np
-sys.path.insert(0, sys.argv[3])
+import os, sys, keras, numpy as np
+sys.path.insert(0, sys.argv[2])
 import models, custom_layers
 from ckpt_callbacks.keras import CheckpointCallback
-kind, directory = sys.argv[1], sys.argv[2]
 x, y = models.data()
-model = {"sequential": models.sequential, "functional": models.functional, "custom": custom_layers.model}[kind]()
-model.fit(x, y, batch_size=8, epochs=2, callbacks=[CheckpointCallback(directory)], verbose=0)
-np.save(directory + "/pred.npy", model.predict(x, verbose=0))
+for kind in ("sequential", "functional", "custom"):
+    directory = os.path.join(sys.argv[1], kind)
+    model = {"sequential": models.sequential, "functional": models.functional, "custom": custom_layers.model}[kind]()
+    model.fit(x, y, batch_size=8, epochs=2, callbacks=[CheckpointCallback(directory)], verbose=0)
+    np.save(os.path.join(directory, "pred.npy"), model.predict(x, verbose=0))
 """
 
 LOAD_AND_PREDICT = r"""
-import sys, keras, numpy as np
-kind, directory = sys.argv[1], sys.argv[2]
-if kind == "custom":
-    import custom_layers  # registers the layer; builds no model
+import os, sys, keras, numpy as np
 from ckpt_callbacks.keras import load_model
-model = load_model(directory)
-assert "models" not in sys.modules
 x = np.random.RandomState(0).randn(40, 4).astype("float32")
-np.testing.assert_array_equal(model.predict(x, verbose=0), np.load(directory + "/pred.npy"))
-assert int(keras.ops.convert_to_numpy(model.optimizer.iterations.value)) == 10, model.optimizer.iterations
-print("OK", type(model).__name__, type(model.optimizer).__name__)
+for kind in ("sequential", "functional", "custom"):
+    directory = os.path.join(sys.argv[1], kind)
+    if kind == "custom":
+        import custom_layers  # registers the layer; builds no model
+    model = load_model(directory)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), np.load(os.path.join(directory, "pred.npy")))
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations.value)) == 10
+    print("OK", kind, type(model).__name__, type(model.optimizer).__name__)
+assert "models" not in sys.modules
 """
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["sequential", "functional", "custom"])
-def test_load_model_in_a_fresh_process_predicts_identically(tmp_path, backend, kind):
-    run_python(TRAIN_AND_PREDICT, kind, tmp_path, HERE, backend=backend)
-    out = run_python(LOAD_AND_PREDICT, kind, tmp_path, backend=backend, cwd=tmp_path)
-    assert out.stdout.strip().startswith("OK")
+def test_load_model_in_a_fresh_process_predicts_identically(tmp_path, backend):
+    """Sequential, functional and custom-layer models; the loading process never defines them."""
+    run_python(TRAIN_AND_PREDICT, tmp_path, HERE, backend=backend)
+    out = run_python(LOAD_AND_PREDICT, tmp_path, backend=backend, cwd=tmp_path)
+    assert [line.split()[:2] for line in out.stdout.strip().splitlines()] == [["OK", k] for k in KINDS]
 
 
 STEPS_ON_TORCH = r"""
