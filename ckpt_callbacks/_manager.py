@@ -552,6 +552,7 @@ class CheckpointManager:
         self._error: BaseException | None = None
         self._buffers: dict[str, np.ndarray] = {}
         self._waited_saves = 0  # async saves that had to wait for the previous one
+        self._commit_lock = threading.Lock()
         self.resumed_from: str | None = None
         self._closed = False
         # One writer per directory: the leftovers cleanup below would delete another writer's
@@ -785,9 +786,13 @@ class CheckpointManager:
                 self._commit_state(self._records, self._last_preserved)
         shards = _write_checkpoint(storage, name, encoded, step, meta_doc, arrays)
         nbytes = sum(t.nbytes for t in encoded.tensors)
-        with self._lock:
-            records = [*self._records, Record(name, step, timestamp, "active", metric, shards)]
-            decision = self._retention().apply(records, self._last_preserved)
+        # _commit_lock orders commits; self._lock only guards the in-memory view, and is not held
+        # across the state file's write + fsync, so readers of latest_checkpoint / checkpoints on
+        # other threads never wait for storage.
+        with self._commit_lock:
+            with self._lock:
+                records = [*self._records, Record(name, step, timestamp, "active", metric, shards)]
+                decision = self._retention().apply(records, self._last_preserved)
             try:
                 _crash_point("before_state")
                 self._commit_state(decision.kept, decision.last_preserved, latest=name)
@@ -795,11 +800,12 @@ class CheckpointManager:
             except BaseException:
                 _remove_quietly(storage, _files_of(name, shards))
                 raise
-            self._records = decision.kept
-            self._latest = name
-            self._last_preserved = decision.last_preserved
-            if self.resumed_from is not None and self.resumed_from != name:
-                self.resumed_from = None  # a newer checkpoint is committed: no longer protected
+            with self._lock:
+                self._records = decision.kept
+                self._latest = name
+                self._last_preserved = decision.last_preserved
+                if self.resumed_from is not None and self.resumed_from != name:
+                    self.resumed_from = None  # a newer checkpoint is committed: no longer protected
         for r in decision.deleted:
             _crash_point("before_delete")
             _remove_quietly(storage, [r.name + INDEX_SUFFIX, *_files_of(r.name, r.shards, storage)])
