@@ -88,11 +88,15 @@ def main() -> None:
     weight_bytes = sum(int(np.prod(v.shape)) * 4 for v in model.weights)
     all_bytes = weight_bytes + sum(int(np.prod(v.shape)) * 4 for v in model.optimizer.variables)
     print(f"keras {keras.__version__}, backend {keras.backend.backend()}, tensorflow {tf.__version__}")
-    print(f"model weights {weight_bytes / 2**20:.0f} MiB, weights + Adam slots {all_bytes / 2**20:.0f} MiB, "
-          f"median of {args.repeats}, {os.cpu_count()} CPUs")
+    print(
+        f"model weights {weight_bytes / 2**20:.0f} MiB, weights + Adam slots {all_bytes / 2**20:.0f} MiB, "
+        f"median of {args.repeats}, {os.cpu_count()} CPUs"
+    )
 
     def callback_saver(save_optimizer: bool, sub: str):
-        cb = CheckpointCallback(os.path.join(args.dir, sub), max_to_keep=1, save_optimizer=save_optimizer, resume=False)
+        cb = CheckpointCallback(
+            os.path.join(args.dir, sub), max_to_keep=1, save_optimizer=save_optimizer, resume=False
+        )
         cb.set_model(model)
         cb.on_train_begin()
         return lambda i: cb._save(1000 + i, None)
@@ -134,8 +138,12 @@ def main() -> None:
         size = all_bytes if name in ("callback", "tf.train.Checkpoint", "raw") else weight_bytes
         print(f"  {name:<22} {t * 1000:8.1f} ms   {size / 2**20 / t:7.0f} MiB/s")
     print("ratios (target <= 1.05):")
-    print(f"  callback(weights only) / save_weights+fsync        {results['callback_weights'] / results['save_weights']:.2f}x")
-    print(f"  callback / tf.train.Checkpoint.write+fsync         {results['callback'] / results['tf.train.Checkpoint']:.2f}x")
+    print(
+        f"  callback(weights only) / save_weights+fsync        {results['callback_weights'] / results['save_weights']:.2f}x"
+    )
+    print(
+        f"  callback / tf.train.Checkpoint.write+fsync         {results['callback'] / results['tf.train.Checkpoint']:.2f}x"
+    )
     print(f"  callback / raw write+fsync of the same bytes       {results['callback'] / results['raw']:.2f}x")
     shutil.rmtree(args.dir, ignore_errors=True)
 

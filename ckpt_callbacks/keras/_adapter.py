@@ -57,7 +57,11 @@ def _np_dtype(keras_dtype: str) -> np.dtype:
     import ml_dtypes
 
     name = keras.backend.standardize_dtype(keras_dtype)
-    return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) and not hasattr(np, name) else np.dtype(name)
+    return (
+        np.dtype(getattr(ml_dtypes, name))
+        if hasattr(ml_dtypes, name) and not hasattr(np, name)
+        else np.dtype(name)
+    )
 
 
 def variables_to_tree(variables: list) -> dict[str, LazyArray]:
@@ -126,7 +130,9 @@ def _check_pairs(pairs: list, what: str, missing: list[str], unexpected: list[st
         if arr_shape != tuple(v.shape):
             bad_shape.append(f"{v.path}: model {tuple(v.shape)}, checkpoint {arr_shape}")
         elif not _dtype_fits(np.asarray(arr), _np_dtype(v.dtype)):
-            bad_dtype.append(f"{v.path}: model {_np_dtype(v.dtype).name}, checkpoint {np.asarray(arr).dtype.name}")
+            bad_dtype.append(
+                f"{v.path}: model {_np_dtype(v.dtype).name}, checkpoint {np.asarray(arr).dtype.name}"
+            )
     if not (missing or unexpected or bad_shape or bad_dtype):
         return
     parts = []
@@ -137,7 +143,9 @@ def _check_pairs(pairs: list, what: str, missing: list[str], unexpected: list[st
         ("wrong dtype", bad_dtype),
     ):
         if items:
-            shown = ", ".join(items[:_MAX_LISTED]) + (f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else "")
+            shown = ", ".join(items[:_MAX_LISTED]) + (
+                f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else ""
+            )
             parts.append(f"{label}: {shown}")
     raise IncompatibleCheckpointError(
         f"The checkpoint's {what} variables do not fit this model ({'; '.join(parts)}). Expected the "
@@ -256,7 +264,9 @@ def restore_rng(rng: Any) -> None:
     if rng.get("keras_global_seed") is not None:
         from keras.src.random.seed_generator import global_seed_generator
 
-        global_seed_generator().state.assign(np.asarray(rng["keras_global_seed"]).astype(_np_dtype(global_seed_generator().state.dtype)))
+        global_seed_generator().state.assign(
+            np.asarray(rng["keras_global_seed"]).astype(_np_dtype(global_seed_generator().state.dtype))
+        )
     if rng.get("torch") is not None and keras.backend.backend() == "torch":
         import torch
 

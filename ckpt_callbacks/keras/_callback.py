@@ -87,7 +87,9 @@ class CheckpointCallback(keras.callbacks.Callback):
                 "Pass e.g. 'runs/exp1' or 's3://bucket/exp1'."
             )
         if save_every_n_steps is not None and (
-            isinstance(save_every_n_steps, bool) or not isinstance(save_every_n_steps, int) or save_every_n_steps < 1
+            isinstance(save_every_n_steps, bool)
+            or not isinstance(save_every_n_steps, int)
+            or save_every_n_steps < 1
         ):
             raise ValueError(
                 f"save_every_n_steps must be an int >= 1 or None. Received: save_every_n_steps={save_every_n_steps!r}. "
@@ -123,7 +125,9 @@ class CheckpointCallback(keras.callbacks.Callback):
                 f"storage_options must be a dict or None. Received: storage_options={storage_options!r}. "
                 "Pass fsspec options as a dict, e.g. {'anon': False}."
             )
-        _validate_manager_args(prefix, max_to_keep, keep_checkpoint_every_n_hours, keep_best, monitor, mode, time.time)
+        _validate_manager_args(
+            prefix, max_to_keep, keep_checkpoint_every_n_hours, keep_best, monitor, mode, time.time
+        )
         self.directory = os.fspath(directory)
         self.save_every_n_steps = save_every_n_steps
         self.save_every_n_seconds = save_every_n_seconds

@@ -131,7 +131,9 @@ class ResumableDataset(keras.utils.PyDataset):
         self._check_sequential(index)
         position = skip + index
         if not 0 <= position < self.batches_per_epoch:
-            raise IndexError(f"batch {index} is out of range for this epoch ({self.batches_per_epoch - skip} batches).")
+            raise IndexError(
+                f"batch {index} is out of range for this epoch ({self.batches_per_epoch - skip} batches)."
+            )
         start = position * self.batch_size
         stop = min(start + self.batch_size, self._n)
         perm = self._permutation(epoch)

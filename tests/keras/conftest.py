@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-keras = pytest.importorskip("keras", reason="the Keras tests need keras (pip install 'ckpt-callbacks[keras]')")
+keras = pytest.importorskip(
+    "keras", reason="the Keras tests need keras (pip install 'ckpt-callbacks[keras]')"
+)
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -21,7 +23,9 @@ def backend_available(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def run_python(code_or_script, *args, backend: str = "tensorflow", cwd=None, check=True, timeout=240, env=None):
+def run_python(
+    code_or_script, *args, backend: str = "tensorflow", cwd=None, check=True, timeout=240, env=None
+):
     """Run Python in a fresh process on the given Keras backend (KERAS_BACKEND is fixed per process)."""
     if not backend_available(backend):
         pytest.skip(f"Keras backend {backend!r} is not installed")
@@ -39,7 +43,9 @@ def run_python(code_or_script, *args, backend: str = "tensorflow", cwd=None, che
         cmd = [sys.executable, "-c", code_or_script, *map(str, args)]
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"subprocess failed with {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"subprocess failed with {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 

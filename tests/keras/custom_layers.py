@@ -12,7 +12,9 @@ class Scale(keras.layers.Layer):
         self.init = init
 
     def build(self, input_shape):
-        self.scale = self.add_weight(shape=(input_shape[-1],), initializer=keras.initializers.Constant(self.init))
+        self.scale = self.add_weight(
+            shape=(input_shape[-1],), initializer=keras.initializers.Constant(self.init)
+        )
 
     def call(self, x):
         return x * self.scale

@@ -155,9 +155,13 @@ def test_resume_continues_at_the_saved_epoch_and_step(tmp_path):
 def test_resume_after_completion_trains_no_more(tmp_path):
     x, y = data()
     model = sequential()
-    model.fit(x, y, batch_size=4, epochs=2, shuffle=False, callbacks=[CheckpointCallback(tmp_path)], verbose=0)
+    model.fit(
+        x, y, batch_size=4, epochs=2, shuffle=False, callbacks=[CheckpointCallback(tmp_path)], verbose=0
+    )
     again = sequential()
-    history = again.fit(x, y, batch_size=4, epochs=2, shuffle=False, callbacks=[CheckpointCallback(tmp_path)], verbose=0)
+    history = again.fit(
+        x, y, batch_size=4, epochs=2, shuffle=False, callbacks=[CheckpointCallback(tmp_path)], verbose=0
+    )
     assert history.history == {} or len(history.history.get("loss", [])) == 0
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), again.get_weights()))
     assert saved_steps(tmp_path) == [20]
@@ -166,7 +170,9 @@ def test_resume_after_completion_trains_no_more(tmp_path):
 def test_resume_false_starts_over(tmp_path):
     x, y = data()
     model = sequential()
-    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, callbacks=[CheckpointCallback(tmp_path)], verbose=0)
+    model.fit(
+        x, y, batch_size=4, epochs=1, shuffle=False, callbacks=[CheckpointCallback(tmp_path)], verbose=0
+    )
     again = sequential()
     cb = CheckpointCallback(tmp_path, resume=False)
     history = again.fit(x, y, batch_size=4, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
@@ -213,7 +219,9 @@ def test_resumable_dataset_in_process_mid_epoch_exact(tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="Your input ran out")  # the shortened epoch is expected
         resumed = run(tmp_path / "run")
-    for a, b in zip(reference.variables + reference.optimizer.variables, resumed.variables + resumed.optimizer.variables):
+    for a, b in zip(
+        reference.variables + reference.optimizer.variables, resumed.variables + resumed.optimizer.variables
+    ):
         assert np.array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)), a.path
     assert saved_steps(tmp_path / "run") == saved_steps(tmp_path / "ref")
 
@@ -247,7 +255,13 @@ def test_counters_persist_in_the_checkpoint(tmp_path):
     cb = CheckpointCallback(tmp_path, save_every_n_steps=4)
     model.fit(x, y, batch_size=4, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
     trainer = ckpt_callbacks.load_checkpoint(str(tmp_path / "ckpt-8"))["trainer"]
-    assert trainer == {"epoch": 0, "batches_in_epoch": 8, "global_step": 8, "steps_per_epoch": 10, "save_count": 2}
+    assert trainer == {
+        "epoch": 0,
+        "batches_in_epoch": 8,
+        "global_step": 8,
+        "steps_per_epoch": 10,
+        "save_count": 2,
+    }
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,9 @@ from ckpt_callbacks.keras import CheckpointCallback, restore
 def trained(tmp_path):
     x, y = data()
     model = sequential()
-    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, callbacks=[CheckpointCallback(tmp_path)], verbose=0)
+    model.fit(
+        x, y, batch_size=4, epochs=1, shuffle=False, callbacks=[CheckpointCallback(tmp_path)], verbose=0
+    )
     return tmp_path, model
 
 
@@ -38,7 +40,12 @@ def test_restore_weights_and_optimizer_into_a_fresh_model(trained):
 def test_restore_accepts_a_checkpoint_path_and_an_uncompiled_model(trained):
     directory, model = trained
     fresh = keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dropout(0.2), keras.layers.Dense(1)]
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(1),
+        ]
     )
     restore(fresh, directory / "ckpt-10")
     assert weights_equal(model, fresh)
@@ -52,7 +59,13 @@ def test_restore_from_a_missing_directory(tmp_path):
 def _incompatible_models():
     return {
         "extra layer": lambda: keras.Sequential(
-            [keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dropout(0.2), keras.layers.Dense(3), keras.layers.Dense(1)]
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(8),
+                keras.layers.Dropout(0.2),
+                keras.layers.Dense(3),
+                keras.layers.Dense(1),
+            ]
         ),
         "wider layer": lambda: sequential(hidden=16),
         "other inputs": lambda: sequential(features=5),
