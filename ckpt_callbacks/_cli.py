@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -104,7 +103,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     statuses = {r.name: kept_because(r) for r in records or []}
     latest = state.model_checkpoint_path
     rows, doc = [], []
-    for name, ts in zip(state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps or [None] * 10**6):
+    for name, ts in zip(
+        state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps or [None] * 10**6
+    ):
         checked_name(name)
         size, metrics, step = None, {}, None
         try:
@@ -127,7 +128,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
             "metrics": metrics,
         }
         doc.append(entry)
-        when = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if ts else "?"
+        when = (
+            datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            if ts
+            else "?"
+        )
         rows.append(
             [
                 str(step if step is not None else "?"),
@@ -148,7 +153,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def _tree_lines(node: Any, tensors: dict, indent: str = "") -> Iterable[str]:
     if isinstance(node, dict) and len(node) == 1:
-        (tag, val), = node.items()
+        ((tag, val),) = node.items()
         if tag in ("d", "od"):
             for k, v in val:
                 if _is_leaf(v):
@@ -174,7 +179,7 @@ def _is_leaf(node: Any) -> bool:
 
 def _leaf_str(node: Any, tensors: dict) -> str:
     if isinstance(node, dict) and len(node) == 1:
-        (tag, val), = node.items()
+        ((tag, val),) = node.items()
         if tag == "x":
             t = tensors.get(val, {})
             return f"<tensor {val} {t.get('dtype')} {tuple(t.get('shape', ()))}>"
@@ -299,7 +304,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    mgr = CheckpointManager(args.directory, prefix=args.prefix, max_to_keep=None, storage_options=args.storage_options)
+    mgr = CheckpointManager(
+        args.directory, prefix=args.prefix, max_to_keep=None, storage_options=args.storage_options
+    )
     mgr.close()
     for name in mgr.removed_leftovers:
         print(f"removed {mgr._storage.url_of(name)}")
@@ -337,7 +344,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         from . import _torch
 
-        out = {k: v if isinstance(v, torch.Tensor) else _torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
+        out = {
+            k: v if isinstance(v, torch.Tensor) else _torch.from_numpy(np.ascontiguousarray(v))
+            for k, v in tensors.items()
+        }
         torch.save(out, args.out)
     else:
         arrays = {k: v if isinstance(v, np.ndarray) else _to_numpy(v) for k, v in tensors.items()}

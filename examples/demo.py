@@ -37,7 +37,14 @@ def banner(text: str) -> None:
 def child(*args: str, storage_options: dict | None) -> int:
     """Run this file as a child process; returns its exit status (-9 when it was SIGKILLed)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0", PYTHONHASHSEED="0")
-    cmd = [sys.executable, os.path.abspath(__file__), "_child", *args, "--opts", json.dumps(storage_options or {})]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "_child",
+        *args,
+        "--opts",
+        json.dumps(storage_options or {}),
+    ]
     return subprocess.run(cmd, env=env).returncode
 
 
@@ -70,7 +77,11 @@ def core_child(directory: str, kill_at: int, opts: dict) -> None:
     ) as mgr:
         state = mgr.restore()
         if state is None:
-            state = {"w": np.zeros(1000, np.float64), "step": 0, "rng": np.random.default_rng(0).bit_generator.state}
+            state = {
+                "w": np.zeros(1000, np.float64),
+                "step": 0,
+                "rng": np.random.default_rng(0).bit_generator.state,
+            }
             print("  [core] fresh start", flush=True)
         else:
             print(f"  [core] resumed from {mgr.latest_checkpoint} at step {state['step']}", flush=True)
@@ -82,7 +93,11 @@ def core_child(directory: str, kill_at: int, opts: dict) -> None:
             clock.step = step
             w = w - 0.01 * (w - rng.normal(size=w.shape))  # one "SGD step" on a noisy target
             if step % 2 == 0:
-                mgr.save({"w": w, "step": step, "rng": rng.bit_generator.state}, step=step, metrics={"loss": float(np.mean(w**2))})
+                mgr.save(
+                    {"w": w, "step": step, "rng": rng.bit_generator.state},
+                    step=step,
+                    metrics={"loss": float(np.mean(w**2))},
+                )
             if step == kill_at:
                 print(f"  [core] step {step}: SIGKILL", flush=True)
                 kill_self()
@@ -101,7 +116,9 @@ def keras_child(directory: str, kill_at: int, opts: dict) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(512, 8)).astype("float32")
     y = (x @ rng.normal(size=(8, 1))).astype("float32")
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)]
+    )
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     cb = CheckpointCallback(directory, save_every_n_steps=10, max_to_keep=3, storage_options=opts or None)
     # Skips the batches that a mid-epoch checkpoint already consumed, in the same shuffled order.
@@ -134,7 +151,9 @@ def lightning_child(directory: str, kill_at: int, opts: dict) -> None:
     class Regressor(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(16, 1))
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(16, 1)
+            )
 
         def training_step(self, batch, batch_idx):
             x, y = batch
@@ -157,7 +176,9 @@ def lightning_child(directory: str, kill_at: int, opts: dict) -> None:
     model = Regressor()
     trainer = L.Trainer(
         max_epochs=4,
-        callbacks=[CheckpointCallback(directory, save_every_n_steps=10, max_to_keep=3, storage_options=opts or None)],
+        callbacks=[
+            CheckpointCallback(directory, save_every_n_steps=10, max_to_keep=3, storage_options=opts or None)
+        ],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -168,7 +189,10 @@ def lightning_child(directory: str, kill_at: int, opts: dict) -> None:
     if trainer.ckpt_path:
         print(f"  [lightning] resumed from {trainer.ckpt_path}", flush=True)
     print(f"  [lightning] finished at global step {trainer.global_step}", flush=True)
-    torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(os.environ["DEMO_OUT"], "lightning.pt"))
+    torch.save(
+        {k: v.clone() for k, v in model.state_dict().items()},
+        os.path.join(os.environ["DEMO_OUT"], "lightning.pt"),
+    )
 
 
 # ----------------------------------------------------------------------------- driver
@@ -176,7 +200,9 @@ def lightning_child(directory: str, kill_at: int, opts: dict) -> None:
 
 def same_weights(kind: str, ref_dir: str, run_dir: str) -> bool:
     if kind == "core":
-        return np.array_equal(np.load(os.path.join(ref_dir, "core.npy")), np.load(os.path.join(run_dir, "core.npy")))
+        return np.array_equal(
+            np.load(os.path.join(ref_dir, "core.npy")), np.load(os.path.join(run_dir, "core.npy"))
+        )
     if kind == "keras":
         a, b = np.load(os.path.join(ref_dir, "keras.npz")), np.load(os.path.join(run_dir, "keras.npz"))
         return all(np.array_equal(a[k], b[k]) for k in a.files)
@@ -202,7 +228,9 @@ def demo(kind: str, base: str, out: str, kill_at: int, opts: dict) -> bool:
     print(f"  -> the first run died with exit status {rc} (SIGKILL is -9); starting it again", flush=True)
     child(kind, directory, "-1", storage_options=opts)
     same = same_weights(kind, ref_out, run_out)
-    print(f"  -> final weights {'IDENTICAL to' if same else 'DIFFERENT from'} an uninterrupted run", flush=True)
+    print(
+        f"  -> final weights {'IDENTICAL to' if same else 'DIFFERENT from'} an uninterrupted run", flush=True
+    )
     print(f"\n$ ckpt-callbacks ls {directory}", flush=True)
     from ckpt_callbacks._cli import main as cli
 
@@ -224,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default=os.path.join(os.getcwd(), "demo_runs"), help="where checkpoints go (any fsspec URL)")
+    p.add_argument(
+        "--url", default=os.path.join(os.getcwd(), "demo_runs"), help="where checkpoints go (any fsspec URL)"
+    )
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--only", choices=["core", "keras", "lightning"], action="append")
     a = p.parse_args(argv)
@@ -232,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
 
     opts = _options(a.storage_option)
     if a.url.startswith("memory://"):
-        p.error("memory:// does not outlive a process, and the demo kills one; use a local path or a cloud URL")
+        p.error(
+            "memory:// does not outlive a process, and the demo kills one; use a local path or a cloud URL"
+        )
     if "://" not in a.url:
         shutil.rmtree(a.url, ignore_errors=True)
     else:

@@ -22,10 +22,14 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 def run_dir(tmp_path):
     d = tmp_path / "run"
     clock = iter(float(t) for t in range(0, 10**6, 1800)).__next__
-    with CheckpointManager(str(d), max_to_keep=2, keep_best=1, monitor="loss", keep_checkpoint_every_n_hours=1,
-                           clock=clock) as mgr:
+    with CheckpointManager(
+        str(d), max_to_keep=2, keep_best=1, monitor="loss", keep_checkpoint_every_n_hours=1, clock=clock
+    ) as mgr:
         for i, loss in enumerate([0.5, 3.0, 2.0, 1.0, 4.0, 5.0], start=1):
-            state = {"model": {"w": np.full((4, 4), i, np.float32), "b": np.arange(3, dtype=np.int64)}, "epoch": i}
+            state = {
+                "model": {"w": np.full((4, 4), i, np.float32), "b": np.arange(3, dtype=np.int64)},
+                "epoch": i,
+            }
             mgr.save(state, step=i * 100, metrics={"loss": loss})
     return d
 
@@ -59,7 +63,9 @@ def test_verify_ok_then_corrupt_names_file_and_tensor(run_dir):
     data.write_bytes(bytes(raw))
     out = cli("verify", str(run_dir))
     assert out.returncode == 1
-    assert "CORRUPT" in out.stdout and "model/b" in out.stdout and "ckpt-600.data-00000-of-00001" in out.stdout
+    assert (
+        "CORRUPT" in out.stdout and "model/b" in out.stdout and "ckpt-600.data-00000-of-00001" in out.stdout
+    )
     assert cli("verify", str(run_dir / "ckpt-500")).returncode == 0
     assert cli("verify", str(run_dir / "ckpt-600")).returncode == 1
 

@@ -22,10 +22,26 @@ from ckpt_callbacks._format import FORMAT_NAME, dump_index, parse_index
 from ckpt_callbacks.errors import CorruptCheckpointError
 
 NUMERIC_DTYPES = [
-    np.bool_, np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.uint64, np.int64,
-    np.float16, np.float32, np.float64, np.complex64, np.complex128,
-    ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2, ml_dtypes.float8_e4m3fnuz,
-    ml_dtypes.float8_e5m2fnuz, ml_dtypes.int4,
+    np.bool_,
+    np.uint8,
+    np.int8,
+    np.uint16,
+    np.int16,
+    np.uint32,
+    np.int32,
+    np.uint64,
+    np.int64,
+    np.float16,
+    np.float32,
+    np.float64,
+    np.complex64,
+    np.complex128,
+    ml_dtypes.bfloat16,
+    ml_dtypes.float8_e4m3fn,
+    ml_dtypes.float8_e5m2,
+    ml_dtypes.float8_e4m3fnuz,
+    ml_dtypes.float8_e5m2fnuz,
+    ml_dtypes.int4,
 ]
 
 
@@ -79,10 +95,12 @@ leaves = (
 keys = st.text(max_size=5) | st.integers(-5, 5)
 trees = st.recursive(
     leaves,
-    lambda children: st.lists(children, max_size=3)
-    | st.lists(children, max_size=3).map(tuple)
-    | st.dictionaries(keys, children, max_size=3)
-    | st.dictionaries(st.text(max_size=3), children, max_size=3).map(collections.OrderedDict),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.lists(children, max_size=3).map(tuple)
+        | st.dictionaries(keys, children, max_size=3)
+        | st.dictionaries(st.text(max_size=3), children, max_size=3).map(collections.OrderedDict)
+    ),
     max_leaves=12,
 )
 
@@ -119,7 +137,11 @@ def test_every_data_file_is_safetensors(tmp_path, dtype):
 
 def test_files_of_a_checkpoint(tmp_path):
     save_checkpoint(str(tmp_path / "ckpt-1000"), {"w": np.ones(3)}, meta={"run": "a"})
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-1000.data-00000-of-00001", "ckpt-1000.index", "ckpt-1000.meta"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "ckpt-1000.data-00000-of-00001",
+        "ckpt-1000.index",
+        "ckpt-1000.meta",
+    ]
     index = json.loads((tmp_path / "ckpt-1000.index").read_bytes())
     assert index["format"] == FORMAT_NAME and index["format_version"] == 1 and index["step"] == 1000
     (t,) = index["tensors"].values()
@@ -135,7 +157,9 @@ def test_golden_bytes_of_a_tiny_checkpoint(tmp_path):
     """Pins the data file layout: safetensors header + little-endian tensor bytes."""
     save_checkpoint(str(tmp_path / "ckpt-1"), {"a": np.array([1, 2], dtype=np.int16)})
     data = (tmp_path / "ckpt-1.data-00000-of-00001").read_bytes()
-    header = b'{"__metadata__":{"format":"ckpt_callbacks"},"a":{"dtype":"I16","shape":[2],"data_offsets":[0,4]}}'
+    header = (
+        b'{"__metadata__":{"format":"ckpt_callbacks"},"a":{"dtype":"I16","shape":[2],"data_offsets":[0,4]}}'
+    )
     header += b" " * (-len(header) % 8)
     assert data == struct.pack("<Q", len(header)) + header + b"\x01\x00\x02\x00"
 
@@ -164,7 +188,9 @@ def test_pickle_only_when_both_sides_opt_in(tmp_path):
 
 
 def test_index_checksum_covers_every_byte():
-    raw = dump_index({"format": FORMAT_NAME, "format_version": 1, "files": [], "tensors": {}, "tree": {"f": 0.001}})
+    raw = dump_index(
+        {"format": FORMAT_NAME, "format_version": 1, "files": [], "tensors": {}, "tree": {"f": 0.001}}
+    )
     assert parse_index(raw)["tree"] == {"f": 0.001}
     for i in range(len(raw)):
         flipped = bytearray(raw)

@@ -19,7 +19,9 @@ def run(policy: Retention, saves, last_preserved=-1.0):
     """Apply retention after each save of (step, hours, metric); return survivors and last_preserved."""
     kept: list[Record] = []
     for step, hours, metric in saves:
-        decision = policy.apply([*kept, Record(f"ckpt-{step}", step, hours * H, "active", metric)], last_preserved)
+        decision = policy.apply(
+            [*kept, Record(f"ckpt-{step}", step, hours * H, "active", metric)], last_preserved
+        )
         kept, last_preserved = decision.kept, decision.last_preserved
     return [r.step for r in kept], {r.step: r.status for r in kept}, last_preserved
 

@@ -29,11 +29,15 @@ def test_tensorflow_parses_the_state_file(tmp_path):
             mgr.save({"w": np.full(3, step, np.float32)}, step=step)
         ours = get_checkpoint_state(str(tmp_path))
     theirs = tf.train.get_checkpoint_state(str(tmp_path))
-    assert theirs.model_checkpoint_path == ours.model_checkpoint_path == os.path.join(str(tmp_path), "ckpt-1000")
+    assert (
+        theirs.model_checkpoint_path == ours.model_checkpoint_path == os.path.join(str(tmp_path), "ckpt-1000")
+    )
     assert list(theirs.all_model_checkpoint_paths) == ours.all_model_checkpoint_paths == mgr.checkpoints
     assert list(theirs.all_model_checkpoint_timestamps) == ours.all_model_checkpoint_timestamps
     assert theirs.last_preserved_timestamp == ours.last_preserved_timestamp > 0
-    assert tf.train.latest_checkpoint(str(tmp_path)) == latest_checkpoint(str(tmp_path)) == mgr.latest_checkpoint
+    assert (
+        tf.train.latest_checkpoint(str(tmp_path)) == latest_checkpoint(str(tmp_path)) == mgr.latest_checkpoint
+    )
 
 
 def test_exact_text(tmp_path):
@@ -66,7 +70,8 @@ def test_reads_a_state_file_tensorflow_wrote(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "path", ["/etc/passwd", "../victim", "s3://bucket/ckpt-1", "file:///etc/passwd", "a/../../b", "..", "C:\\x"]
+    "path",
+    ["/etc/passwd", "../victim", "s3://bucket/ckpt-1", "file:///etc/passwd", "a/../../b", "..", "C:\\x"],
 )
 def test_paths_leaving_the_directory_are_refused(tmp_path, path):
     (tmp_path / "checkpoint").write_text(f'model_checkpoint_path: "{path}"\n')
