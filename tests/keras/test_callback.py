@@ -330,3 +330,34 @@ def test_resumable_dataset_refuses_keras_shuffling(tmp_path):
     ds = ResumableDataset(x, y, batch_size=2, callback=cb)  # 20 batches: a shuffled order shows at once
     with pytest.raises(Exception, match="shuffle=False"):
         model.fit(ds, epochs=1, shuffle=True, callbacks=[cb], verbose=0)
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path):
+    x, y = data()
+    model = sequential()
+    cb = CheckpointCallback(tmp_path, save_on_epoch_end=True, max_to_keep=None)
+    model.fit(x, y, batch_size=4, epochs=2, shuffle=False, callbacks=[cb], verbose=0)
+    (data_file,) = tmp_path.glob("ckpt-20.data-*")
+    raw = bytearray(data_file.read_bytes())
+    raw[-1] ^= 0xFF  # flip a bit of the last tensor
+    data_file.write_bytes(bytes(raw))
+
+    again = sequential()
+    cb2 = CheckpointCallback(tmp_path, save_on_epoch_end=True, max_to_keep=None)
+    with pytest.warns(UserWarning, match="ckpt-20"):
+        history = again.fit(x, y, batch_size=4, epochs=2, shuffle=False, callbacks=[cb2], verbose=0)
+    assert cb2.restored_from.endswith("ckpt-10")
+    assert len(history.history["loss"]) == 1
+
+
+def test_save_optimizer_false_keeps_counting_steps(tmp_path):
+    x, y = data()
+    model = sequential()
+    cb = CheckpointCallback(tmp_path, save_on_epoch_end=True, save_optimizer=False)
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
+    assert "optimizer" not in ckpt_callbacks.load_checkpoint(str(tmp_path / "ckpt-10"))
+    again = sequential()
+    cb2 = CheckpointCallback(tmp_path, save_on_epoch_end=True, save_optimizer=False)
+    again.fit(x, y, batch_size=4, epochs=2, shuffle=False, callbacks=[cb2], verbose=0)
+    assert int(again.optimizer.iterations.numpy()) == 20
+    assert saved_steps(tmp_path)[-1] == 20

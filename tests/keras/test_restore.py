@@ -124,3 +124,31 @@ def test_bfloat16_variables_are_stored_as_bfloat16(tmp_path):
         assert a.dtype == b.dtype
         assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
     assert any(w.dtype == ml_dtypes.bfloat16 for w in fresh.get_weights())
+
+
+def test_load_model_in_process_without_compiling(trained):
+    from ckpt_callbacks.keras import load_model
+
+    directory, model = trained
+    loaded = load_model(directory, compile=False)
+    assert getattr(loaded, "optimizer", None) is None
+    x, _ = data()
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    compiled = load_model(directory)
+    assert type(compiled.optimizer) is type(model.optimizer)
+    assert int(compiled.optimizer.iterations.numpy()) == 10
+
+
+def test_load_model_needs_a_model_description(tmp_path):
+    from ckpt_callbacks.keras import load_model
+
+    ckpt_callbacks.save_checkpoint(str(tmp_path / "ckpt-1"), {"model": {}})
+    with pytest.raises(IncompatibleCheckpointError, match="no Keras model description"):
+        load_model(tmp_path / "ckpt-1")
+
+
+def test_restore_into_an_unbuilt_model_explains(trained):
+    directory, _ = trained
+    unbuilt = keras.Sequential([keras.layers.Dense(8), keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match="unbuilt model"):
+        restore(unbuilt, directory)
