@@ -91,15 +91,18 @@ class Bench(L.Callback):
             for t in tensors.values():
                 t.copy_(torch.randn(t.shape, generator=g))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        print(f"lightning {L.__version__}, torch {torch.__version__}; params "
-              f"{sum(p.numel() * 4 for p in pl_module.parameters()) / 2**20:.0f} MiB, params + Adam state "
-              f"{total / 2**20:.0f} MiB; median of {args.repeats}; {os.cpu_count()} CPUs; {args.dir}")
+        print(
+            f"lightning {L.__version__}, torch {torch.__version__}; params "
+            f"{sum(p.numel() * 4 for p in pl_module.parameters()) / 2**20:.0f} MiB, params + Adam state "
+            f"{total / 2**20:.0f} MiB; median of {args.repeats}; {os.cpu_count()} CPUs; {args.dir}"
+        )
         progress = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
 
         def callback(cb):
             def save(i: int) -> None:
                 progress.completed += 1  # a new step number per save, as in training
                 cb._save(trainer, pl_module)
+
             return save
 
         def lightning_save(i: int) -> None:
@@ -147,10 +150,18 @@ class Bench(L.Callback):
         for name, t in r.items():
             print(f"  {name:<16} {t * 1000:8.1f} ms   {total / 2**20 / t:7.0f} MiB/s")
         print("ratios (SPEC §8 targets):")
-        print(f"  P2 callback / lightning torch.save+fsync (TorchCheckpointIO)  {r['callback'] / r['lightning']:.2f}x  (<= 1.05)")
-        print(f"  P2 callback / safetensors save_file+fsync                    {r['callback'] / r['safetensors']:.2f}x  (<= 1.05)")
-        print(f"  P1 callback / raw write+fsync of the same bytes              {r['callback'] / r['raw']:.2f}x  (<= 1.10)")
-        print(f"  P4 async blocked time / in-memory copy                       {r['callback_async'] / r['memcopy']:.2f}x  (<= 1.5)")
+        print(
+            f"  P2 callback / lightning torch.save+fsync (TorchCheckpointIO)  {r['callback'] / r['lightning']:.2f}x  (<= 1.05)"
+        )
+        print(
+            f"  P2 callback / safetensors save_file+fsync                    {r['callback'] / r['safetensors']:.2f}x  (<= 1.05)"
+        )
+        print(
+            f"  P1 callback / raw write+fsync of the same bytes              {r['callback'] / r['raw']:.2f}x  (<= 1.10)"
+        )
+        print(
+            f"  P4 async blocked time / in-memory copy                       {r['callback_async'] / r['memcopy']:.2f}x  (<= 1.5)"
+        )
 
 
 def main() -> None:
@@ -165,7 +176,9 @@ def main() -> None:
     model = Wide(max(1, args.mib // 16))
     common = dict(max_to_keep=1, resume=False, save_on_train_end=False)
     sync_cb = CheckpointCallback(os.path.join(args.dir, "cb"), **common)
-    async_cb = CheckpointCallback(os.path.join(args.dir, "cb_async"), async_save=True, prefix="async", **common)
+    async_cb = CheckpointCallback(
+        os.path.join(args.dir, "cb_async"), async_save=True, prefix="async", **common
+    )
     trainer = L.Trainer(
         max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[Bench(args, sync_cb, async_cb), sync_cb, async_cb], default_root_dir=args.dir,

@@ -247,12 +247,16 @@ class CheckpointCallback(ModelCheckpoint):
         self._epoch_rng = _rng.capture()
         self._epoch_start_seen = False
 
-    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # A checkpoint saved with save_optimizer=False: keep the optimizers as configured instead of
         # letting Lightning fail on the missing key.
         if "optimizer_states" not in checkpoint and trainer.state.fn == TrainerFn.FITTING:
             checkpoint["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
-            checkpoint.setdefault("lr_schedulers", [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs])
+            checkpoint.setdefault(
+                "lr_schedulers", [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]
+            )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_step_seen = trainer.global_step
@@ -395,7 +399,9 @@ class CheckpointCallback(ModelCheckpoint):
         connector.restore_model()
         connector.restore_datamodule()
         connector.restore_callbacks()
-        rank_zero_info(f"CheckpointCallback: resuming from {path} (global step {checkpoint.get('global_step')}).")
+        rank_zero_info(
+            f"CheckpointCallback: resuming from {path} (global step {checkpoint.get('global_step')})."
+        )
 
     def _save(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
@@ -433,7 +439,9 @@ class CheckpointCallback(ModelCheckpoint):
             if not self.keep_best:
                 self.best_model_path = path  # no ranking configured: "best" is the newest
             return
-        better = self._best_metric is None or (value < self._best_metric if self.mode == "min" else value > self._best_metric)
+        better = self._best_metric is None or (
+            value < self._best_metric if self.mode == "min" else value > self._best_metric
+        )
         if better:
             self._best_metric = value
             self.best_model_path = path
@@ -517,13 +525,27 @@ def _info(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
     return {
         "framework": "lightning",
         "framework_versions": {"lightning": lightning.__version__, "torch": torch.__version__},
-        "model": {"class_path": f"{cls.__module__}.{cls.__qualname__}", "hparams": _jsonable(dict(pl_module.hparams))},
+        "model": {
+            "class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "hparams": _jsonable(dict(pl_module.hparams)),
+        },
         "epoch": trainer.current_epoch,
     }
 
 
 def _validate(
-    directory, steps, seconds, max_to_keep, hours, keep_best, monitor, mode, storage_options, prefix, clock, **flags
+    directory,
+    steps,
+    seconds,
+    max_to_keep,
+    hours,
+    keep_best,
+    monitor,
+    mode,
+    storage_options,
+    prefix,
+    clock,
+    **flags,
 ) -> None:
     if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
         raise ValueError(
@@ -536,18 +558,28 @@ def _validate(
             "To save only at the end of training, use save_on_train_end=True."
         )
     if seconds is not None and (
-        isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not math.isfinite(seconds)
+        or seconds <= 0
     ):
         raise ValueError(
             f"save_every_n_seconds must be a positive number of seconds or None. "
             f"Received: save_every_n_seconds={seconds!r}."
         )
-    if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1):
+    if max_to_keep is not None and (
+        isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
+    ):
         raise ValueError(
             f"max_to_keep must be an int >= 1 or None. Received: max_to_keep={max_to_keep!r}. "
             "Use max_to_keep=None to keep every checkpoint."
         )
-    if hours is not None and (isinstance(hours, bool) or not isinstance(hours, (int, float)) or not math.isfinite(hours) or hours <= 0):
+    if hours is not None and (
+        isinstance(hours, bool)
+        or not isinstance(hours, (int, float))
+        or not math.isfinite(hours)
+        or hours <= 0
+    ):
         raise ValueError(
             f"keep_checkpoint_every_n_hours must be a positive number of hours or None. "
             f"Received: keep_checkpoint_every_n_hours={hours!r}."
@@ -563,14 +595,18 @@ def _validate(
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max'. Received: mode={mode!r}.")
     if storage_options is not None and not isinstance(storage_options, dict):
-        raise TypeError(f"storage_options must be a dict or None. Received: storage_options={storage_options!r}.")
+        raise TypeError(
+            f"storage_options must be a dict or None. Received: storage_options={storage_options!r}."
+        )
     if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
         raise ValueError(
             f"prefix must be a plain file-name prefix (letters, digits, '_', '.', '-', '=', '+'). "
             f"Received: prefix={prefix!r}. Use for example prefix='ckpt'."
         )
     if not callable(clock):
-        raise TypeError(f"clock must be a zero-argument callable returning seconds. Received: clock={clock!r}.")
+        raise TypeError(
+            f"clock must be a zero-argument callable returning seconds. Received: clock={clock!r}."
+        )
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False. Received: {name}={value!r}.")

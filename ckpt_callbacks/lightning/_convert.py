@@ -116,7 +116,9 @@ def _encode(obj: Any, path: tuple, table: list, seen: set[int]) -> Any:
         metadata = getattr(obj, "_metadata", None)
         if t is collections.OrderedDict and isinstance(metadata, dict):
             # nn.Module.state_dict() carries per-submodule versions used by _load_from_state_dict.
-            table.append([list(path), "state_dict_metadata", _encode(metadata, (*path, "_metadata"), [], set())])
+            table.append(
+                [list(path), "state_dict_metadata", _encode(metadata, (*path, "_metadata"), [], set())]
+            )
         for tag, cls in _ATTRIBUTE_DICTS.items():
             if t is cls:
                 table.append([list(path), tag, None])
@@ -210,13 +212,19 @@ def _locate(root: Any, path: list) -> tuple[Any, Any]:
         try:
             node = node[k]
         except (KeyError, IndexError, TypeError):
-            raise CorruptCheckpointError(f"The checkpoint's type table names a missing key path {path[1:]!r}.") from None
+            raise CorruptCheckpointError(
+                f"The checkpoint's type table names a missing key path {path[1:]!r}."
+            ) from None
     if isinstance(node, tuple):
-        raise CorruptCheckpointError(f"The checkpoint's type table names a path inside a tuple: {path[1:]!r}.")
+        raise CorruptCheckpointError(
+            f"The checkpoint's type table names a path inside a tuple: {path[1:]!r}."
+        )
     try:
         node[path[-1]]
     except (KeyError, IndexError, TypeError):
-        raise CorruptCheckpointError(f"The checkpoint's type table names a missing key path {path[1:]!r}.") from None
+        raise CorruptCheckpointError(
+            f"The checkpoint's type table names a missing key path {path[1:]!r}."
+        ) from None
     return node, path[-1]
 
 
@@ -234,7 +242,10 @@ def _decode_node(node: Any, tag: str, extra: Any) -> Any:
             if k in extra:
                 cls = resolve_class(k)
                 if cls is None:
-                    warnings.warn(f"Class {k!r} (a checkpoint dict key) is not imported; keeping its name.", stacklevel=3)
+                    warnings.warn(
+                        f"Class {k!r} (a checkpoint dict key) is not imported; keeping its name.",
+                        stacklevel=3,
+                    )
                 out[cls if cls is not None else k] = v
             else:
                 out[k] = v
@@ -264,10 +275,14 @@ def _decode_node(node: Any, tag: str, extra: Any) -> Any:
     if tag == "type" and isinstance(node, str):
         cls = resolve_class(node)
         if cls is None:
-            warnings.warn(f"Class {node!r} named in the checkpoint is not imported; keeping its name.", stacklevel=3)
+            warnings.warn(
+                f"Class {node!r} named in the checkpoint is not imported; keeping its name.", stacklevel=3
+            )
             return node
         return cls
-    raise CorruptCheckpointError(f"Invalid type-table entry {tag!r} for a {type(node).__name__} in the checkpoint.")
+    raise CorruptCheckpointError(
+        f"Invalid type-table entry {tag!r} for a {type(node).__name__} in the checkpoint."
+    )
 
 
 def _path_str(path: tuple) -> str:

@@ -34,7 +34,12 @@ from .. import _storage
 from .._manager import load_checkpoint as _core_load
 from .._manager import resolve_checkpoint
 from .._manager import save_checkpoint as _core_save
-from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
+from ..errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+)
 from . import _convert
 
 MARKER_FORMAT = "ckpt_callbacks.lightning"
@@ -81,7 +86,9 @@ def _read_marker(storage: _storage.Storage, name: str) -> str | None:
     try:
         doc = json.loads(data[: _MAX_MARKER_BYTES + 1])
     except ValueError:
-        raise CorruptCheckpointError(f"Checkpoint marker {storage.url_of(name)!r} is not valid JSON.") from None
+        raise CorruptCheckpointError(
+            f"Checkpoint marker {storage.url_of(name)!r} is not valid JSON."
+        ) from None
     target = doc.get("checkpoint") if isinstance(doc, dict) else None
     if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z0-9_.=+-]+", target) or ".." in target:
         raise CorruptCheckpointError(
@@ -200,13 +207,27 @@ class FsspecCheckpointIO(CheckpointIO):
         previous = _read_marker_quietly(storage, name)
         target = f"{name}.{uuid.uuid4().hex[:8]}"
         tree = _convert.to_tree(checkpoint)
-        meta = {"lightning": {"path": name, "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}}
-        _core_save(join_path(directory, target), tree, meta=meta, storage_options=options, allow_pickle=self.allow_pickle)
+        meta = {
+            "lightning": {
+                "path": name,
+                "epoch": checkpoint.get("epoch"),
+                "global_step": checkpoint.get("global_step"),
+            }
+        }
+        _core_save(
+            join_path(directory, target),
+            tree,
+            meta=meta,
+            storage_options=options,
+            allow_pickle=self.allow_pickle,
+        )
         storage.write_bytes(name, _marker_bytes(target))
         storage.sync_dir()
         _remove_unreferenced(storage, name, keep=target, also=previous)
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         """Lightning's checkpoint dict from ``path`` (never unpickles unless ``allow_pickle=True``)."""
         options = self._options()
         target = resolve_ours(path, options)
@@ -225,7 +246,9 @@ class FsspecCheckpointIO(CheckpointIO):
         if self.allow_pickle:
             from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-            return TorchCheckpointIO().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+            return TorchCheckpointIO().load_checkpoint(
+                path, map_location=map_location, weights_only=weights_only
+            )
         raise IncompatibleCheckpointError(
             f"{os.fspath(path)!r} is not a ckpt_callbacks checkpoint (probably a torch.save file). Loading it "
             "would unpickle it; pass FsspecCheckpointIO(allow_pickle=True) if you trust it, or re-save it "
@@ -257,13 +280,19 @@ def _read_marker_quietly(storage: _storage.Storage, name: str) -> str | None:
         return None
 
 
-def _remove_unreferenced(storage: _storage.Storage, marker: str | None, keep: str | None, also: str | None) -> None:
+def _remove_unreferenced(
+    storage: _storage.Storage, marker: str | None, keep: str | None, also: str | None
+) -> None:
     """Remove checkpoint files of ``also`` and unreferenced ``<marker>.<token>.*`` files (index first)."""
     patterns = []
     if marker is not None:
         m = re.escape(marker)
         patterns.append(re.compile(rf"(?P<ckpt>{m}\.{_TOKEN_RE}){_FILE_KINDS}\Z"))
-        patterns.append(re.compile(rf"\.(?P<ckpt>{m}\.{_TOKEN_RE}){_FILE_KINDS}{re.escape(_storage.TEMP_MARK)}{_TOKEN_RE}\Z"))
+        patterns.append(
+            re.compile(
+                rf"\.(?P<ckpt>{m}\.{_TOKEN_RE}){_FILE_KINDS}{re.escape(_storage.TEMP_MARK)}{_TOKEN_RE}\Z"
+            )
+        )
     if also is not None:
         a = re.escape(also)
         patterns.append(re.compile(rf"(?P<ckpt>{a}){_FILE_KINDS}\Z"))
@@ -293,7 +322,9 @@ class _DispatchingCheckpointIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         try:
             target = resolve_ours(path, self.ours._options())
         except (CheckpointNotFoundError, ValueError):

@@ -49,9 +49,7 @@ def install_tripwire(directory: str) -> None:
 
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     os.open = guard("os.open", os.open, lambda p, flags, *a, **k: bool(flags & write_flags))
-    builtins.open = guard(
-        "open", builtins.open, lambda p, mode="r", *a, **k: any(c in mode for c in "wax+")
-    )
+    builtins.open = guard("open", builtins.open, lambda p, mode="r", *a, **k: any(c in mode for c in "wax+"))
     for name in ("replace", "rename", "remove", "unlink", "rmdir", "mkdir", "makedirs"):
         setattr(os, name, guard(f"os.{name}", getattr(os, name)))
     shutil.rmtree = guard("shutil.rmtree", shutil.rmtree)
@@ -138,8 +136,10 @@ def main() -> int:
         weights_sum=float(sum(p.detach().double().sum() for p in trainer.lightning_module.parameters())),
     )
     os.makedirs(a.out, exist_ok=True)
-    torch.save({k: v.detach().clone() for k, v in trainer.lightning_module.state_dict().items()},
-               os.path.join(a.out, f"rank{RANK}.pt"))
+    torch.save(
+        {k: v.detach().clone() for k, v in trainer.lightning_module.state_dict().items()},
+        os.path.join(a.out, f"rank{RANK}.pt"),
+    )
     with builtins.open(os.path.join(a.out, f"rank{RANK}.json"), "w") as f:
         json.dump(result, f)
     return 0

@@ -1,6 +1,6 @@
 """A Lightning run for the crash tests: trains TinyModel, optionally blocks at a step to be SIGKILLed.
 
-    python lightning_train_script.py --out W.pt [--ours DIR] [--pl DIR] [--kill-at STEP] [--ckpt-path P]
+python lightning_train_script.py --out W.pt [--ours DIR] [--pl DIR] [--kill-at STEP] [--ckpt-path P]
 """
 
 from __future__ import annotations
@@ -50,14 +50,21 @@ def main() -> None:
     if a.kill_at >= 0:
         callbacks.append(BlockAt(a.kill_at))
     if a.ours:
-        cb = CheckpointCallback(a.ours, save_every_n_steps=a.save_every, max_to_keep=3, resume=not a.no_resume)
+        cb = CheckpointCallback(
+            a.ours, save_every_n_steps=a.save_every, max_to_keep=3, resume=not a.no_resume
+        )
         cb._restore_rng = not a.no_rng
         callbacks.append(cb)
     if a.pl:  # Lightning's own checkpointing: torch.save through TorchCheckpointIO, at epoch ends
         callbacks.append(ModelCheckpoint(dirpath=a.pl, every_n_epochs=1, save_top_k=-1, save_last=True))
-    trainer = make_trainer(a.out + ".root", callbacks, max_epochs=a.max_epochs, enable_checkpointing=bool(callbacks))
+    trainer = make_trainer(
+        a.out + ".root", callbacks, max_epochs=a.max_epochs, enable_checkpointing=bool(callbacks)
+    )
     trainer.fit(model, make_loader(shuffle=a.shuffle), ckpt_path=a.ckpt_path)
-    torch.save({"weights": weights(model), "global_step": trainer.global_step, "resumed_from": trainer.ckpt_path}, a.out)
+    torch.save(
+        {"weights": weights(model), "global_step": trainer.global_step, "resumed_from": trainer.ckpt_path},
+        a.out,
+    )
 
 
 if __name__ == "__main__":

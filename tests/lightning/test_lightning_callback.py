@@ -83,7 +83,10 @@ class TwoOptimizerModel(TinyModel):
             opt.step()
 
     def configure_optimizers(self):
-        return [torch.optim.SGD(self.net[0].parameters(), lr=0.01), torch.optim.SGD(self.net[3].parameters(), lr=0.01)]
+        return [
+            torch.optim.SGD(self.net[0].parameters(), lr=0.01),
+            torch.optim.SGD(self.net[3].parameters(), lr=0.01),
+        ]
 
 
 def test_interval_boundaries_crossed_between_hooks_trigger_once(tmp_path):
@@ -134,7 +137,9 @@ def test_resume_by_default_and_ckpt_path_last(tmp_path):
     assert trainer.ckpt_path == os.path.join(d, "ckpt-12.index") and trainer.global_step == 18
     assert cb._num_saves == 3  # restored counter (2 saves before) + the save at step 18
 
-    trainer, _ = run(tmp_path / "fresh", CheckpointCallback(d, resume=False, save_on_train_end=False), max_epochs=1)
+    trainer, _ = run(
+        tmp_path / "fresh", CheckpointCallback(d, resume=False, save_on_train_end=False), max_epochs=1
+    )
     assert trainer.ckpt_path is None and trainer.global_step == 6
 
 
@@ -152,11 +157,15 @@ def test_keep_best_sets_best_model_path_for_test_best(tmp_path):
 def test_explicit_checkpoint_paths_load(tmp_path):
     d = str(tmp_path / "run")
     run(tmp_path, CheckpointCallback(d, save_every_n_steps=2, max_to_keep=None), max_epochs=1)
-    trainer, _ = run(tmp_path, CheckpointCallback(d, resume=False), max_epochs=1, ckpt_path=os.path.join(d, "ckpt-4"))
+    trainer, _ = run(
+        tmp_path, CheckpointCallback(d, resume=False), max_epochs=1, ckpt_path=os.path.join(d, "ckpt-4")
+    )
     assert trainer.ckpt_path.endswith("ckpt-4") and trainer.global_step == 6
     # without the callback, through the plugin
     torch.manual_seed(0)
-    trainer = make_trainer(str(tmp_path), [], plugins=[FsspecCheckpointIO()], max_epochs=2, enable_checkpointing=False)
+    trainer = make_trainer(
+        str(tmp_path), [], plugins=[FsspecCheckpointIO()], max_epochs=2, enable_checkpointing=False
+    )
     trainer.fit(TinyModel(), make_loader(), ckpt_path=d)
     assert trainer.global_step == 12
 
@@ -179,7 +188,9 @@ def test_async_save_memory_url_prefix_and_storage_options(tmp_path, memory_dir):
     trainer, _ = run(tmp_path, CheckpointCallback(memory_dir, **kw), max_epochs=2)
     bare = memory_dir.removeprefix("memory://")
     assert trainer.ckpt_path.endswith(f"{bare}/run-6") and trainer.global_step == 12
-    trainer, _ = run(tmp_path, CheckpointCallback(memory_dir, resume=False, **kw), max_epochs=3, ckpt_path="last")
+    trainer, _ = run(
+        tmp_path, CheckpointCallback(memory_dir, resume=False, **kw), max_epochs=3, ckpt_path="last"
+    )
     assert trainer.ckpt_path.endswith(f"{bare}/run-12.index") and trainer.global_step == 18
 
 
@@ -209,10 +220,15 @@ def test_unencodable_hparams_raise_type_error_naming_the_key(tmp_path):
 
 def test_allow_pickle_and_module_checkpoint_hooks(tmp_path):
     d = str(tmp_path / "run")
-    run(tmp_path, CheckpointCallback(d, allow_pickle=True), model=ConfiguredModel(cfg=Opaque(7)), max_epochs=1)
+    run(
+        tmp_path, CheckpointCallback(d, allow_pickle=True), model=ConfiguredModel(cfg=Opaque(7)), max_epochs=1
+    )
     model = ConfiguredModel(cfg=Opaque(0))
     run(tmp_path, CheckpointCallback(d, allow_pickle=True), model=model, max_epochs=2)
-    assert model.loaded_extra["shapes"] == torch.Size([2, 3]) and type(model.loaded_extra["shapes"]) is torch.Size
+    assert (
+        model.loaded_extra["shapes"] == torch.Size([2, 3])
+        and type(model.loaded_extra["shapes"]) is torch.Size
+    )
     assert type(model.loaded_extra["cfg"]) is AttributeDict and model.loaded_extra["pair"] == (1, "a")
     hparams = load_checkpoint(os.path.join(d, "ckpt-12"), allow_pickle=True)["hyper_parameters"]
     assert hparams["cfg"].value == 0

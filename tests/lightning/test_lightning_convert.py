@@ -63,7 +63,7 @@ def test_module_state_dict_keeps_ordereddict_and_metadata(tmp_path):
     assert out._metadata == sd._metadata
     fresh = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
     fresh.load_state_dict(out)
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), sd.values()))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), sd.values(), strict=True))
 
 
 def test_optimizer_state_int_keys_and_tuples_in_param_groups(tmp_path):

@@ -17,7 +17,8 @@ from ckpt_callbacks import get_checkpoint_state
 SCRIPT = os.path.join(HERE, "lightning_ddp_script.py")
 
 pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo"
+    not torch.distributed.is_available() or sys.platform == "win32",
+    reason="needs torch.distributed with gloo",
 )
 
 
@@ -34,7 +35,9 @@ def ddp_run(tmp_path, name: str, directory: str, max_steps: int, *args: str) -> 
     results = []
     for rank in (0, 1):
         path = os.path.join(out, f"rank{rank}.json")
-        assert os.path.exists(path), f"rank {rank} wrote no result\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert os.path.exists(path), (
+            f"rank {rank} wrote no result\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
         with open(path) as f:
             result = json.load(f)
         result["weights"] = torch.load(os.path.join(out, f"rank{rank}.pt"), weights_only=True)

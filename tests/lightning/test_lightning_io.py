@@ -153,7 +153,9 @@ def test_async_checkpoint_io_wrapper(tmp_path):
     base = str(tmp_path / "async")
     torch.manual_seed(0)
     mc = ModelCheckpoint(dirpath=base, every_n_train_steps=2, save_top_k=-1)
-    trainer = make_trainer(str(tmp_path), [mc], plugins=[AsyncCheckpointIO(FsspecCheckpointIO())], max_epochs=1)
+    trainer = make_trainer(
+        str(tmp_path), [mc], plugins=[AsyncCheckpointIO(FsspecCheckpointIO())], max_epochs=1
+    )
     trainer.fit(TinyModel(), make_loader())
     markers = sorted(f for f in os.listdir(base) if f.endswith(".ckpt"))
     assert markers == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt"]

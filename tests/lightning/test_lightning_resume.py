@@ -22,7 +22,11 @@ TIMEOUT = 120
 def train(tmp_path, name: str, *args: str) -> dict:
     out = str(tmp_path / f"{name}.pt")
     proc = subprocess.run(
-        [PYTHON, SCRIPT, "--out", out, *args], env=script_env(), capture_output=True, text=True, timeout=TIMEOUT
+        [PYTHON, SCRIPT, "--out", out, *args],
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out, weights_only=True)
@@ -77,7 +81,9 @@ def test_resume_after_sigkill_matches_uninterrupted_and_lightning_resume(tmp_pat
     [(4, 10, 8), (6, 9, 6)],
     ids=["mid-epoch", "epoch-boundary"],
 )
-def test_dropout_and_shuffle_resume_exactly_only_with_rng_restore(tmp_path, save_every, kill_at, resumed_step):
+def test_dropout_and_shuffle_resume_exactly_only_with_rng_restore(
+    tmp_path, save_every, kill_at, resumed_step
+):
     opts = ["--dropout", "0.5", "--shuffle", "--save-every", str(save_every)]
     ours = str(tmp_path / "ours")
     reference = train(tmp_path, "reference", *opts)
