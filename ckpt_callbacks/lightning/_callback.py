@@ -12,10 +12,12 @@ its own saving runs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +37,7 @@ from . import _convert, _rng
 from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO
 
 _STATE_VERSION = 1
+_NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*\Z")
 # Errors re-raised on the other ranks under their own class; anything else becomes CheckpointWriteError.
 _REMOTE_ERRORS: dict[str, type[BaseException]] = {
@@ -157,6 +160,7 @@ class CheckpointCallback(ModelCheckpoint):
         self._resume_consumed = 0  # batches of the interrupted epoch to skip (mid-epoch resume)
         self._best_metric: float | None = None
         self._deferred_to_epoch_end = False
+        self._warning_filter: Any = None
 
     # ------------------------------------------------------------------ identity and state
 
@@ -264,10 +268,25 @@ class CheckpointCallback(ModelCheckpoint):
         if self._resume_rng is not None:
             if self._resume_consumed:
                 self._epoch_start_seen = True  # Lightning skips on_train_epoch_start of a resumed epoch
-                _fast_forward(trainer, self._resume_consumed)
+                if _fast_forward(trainer, self._resume_consumed):
+                    # Lightning's "dataloader is not resumable" warning (issued before the first
+                    # batch) does not apply: the position was restored.
+                    warnings.filterwarnings("ignore", message=_NOT_RESUMABLE_WARNING)
+                    self._warning_filter = warnings.filters[0]
             _rng.restore(self._resume_rng["save"])
             self._resume_rng = None
             self._resume_consumed = 0
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._drop_warning_filter()
+
+    def _drop_warning_filter(self) -> None:
+        if self._warning_filter is not None:
+            with contextlib.suppress(ValueError):
+                warnings.filters.remove(self._warning_filter)
+            self._warning_filter = None
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The first epoch of a fit() got its iterator before on_train_start (captured in
@@ -305,7 +324,9 @@ class CheckpointCallback(ModelCheckpoint):
         pass  # ModelCheckpoint saves here; this callback does not.
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        pass  # no save on failure: the last committed checkpoint is the resume point
+        # No save on failure: the last committed checkpoint is the resume point. Lightning calls no
+        # teardown hook after an exception, so release the manager and the strategy's IO here.
+        self._release(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._skip(trainer):
@@ -322,17 +343,21 @@ class CheckpointCallback(ModelCheckpoint):
         self._raise_everywhere(trainer, error, "Finishing the background checkpoint saves")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._release(trainer)
+
+    def _release(self, trainer: Trainer) -> None:
         if self._replaced_io is not None:
             strategy, original = self._replaced_io
             strategy.checkpoint_io = original
             self._replaced_io = None
         self._resume_rng = None
-        if self._mgr is not None and stage == TrainerFn.FITTING.value:
+        self._drop_warning_filter()
+        if self._mgr is not None:
             mgr, self._mgr = self._mgr, None
             try:
                 mgr.close()
             except Exception as e:  # noqa: BLE001 - already raised in on_train_end unless fit failed
-                rank_zero_info(f"CheckpointCallback: a background save had failed: {e}")
+                rank_zero_warn(f"CheckpointCallback: a background save had failed: {e}")
 
     # ------------------------------------------------------------------ internals
 
@@ -370,7 +395,14 @@ class CheckpointCallback(ModelCheckpoint):
         current = strategy.checkpoint_io
         if isinstance(current, (FsspecCheckpointIO, _DispatchingCheckpointIO)):
             return
-        strategy.checkpoint_io = _DispatchingCheckpointIO(current, self.storage_options, self.allow_pickle)
+        try:
+            strategy.checkpoint_io = _DispatchingCheckpointIO(
+                current, self.storage_options, self.allow_pickle
+            )
+        except (TypeError, ValueError, AssertionError):
+            # Strategies that accept only their own IO (XLA): resume=True still works; loading a
+            # path of this format through ckpt_path then needs FsspecCheckpointIO as the plugin.
+            return
         self._replaced_io = (strategy, current)
 
     def _auto_resume(self, trainer: Trainer) -> None:
@@ -460,7 +492,7 @@ class CheckpointCallback(ModelCheckpoint):
         raise cls(f"{what} failed on global rank 0 ({name}): {message}")
 
 
-def _fast_forward(trainer: Trainer, consumed: int) -> None:
+def _fast_forward(trainer: Trainer, consumed: int) -> bool:
     """Skip the batches of the interrupted epoch that were already trained on.
 
     Lightning re-creates the epoch's data iterator on resume and would replay the epoch from its
@@ -469,13 +501,13 @@ def _fast_forward(trainer: Trainer, consumed: int) -> None:
     fit_loop = trainer.fit_loop
     loader, fetcher = fit_loop._combined_loader, fit_loop._data_fetcher
     if loader is None or fetcher is None or loader._state_dicts():
-        return
+        return False
     if getattr(fetcher, "batches", None) or getattr(fetcher, "iterator", None) is None:
         rank_zero_warn(
             "CheckpointCallback: cannot skip the already-trained batches of the interrupted epoch "
             "(the train data iterator has no length, so Lightning pre-fetched from it); the epoch is replayed."
         )
-        return
+        return False
     # Lightning sets the samplers' epoch (DistributedSampler's shuffling seed) only later, in
     # on_advance_start; the skipped batches must come from this epoch's order.
     for dl in loader.flattened:
@@ -485,6 +517,7 @@ def _fast_forward(trainer: Trainer, consumed: int) -> None:
             next(fetcher.iterator)
         except StopIteration:
             break
+    return True
 
 
 def _gather(trainer: Trainer, local: Any) -> list[Any]:

@@ -254,6 +254,26 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert trainer.ckpt_path == os.path.join(d, "ckpt-3")
 
 
+class FailAt(L.Callback):
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == 4:
+            raise RuntimeError("boom")
+
+
+def test_exception_releases_manager_and_io_then_resume_in_same_process(tmp_path):
+    from ckpt_callbacks.lightning._io import _DispatchingCheckpointIO
+
+    d = str(tmp_path / "run")
+    cb = CheckpointCallback(d, save_every_n_steps=3)
+    torch.manual_seed(0)
+    trainer = make_trainer(str(tmp_path), [FailAt(), cb], max_epochs=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(TinyModel(), make_loader())
+    assert cb._mgr is None and not isinstance(trainer.strategy.checkpoint_io, _DispatchingCheckpointIO)
+    trainer, _ = run(tmp_path, CheckpointCallback(d, save_every_n_steps=3), max_epochs=1)
+    assert trainer.ckpt_path == os.path.join(d, "ckpt-3") and trainer.global_step == 6
+
+
 def test_fast_dev_run_neither_saves_nor_resumes(tmp_path):
     d = str(tmp_path / "run")
     run(tmp_path, CheckpointCallback(d, save_every_n_steps=1), max_epochs=1, fast_dev_run=2)
