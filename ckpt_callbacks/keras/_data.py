@@ -98,8 +98,10 @@ class ResumableDataset(keras.utils.PyDataset):
         return self.num_batches
 
     def _set_position(self, epoch: int, skip: int) -> None:
+        # `_served` is not reset here: a reader Keras abandoned at the end of the last epoch (TensorFlow
+        # prefetches from it) may still ask for its next batch; the first epoch is enough to catch
+        # a Keras-shuffled order.
         self._epoch, self._skip = int(epoch), int(skip)
-        self._served = set()
 
     def _check_sequential(self, index: int) -> None:
         # Keras reads a PyDataset front to back (several readers may run at once, each from 0) unless

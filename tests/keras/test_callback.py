@@ -9,7 +9,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from models import data, sequential
+from keras_models import data, sequential
 
 import ckpt_callbacks
 from ckpt_callbacks.keras import CheckpointCallback, ResumableDataset

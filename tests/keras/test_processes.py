@@ -6,9 +6,9 @@ import signal
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, HERE, run_python
+from keras_helpers import BACKENDS, HERE, run_python
 
-SCRIPT = HERE / "train_script.py"
+SCRIPT = HERE / "keras_train_script.py"
 
 
 def _reference(backend, tmp_path_factory, env=None):
@@ -70,7 +70,7 @@ KINDS = ["sequential", "functional", "custom"]
 TRAIN_AND_PREDICT = r"""
 import os, sys, keras, numpy as np
 sys.path.insert(0, sys.argv[2])
-import models, custom_layers
+import keras_models as models, keras_custom_layers as custom_layers
 from ckpt_callbacks.keras import CheckpointCallback
 x, y = models.data()
 for kind in ("sequential", "functional", "custom"):
@@ -87,12 +87,12 @@ x = np.random.RandomState(0).randn(40, 4).astype("float32")
 for kind in ("sequential", "functional", "custom"):
     directory = os.path.join(sys.argv[1], kind)
     if kind == "custom":
-        import custom_layers  # registers the layer; builds no model
+        import keras_custom_layers  # registers the layer; builds no model
     model = load_model(directory)
     np.testing.assert_array_equal(model.predict(x, verbose=0), np.load(os.path.join(directory, "pred.npy")))
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations.value)) == 10
     print("OK", kind, type(model).__name__, type(model.optimizer).__name__)
-assert "models" not in sys.modules
+assert "keras_models" not in sys.modules
 """
 
 
@@ -109,7 +109,7 @@ import sys, re, numpy as np, keras
 import ckpt_callbacks
 from ckpt_callbacks.keras import CheckpointCallback
 sys.path.insert(0, sys.argv[2])
-import models
+import keras_models as models
 x, y = models.data()
 model = models.sequential()
 cb = CheckpointCallback(sys.argv[1], save_every_n_steps=4, max_to_keep=3)

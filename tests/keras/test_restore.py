@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from models import data, functional, sequential
+from keras_models import data, functional, sequential
 
 import ckpt_callbacks
 from ckpt_callbacks.errors import CheckpointNotFoundError, IncompatibleCheckpointError
