@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover - Windows
 
 _registry_lock = threading.Lock()
 _held: dict[str, _Held] = {}
+_pending: list[tuple[str, WriterLock]] = []  # releases queued by close() / finalizers
 
 
 def _host() -> str:
@@ -118,21 +119,21 @@ class WriterLock:
 
 
 def _release(key: str, token: WriterLock) -> None:
-    with _registry_lock:
-        if token._released:
-            return
-        token._released = True
-        held = _held.get(key)
-        if held is None or held is not token.held:  # e.g. a share inherited through fork()
-            return
-        held.count -= 1
-        if held.count > 0:
-            return
-        del _held[key]
-    try:
-        held.drop()
-    except Exception as e:  # noqa: BLE001 - releasing is best effort; a dead lock is taken over later
-        logger.warning("Could not release the writer lock of %s: %s", key, e)
+    # Called from close() and from weakref finalizers, which the garbage collector may run inside
+    # acquire() on this very thread: so never block on the registry lock here. Queue the release;
+    # whoever holds the lock drains the queue on its way out.
+    _pending.append((key, token))
+    _drain()
+
+
+def _drain() -> None:
+    while _pending:
+        if not _registry_lock.acquire(blocking=False):
+            return  # its holder drains the queue before letting go
+        try:
+            _pending_under_lock()
+        finally:
+            _registry_lock.release()
 
 
 def acquire(storage: Any, owner: object) -> WriterLock:
@@ -142,15 +143,38 @@ def acquire(storage: Any, owner: object) -> WriterLock:
     Raises CheckpointWriteError (errno EBUSY) when another process holds it.
     """
     key = os.path.realpath(storage.root) if storage.is_local else storage.url
-    with _registry_lock:
-        held = _held.get(key)
-        if held is None:
-            held = _acquire_local(storage, key) if storage.is_local else _acquire_remote(storage, key)
-            _held[key] = held
-        held.count += 1
-    token = WriterLock(key, held)
+    try:
+        with _registry_lock:
+            # Queued releases first: a manager dropped without close() must not keep a share.
+            _pending_under_lock()
+            held = _held.get(key)
+            if held is None:
+                held = _acquire_local(storage, key) if storage.is_local else _acquire_remote(storage, key)
+                _held[key] = held
+            held.count += 1
+            token = WriterLock(key, held)
+    finally:
+        _drain()  # releases queued (by other threads or the GC) while the lock was held
     weakref.finalize(owner, _release, key, token)
     return token
+
+
+def _pending_under_lock() -> None:
+    while _pending:
+        key, token = _pending.pop()
+        if token._released:
+            continue
+        token._released = True
+        held = _held.get(key)
+        if held is None or held is not token.held:
+            continue
+        held.count -= 1
+        if held.count <= 0:
+            del _held[key]
+            try:
+                held.drop()  # under the lock: a concurrent acquire of this key must see it gone
+            except Exception as e:  # noqa: BLE001 - best effort; a dead lock is taken over later
+                logger.warning("Could not release the writer lock of %s: %s", key, e)
 
 
 # ------------------------------------------------------------------ local disk
@@ -343,6 +367,7 @@ def _after_fork_in_child() -> None:
     # of the descriptor does not unlock the parent's) nor believe it holds the lock.
     global _registry_lock
     _registry_lock = threading.Lock()
+    _pending.clear()
     for held in list(_held.values()):
         try:
             held.forget_after_fork()

@@ -68,6 +68,9 @@ def _split(path: str) -> tuple[str, str]:
     return path[:cut] or "/", path[cut + 1 :]
 
 
+_TEMP_RE = re.compile(r"\.(?P<base>.+)" + re.escape(TEMP_MARK) + r"[0-9a-f]{8,32}\Z")
+
+
 def _own_file_re(prefix: str) -> re.Pattern:
     p = re.escape(prefix)
     return re.compile(
@@ -197,7 +200,7 @@ def _write_data_file(storage: Storage, fname: str, tensors: list[fmt.TensorEntry
             entries.append(
                 {
                     "name": t.name,
-                    "dtype": t.dtype.name,
+                    "dtype": fmt.dtype_str(t.dtype),
                     "shape": list(t.shape),
                     "offset": begin,
                     "length": end - begin,
@@ -617,10 +620,15 @@ class CheckpointManager:
         own = _own_file_re(self._prefix)
         doomed = []
         for fname in names:
-            tmp = fname.startswith(".") and TEMP_MARK in fname
-            base = fname[1 : fname.rindex(TEMP_MARK)] if tmp else fname
+            # Only the exact temp-name shape Storage writes: a user's ".ckpt-5.index.tmp-x.keep" stays.
+            tmp = _TEMP_RE.match(fname)
+            base = tmp.group("base") if tmp else fname
+            if tmp and base == STATE_FILE_NAME:  # a state-file rewrite that never reached os.replace
+                doomed.append(fname)
+                continue
             m = own.match(base)
-            if m is None or m.group("ckpt") in keep:
+            # A temp file is never part of a committed checkpoint, listed or not.
+            if m is None or (not tmp and m.group("ckpt") in keep):
                 continue
             if tmp or self._written_by_us(fname):
                 doomed.append(fname)
