@@ -147,10 +147,19 @@ def _check_pairs(pairs: list, what: str, missing: list[str], unexpected: list[st
                 f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else ""
             )
             parts.append(f"{label}: {shown}")
+    if what == "optimizer":
+        fix = (
+            "Compile the model with the optimizer it was trained with, or restore into an uncompiled "
+            "model to load the weights only."
+        )
+    else:
+        fix = (
+            "Build the model exactly as when it was saved, or use ckpt_callbacks.keras.load_model() to "
+            "rebuild it from the checkpoint."
+        )
     raise IncompatibleCheckpointError(
         f"The checkpoint's {what} variables do not fit this model ({'; '.join(parts)}). Expected the "
-        f"same architecture the checkpoint was saved from. Build the model exactly as when it was saved, "
-        "or use ckpt_callbacks.keras.load_model() to rebuild it from the checkpoint."
+        f"same {'optimizer' if what == 'optimizer' else 'architecture'} the checkpoint was saved from. {fix}"
     )
 
 

@@ -152,3 +152,30 @@ def test_restore_into_an_unbuilt_model_explains(trained):
     unbuilt = keras.Sequential([keras.layers.Dense(8), keras.layers.Dense(1)])
     with pytest.raises(ValueError, match="unbuilt model"):
         restore(unbuilt, directory)
+
+
+def test_other_optimizer_is_incompatible_and_says_how_to_load_weights_only(trained):
+    directory, model = trained
+    sgd = sequential()
+    sgd.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+    with pytest.raises(
+        IncompatibleCheckpointError, match="optimizer variables do not fit.*uncompiled"
+    ) as info:
+        restore(sgd, directory)
+    assert "unexpected in the checkpoint" in str(info.value) or "missing" in str(info.value)
+
+
+def test_resumable_dataset_with_sample_weights_and_dict_inputs(tmp_path):
+    from ckpt_callbacks.keras import ResumableDataset
+
+    x, y = data(n=10)
+    sw = np.arange(10, dtype="float32")
+    cb = CheckpointCallback(tmp_path)
+    ds = ResumableDataset({"a": x, "b": x[:, :2]}, y, sw, batch_size=4, callback=cb, shuffle=False)
+    assert len(ds) == 3
+    bx, by, bw = ds[0]
+    assert set(bx) == {"a", "b"} and bx["b"].shape == (4, 2)
+    np.testing.assert_array_equal(bw, sw[:4])
+    bx, by, bw = ds[1]
+    bx, by, bw = ds[2]
+    assert by.shape == (2, 1)  # the last batch is smaller
