@@ -95,13 +95,7 @@ def _write_checkpoint(
     CheckpointWriteError is raised.
     """
     tensors = encoded.tensors
-    total = sum(t.nbytes for t in tensors)
-    free = storage.free_bytes()
-    if free is not None and total + (1 << 20) > free:
-        raise CheckpointWriteError(
-            f"Not enough free space to save {name!r}: it needs {total} bytes and {storage.url!r} has {free} "
-            "bytes free. Nothing was written or deleted; free space or lower max_to_keep, then save again."
-        )
+    total = _preflight(storage, name, encoded)
     num_shards = 1
     if storage.streaming and total > _SHARD_BYTES:
         num_shards = min(_MAX_SHARDS, len(tensors), math.ceil(total / _SHARD_BYTES))
@@ -147,6 +141,18 @@ def _write_checkpoint(
         _remove_quietly(storage, written)
         raise
     return num_shards
+
+
+def _preflight(storage: Storage, name: str, encoded: fmt.EncodedState) -> int:
+    """Refuse a save that cannot fit in the free space (local disks), before anything changes."""
+    total = sum(t.nbytes for t in encoded.tensors)
+    free = storage.free_bytes()
+    if free is not None and total + (1 << 20) > free:
+        raise CheckpointWriteError(
+            f"Not enough free space to save {name!r}: it needs {total} bytes and {storage.url!r} has {free} "
+            "bytes free. Nothing was written or deleted; free space or lower max_to_keep, then save again."
+        )
+    return total
 
 
 def _run_shards(storage, name, shards, arrays):
@@ -786,6 +792,7 @@ class CheckpointManager:
         storage.makedirs()
         with self._lock:
             if any(r.name == name for r in self._records):
+                _preflight(storage, name, encoded)  # a save that cannot fit must not un-list the old one
                 # Re-saving a step: un-list the old one first so no state file names files in flux.
                 logger.warning("Replacing existing checkpoint %s", storage.url_of(name))
                 self._records = [r for r in self._records if r.name != name]
@@ -806,7 +813,8 @@ class CheckpointManager:
                 self._commit_state(decision.kept, decision.last_preserved, latest=name)
                 _crash_point("after_state")
             except BaseException:
-                _remove_quietly(storage, _files_of(name, shards))
+                # Index first: without it the checkpoint does not exist for any reader.
+                _remove_quietly(storage, [name + INDEX_SUFFIX, *_files_of(name, shards)])
                 raise
             with self._lock:
                 self._records = decision.kept
