@@ -30,9 +30,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from .._manager import CheckpointManager, resolve_checkpoint
+from .._manager import CheckpointManager, get_checkpoint_state
 from .._manager import load_checkpoint as _core_load
-from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
+from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError
 from . import _convert, _rng
 from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO
 
@@ -161,6 +161,7 @@ class CheckpointCallback(ModelCheckpoint):
         self._best_metric: float | None = None
         self._deferred_to_epoch_end = False
         self._warning_filter: Any = None
+        self._preloaded: tuple[str, Any] | None = None
 
     # ------------------------------------------------------------------ identity and state
 
@@ -203,12 +204,35 @@ class CheckpointCallback(ModelCheckpoint):
     # ------------------------------------------------------------------ ckpt_path="last"
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
-        """The newest valid checkpoint's index file: what ``ckpt_path="last"`` resolves to."""
-        try:
-            path = resolve_checkpoint(self.directory, self.storage_options)
-        except CheckpointNotFoundError:
+        """The newest valid checkpoint's index file: what ``ckpt_path="last"`` resolves to.
+
+        Valid means fully verified (checksums), like ``resume=True``; a corrupt newest checkpoint is
+        skipped with a warning. The state read for the check is kept for the load that follows, so
+        the checkpoint is read once.
+        """
+        self._preloaded = None
+        state_file = get_checkpoint_state(self.directory, self.storage_options)
+        if state_file is None:
             return set()
-        return {path + INDEX_SUFFIX}
+        names = [p for p in state_file.all_model_checkpoint_paths if p != state_file.model_checkpoint_path]
+        for path in reversed([*names, state_file.model_checkpoint_path]):
+            try:
+                state = _core_load(path, storage_options=self.storage_options, allow_pickle=self.allow_pickle)
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                warnings.warn(
+                    f"Checkpoint {path!r} is unusable ({e}); falling back to an older one.", stacklevel=2
+                )
+                continue
+            self._preloaded = (path + INDEX_SUFFIX, state)
+            return {path + INDEX_SUFFIX}
+        return set()
+
+    def _take_preloaded(self, path: str) -> Any:
+        """The state read by ``_find_last_checkpoints`` if ``path`` is the one it returned, else None."""
+        preloaded, self._preloaded = self._preloaded, None
+        if preloaded is not None and os.fspath(path) == preloaded[0]:
+            return preloaded[1]
+        return None
 
     # ------------------------------------------------------------------ hooks
 
@@ -250,6 +274,8 @@ class CheckpointCallback(ModelCheckpoint):
                 self._resume_rng = None
         self._epoch_rng = _rng.capture()
         self._epoch_start_seen = False
+        self._deferred_to_epoch_end = False
+        self._preloaded = None
 
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
@@ -351,6 +377,7 @@ class CheckpointCallback(ModelCheckpoint):
             strategy.checkpoint_io = original
             self._replaced_io = None
         self._resume_rng = None
+        self._preloaded = None
         self._drop_warning_filter()
         if self._mgr is not None:
             mgr, self._mgr = self._mgr, None

@@ -25,6 +25,7 @@ import os
 import posixpath
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -145,7 +146,10 @@ def load_lightning_checkpoint(
 ) -> dict[str, Any]:
     """Load one checkpoint of this format (a core checkpoint path) as Lightning's checkpoint dict."""
     state = _core_load(path, storage_options=storage_options, allow_pickle=allow_pickle)
-    checkpoint = _convert.from_tree(state)
+    return _to_map_location(_convert.from_tree(state), map_location)
+
+
+def _to_map_location(checkpoint: dict[str, Any], map_location: Any) -> dict[str, Any]:
     if isinstance(map_location, (str, torch.device)):
         device = torch.device(map_location)
         if device.type != "cpu":
@@ -315,9 +319,16 @@ class _DispatchingCheckpointIO(CheckpointIO):
     other files — goes to the strategy's own checkpoint IO, unchanged.
     """
 
-    def __init__(self, inner: CheckpointIO, storage_options: dict | None, allow_pickle: bool) -> None:
+    def __init__(
+        self,
+        inner: CheckpointIO,
+        storage_options: dict | None,
+        allow_pickle: bool,
+        preloaded: Callable[[str], Any] | None = None,
+    ) -> None:
         self.inner = inner
         self.ours = FsspecCheckpointIO(storage_options, allow_pickle)
+        self.preloaded = preloaded
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
@@ -325,6 +336,9 @@ class _DispatchingCheckpointIO(CheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
+        state = self.preloaded(os.fspath(path)) if self.preloaded is not None else None
+        if state is not None:
+            return _to_map_location(_convert.from_tree(state), map_location)
         try:
             target = resolve_ours(path, self.ours._options())
         except (CheckpointNotFoundError, ValueError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 
 import fsspec
@@ -249,9 +250,13 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     with open(data, "r+b") as f:
         f.seek(os.path.getsize(data) - 4)
         f.write(b"\xff\xff\xff\xff")
+    shutil.copytree(d, d + "-copy")
     with pytest.warns(UserWarning, match="ckpt-6"):
         trainer, _ = run(tmp_path, CheckpointCallback(d, save_every_n_steps=3), max_epochs=2)
     assert trainer.ckpt_path == os.path.join(d, "ckpt-3")
+    with pytest.warns(UserWarning, match="ckpt-6"):
+        trainer, _ = run(tmp_path, CheckpointCallback(d + "-copy", resume=False), max_epochs=2, ckpt_path="last")
+    assert trainer.ckpt_path == os.path.join(d + "-copy", "ckpt-3.index") and trainer.global_step == 12
 
 
 class FailAt(L.Callback):
