@@ -255,7 +255,12 @@ def _load(storage: Storage, name: str, *, verify: bool, allow_pickle: bool) -> d
     for file_no, f in enumerate(index["files"]):
         if f.get("kind") == "meta":
             if verify:
-                data = storage.read_bytes(f["name"], max_bytes=MAX_META_BYTES)
+                try:
+                    data = storage.read_bytes(f["name"], max_bytes=MAX_META_BYTES)
+                except CheckpointNotFoundError:  # the index exists: a missing file means corrupt
+                    raise CorruptCheckpointError(
+                        f"Meta file {storage.url_of(f['name'])!r} of the checkpoint is missing."
+                    ) from None
                 if len(data) != f["size"] or fmt.checksum_bytes(data) != f["checksum"]:
                     raise CorruptCheckpointError(
                         f"{storage.url_of(f['name'])!r} is corrupt: its size or checksum does not match the index."
