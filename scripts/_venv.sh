@@ -11,9 +11,16 @@ STAMP=.venv/.ckpt_callbacks-installed
 WANT="$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "Setting up .venv (pinned dependencies from requirements.lock) ..." >&2
-  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >&2
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.lock >&2
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . >&2
+  pip_install() {
+    # Some machines list package mirrors that do not exist; pip warns once per package about them.
+    local rc=0
+    .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+      | { grep -v "is ignored: it is neither" || true; } >&2 || rc=$?
+    return "$rc"
+  }
+  pip_install --upgrade pip
+  pip_install -r requirements.lock
+  pip_install --no-deps -e .
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
