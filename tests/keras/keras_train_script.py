@@ -2,7 +2,7 @@
 
 Usage: python train_script.py DIRECTORY OUT.npz TRIGGER [KILL_AT_STEP]
 TRIGGER is "steps" (save every 4 steps: mid-epoch checkpoints) or "epoch" (save at epoch ends).
-With KILL_AT_STEP, the process SIGKILLs itself after that global step, once (a marker file in
+ASYNC_SAVE=1 in the environment turns on async_save. With KILL_AT_STEP, the process SIGKILLs itself after that global step, once (a marker file in
 DIRECTORY remembers it), so rerunning the same command resumes instead of dying again.
 """
 
@@ -37,10 +37,11 @@ model = keras.Sequential(
 )
 model.compile(keras.optimizers.Adam(1e-2), "mse", steps_per_execution=spe)
 
+async_save = os.environ.get("ASYNC_SAVE") == "1"
 if trigger == "steps":
-    cb = CheckpointCallback(directory, save_every_n_steps=4, max_to_keep=2)
+    cb = CheckpointCallback(directory, save_every_n_steps=4, max_to_keep=2, async_save=async_save)
 else:
-    cb = CheckpointCallback(directory, save_on_epoch_end=True, max_to_keep=2)
+    cb = CheckpointCallback(directory, save_on_epoch_end=True, max_to_keep=2, async_save=async_save)
 data = ResumableDataset(x, y, batch_size=8, callback=cb, seed=7)
 
 

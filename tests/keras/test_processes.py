@@ -32,20 +32,25 @@ def _assert_same_state(got, expected, backend):
 
 
 @pytest.mark.parametrize(
-    ("trigger", "kill_at", "resumed_from"),
+    ("trigger", "kill_at", "resumed_from", "async_save"),
     [
         # 40 samples / batch 8 = 5 batches per epoch, 4 epochs.
-        ("epoch", 7, "ckpt-5"),  # checkpoint at the end of epoch 0, killed in epoch 1
-        ("steps", 10, "ckpt-8"),  # checkpoint after batch 3 of epoch 1, killed at the end of epoch 1
+        ("epoch", 7, ("ckpt-5",), False),  # checkpoint at the end of epoch 0, killed in epoch 1
+        ("steps", 10, ("ckpt-8",), False),  # checkpoint after batch 3 of epoch 1, killed at its end
+        # async: the kill may land before the background write of ckpt-8 commits.
+        ("steps", 10, ("ckpt-8", "ckpt-4"), True),
     ],
 )
-def test_sigkill_then_rerun_resumes_bit_exactly(reference, tmp_path, trigger, kill_at, resumed_from):
+def test_sigkill_then_rerun_resumes_bit_exactly(
+    reference, tmp_path, trigger, kill_at, resumed_from, async_save
+):
     backend, expected = reference
+    env = {"ASYNC_SAVE": "1" if async_save else "0"}
     args = (tmp_path / "ckpt", tmp_path / "final.npz", trigger, kill_at)
-    killed = run_python(SCRIPT, *args, backend=backend, check=False)
+    killed = run_python(SCRIPT, *args, backend=backend, check=False, env=env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (tmp_path / "final.npz").exists()
-    run_python(SCRIPT, *args, backend=backend)  # the same command again
+    run_python(SCRIPT, *args, backend=backend, env=env)  # the same command again
     got = np.load(tmp_path / "final.npz")
     assert str(got["resumed"]).endswith(resumed_from)
     _assert_same_state(got, expected, backend)
