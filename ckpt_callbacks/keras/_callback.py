@@ -55,6 +55,12 @@ class CheckpointCallback(keras.callbacks.Callback):
     A save whose step ends an epoch is written in ``on_epoch_end`` instead of after the batch, so it
     carries that epoch's validation metrics and resumes at the start of the next epoch.
 
+    Attributes:
+        last_checkpoint: path of the newest checkpoint this callback wrote, or None.
+        restored_from: path of the checkpoint the last ``fit`` resumed from, or None.
+        manager: the ``CheckpointManager`` behind the callback (created on first use, closed when
+            ``fit`` ends).
+
     Example:
         >>> cb = CheckpointCallback("gs://bucket/run", save_every_n_steps=500, max_to_keep=3,
         ...                         keep_checkpoint_every_n_hours=1)
@@ -210,6 +216,7 @@ class CheckpointCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self._reset_counters()
+        self.restored_from = None
         self._info = _adapter.framework_info(self.model)
         _adapter.ensure_optimizer_built(self.model)
         self._last_checked_step = self._global_step()
