@@ -195,37 +195,40 @@ def from_tree(tree: Any) -> dict[str, Any]:
             stacklevel=2,
         )
     rows = info["types"]
+    tags: dict[tuple, list[tuple[str, Any]]] = {}
     for row in rows:
         if not (isinstance(row, (list, tuple)) and len(row) == 3 and isinstance(row[0], (list, tuple))):
             raise CorruptCheckpointError(f"Invalid type-table row in the checkpoint: {str(row)[:80]!r}.")
-    # Deepest first: a parent (say, a dict whose keys are classes) is rebuilt after its children.
-    root = {"": tree}
-    for path, tag, extra in sorted(rows, key=lambda r: -len(r[0])):
-        parent, key = _locate(root, ["", *path])
-        parent[key] = _decode_node(parent[key], tag, extra)
-    return root[""]
-
-
-def _locate(root: Any, path: list) -> tuple[Any, Any]:
-    node = root
-    for k in path[:-1]:
-        try:
-            node = node[k]
-        except (KeyError, IndexError, TypeError):
+        path, tag, extra = row
+        if not all(type(k) in (str, int) for k in path):
             raise CorruptCheckpointError(
-                f"The checkpoint's type table names a missing key path {path[1:]!r}."
-            ) from None
-    if isinstance(node, tuple):
+                f"Invalid key path in the checkpoint's type table: {str(path)[:80]!r}."
+            )
+        tags.setdefault(tuple(path), []).append((tag, extra))
+    # Every prefix of a tagged path: only those subtrees are rebuilt, children first (a dict whose
+    # keys are classes, or a tuple holding a torch.Size, is rebuilt after what it contains).
+    on_the_way = {path[:n] for path in tags for n in range(len(path) + 1)}
+    found: set[tuple] = set()
+
+    def rebuild(node: Any, path: tuple) -> Any:
+        if path not in on_the_way:
+            return node
+        if isinstance(node, dict):
+            node = type(node)((k, rebuild(v, (*path, k))) for k, v in node.items())
+        elif type(node) in (list, tuple):
+            node = type(node)(rebuild(v, (*path, i)) for i, v in enumerate(node))
+        for tag, extra in tags.get(path, ()):
+            found.add(path)
+            node = _decode_node(node, tag, extra)
+        return node
+
+    out = rebuild(tree, ())
+    missing = set(tags) - found
+    if missing:
         raise CorruptCheckpointError(
-            f"The checkpoint's type table names a path inside a tuple: {path[1:]!r}."
+            f"The checkpoint's type table names a missing key path {list(min(missing, key=len))!r}."
         )
-    try:
-        node[path[-1]]
-    except (KeyError, IndexError, TypeError):
-        raise CorruptCheckpointError(
-            f"The checkpoint's type table names a missing key path {path[1:]!r}."
-        ) from None
-    return node, path[-1]
+    return out
 
 
 def _decode_node(node: Any, tag: str, extra: Any) -> Any:

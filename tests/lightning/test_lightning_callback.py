@@ -255,7 +255,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
         trainer, _ = run(tmp_path, CheckpointCallback(d, save_every_n_steps=3), max_epochs=2)
     assert trainer.ckpt_path == os.path.join(d, "ckpt-3")
     with pytest.warns(UserWarning, match="ckpt-6"):
-        trainer, _ = run(tmp_path, CheckpointCallback(d + "-copy", resume=False), max_epochs=2, ckpt_path="last")
+        trainer, _ = run(
+            tmp_path, CheckpointCallback(d + "-copy", resume=False), max_epochs=2, ckpt_path="last"
+        )
     assert trainer.ckpt_path == os.path.join(d + "-copy", "ckpt-3.index") and trainer.global_step == 12
 
 
@@ -277,6 +279,20 @@ def test_exception_releases_manager_and_io_then_resume_in_same_process(tmp_path)
     assert cb._mgr is None and not isinstance(trainer.strategy.checkpoint_io, _DispatchingCheckpointIO)
     trainer, _ = run(tmp_path, CheckpointCallback(d, save_every_n_steps=3), max_epochs=1)
     assert trainer.ckpt_path == os.path.join(d, "ckpt-3") and trainer.global_step == 6
+
+
+def test_precision_plugin_state_is_saved_and_restored(tmp_path):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    def plugin():
+        return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+
+    d = str(tmp_path / "run")
+    run(tmp_path, CheckpointCallback(d), max_epochs=1, plugins=[plugin()])
+    saved = load_checkpoint(os.path.join(d, "ckpt-6"))["MixedPrecision"]
+    assert saved["scale"] == 1024.0 and saved["_growth_tracker"] == 6
+    trainer, _ = run(tmp_path, CheckpointCallback(d), max_epochs=2, plugins=[plugin()])
+    assert trainer.precision_plugin.scaler.state_dict()["_growth_tracker"] == 12  # continued, not restarted
 
 
 def test_fast_dev_run_neither_saves_nor_resumes(tmp_path):

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lightning.pytorch.utilities.parsing import AttributeDict
 
 from ckpt_callbacks import load_checkpoint, save_checkpoint
@@ -197,3 +199,63 @@ def test_import_ckpt_callbacks_stays_framework_free():
 def test_class_path_round_trip():
     assert _convert.resolve_class(_convert.class_path(AttributeDict)) is AttributeDict
     assert _convert.resolve_class("os:path.<locals>") is None
+
+
+_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**62), 2**62),
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+    st.binary(max_size=8),
+    st.builds(lambda xs: torch.tensor(xs, dtype=torch.bfloat16), st.lists(st.floats(-1e3, 1e3), max_size=4)),
+    st.sampled_from([torch.float16, torch.int8]),
+    st.builds(lambda xs: torch.Size(xs), st.lists(st.integers(0, 9), max_size=3)),
+)
+_keys = st.one_of(st.text(max_size=6), st.integers(-5, 50))
+_trees = st.recursive(
+    _leaves,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.tuples(children, children),
+        st.dictionaries(_keys, children, max_size=3),
+        st.dictionaries(st.text(min_size=1, max_size=6), children, max_size=3).map(AttributeDict),
+        st.builds(
+            lambda d: collections.OrderedDict(d), st.dictionaries(st.text(max_size=4), children, max_size=3)
+        ),
+        st.sets(st.integers(0, 9), max_size=3),
+    ),
+    max_leaves=12,
+)
+
+
+def _same(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@settings(max_examples=60, deadline=None)
+@given(tree=_trees)
+def test_any_lightning_like_tree_round_trips_in_memory(tree):
+    """to_tree -> core encode/decode (no I/O) -> from_tree gives the same types and values."""
+    from ckpt_callbacks import _format
+
+    checkpoint = {"x": tree}
+    encoded = _format.encode_tree(to_tree(checkpoint))
+    tensors = {t.name: _to_loaded(t) for t in encoded.tensors}
+    out = from_tree(_format.decode_tree(encoded.tree, tensors))
+    assert _same(out, checkpoint)
+
+
+def _to_loaded(entry):
+    from ckpt_callbacks import _torch
+
+    arr = entry.array().copy()
+    return _torch.from_numpy(arr) if entry.kind == "torch" else arr
