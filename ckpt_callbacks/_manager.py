@@ -234,8 +234,30 @@ def _remove_quietly(storage: Storage, names: list[str]) -> None:
 # ===================================================================== reading one checkpoint
 
 
+def _read_bounded(storage: Storage, name: str, limit: int) -> bytes:
+    """A whole small file, refused above ``limit`` bytes before reading it.
+
+    A local read of ``max_bytes`` allocates that much up front, so a hostile or sparse file is
+    sized first (one stat; object stores stream and need no HEAD).
+    """
+    if storage.is_local:
+        size = storage.size(name)
+        if size is None:
+            raise CheckpointNotFoundError(f"No file {storage.url_of(name)!r}.")
+        if size > limit:
+            raise CorruptCheckpointError(
+                f"{storage.url_of(name)!r} is {size} bytes, over the {limit}-byte limit for this kind of file: "
+                "it was not written by this library, or is corrupt."
+            )
+        limit = size
+    data = storage.read_bytes(name, max_bytes=limit)
+    if len(data) > limit:
+        raise CorruptCheckpointError(f"{storage.url_of(name)!r} is over the {limit}-byte limit for this kind of file.")
+    return data
+
+
 def _read_index(storage: Storage, name: str, verify: bool = True) -> dict:
-    data = storage.read_bytes(name + INDEX_SUFFIX, max_bytes=fmt.MAX_INDEX_BYTES)
+    data = _read_bounded(storage, name + INDEX_SUFFIX, fmt.MAX_INDEX_BYTES)
     index = fmt.parse_index(data, verify=verify)
     for f in index["files"]:
         fname = fmt.check_name(f["name"])
@@ -243,6 +265,17 @@ def _read_index(storage: Storage, name: str, verify: bool = True) -> dict:
             raise CorruptCheckpointError(
                 f"Checkpoint index {name + INDEX_SUFFIX!r} names file {fname!r}, which belongs to another checkpoint."
             )
+    # Header sizes and tensor placement, checked for every reader (list_variables reads no data file).
+    header_sizes = {}
+    for i, f in enumerate(index["files"]):
+        if f.get("kind") != "meta":
+            hs = f.get("header_size")
+            if type(hs) is not int or not 8 <= hs <= min(f["size"], fmt.MAX_HEADER_BYTES + 8):
+                raise CorruptCheckpointError(f"Invalid header size {hs!r:.40} for {f['name']!r} in the checkpoint index.")
+            header_sizes[i] = hs
+    for tname, t in index["tensors"].items():
+        if t["file"] not in header_sizes or t["offset"] < header_sizes[t["file"]]:
+            raise CorruptCheckpointError(f"Tensor {tname!r:.120} is not inside the data section of a data file.")
     return index
 
 
@@ -256,7 +289,7 @@ def _load(storage: Storage, name: str, *, verify: bool, allow_pickle: bool) -> d
         if f.get("kind") == "meta":
             if verify:
                 try:
-                    data = storage.read_bytes(f["name"], max_bytes=MAX_META_BYTES)
+                    data = _read_bounded(storage, f["name"], MAX_META_BYTES)
                 except CheckpointNotFoundError:  # the index exists: a missing file means corrupt
                     raise CorruptCheckpointError(
                         f"Meta file {storage.url_of(f['name'])!r} of the checkpoint is missing."
@@ -275,7 +308,10 @@ def _load(storage: Storage, name: str, *, verify: bool, allow_pickle: bool) -> d
 
             arr = _torch.from_numpy(arr)
         tensors[tname] = arr
-    return fmt.decode_tree(index["tree"], tensors, allow_pickle=allow_pickle)
+    try:
+        return fmt.decode_tree(index["tree"], tensors, allow_pickle=allow_pickle)
+    except RecursionError:  # nesting the JSON parser accepted but the interpreter stack cannot decode
+        raise CorruptCheckpointError("Checkpoint tree is nested too deeply.") from None
 
 
 def _read_data_file(storage: Storage, f: dict, tensors: list, out: dict, verify: bool) -> None:
@@ -296,6 +332,8 @@ def _read_data_file(storage: Storage, f: dict, tensors: list, out: dict, verify:
             header = _read_exact(fh, 0, header_size, fname)
             if fmt.checksum_bytes(header) != f["checksum"]:
                 raise CorruptCheckpointError(f"{storage.url_of(fname)!r}: safetensors header checksum mismatch.")
+            if int.from_bytes(header[:8], "little") != header_size - 8:  # still a valid safetensors file
+                raise CorruptCheckpointError(f"{storage.url_of(fname)!r}: safetensors header length is wrong.")
         for tname, t in tensors:
             if t["offset"] < header_size:
                 raise CorruptCheckpointError(f"Tensor {tname!r} overlaps the header of {fname!r}.")
@@ -378,10 +416,10 @@ def list_variables(path: str | os.PathLike, storage_options: dict | None = None)
 def read_meta(path: str | os.PathLike, storage_options: dict | None = None) -> dict:
     """The ``.meta`` JSON of a checkpoint."""
     directory, name = _split(os.fspath(path))
-    data = Storage(directory, storage_options).read_bytes(name + META_SUFFIX, max_bytes=MAX_META_BYTES)
+    data = _read_bounded(Storage(directory, storage_options), name + META_SUFFIX, MAX_META_BYTES)
     try:
         return json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CorruptCheckpointError(f"{os.fspath(path) + META_SUFFIX!r} is not valid JSON.") from None
 
 
@@ -394,7 +432,7 @@ def get_checkpoint_state(directory: str | os.PathLike, storage_options: dict | N
     """The directory's ``checkpoint`` state file with paths joined to the directory, or None."""
     storage = Storage(directory, storage_options)
     try:
-        data = storage.read_bytes(STATE_FILE_NAME, max_bytes=MAX_STATE_FILE_BYTES)
+        data = _read_bounded(storage, STATE_FILE_NAME, MAX_STATE_FILE_BYTES)
     except CheckpointNotFoundError:
         return None
     state, _ = parse_state(data)
@@ -410,7 +448,7 @@ def latest_checkpoint(directory: str | os.PathLike, storage_options: dict | None
     """Path of the checkpoint the state file names as newest, or None (like ``tf.train.latest_checkpoint``)."""
     storage = Storage(directory, storage_options)
     try:
-        data = storage.read_bytes(STATE_FILE_NAME, max_bytes=MAX_STATE_FILE_BYTES)
+        data = _read_bounded(storage, STATE_FILE_NAME, MAX_STATE_FILE_BYTES)
     except CheckpointNotFoundError:
         return None
     state, _ = parse_state(data)
@@ -431,7 +469,7 @@ def resolve_checkpoint(
         return p
     d = Storage(p, storage_options)
     try:
-        data = d.read_bytes(STATE_FILE_NAME, max_bytes=MAX_STATE_FILE_BYTES)
+        data = _read_bounded(d, STATE_FILE_NAME, MAX_STATE_FILE_BYTES)
     except CheckpointNotFoundError:
         raise CheckpointNotFoundError(
             f"No checkpoint at {p!r}: expected a checkpoint path (with a '.index' file) or a directory with a "
@@ -592,7 +630,7 @@ class CheckpointManager:
         self._latest: str | None = None
         self._records: list[Record] = []
         try:
-            data = self._storage.read_bytes(STATE_FILE_NAME, max_bytes=MAX_STATE_FILE_BYTES)
+            data = _read_bounded(self._storage, STATE_FILE_NAME, MAX_STATE_FILE_BYTES)
         except CheckpointNotFoundError:
             # Like TensorFlow: a second in the past, so a quickly re-created manager does not race.
             self._last_preserved = now - 1.0

@@ -133,7 +133,7 @@ def _parse_records(extra: str, state: CheckpointState) -> list[Record] | None:
             )
             for r in data["checkpoints"]
         ]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         return None  # fall back to the TF fields, which are authoritative
     # The comment is only trusted when it agrees with the fields TensorFlow reads.
     if [r.name for r in records] != state.all_model_checkpoint_paths or any(
