@@ -343,7 +343,11 @@ def _acquire_remote(storage: Any, key: str) -> _Held:
             try:
                 lease.fs.pipe_file(lease.path, lease.doc(), mode="create")
             except FileExistsError:
-                raise _busy(storage.url, lease.url, lease.read()) from None
+                holder = lease.read()
+                if holder is not None:
+                    raise _busy(storage.url, lease.url, holder) from None
+                logger.warning("Replacing the unreadable writer lease %s", lease.url)
+                lease.fs.pipe_file(lease.path, lease.doc())
             except (TypeError, NotImplementedError):  # a backend without exclusive create
                 lease.fs.pipe_file(lease.path, lease.doc())
         # Without a conditional write two writers can both get here; the last PUT wins and the
