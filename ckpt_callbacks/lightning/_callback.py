@@ -144,7 +144,7 @@ class CheckpointCallback(ModelCheckpoint):
         self._clock = clock
 
         self._mgr: CheckpointManager | None = None
-        self._trainer_ref: Callable[[], Trainer | None] = lambda: None
+        self._trainer_ref: Callable[[], Trainer | None] = _no_trainer
         self._global_rank = 0
         self._replaced_io: tuple[Any, Any] | None = None
         # counters (persisted through state_dict)
@@ -162,6 +162,14 @@ class CheckpointCallback(ModelCheckpoint):
         self._deferred_to_epoch_end = False
         self._warning_filter: Any = None
         self._preloaded: tuple[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable for ddp_spawn and for Trainer copies: live resources stay with this process.
+        state = self.__dict__.copy()
+        state.update(
+            _trainer_ref=_no_trainer, _mgr=None, _replaced_io=None, _warning_filter=None, _preloaded=None
+        )
+        return state
 
     # ------------------------------------------------------------------ identity and state
 
@@ -517,6 +525,10 @@ class CheckpointCallback(ModelCheckpoint):
         name, message = status
         cls = _REMOTE_ERRORS.get(name, CheckpointWriteError)
         raise cls(f"{what} failed on global rank 0 ({name}): {message}")
+
+
+def _no_trainer() -> None:
+    return None
 
 
 def _fast_forward(trainer: Trainer, consumed: int) -> bool:

@@ -295,6 +295,15 @@ def test_precision_plugin_state_is_saved_and_restored(tmp_path):
     assert trainer.precision_plugin.scaler.state_dict()["_growth_tracker"] == 12  # continued, not restarted
 
 
+def test_callback_pickles_without_live_resources(tmp_path):
+    import pickle
+
+    cb = CheckpointCallback(str(tmp_path / "run"), save_every_n_steps=2)
+    run(tmp_path, cb, max_epochs=1)
+    clone = pickle.loads(pickle.dumps(cb))
+    assert clone._num_saves == cb._num_saves == 3 and clone._mgr is None and clone.directory == cb.directory
+
+
 def test_fast_dev_run_neither_saves_nor_resumes(tmp_path):
     d = str(tmp_path / "run")
     run(tmp_path, CheckpointCallback(d, save_every_n_steps=1), max_epochs=1, fast_dev_run=2)
