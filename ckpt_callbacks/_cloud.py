@@ -217,6 +217,9 @@ class S3MultipartWriter:
                 self._complete(etags)
             self.done = True
             self.buf = bytearray()
+            # s3fs caches listings; a cached listing of the directory from before this object existed
+            # would make the next open() of it fail with FileNotFoundError without asking the server.
+            self.fs.invalidate_cache(self.storage.path(self.name))
         except Exception as e:  # noqa: BLE001
             self.abort()
             raise _write_error(self.storage, self.name, e) from e
@@ -268,11 +271,7 @@ class S3MultipartWriter:
         if self.part_no > MAX_PARTS:
             raise OSError(f"More than {MAX_PARTS} parts for one S3 object; the object is too large.")
         if self.upload_id is None:
-            resp = self._run(
-                lambda: self.fs._call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key),
-                "CreateMultipartUpload",
-            )
-            self.upload_id = resp["UploadId"]
+            self._create()
         body = self.buf
         del body[self.fill :]
         number = self.part_no
@@ -288,6 +287,40 @@ class S3MultipartWriter:
             raise
         fut.add_done_callback(lambda _f: _inflight.release())
         self.futures.append(fut)
+
+    def _create(self) -> None:
+        self.upload_id = self._run(
+            lambda: self.fs._call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key),
+            "CreateMultipartUpload",
+        )["UploadId"]
+        # A retried create (here or inside s3fs/botocore, invisible to us) may have left an upload whose
+        # response was lost, and a killed earlier save of this file leaves one too. Both are invisible
+        # but stored: abort every other pending upload of this exact key, which only this directory's
+        # writer (SPEC: one writer per directory) ever creates. One LIST per multipart file.
+        self._abort_others()
+
+    def _abort_others(self) -> None:
+        try:
+            resp = self._run(
+                lambda: self.fs._call_s3("list_multipart_uploads", Bucket=self.bucket, Prefix=self.key),
+                "ListMultipartUploads",
+            )
+        except Exception as e:  # noqa: BLE001 - best effort; the orphan is invisible either way
+            logger.warning("Could not list pending uploads of s3://%s/%s: %s", self.bucket, self.key, e)
+            return
+        for upload in resp.get("Uploads", []):
+            if upload.get("Key") != self.key or upload.get("UploadId") == self.upload_id:
+                continue
+            other = upload["UploadId"]
+            try:
+                self._run(
+                    lambda u=other: self.fs._call_s3(
+                        "abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=u
+                    ),
+                    "AbortMultipartUpload",
+                )
+            except Exception as e:  # noqa: BLE001
+                logger.warning("Could not abort orphaned upload %s of s3://%s/%s: %s", other, self.bucket, self.key, e)
 
     async def _upload_part(self, number: int, body: bytearray) -> str:
         upload_id = self.upload_id
@@ -357,3 +390,45 @@ def discard_upload(f: Any) -> None:
             logger.debug("Could not cancel GCS upload session: %s", e)
         return
     f.discard()
+
+
+class RetryingReader:
+    """A read handle over an fsspec object-store file whose reads are retried on transient errors.
+
+    A ranged GET that fails half-way (503, reset) is retried from the position the read started at,
+    so restoring a multi-GiB checkpoint does not fail on one bad request.
+    """
+
+    def __init__(self, f: Any, what: str) -> None:
+        self._f = f
+        self._what = what
+
+    def _retry(self, op: Callable[[], T]) -> T:
+        pos = self._f.tell()
+
+        def attempt() -> T:
+            self._f.seek(pos)
+            return op()
+
+        return retry_call(attempt, f"read of {self._what} at offset {pos}")
+
+    def readinto(self, b: Any) -> int:
+        return self._retry(lambda: self._f.readinto(b))
+
+    def read(self, n: int = -1) -> bytes:
+        return self._retry(lambda: self._f.read(n))
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> RetryingReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

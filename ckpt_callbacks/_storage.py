@@ -180,7 +180,12 @@ class Storage:
         try:
             if self.is_local:
                 return open(self.path(name), "rb", buffering=0)
-            return self._retrying(lambda: self.fs.open(self.path(name), "rb", cache_type="none"), f"open {name}")
+            f = self._retrying(lambda: self.fs.open(self.path(name), "rb", cache_type="none"), f"open {name}")
+            if not self.streaming:
+                return f
+            from . import _cloud
+
+            return _cloud.RetryingReader(f, self.url_of(name))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise CheckpointNotFoundError(f"No file {self.url_of(name)!r}.") from None
 
