@@ -372,8 +372,13 @@ def save_checkpoint(
     meta: dict | None = None,
     storage_options: dict | None = None,
     allow_pickle: bool = False,
+    _step: int | None = None,
+    _info: dict | None = None,
 ) -> None:
     """Write one checkpoint (``<path>.data-*``, ``<path>.meta``, ``<path>.index``) without a manager.
+
+    The step recorded in the index and meta is the trailing number of the name (``ckpt-1000``), or
+    ``_step``; ``_info`` is the adapters' framework description (see ``CheckpointManager.save``).
 
     Example:
         >>> save_checkpoint("runs/a/ckpt-10", {"w": np.zeros(3)})
@@ -385,8 +390,8 @@ def save_checkpoint(
     storage = Storage(directory, storage_options)
     storage.makedirs()
     encoded = fmt.encode_tree(state, allow_pickle=allow_pickle)
-    step = _step_of(name)
-    _write_checkpoint(storage, name, encoded, step, _meta_doc(step, time.time(), None, meta, None))
+    step = _step_of(name) if _step is None else int(_step)
+    _write_checkpoint(storage, name, encoded, step, _meta_doc(step, time.time(), None, meta, _info))
 
 
 def load_checkpoint(
