@@ -34,7 +34,7 @@ from .._manager import CheckpointManager, get_checkpoint_state
 from .._manager import load_checkpoint as _core_load
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError
 from . import _convert, _rng
-from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO
+from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO, _jsonable
 
 _STATE_VERSION = 1
 _NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
@@ -576,20 +576,6 @@ def _metrics(trainer: Trainer) -> dict[str, float]:
             continue
         out[str(k)] = value
     return out
-
-
-def _jsonable(x: Any, depth: int = 0) -> Any:
-    if depth > 32:
-        return repr(x)[:200]
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v, depth + 1) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v, depth + 1) for v in x]
-    if x is None or isinstance(x, (bool, int, str)):
-        return x
-    if isinstance(x, float):
-        return x if math.isfinite(x) else repr(x)
-    return repr(x)[:200]
 
 
 def _info(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:

@@ -21,6 +21,7 @@ or removal of that path. Only files matching this naming are ever deleted.
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
 import re
@@ -28,6 +29,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import lightning
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
@@ -52,6 +54,21 @@ _MARKER_HEAD = b'{"format":"' + MARKER_FORMAT.encode() + b'"'
 _INDEX_HEAD = b'{"format":"ckpt_callbacks"'
 _TOKEN_RE = r"[0-9a-f]{8}"
 _FILE_KINDS = r"(?:\.index|\.meta|\.data-\d{5}-of-\d{5})"
+
+
+def _jsonable(x: Any, depth: int = 0) -> Any:
+    """A JSON-safe description of hyper-parameters for the ``.meta`` file (repr for anything else)."""
+    if depth > 32:
+        return repr(x)[:200]
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v, depth + 1) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v, depth + 1) for v in x]
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else repr(x)
+    return repr(x)[:200]
 
 
 def split_path(path: str | os.PathLike) -> tuple[str, str]:
@@ -211,19 +228,21 @@ class FsspecCheckpointIO(CheckpointIO):
         previous = _read_marker_quietly(storage, name)
         target = f"{name}.{uuid.uuid4().hex[:8]}"
         tree = _convert.to_tree(checkpoint)
-        meta = {
-            "lightning": {
-                "path": name,
-                "epoch": checkpoint.get("epoch"),
-                "global_step": checkpoint.get("global_step"),
-            }
+        step = checkpoint.get("global_step")
+        info = {
+            "framework": "lightning",
+            "framework_versions": {"lightning": lightning.__version__, "torch": torch.__version__},
+            "model": {"hparams": _jsonable(dict(checkpoint.get("hyper_parameters") or {}))},
+            "epoch": checkpoint.get("epoch"),
+            "lightning": {"path": name},
         }
         _core_save(
             join_path(directory, target),
             tree,
-            meta=meta,
             storage_options=options,
             allow_pickle=self.allow_pickle,
+            _step=step if isinstance(step, int) else None,
+            _info=info,
         )
         storage.write_bytes(name, _marker_bytes(target))
         storage.sync_dir()

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_helpers import TinyModel, make_loader, make_trainer, same_weights, weights
 
+from ckpt_callbacks._manager import read_meta
 from ckpt_callbacks.errors import CheckpointNotFoundError, IncompatibleCheckpointError
 from ckpt_callbacks.lightning import FsspecCheckpointIO
 
@@ -55,6 +56,10 @@ def test_save_load_remove_round_trip(base):
     assert same_weights(loaded["state_dict"], ckpt["state_dict"])
     assert loaded["optimizer_states"][0]["param_groups"][0]["betas"] == (0.8, 0.9)
     assert loaded["hyper_parameters"] == {"lr": 0.1} and loaded["global_step"] == 10
+    (meta_name,) = [f for f in files if f.endswith(".meta")]
+    meta = read_meta(f"{base}/{meta_name[: -len('.meta')]}")
+    assert meta["framework"] == "lightning" and meta["step"] == 10
+    assert meta["model"]["hparams"] == {"lr": 0.1} and meta["epoch"] == ckpt["epoch"]
     io.remove_checkpoint(path)
     assert names(base) == []
     with pytest.raises(CheckpointNotFoundError):
