@@ -64,6 +64,11 @@ class Reference:
         if not self.committed_any:
             self.last_preserved = now - 1.0  # like TF: a second in the past
             return
+        # A restart reads what the last commit wrote: clamps made by a manager that never
+        # committed are not carried over.
+        self.active = collections.OrderedDict(self.saved[0])
+        self.hourly = dict(self.saved[1])
+        self.last_preserved = self.saved[2]
         if now < self.last_preserved:
             self.last_preserved = now
         for s in self.active:
@@ -79,6 +84,7 @@ class Reference:
             if self.hours and t - self.hours * H >= self.last_preserved:
                 self.last_preserved = t
                 self.hourly[old] = t
+        self.saved = (collections.OrderedDict(self.active), dict(self.hourly), self.last_preserved)
 
     @property
     def survivors(self) -> set[int]:
