@@ -149,7 +149,15 @@ def acquire(storage: Any, owner: object) -> WriterLock:
             _pending_under_lock()
             held = _held.get(key)
             if held is None:
-                held = _acquire_local(storage, key) if storage.is_local else _acquire_remote(storage, key)
+                try:
+                    held = _acquire_local(storage, key) if storage.is_local else _acquire_remote(storage, key)
+                except CheckpointWriteError as e:
+                    if e.errno == errno.EBUSY:
+                        raise
+                    # A read-only directory or bucket (a manager that only restores) cannot hold a lock
+                    # but has nothing to protect either: a save there fails on its own, with its own error.
+                    logger.warning("No writer lock for %s (%s); continuing without one.", storage.url, e)
+                    held = _Held(key, lambda: None, lambda: None)
                 _held[key] = held
             held.count += 1
             token = WriterLock(key, held)

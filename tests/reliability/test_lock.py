@@ -227,3 +227,21 @@ def test_object_store_lease(holder, refused):
         mgr.save({"x": 1}, step=1)
         assert json.loads(fs.cat_file(path))["pid"] == os.getpid()
     assert not fs.exists(path)
+
+
+def test_unwritable_directory_gets_a_warning_not_an_error(tmp_path, monkeypatch, caplog):
+    """Restoring from a read-only location must keep working; saving there fails at save time."""
+    d = tmp_path / "run"
+    with CheckpointManager(str(d)) as mgr:
+        mgr.save({"x": 1}, step=1)
+    real_open = os.open
+
+    def read_only_open(path, flags, *a, **k):
+        if str(path).endswith(LOCK_FILE_NAME):
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(_lock.os, "open", read_only_open)
+    with caplog.at_level("WARNING", logger="ckpt_callbacks"), CheckpointManager(str(d)) as mgr:
+        assert mgr.restore() == {"x": 1}
+    assert "No writer lock" in caplog.text
