@@ -27,7 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _workload as wl  # noqa: E402
+import rel_workload as wl  # noqa: E402
 
 from ckpt_callbacks import _manager  # noqa: E402
 from ckpt_callbacks._manager import CheckpointManager  # noqa: E402

@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 
-import _workload as wl
+import rel_workload as wl
 from ckpt_callbacks import CheckpointManager, CorruptCheckpointError, load_checkpoint
 from ckpt_callbacks._manager import read_index
 

@@ -16,9 +16,9 @@ import signal
 import time
 
 import pytest
-from conftest import verify_after_crash
+from rel_harness import verify_after_crash, zygote  # noqa: F401 - a fixture
 
-import _workload as wl
+import rel_workload as wl
 from ckpt_callbacks import CheckpointManager
 
 pytestmark = pytest.mark.timeout(600)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-import _workload as wl
+import rel_workload as wl
 from ckpt_callbacks import CheckpointManager, CheckpointWriteError, load_checkpoint
 from ckpt_callbacks import _storage
 from ckpt_callbacks._lock import LOCK_FILE_NAME

@@ -1,4 +1,5 @@
-"""Fixtures of the reliability suite: the crash-child zygote and the after-crash invariants."""
+"""Crash-test harness: the crash-child zygote fixture and the after-crash invariants (not a conftest:
+integration/ imports its own conftest by name)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _workload as wl  # noqa: E402
+import rel_workload as wl  # noqa: E402
 
 from ckpt_callbacks import CheckpointManager, latest_checkpoint, load_checkpoint  # noqa: E402
 from ckpt_callbacks._lock import LOCK_FILE_NAME  # noqa: E402
