@@ -228,10 +228,14 @@ def _acquire_local(storage: Any, key: str) -> _Held:
             continue
         previous = _parse_holder(os.pread(fd, _MAX_LOCK_BYTES, 0))
         if previous:
-            logger.info("Taking over the writer lock of %s left by %s (no longer running)", storage.url, _describe(previous))
+            logger.info(
+                "Taking over the writer lock of %s left by %s (no longer running)",
+                storage.url,
+                _describe(previous),
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, _holder_doc(), 0)
-        return _Held(key, lambda: _release_local(fd, path), lambda: os.close(fd))
+        return _Held(key, lambda fd=fd: _release_local(fd, path), lambda fd=fd: os.close(fd))
     raise CheckpointWriteError(f"Could not take the writer lock {path!r}: it keeps being replaced.")
 
 
@@ -257,7 +261,9 @@ def _acquire_exclusive(storage: Any, key: str, path: str) -> _Held:
             except FileNotFoundError:
                 continue
             if holder and holder.get("host") == _host() and not _pid_alive(holder.get("pid")):
-                logger.warning("Taking over the stale writer lock of %s left by %s", storage.url, _describe(holder))
+                logger.warning(
+                    "Taking over the stale writer lock of %s left by %s", storage.url, _describe(holder)
+                )
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
@@ -272,7 +278,7 @@ def _acquire_exclusive(storage: Any, key: str, path: str) -> _Held:
             os.close(fd)
         token = json.loads(doc)["token"]
 
-        def release() -> None:
+        def release(token: str = token) -> None:
             try:
                 with open(path, "rb") as f:
                     mine = (_parse_holder(f.read(_MAX_LOCK_BYTES)) or {}).get("token") == token
@@ -299,7 +305,13 @@ class _Lease:
 
     def doc(self) -> bytes:
         return json.dumps(
-            {"pid": os.getpid(), "host": _host(), "token": self.token, "time": time.time(), "lease_s": LEASE_SECONDS},
+            {
+                "pid": os.getpid(),
+                "host": _host(),
+                "token": self.token,
+                "time": time.time(),
+                "lease_s": LEASE_SECONDS,
+            },
             separators=(",", ":"),
         ).encode()
 
@@ -339,11 +351,17 @@ def _acquire_remote(storage: Any, key: str) -> _Held:
         holder = lease.read()
         if holder is not None:
             same_host = holder.get("host") == _host()
-            age = time.time() - holder["time"] if isinstance(holder.get("time"), (int, float)) else float("inf")
+            age = (
+                time.time() - holder["time"] if isinstance(holder.get("time"), (int, float)) else float("inf")
+            )
             if (same_host and _pid_alive(holder.get("pid"))) or (not same_host and 0 <= age < LEASE_SECONDS):
                 raise _busy(
-                    storage.url, lease.url, holder,
-                    "" if same_host else f" (refreshed {age:.0f} s ago; it expires {LEASE_SECONDS:.0f} s after that)",
+                    storage.url,
+                    lease.url,
+                    holder,
+                    ""
+                    if same_host
+                    else f" (refreshed {age:.0f} s ago; it expires {LEASE_SECONDS:.0f} s after that)",
                 )
             logger.warning("Taking over the writer lease of %s left by %s", storage.url, _describe(holder))
             lease.fs.pipe_file(lease.path, lease.doc())
@@ -366,7 +384,9 @@ def _acquire_remote(storage: Any, key: str) -> _Held:
     except CheckpointWriteError:
         raise
     except Exception as e:  # noqa: BLE001 - any backend error
-        raise CheckpointWriteError(f"Cannot take the writer lease {lease.url!r}: {type(e).__name__}: {e}") from e
+        raise CheckpointWriteError(
+            f"Cannot take the writer lease {lease.url!r}: {type(e).__name__}: {e}"
+        ) from e
     lease.start_refreshing()
     return _Held(key, lease.release, lease.forget)
 

@@ -142,8 +142,12 @@ def main() -> None:
             if cmd["cmd"] == "kill":
                 os.kill(pid, signal.SIGKILL)  # a zombie is still ours: no pid-reuse race
             _, status = os.waitpid(pid, 0)
-            out.write(json.dumps({"status": status, "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None})
-                      + "\n")
+            out.write(
+                json.dumps(
+                    {"status": status, "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}
+                )
+                + "\n"
+            )
             pid = None
         out.flush()
 

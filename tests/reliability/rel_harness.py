@@ -96,7 +96,9 @@ def verify_after_crash(directory: str, min_latest: int, max_latest: int) -> dict
     assert len(listed) == len(set(listed))
     if latest:
         assert latest in listed
-        assert latest_checkpoint(directory) == os.path.join(os.path.abspath(directory), f"{wl.PREFIX}-{latest}")
+        assert latest_checkpoint(directory) == os.path.join(
+            os.path.abspath(directory), f"{wl.PREFIX}-{latest}"
+        )
     for s in listed:
         loaded = load_checkpoint(os.path.join(directory, f"{wl.PREFIX}-{s}"))
         wl.assert_same_tree(loaded, wl.state_for(s))

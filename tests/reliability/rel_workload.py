@@ -37,7 +37,10 @@ def state_for(step: int) -> dict:
     rng = np.random.default_rng(step)
     return {
         "w": rng.standard_normal(256).astype(np.float32),
-        "m": {"b16": (np.arange(64, dtype=np.float32) * step).astype(ml_dtypes.bfloat16), "i": np.int64(step)},
+        "m": {
+            "b16": (np.arange(64, dtype=np.float32) * step).astype(ml_dtypes.bfloat16),
+            "i": np.int64(step),
+        },
         "opt": [np.full((4, 8), step, dtype=np.int32), (step, "adam", None), {"lr": 0.1 * step}],
         "bytes": hashlib.sha256(str(step).encode()).digest(),
         "nan": float("nan"),
@@ -64,7 +67,9 @@ def assert_same_tree(a, b, path="state"):
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-def reference_survivors(last_step: int, max_to_keep: int = MAX_TO_KEEP, hours: float | None = HOURS) -> set[int]:
+def reference_survivors(
+    last_step: int, max_to_keep: int = MAX_TO_KEEP, hours: float | None = HOURS
+) -> set[int]:
     """Steps on storage after steps 1..last_step were committed, by TensorFlow's CheckpointManager rules.
 
     Written independently of ckpt_callbacks._retention: an ordered "maybe delete" queue swept oldest

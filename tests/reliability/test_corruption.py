@@ -16,8 +16,8 @@ import struct
 import warnings
 
 import pytest
-
 import rel_workload as wl
+
 from ckpt_callbacks import CheckpointManager, CorruptCheckpointError, load_checkpoint
 from ckpt_callbacks._manager import read_index
 
@@ -90,13 +90,17 @@ def test_every_single_byte_flip_is_detected(run):
         path = os.path.join(run, fname)
         for region, start, end in regions:
             for pos in range(start, end):
-                mask = 1 << rng.randrange(8) if pos % 2 else rng.randrange(1, 256)  # bit flips and byte changes
+                mask = (
+                    1 << rng.randrange(8) if pos % 2 else rng.randrange(1, 256)
+                )  # bit flips and byte changes
                 old = _flip(path, pos, mask)
                 try:
                     with pytest.raises(CorruptCheckpointError):
                         load_checkpoint(ckpt)
                 except BaseException as e:
-                    raise AssertionError(f"flip of {fname} byte {pos} ({region}) mask {mask:#x}: {e!r}") from e
+                    raise AssertionError(
+                        f"flip of {fname} byte {pos} ({region}) mask {mask:#x}: {e!r}"
+                    ) from e
                 finally:
                     _put(path, pos, old)
                 flips += 1
@@ -135,8 +139,20 @@ def test_missing_data_or_meta_file_is_corrupt(run):
         os.rename(path + ".away", path)
 
 
-@pytest.mark.parametrize("region", ["length prefix", "safetensors header", "tensor", "meta", "index body",
-                                    "index checksum", "truncated", "extended", "missing data"])
+@pytest.mark.parametrize(
+    "region",
+    [
+        "length prefix",
+        "safetensors header",
+        "tensor",
+        "meta",
+        "index body",
+        "index checksum",
+        "truncated",
+        "extended",
+        "missing data",
+    ],
+)
 def test_restore_falls_back_to_the_newest_valid_checkpoint_with_a_warning(run, region):
     def damage(name):
         regions = _regions(run, name)
@@ -218,12 +234,19 @@ def test_corrupt_state_file_is_reported_not_guessed(run):
     path = os.path.join(run, "checkpoint")
     with open(path, "rb") as f:
         good = f.read()
-    for bad in [b"\xff\xfe garbage", b"model_checkpoint_path: ckpt-5\n", b"unknown_field: \"x\"\n",
-                good.replace(b"all_model_checkpoint_timestamps: ", b"all_model_checkpoint_timestamps: x")]:
+    for bad in [
+        b"\xff\xfe garbage",
+        b"model_checkpoint_path: ckpt-5\n",
+        b'unknown_field: "x"\n',
+        good.replace(b"all_model_checkpoint_timestamps: ", b"all_model_checkpoint_timestamps: x"),
+    ]:
         with open(path, "wb") as f:
             f.write(bad)
-        for call in (lambda: get_checkpoint_state(run), lambda: latest_checkpoint(run),
-                     lambda: CheckpointManager(run)):
+        for call in (
+            lambda: get_checkpoint_state(run),
+            lambda: latest_checkpoint(run),
+            lambda: CheckpointManager(run),
+        ):
             with pytest.raises(CorruptCheckpointError):
                 call()
     # the retention comment line is only trusted when it agrees with the TF fields

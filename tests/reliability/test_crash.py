@@ -16,12 +16,14 @@ import signal
 import time
 
 import pytest
-from rel_harness import verify_after_crash, zygote  # noqa: F401 - a fixture
-
+import rel_harness
 import rel_workload as wl
+from rel_harness import verify_after_crash
+
 from ckpt_callbacks import CheckpointManager
 
 pytestmark = pytest.mark.timeout(600)
+zygote = rel_harness.zygote  # the fixture
 
 
 def _journal(path: str) -> list[int]:
@@ -127,8 +129,16 @@ def test_sigkill_at_every_step_of_the_commit_protocol(zygote, tmp_path, scenario
     with open(events_file) as f:
         events = json.load(f)
     points = {e for e in events if e.startswith("point:")}
-    assert {"point:before_data", "point:after_data", "point:after_meta", "point:after_index",
-            "point:before_state", "point:after_state", "point:before_delete", "point:after_delete"} <= points
+    assert {
+        "point:before_data",
+        "point:after_data",
+        "point:after_meta",
+        "point:after_index",
+        "point:before_state",
+        "point:after_state",
+        "point:before_delete",
+        "point:after_delete",
+    } <= points
     assert any(e.startswith("os.replace:.ckpt-") for e in events)
     verify_after_crash(count_dir, sc["save"][-1], sc["save"][-1])
 

@@ -57,7 +57,9 @@ def ckpt(tmp_path):
 
 
 def _outside(tmp_path) -> dict[str, bytes]:
-    return {f: (tmp_path / f).read_bytes() for f in sorted(os.listdir(tmp_path)) if os.path.isfile(tmp_path / f)}
+    return {
+        f: (tmp_path / f).read_bytes() for f in sorted(os.listdir(tmp_path)) if os.path.isfile(tmp_path / f)
+    }
 
 
 def _index(d) -> dict:
@@ -75,7 +77,9 @@ def _write_index(d, index: dict) -> None:
     body = fmt.dump_index(index)
     head = body[: body.rindex(b',"index_checksum"')]
     head = head.replace(b'"@TREE@"', b'{"l":[' * depth + b"null" + b"]}" * depth)
-    (d / "ckpt-1.index").write_bytes(head + b',"index_checksum":"' + fmt.checksum_bytes(head).encode() + b'"}\n')
+    (d / "ckpt-1.index").write_bytes(
+        head + b',"index_checksum":"' + fmt.checksum_bytes(head).encode() + b'"}\n'
+    )
 
 
 def _rejected(fn, exc=CorruptCheckpointError):
@@ -140,16 +144,51 @@ HOSTILE_INDEX = {
     "shape bool": lambda ix: _tensor(ix).update(shape=[True] * 16),
     "shape not a list": lambda ix: _tensor(ix).update(shape="16"),
     # dtypes
-    **{f"dtype {d!r}": (lambda d: lambda ix: _tensor(ix).update(dtype=d))(d)
-       for d in ["object", "O", "<U5", "U5", "S5", "V64", "str", "datetime64[ns]", "timedelta64", "float64 ",
-                 "f4", "<f4", ">f4", "float32,float32", "[('a','<f4')]", "x" * 10000, 7, None]},
+    **{
+        f"dtype {d!r}": (lambda d: lambda ix: _tensor(ix).update(dtype=d))(d)  # noqa: B023
+        for d in [
+            "object",
+            "O",
+            "<U5",
+            "U5",
+            "S5",
+            "V64",
+            "str",
+            "datetime64[ns]",
+            "timedelta64",
+            "float64 ",
+            "f4",
+            "<f4",
+            ">f4",
+            "float32,float32",
+            "[('a','<f4')]",
+            "x" * 10000,
+            7,
+            None,
+        ]
+    },
     # file names that leave the directory or belong to another checkpoint
-    **{f"file name {n!r}": (lambda n: lambda ix: _data_file(ix).update(name=n))(n)
-       for n in ["../victim.data-00000-of-00001", "/etc/passwd", "s3://x/y", "file:///etc/passwd",
-                 "..", ".", "", "ckpt-1.data/../../victim.meta", "ckpt-2.data-00000-of-00001", "C:\\x", "a" * 300]},
+    **{
+        f"file name {n!r}": (lambda n: lambda ix: _data_file(ix).update(name=n))(n)  # noqa: B023
+        for n in [
+            "../victim.data-00000-of-00001",
+            "/etc/passwd",
+            "s3://x/y",
+            "file:///etc/passwd",
+            "..",
+            ".",
+            "",
+            "ckpt-1.data/../../victim.meta",
+            "ckpt-2.data-00000-of-00001",
+            "C:\\x",
+            "a" * 300,
+        ]
+    },
     # the tree
     "pickle node": lambda ix: ix.update(tree={"p": base64.b64encode(pickle.dumps(print)).decode()}),
-    "scalar of dtype object": lambda ix: ix.update(tree={"s": ["object", base64.b64encode(b"\0" * 8).decode()]}),
+    "scalar of dtype object": lambda ix: ix.update(
+        tree={"s": ["object", base64.b64encode(b"\0" * 8).decode()]}
+    ),
     "scalar of dtype <U5": lambda ix: ix.update(tree={"s": ["<U5", base64.b64encode(b"\0" * 20).decode()]}),
     "scalar wrong size": lambda ix: ix.update(tree={"s": ["float64", base64.b64encode(b"\0" * 3).decode()]}),
     "unknown tensor": lambda ix: ix.update(tree={"x": "nope"}),
@@ -157,7 +196,10 @@ HOSTILE_INDEX = {
     "two tags": lambda ix: ix.update(tree={"l": [], "t": []}),
     "bad base64": lambda ix: ix.update(tree={"b": "!!!"}),
     "dict key not str": lambda ix: ix.update(tree={"d": [[[1], 2]]}),
-    **{f"tree nested {n} deep": (lambda n: lambda ix: ix.update(_nested=n))(n) for n in (600, 5000)},
+    **{
+        f"tree nested {n} deep": (lambda n: lambda ix: ix.update(_nested=n))(n)  # noqa: B023
+        for n in (600, 5000)
+    },
     "float tag with string": lambda ix: ix.update(tree={"f": "1e999999"}),
     # versions and tables
     "no files table": lambda ix: ix.pop("files"),
@@ -174,9 +216,23 @@ def test_hostile_index_is_rejected(ckpt, tmp_path, case):
     HOSTILE_INDEX[case](index)
     _write_index(ckpt, index)
     _rejected(lambda: load_checkpoint(str(ckpt / "ckpt-1")))
-    if case not in ("pickle node", "scalar of dtype object", "scalar of dtype <U5", "scalar wrong size",
-                    "unknown tensor", "unknown tag", "two tags", "bad base64", "dict key not str",
-                    "float tag with string", "file size lies") and "nested" not in case:
+    if (
+        case
+        not in (
+            "pickle node",
+            "scalar of dtype object",
+            "scalar of dtype <U5",
+            "scalar wrong size",
+            "unknown tensor",
+            "unknown tag",
+            "two tags",
+            "bad base64",
+            "dict key not str",
+            "float tag with string",
+            "file size lies",
+        )
+        and "nested" not in case
+    ):
         _rejected(lambda: list_variables(str(ckpt / "ckpt-1")))
     assert _outside(tmp_path) == before
 
@@ -184,7 +240,9 @@ def test_hostile_index_is_rejected(ckpt, tmp_path, case):
 def test_deeply_nested_index_json_is_rejected(ckpt):
     """JSON nested past the interpreter's recursion limit: a parse error, not a RecursionError."""
     head = b'{"format":"ckpt_callbacks","format_version":1,"tree":' + b"[" * 200000 + b"]" * 200000
-    (ckpt / "ckpt-1.index").write_bytes(head + b',"index_checksum":"' + fmt.checksum_bytes(head).encode() + b'"}\n')
+    (ckpt / "ckpt-1.index").write_bytes(
+        head + b',"index_checksum":"' + fmt.checksum_bytes(head).encode() + b'"}\n'
+    )
     _all_readers_reject(ckpt)
 
 
@@ -263,16 +321,33 @@ def test_meta_hostile(ckpt):
 # ---------------------------------------------------------------- the state file
 
 
-HOSTILE_PATHS = ["/etc/passwd", "../victim", "..", ".", "s3://x/y", "file:///etc/passwd", "ckpt-1/../../victim",
-                 "..\\victim", "C:\\victim", "~/victim", "ckpt-1\x00", "a" * 1000, "gs://bucket/ckpt-1"]
+HOSTILE_PATHS = [
+    "/etc/passwd",
+    "../victim",
+    "..",
+    ".",
+    "s3://x/y",
+    "file:///etc/passwd",
+    "ckpt-1/../../victim",
+    "..\\victim",
+    "C:\\victim",
+    "~/victim",
+    "ckpt-1\x00",
+    "a" * 1000,
+    "gs://bucket/ckpt-1",
+]
 
 
 @pytest.mark.parametrize("where", ["model_checkpoint_path", "all_model_checkpoint_paths"])
 @pytest.mark.parametrize("bad", HOSTILE_PATHS)
 def test_state_file_paths_outside_the_directory(ckpt, tmp_path, where, bad):
     quoted = json.dumps(bad)  # TF text format escapes like JSON for these
-    lines = [f'model_checkpoint_path: "ckpt-1"', f'all_model_checkpoint_paths: "ckpt-1"',
-             "all_model_checkpoint_timestamps: 1.0", "last_preserved_timestamp: 0.0"]
+    lines = [
+        'model_checkpoint_path: "ckpt-1"',
+        'all_model_checkpoint_paths: "ckpt-1"',
+        "all_model_checkpoint_timestamps: 1.0",
+        "last_preserved_timestamp: 0.0",
+    ]
     if where == "model_checkpoint_path":
         lines[0] = f"model_checkpoint_path: {quoted}"
     else:
@@ -313,10 +388,15 @@ def test_state_file_naming_missing_checkpoints(ckpt, tmp_path):
 
 @pytest.mark.parametrize(
     "comment",
-    ["[" * 200000, '{"v":1,"checkpoints":[{"name":"ckpt-1","step":1e999,"timestamp":1,"status":"active"}]}',
-     '{"v":1,"checkpoints":[{"name":"ckpt-1","step":1,"timestamp":"nan","status":"active","shards":1e999}]}',
-     '{"v":1,"checkpoints":[{"name":"../victim","step":1,"timestamp":1,"status":"active"}]}',
-     '{"v":1,"checkpoints":"x"}', "null", '"' + "x" * 1000 + '"'],
+    [
+        "[" * 200000,
+        '{"v":1,"checkpoints":[{"name":"ckpt-1","step":1e999,"timestamp":1,"status":"active"}]}',
+        '{"v":1,"checkpoints":[{"name":"ckpt-1","step":1,"timestamp":"nan","status":"active","shards":1e999}]}',
+        '{"v":1,"checkpoints":[{"name":"../victim","step":1,"timestamp":1,"status":"active"}]}',
+        '{"v":1,"checkpoints":"x"}',
+        "null",
+        '"' + "x" * 1000 + '"',
+    ],
 )
 def test_state_file_retention_comment_is_untrusted(ckpt, tmp_path, comment):
     """A hostile ``# ckpt_callbacks:`` line is ignored (the TF fields rule), never a crash."""
@@ -329,7 +409,10 @@ def test_state_file_retention_comment_is_untrusted(ckpt, tmp_path, comment):
         assert [os.path.basename(p) for p in mgr.checkpoints] == ["ckpt-1"]
         mgr.save(_state(), step=2)
     assert sorted(f for f in os.listdir(ckpt) if f.startswith("ckpt-")) == [
-        "ckpt-2.data-00000-of-00001", "ckpt-2.index", "ckpt-2.meta"]
+        "ckpt-2.data-00000-of-00001",
+        "ckpt-2.index",
+        "ckpt-2.meta",
+    ]
     assert _outside(tmp_path) == before
 
 

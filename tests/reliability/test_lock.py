@@ -15,8 +15,7 @@ import time
 
 import pytest
 
-from ckpt_callbacks import CheckpointManager, CheckpointWriteError
-from ckpt_callbacks import _lock
+from ckpt_callbacks import CheckpointManager, CheckpointWriteError, _lock
 from ckpt_callbacks._lock import LOCK_FILE_NAME
 
 pytestmark = pytest.mark.timeout(120)
@@ -38,8 +37,9 @@ _TRY = textwrap.dedent(
 
 
 def _try_in_other_process(directory, step=1) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _TRY, str(directory), str(step)], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", _TRY, str(directory), str(step)], capture_output=True, text=True, timeout=60
+    )
 
 
 def _dead_pid() -> int:
@@ -65,8 +65,10 @@ def test_second_process_is_refused_with_a_clear_error(tmp_path):
 
 def test_lock_of_a_killed_writer_is_taken_over(tmp_path):
     d = tmp_path / "run"
-    code = "import os,signal; from ckpt_callbacks import CheckpointManager as C; m=C(%r); m.save({'x':1},step=1); " \
-           "os.kill(os.getpid(), signal.SIGKILL)" % str(d)
+    code = (
+        f"import os,signal; from ckpt_callbacks import CheckpointManager as C; m=C({str(d)!r}); "
+        "m.save({'x':1},step=1); os.kill(os.getpid(), signal.SIGKILL)"
+    )
     r = subprocess.run([sys.executable, "-c", code], timeout=60)
     assert r.returncode == -signal.SIGKILL
     assert json.loads((d / LOCK_FILE_NAME).read_text())["pid"] != os.getpid()  # the dead writer's
@@ -90,7 +92,9 @@ def test_lock_inherited_by_a_forked_child_does_not_outlive_the_writer(tmp_path):
         os.kill(os.getpid(), signal.SIGKILL)
         """
     )
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         assert p.stdout.readline().strip() == "forked"
         p.wait(60)
@@ -116,7 +120,7 @@ def test_same_process_is_reentrant_and_released_by_the_last_owner(tmp_path):
 
 def test_many_dropped_managers_in_cycles_do_not_deadlock(tmp_path):
     d = str(tmp_path / "run")
-    for i in range(200):
+    for _ in range(200):
         m = CheckpointManager(d)
         cycle = [m]
         cycle.append(cycle)  # only the cycle collector frees it, at an arbitrary allocation
@@ -155,7 +159,10 @@ def test_two_processes_racing_exactly_one_wins(tmp_path):
             m.close()
             """
         )
-        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+            for _ in range(3)
+        ]
         outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
         assert outs == ["REFUSED", "REFUSED", "WON"], outs
 
@@ -213,9 +220,14 @@ def test_object_store_lease(holder, refused):
 
     url = f"memory://lease-{os.getpid()}-{time.monotonic_ns()}/run"
     fs = fsspec.filesystem("memory")
-    path = url[len("memory://"):] + "/" + LOCK_FILE_NAME
-    doc = b"{not json" if holder == "garbage" else _lease_doc(pid=_dead_pid()) if holder == "dead" else _lease_doc(
-        **holder)
+    path = url[len("memory://") :] + "/" + LOCK_FILE_NAME
+    doc = (
+        b"{not json"
+        if holder == "garbage"
+        else _lease_doc(pid=_dead_pid())
+        if holder == "dead"
+        else _lease_doc(**holder)
+    )
     fs.pipe_file(path, doc)
     if refused:
         with pytest.raises(CheckpointWriteError) as info:

@@ -23,8 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from ckpt_callbacks import CheckpointManager
-from ckpt_callbacks import _manager
+from ckpt_callbacks import CheckpointManager, _manager
 from ckpt_callbacks._lock import LOCK_FILE_NAME
 from ckpt_callbacks._state import STATE_FILE_NAME, parse_state
 
@@ -92,8 +91,11 @@ class Reference:
 
 
 def _steps_on_storage(d: str) -> set[int]:
-    return {int(f[len("ckpt-"):-len(".index")]) for f in os.listdir(d)
-            if f.startswith("ckpt-") and f.endswith(".index") and f[5:-6].isdigit()}
+    return {
+        int(f[len("ckpt-") : -len(".index")])
+        for f in os.listdir(d)
+        if f.startswith("ckpt-") and f.endswith(".index") and f[5:-6].isdigit()
+    }
 
 
 def _snapshot(d: str) -> dict[str, bytes]:
@@ -136,8 +138,9 @@ class RetentionMachine(RuleBasedStateMachine):
             raise SimulatedCrash(name)
 
     def _start(self, max_to_keep, hours) -> None:
-        self.mgr = CheckpointManager(self.dir, max_to_keep=max_to_keep, keep_checkpoint_every_n_hours=hours,
-                                     clock=lambda: self.now)
+        self.mgr = CheckpointManager(
+            self.dir, max_to_keep=max_to_keep, keep_checkpoint_every_n_hours=hours, clock=lambda: self.now
+        )
         self.model.start(self.now, max_to_keep, hours)
         self.crashed = False
 
@@ -188,8 +191,11 @@ class RetentionMachine(RuleBasedStateMachine):
     def clock_backward(self, dt):
         self.now -= dt
 
-    @rule(max_to_keep=st.sampled_from([1, 2, 3, 5, None]), hours=st.sampled_from([None, 0.5, 1.0, 2.0]),
-          close=st.booleans())
+    @rule(
+        max_to_keep=st.sampled_from([1, 2, 3, 5, None]),
+        hours=st.sampled_from([None, 0.5, 1.0, 2.0]),
+        close=st.booleans(),
+    )
     def restart(self, max_to_keep, hours, close):
         if self.mgr is not None and close:
             self.mgr.close()
@@ -214,15 +220,18 @@ class RetentionMachine(RuleBasedStateMachine):
         if self.model.committed_any:
             with open(os.path.join(self.dir, STATE_FILE_NAME), "rb") as f:
                 state, records = parse_state(f.read())
-            assert {int(n.rsplit("-", 1)[1]) for n in state.all_model_checkpoint_paths} == self.model.survivors
+            assert {
+                int(n.rsplit("-", 1)[1]) for n in state.all_model_checkpoint_paths
+            } == self.model.survivors
             assert records is not None
             # no leftovers either: every file of ours belongs to a survivor
             own = {f for f in os.listdir(self.dir) if f.startswith("ckpt-") and f not in self.foreign}
             assert {int(f.split(".")[0][5:]) for f in own} == self.model.survivors
 
     def teardown(self):
-        TOTALS.update(saves=self.saves, restarts=self.restarts, crashes=self.crashes, runs=1,
-                      foreign=len(self.foreign))
+        TOTALS.update(
+            saves=self.saves, restarts=self.restarts, crashes=self.crashes, runs=1, foreign=len(self.foreign)
+        )
         _manager._crash_point = self._real_point
         if self.mgr is not None:
             self.mgr.close()
@@ -230,7 +239,9 @@ class RetentionMachine(RuleBasedStateMachine):
 
 
 RetentionMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=50, deadline=None,
+    max_examples=60,
+    stateful_step_count=50,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestRetentionUnderRestarts = pytest.mark.timeout(600)(RetentionMachine.TestCase)
@@ -262,17 +273,22 @@ def _tf_parity_run(tmp_path, seed: int, backwards: bool) -> tuple[list, list]:
         ckpt = tf.train.Checkpoint(v=tf.Variable(1.0))
         k, h = 3, 1.0
         tf_mgr = tf.train.CheckpointManager(ckpt, tf_dir, max_to_keep=k, keep_checkpoint_every_n_hours=h)
-        ours = CheckpointManager(our_dir, max_to_keep=k, keep_checkpoint_every_n_hours=h, clock=lambda: clock[0])
+        ours = CheckpointManager(
+            our_dir, max_to_keep=k, keep_checkpoint_every_n_hours=h, clock=lambda: clock[0]
+        )
         log, divergences = [], []
         for step in range(1, 41):
             r = rng.random()
             if r < 0.15:
                 k = [1, 2, 3, 5, None][rng.integers(5)]
                 h = [None, 0.5, 1.0, 2.0][rng.integers(4)]
-                tf_mgr = tf.train.CheckpointManager(ckpt, tf_dir, max_to_keep=k, keep_checkpoint_every_n_hours=h)
+                tf_mgr = tf.train.CheckpointManager(
+                    ckpt, tf_dir, max_to_keep=k, keep_checkpoint_every_n_hours=h
+                )
                 ours.close()
-                ours = CheckpointManager(our_dir, max_to_keep=k, keep_checkpoint_every_n_hours=h,
-                                         clock=lambda: clock[0])
+                ours = CheckpointManager(
+                    our_dir, max_to_keep=k, keep_checkpoint_every_n_hours=h, clock=lambda: clock[0]
+                )
                 log.append(("restart", k, h))
             dt = float(rng.choice([60.0, 600.0, 1800.0, 3600.0, 5400.0]))
             if backwards and rng.random() < 0.1:

@@ -24,11 +24,10 @@ import shutil
 import fsspec
 import numpy as np
 import pytest
+import rel_workload as wl
 from fsspec.implementations.memory import MemoryFileSystem
 
-import rel_workload as wl
-from ckpt_callbacks import CheckpointManager, CheckpointWriteError, load_checkpoint
-from ckpt_callbacks import _storage
+from ckpt_callbacks import CheckpointManager, CheckpointWriteError, _storage, load_checkpoint
 from ckpt_callbacks._lock import LOCK_FILE_NAME
 
 ERRNOS = [errno.ENOSPC, errno.EIO, errno.EACCES]
