@@ -132,6 +132,9 @@ HOSTILE_INDEX = {
     "overlapping tensors": lambda ix: list(ix["tensors"].values())[1].update(offset=_tensor(ix)["offset"]),
     "file number out of range": lambda ix: _tensor(ix).update(file=7),
     "file number negative": lambda ix: _tensor(ix).update(file=-1),
+    "tensor in the meta file": lambda ix: _tensor(ix).update(
+        file=next(i for i, f in enumerate(ix["files"]) if f["kind"] == "meta")
+    ),
     "length lies": lambda ix: _tensor(ix).update(length=_tensor(ix)["length"] + 4),
     "file size lies": lambda ix: _data_file(ix).update(size=_data_file(ix)["size"] * 1000),
     "file size 2**63": lambda ix: _data_file(ix).update(size=2**63),
