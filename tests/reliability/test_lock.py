@@ -257,3 +257,44 @@ def test_unwritable_directory_gets_a_warning_not_an_error(tmp_path, monkeypatch,
     with caplog.at_level("WARNING", logger="ckpt_callbacks"), CheckpointManager(str(d)) as mgr:
         assert mgr.restore() == {"x": 1}
     assert "No writer lock" in caplog.text
+
+
+def test_s3_lease_uses_a_conditional_create(monkeypatch):
+    """On a real S3 API (moto server): If-None-Match create, a second process refused, release deletes."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] provides the local S3 API")
+    s3fs = pytest.importorskip("s3fs", reason="s3fs is the S3 backend")
+    server = moto_server.ThreadedMotoServer(port=0, ip_address="127.0.0.1")
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.setenv(k, "testing")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        opts = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
+        fs = s3fs.S3FileSystem(**opts)
+        fs.mkdir("locks")
+        fs.pipe_file("locks/probe", b"1", mode="create")
+        with pytest.raises(FileExistsError):  # the backend enforces the conditional create
+            fs.pipe_file("locks/probe", b"2", mode="create")
+        url = "s3://locks/run"
+        code = textwrap.dedent(
+            f"""
+            from ckpt_callbacks import CheckpointManager, CheckpointWriteError
+            try:
+                CheckpointManager({url!r}, storage_options={opts!r})
+            except CheckpointWriteError as e:
+                print("REFUSED", e.errno)
+            """
+        )
+        with CheckpointManager(url, storage_options=opts) as mgr:
+            mgr.save({"x": 1}, step=1)
+            holder = json.loads(fs.cat_file(f"locks/run/{LOCK_FILE_NAME}"))
+            assert holder["pid"] == os.getpid()
+            r = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(os.environ)
+            )
+            assert r.stdout.strip() == f"REFUSED {errno.EBUSY}", r.stdout + r.stderr
+        fs.invalidate_cache()
+        assert not fs.exists(f"locks/run/{LOCK_FILE_NAME}")
+    finally:
+        server.stop()
