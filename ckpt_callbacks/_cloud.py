@@ -7,9 +7,11 @@ stream of ``write()`` calls, cuts it into parts and uploads up to ``MAX_INFLIGHT
 once on fsspec's event loop (the same aiobotocore client, credentials and ``storage_options`` that
 s3fs uses). Memory stays bounded: the in-flight limit is one semaphore for the whole process, so
 the manager's concurrent data shards share it instead of multiplying it, and ``write()`` blocks
-(back-pressure) while every slot is taken. Peak extra memory is about
-``(MAX_INFLIGHT_PARTS + concurrent writers) * PART_BYTES`` — 128 MiB for an 8-shard save — well
-within SPEC §8 P6 (0.1·S + 64 MiB) for the sizes where sharding starts (> 256 MiB).
+(back-pressure) while every slot is taken. A part in flight is handed to botocore as a file over the
+filled buffer (:class:`PartBody`), so it is neither copied nor queued whole in the socket transport.
+Peak extra memory is about ``(MAX_INFLIGHT_PARTS + concurrent writers) * PART_BYTES`` plus the
+manager's 4 MiB coalescing buffer per writer — ~65 MiB for one writer, ~145 MiB for an 8-shard save
+— within SPEC §8 P6 (0.1·S + 64 MiB) from the sizes where sharding starts (> 256 MiB).
 
 Visibility: parts are invisible until ``CompleteMultipartUpload``; a failed or aborted save calls
 ``AbortMultipartUpload`` (after cancelling and draining its in-flight parts, so no late part
@@ -29,6 +31,7 @@ import asyncio
 import binascii
 import concurrent.futures
 import hashlib
+import io
 import logging
 import random
 import threading
@@ -46,11 +49,12 @@ T = TypeVar("T")
 # S3 parts must be >= 5 MiB except the last; 8 MiB matches boto3's default multipart chunk size.
 PART_BYTES = 8 << 20
 # S3 allows at most 10,000 parts; the part size doubles every PART_GROWTH_EVERY parts so that a
-# stream of unknown length never runs out (8 MiB * 1000 + 16 MiB * 1000 + ... covers petabytes).
+# stream of unknown length never runs out (8 MiB * 1000 + 16 MiB * 1000 + ... passes the 5 TiB object limit).
 MAX_PARTS = 10_000
 PART_GROWTH_EVERY = 1_000
-# Parts being uploaded at once, process-wide (boto3's transfer manager uses 10 threads).
-MAX_INFLIGHT_PARTS = 8
+# Parts being uploaded at once, process-wide (boto3's transfer manager uses 10 threads). Bounded by
+# SPEC §8 P6 at the smallest sharded size (256 MiB: 0.1·S + 64 MiB = 89.6 MiB of extra memory).
+MAX_INFLIGHT_PARTS = 6
 # Bounded retries for transient errors: attempts in total, and the backoff between them.
 RETRY_ATTEMPTS = 5
 BACKOFF_BASE_S = 0.1
@@ -160,7 +164,61 @@ def part_size_for(part_number: int) -> int:
 
 def s3_supported(storage: Storage) -> bool:
     """True when ``storage.fs`` is an s3fs filesystem this writer can drive (async ``_call_s3``)."""
-    return hasattr(storage.fs, "_call_s3") and hasattr(storage.fs, "split_path") and storage.fs.loop is not None
+    fs = storage.fs
+    needed = ("_call_s3", "get_s3", "set_session", "_get_s3_method_kwargs", "split_path")
+    return all(hasattr(fs, a) for a in needed) and getattr(fs, "loop", None) is not None
+
+
+class PartBody(io.RawIOBase):
+    """A part's bytes as a seekable file object, read without copying the buffer.
+
+    Handed to botocore as a file rather than as bytes so that aiohttp streams it in 64 KiB reads:
+    a bytes/bytearray body is sliced (a copy) and queued whole in the socket transport's buffer (a
+    second copy), tripling the memory of every part in flight. botocore seeks back to 0 to
+    checksum the body and to resend it on a retry.
+    """
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, min(len(self._view), base + offset))
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        chunk = self._view[self._pos : self._pos + len(b)]
+        n = len(chunk)
+        memoryview(b).cast("B")[:n] = chunk
+        self._pos += n
+        return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
+        data = bytes(self._view[self._pos : end])
+        self._pos = end
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def close(self) -> None:
+        # aiohttp closes the payload after sending; keep it readable for botocore's retries.
+        pass
 
 
 class S3MultipartWriter:
@@ -207,8 +265,8 @@ class S3MultipartWriter:
         try:
             if self.upload_id is None:
                 # Smaller than one part: a single PUT is atomic by itself.
-                del self.buf[self.fill :]
-                body = self.buf
+                body = bytes(memoryview(self.buf)[: self.fill])
+                self.buf = bytearray()
                 self._run(lambda: self.fs._call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body), "PUT")
             else:
                 if self.fill:
@@ -272,8 +330,8 @@ class S3MultipartWriter:
             raise OSError(f"More than {MAX_PARTS} parts for one S3 object; the object is too large.")
         if self.upload_id is None:
             self._create()
-        body = self.buf
-        del body[self.fill :]
+        # The filled buffer itself becomes the part body (no copy) and the writer takes a new one.
+        body = memoryview(self.buf)[: self.fill]
         number = self.part_no
         self.part_no += 1
         self.buf = bytearray(part_size_for(self.part_no))
@@ -322,14 +380,24 @@ class S3MultipartWriter:
             except Exception as e:  # noqa: BLE001
                 logger.warning("Could not abort orphaned upload %s of s3://%s/%s: %s", other, self.bucket, self.key, e)
 
-    async def _upload_part(self, number: int, body: bytearray) -> str:
+    async def _upload_part(self, number: int, body: memoryview) -> str:
         upload_id = self.upload_id
+        fs = self.fs
+
+        async def attempt() -> dict:
+            # Straight to the aiobotocore client, not through s3fs's _call_s3: s3fs retries a call with
+            # the same Body object, whose position is then at its end (botocore would send 0 bytes).
+            # Every attempt here gets a fresh PartBody; botocore's own retries rewind it to 0.
+            await fs.set_session()
+            s3 = await fs.get_s3(self.bucket)
+            kwargs = fs._get_s3_method_kwargs(
+                s3.upload_part,
+                Bucket=self.bucket, Key=self.key, UploadId=upload_id, PartNumber=number, Body=PartBody(body),
+            )
+            return await s3.upload_part(**kwargs)
+
         resp = await retry_async(
-            lambda: self.fs._call_s3(
-                "upload_part", Bucket=self.bucket, Key=self.key, UploadId=upload_id, PartNumber=number, Body=body
-            ),
-            f"UploadPart {number} of s3://{self.bucket}/{self.key}",
-            give_up=lambda: self.done,
+            attempt, f"UploadPart {number} of s3://{self.bucket}/{self.key}", give_up=lambda: self.done
         )
         return resp["ETag"]
 

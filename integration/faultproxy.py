@@ -77,7 +77,7 @@ class FaultProxy:
         class Handler(_Handler):
             owner = proxy
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="faultproxy", daemon=True)
         self._thread.start()
@@ -123,6 +123,12 @@ class FaultProxy:
                     break
             self.log.append(req)
             return req
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        # Connections the client gave up on (after an injected drop) end in resets here: expected.
+        pass
 
 
 class _Handler(BaseHTTPRequestHandler):
