@@ -101,7 +101,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"No checkpoints in {storage.url} (no '{STATE_FILE_NAME}' state file).", file=sys.stderr)
         return EXIT_USAGE
     statuses = {r.name: kept_because(r) for r in records or []}
-    latest = state.model_checkpoint_path
+    latest = checked_name(state.model_checkpoint_path) if state.model_checkpoint_path else ""
     rows, doc = [], []
     for name, ts in zip(
         state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps or [None] * 10**6

@@ -113,3 +113,10 @@ def test_storage_options_parse():
         "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"},
         "key": "abc",
     }
+
+
+@pytest.mark.parametrize("field", ["model_checkpoint_path", "all_model_checkpoint_paths"])
+def test_state_file_naming_outside_paths_is_corruption(tmp_path, field):
+    (tmp_path / "checkpoint").write_text(f'{field}: "../victim"\n')
+    assert cli("ls", str(tmp_path)).returncode == 1
+    assert cli("verify", str(tmp_path)).returncode == 1
