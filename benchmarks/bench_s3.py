@@ -83,19 +83,23 @@ class _PeakSampler:
         return max(self.peak, _rss_kib("VmRSS"))
 
 
-def _measure(fn) -> tuple[float, int]:
-    """(seconds, peak extra RSS in bytes) of ``fn()``."""
+def _measure(fn) -> tuple[float, int, float]:
+    """(seconds, peak extra RSS in bytes, CPU seconds of this process) of ``fn()``."""
     import gc
+    import resource
 
     gc.collect()
     before = _rss_kib("VmRSS")
     exact = _reset_peak()
     sampler = None if exact else _PeakSampler()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     fn()
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     peak = _rss_kib("VmHWM") if exact else sampler.stop()
-    return dt, (peak - before) * 1024
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return dt, (peak - before) * 1024, cpu
 
 
 def _numpy_state(size: int) -> dict:
@@ -118,7 +122,7 @@ def worker(kind: str, endpoint: str, size: int, tmpdir: str) -> dict:
 
         state = _numpy_state(size)
         mgr = CheckpointManager(f"s3://{BUCKET}/ckpt-{run}", storage_options=_s3_options(endpoint))
-        dt, peak = _measure(lambda: mgr.save(state, step=1))
+        dt, peak, cpu = _measure(lambda: mgr.save(state, step=1))
         mgr.close()
         nbytes = sum(a.nbytes for a in state.values())
     elif kind == "boto3":
@@ -129,7 +133,7 @@ def worker(kind: str, endpoint: str, size: int, tmpdir: str) -> dict:
         client = boto3.client(
             "s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET, region_name=REGION
         )
-        dt, peak = _measure(lambda: client.upload_file(str(path), BUCKET, f"boto3-{run}/payload.bin"))
+        dt, peak, cpu = _measure(lambda: client.upload_file(str(path), BUCKET, f"boto3-{run}/payload.bin"))
     elif kind == "lightning":
         import torch
         from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -140,10 +144,10 @@ def worker(kind: str, endpoint: str, size: int, tmpdir: str) -> dict:
         checkpoint = {"state_dict": {k: torch.from_numpy(v) for k, v in _numpy_state(size).items()}}
         nbytes = sum(t.numel() * 4 for t in checkpoint["state_dict"].values())
         io = TorchCheckpointIO()
-        dt, peak = _measure(lambda: io.save_checkpoint(checkpoint, f"s3://{BUCKET}/lightning-{run}/last.ckpt"))
+        dt, peak, cpu = _measure(lambda: io.save_checkpoint(checkpoint, f"s3://{BUCKET}/lightning-{run}/last.ckpt"))
     else:
         raise ValueError(kind)
-    return {"kind": kind, "seconds": dt, "peak_extra_rss": peak, "bytes": nbytes}
+    return {"kind": kind, "seconds": dt, "peak_extra_rss": peak, "bytes": nbytes, "cpu": cpu}
 
 
 # ============================================================================ driver side
@@ -237,7 +241,7 @@ def main() -> None:
                     results[kind].append(r)
                     print(
                         f"  rep {rep + 1} {kind:9s} {r['seconds']:7.2f} s  {r['bytes'] / r['seconds'] / 2**20:7.1f} MiB/s"
-                        f"  peak extra RSS {r['peak_extra_rss'] / 2**20:7.1f} MiB",
+                        f"  peak extra RSS {r['peak_extra_rss'] / 2**20:7.1f} MiB  client CPU {r['cpu']:6.2f} s",
                         flush=True,
                     )
     finally:

@@ -62,6 +62,35 @@ BACKOFF_MAX_S = 2.0
 
 _inflight = threading.BoundedSemaphore(MAX_INFLIGHT_PARTS)
 
+
+class _BufferPool:
+    """Part buffers recycled across parts and writers.
+
+    Allocating and freeing an 8 MiB buffer per part from several threads fragments glibc's arenas
+    (its mmap threshold rises to 8 MiB after the first free), so RSS grows well past the bytes that
+    are live; recycling keeps it at (writers + parts in flight) buffers.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self._free: list[bytearray] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def get(self, size: int) -> bytearray:
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if len(buf) == size:
+                    return self._free.pop(i)
+        return bytearray(size)
+
+    def put(self, buf: bytearray) -> None:
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(buf)
+
+
+_pool = _BufferPool(keep=MAX_INFLIGHT_PARTS + 2)
+
 _TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
 _TRANSIENT_CODES = frozenset(
     {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException",
@@ -237,7 +266,7 @@ class S3MultipartWriter:
         self.upload_id: str | None = None
         self.futures: list[concurrent.futures.Future] = []
         self.part_no = 1
-        self.buf = bytearray(part_size_for(1))
+        self.buf = _pool.get(part_size_for(1))
         self.fill = 0
         self.done = False
 
@@ -266,7 +295,7 @@ class S3MultipartWriter:
             if self.upload_id is None:
                 # Smaller than one part: a single PUT is atomic by itself.
                 body = bytes(memoryview(self.buf)[: self.fill])
-                self.buf = bytearray()
+                self._release_buf()
                 self._run(lambda: self.fs._call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body), "PUT")
             else:
                 if self.fill:
@@ -274,7 +303,7 @@ class S3MultipartWriter:
                 etags = [f.result() for f in self.futures]
                 self._complete(etags)
             self.done = True
-            self.buf = bytearray()
+            self._release_buf()
             # s3fs caches listings; a cached listing of the directory from before this object existed
             # would make the next open() of it fail with FileNotFoundError without asking the server.
             self.fs.invalidate_cache(self.storage.path(self.name))
@@ -291,7 +320,7 @@ class S3MultipartWriter:
         if self.done:
             return
         self.done = True
-        self.buf = bytearray()
+        self._release_buf()
         concurrent.futures.wait(self.futures)
         if self.upload_id is None:
             return
@@ -330,21 +359,31 @@ class S3MultipartWriter:
             raise OSError(f"More than {MAX_PARTS} parts for one S3 object; the object is too large.")
         if self.upload_id is None:
             self._create()
-        # The filled buffer itself becomes the part body (no copy) and the writer takes a new one.
-        body = memoryview(self.buf)[: self.fill]
-        number = self.part_no
-        self.part_no += 1
-        self.buf = bytearray(part_size_for(self.part_no))
-        self.fill = 0
-        # Back-pressure: at most MAX_INFLIGHT_PARTS bodies exist beyond the writers' own buffers.
+        # Back-pressure first: at most MAX_INFLIGHT_PARTS bodies exist beyond the writers' own buffers
+        # (taking a fresh buffer before the slot would add one more per blocked writer).
         _inflight.acquire()
         try:
-            fut = asyncio.run_coroutine_threadsafe(self._upload_part(number, body), self.fs.loop)
+            # The filled buffer itself becomes the part body (no copy) and the writer takes another.
+            buf, number, size = self.buf, self.part_no, self.fill
+            self.part_no += 1
+            self.buf = _pool.get(part_size_for(self.part_no))
+            self.fill = 0
+            fut = asyncio.run_coroutine_threadsafe(self._upload_part(number, buf, size), self.fs.loop)
         except BaseException:
             _inflight.release()
             raise
-        fut.add_done_callback(lambda _f: _inflight.release())
+
+        def done(_f: concurrent.futures.Future) -> None:
+            _pool.put(buf)
+            _inflight.release()
+
+        fut.add_done_callback(done)
         self.futures.append(fut)
+
+    def _release_buf(self) -> None:
+        if self.buf:
+            _pool.put(self.buf)
+        self.buf = bytearray()
 
     def _create(self) -> None:
         self.upload_id = self._run(
@@ -380,7 +419,7 @@ class S3MultipartWriter:
             except Exception as e:  # noqa: BLE001
                 logger.warning("Could not abort orphaned upload %s of s3://%s/%s: %s", other, self.bucket, self.key, e)
 
-    async def _upload_part(self, number: int, body: memoryview) -> str:
+    async def _upload_part(self, number: int, buf: bytearray, size: int) -> str:
         upload_id = self.upload_id
         fs = self.fs
 
@@ -392,7 +431,8 @@ class S3MultipartWriter:
             s3 = await fs.get_s3(self.bucket)
             kwargs = fs._get_s3_method_kwargs(
                 s3.upload_part,
-                Bucket=self.bucket, Key=self.key, UploadId=upload_id, PartNumber=number, Body=PartBody(body),
+                Bucket=self.bucket, Key=self.key, UploadId=upload_id, PartNumber=number,
+                Body=PartBody(memoryview(buf)[:size]),
             )
             return await s3.upload_part(**kwargs)
 
