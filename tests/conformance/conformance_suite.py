@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 
 import ckpt_callbacks._manager as manager_module
+from ckpt_callbacks._format import LazyArray
+from ckpt_callbacks._lock import LOCK_FILE_NAME
 from ckpt_callbacks import (
     CheckpointError,
     CheckpointManager,
@@ -311,6 +313,26 @@ class ManagerConformance:
                 mgr.restore(backend.join("ckpt-2"))
         with pytest.raises(CorruptCheckpointError):
             load_checkpoint(backend.join("ckpt-2"), storage_options=backend.so)
+
+    def test_failed_save_leaves_previous_checkpoint(self, backend: Backend) -> None:
+        """A save that dies half-way through a data file leaves nothing visible (SPEC §3.3)."""
+
+        def explode() -> np.ndarray:
+            raise RuntimeError("injected failure while producing a tensor")
+
+        rng = np.random.default_rng(3)
+        # 12 MiB before the failure: on object stores the upload is already under way (S3: a
+        # multipart upload with a part sent; GCS: a resumable session) and must be aborted.
+        state = {"a": rng.integers(0, 255, 12 << 20, dtype=np.uint8), "b": LazyArray((4,), np.dtype("float32"), explode)}
+        with CheckpointManager(backend.url, storage_options=backend.so) as mgr:
+            mgr.save(small(1), step=1)
+            before = backend.names() - {LOCK_FILE_NAME}
+            with pytest.raises(RuntimeError, match="injected"):
+                mgr.save(state, step=2)
+            assert names_of(mgr.checkpoints) == ["ckpt-1"]
+            assert mgr.restore()["step"] == 1
+        assert backend.names() - {LOCK_FILE_NAME} == before
+        assert names_of([latest_checkpoint(backend.url, storage_options=backend.so)]) == ["ckpt-1"]
 
     def test_missing_index_is_not_a_checkpoint(self, backend: Backend) -> None:
         save_checkpoint(backend.join("ckpt-5"), small(5), storage_options=backend.so)
