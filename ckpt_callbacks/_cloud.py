@@ -68,13 +68,26 @@ class _BufferPool:
 
     Allocating and freeing an 8 MiB buffer per part from several threads fragments glibc's arenas
     (its mmap threshold rises to 8 MiB after the first free), so RSS grows well past the bytes that
-    are live; recycling keeps it at (writers + parts in flight) buffers.
+    are live; recycling keeps it at (writers + parts in flight) buffers. The free list lives only
+    while some writer is open: between saves nothing is held.
     """
 
     def __init__(self, keep: int) -> None:
         self._free: list[bytearray] = []
         self._keep = keep
+        self._users = 0
         self._lock = threading.Lock()
+
+    def open_user(self) -> None:
+        with self._lock:
+            self._users += 1
+
+    def close_user(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users <= 0:
+                self._users = 0
+                self._free.clear()
 
     def get(self, size: int) -> bytearray:
         with self._lock:
@@ -85,7 +98,7 @@ class _BufferPool:
 
     def put(self, buf: bytearray) -> None:
         with self._lock:
-            if len(self._free) < self._keep:
+            if self._users > 0 and len(self._free) < self._keep:
                 self._free.append(buf)
 
 
@@ -266,9 +279,11 @@ class S3MultipartWriter:
         self.upload_id: str | None = None
         self.futures: list[concurrent.futures.Future] = []
         self.part_no = 1
-        self.buf = _pool.get(part_size_for(1))
+        self.buf = bytearray()  # taken from the pool at the first write
         self.fill = 0
         self.done = False
+        self._opened = False
+        self._finished = False
 
     # ---------------------------------------------------------------- AtomicWriter protocol
 
@@ -277,6 +292,10 @@ class S3MultipartWriter:
 
         view = memoryview(data).cast("B")
         try:
+            if not self._opened:
+                _pool.open_user()
+                self._opened = True
+                self.buf = _pool.get(part_size_for(self.part_no))
             while view:
                 n = min(len(self.buf) - self.fill, len(view))
                 self.buf[self.fill : self.fill + n] = view[:n]
@@ -304,6 +323,7 @@ class S3MultipartWriter:
                 self._complete(etags)
             self.done = True
             self._release_buf()
+            self._finish()
             # s3fs caches listings; a cached listing of the directory from before this object existed
             # would make the next open() of it fail with FileNotFoundError without asking the server.
             self.fs.invalidate_cache(self.storage.path(self.name))
@@ -322,6 +342,7 @@ class S3MultipartWriter:
         self.done = True
         self._release_buf()
         concurrent.futures.wait(self.futures)
+        self._finish()
         if self.upload_id is None:
             return
         upload_id, self.upload_id = self.upload_id, None
@@ -384,6 +405,19 @@ class S3MultipartWriter:
         if self.buf:
             _pool.put(self.buf)
         self.buf = bytearray()
+
+    def _finish(self) -> None:
+        """Called once, after commit or abort: this writer no longer keeps the buffer pool alive."""
+        if self._opened and not self._finished:
+            self._finished = True
+            _pool.close_user()
+
+    def __del__(self) -> None:
+        # A writer dropped without commit() or abort() (a caller's bug) must not pin the pool.
+        try:
+            self._finish()
+        except Exception:  # noqa: BLE001 - never raise from a finalizer
+            pass
 
     def _create(self) -> None:
         self.upload_id = self._run(

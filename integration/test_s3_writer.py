@@ -27,7 +27,9 @@ def _payload(n: int) -> bytes:
 
 def test_writer_dispatch_is_the_parallel_writer(s3_dir: tuple[str, dict, str]) -> None:
     url, so, _ = s3_dir
-    assert isinstance(Storage(url, so).writer("x"), cloud.S3MultipartWriter)
+    w = Storage(url, so).writer("x")
+    assert isinstance(w, cloud.S3MultipartWriter)
+    w.abort()
 
 
 def test_parts_upload_concurrently_within_the_bound(
@@ -163,3 +165,16 @@ def test_part_body_is_a_rewindable_file() -> None:
     assert body.seek(0, io.SEEK_END) == 8 and body.seek(0) == 0 and body.read() == b"01234567"
     body.close()
     assert body.seek(2) == 2 and body.read(2) == b"23"  # stays readable for a retry
+
+
+def test_buffer_pool_is_empty_between_saves(s3_dir: tuple[str, dict, str]) -> None:
+    """Recycled part buffers live only while a writer is open: nothing is held between saves."""
+    url, so, _ = s3_dir
+    storage = Storage(url, so)
+    w = storage.writer("pooled.bin")
+    w.write(_payload(3 * cloud.PART_BYTES))
+    w.commit()
+    w2 = storage.writer("aborted.bin")
+    w2.write(_payload(2 * cloud.PART_BYTES))
+    w2.abort()
+    assert cloud._pool._users == 0 and cloud._pool._free == []
