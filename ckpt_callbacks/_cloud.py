@@ -10,8 +10,8 @@ the manager's concurrent data shards share it instead of multiplying it, and ``w
 (back-pressure) while every slot is taken. A part in flight is handed to botocore as a file over the
 filled buffer (:class:`PartBody`), so it is neither copied nor queued whole in the socket transport.
 Peak extra memory is about ``(MAX_INFLIGHT_PARTS + concurrent writers) * PART_BYTES`` plus the
-manager's 4 MiB coalescing buffer per writer — ~65 MiB for one writer, ~145 MiB for an 8-shard save
-— within SPEC §8 P6 (0.1·S + 64 MiB) from the sizes where sharding starts (> 256 MiB).
+manager's 4 MiB coalescing buffer per writer — measured 74 MiB for a 256 MiB save (one writer) and
+~190 MiB for a 2 GiB one (8 shards), within SPEC §8 P6 (0.1·S + 64 MiB).
 
 Visibility: parts are invisible until ``CompleteMultipartUpload``; a failed or aborted save calls
 ``AbortMultipartUpload`` (after cancelling and draining its in-flight parts, so no late part
