@@ -9,7 +9,6 @@ spending 60 s on a gRPC probe per call against an emulator that does not speak g
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import uuid
 from collections.abc import Iterator
@@ -20,36 +19,22 @@ import pytest
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-ROOT = Path(__file__).resolve().parents[1]
+_ROOT = Path(__file__).resolve().parents[1]
 # The conformance suite lives with the unit tests; the cloud backends run the same classes.
-sys.path.insert(0, str(ROOT / "tests" / "conformance"))
+sys.path.insert(0, str(_ROOT / "tests" / "conformance"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-S3_BUCKET = "ckpt-test"
-GCS_BUCKET = "ckpt-test-gcs"
-DUMMY_KEY, DUMMY_SECRET, REGION = "testing-key", "testing-secret", "us-east-1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def s3_options(endpoint: str, **config: Any) -> dict[str, Any]:
-    """storage_options for s3fs against a local endpoint (``config`` goes to botocore's Config)."""
-    so: dict[str, Any] = {
-        "key": DUMMY_KEY,
-        "secret": DUMMY_SECRET,
-        "client_kwargs": {"endpoint_url": endpoint, "region_name": REGION},
-    }
-    if config:
-        so["config_kwargs"] = config
-    return so
-
-
-def gcs_options() -> dict[str, Any]:
-    return {"token": "anon", "project": "test"}
+from cloud_helpers import (  # noqa: E402 - needs the path above
+    DUMMY_KEY,
+    DUMMY_SECRET,
+    GCS_BUCKET,
+    REGION,
+    S3_BUCKET,
+    free_port,
+    gcs_options,
+    pending_uploads,
+    s3_options,
+)
 
 
 @pytest.fixture(scope="session")
@@ -103,16 +88,6 @@ def gcs_endpoint() -> Iterator[str]:
         else:
             os.environ["STORAGE_EMULATOR_HOST"] = previous
         server.stop()
-
-
-def pending_uploads(client: Any, prefix: str) -> list[dict]:
-    """Multipart uploads started under ``prefix`` and neither completed nor aborted."""
-    return client.list_multipart_uploads(Bucket=S3_BUCKET, Prefix=prefix).get("Uploads", [])
-
-
-def object_keys(client: Any, prefix: str) -> set[str]:
-    resp = client.list_objects_v2(Bucket=S3_BUCKET, Prefix=prefix)
-    return {o["Key"] for o in resp.get("Contents", [])}
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import GCS_BUCKET, ROOT, S3_BUCKET, gcs_options, s3_options
+from cloud_helpers import GCS_BUCKET, ROOT, S3_BUCKET, gcs_options, s3_options
 
 from ckpt_callbacks import latest_checkpoint
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import S3_BUCKET, object_keys, pending_uploads, s3_options
+from cloud_helpers import S3_BUCKET, object_keys, pending_uploads, s3_options
 from faultproxy import DROP, DROP_AFTER, ERROR_503, FaultProxy
 
 import ckpt_callbacks._cloud as cloud

@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 import pytest
-from conftest import S3_BUCKET, object_keys, pending_uploads
+from cloud_helpers import S3_BUCKET, object_keys, pending_uploads
 
 import ckpt_callbacks._cloud as cloud
 from ckpt_callbacks import CheckpointWriteError

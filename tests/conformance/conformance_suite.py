@@ -24,8 +24,6 @@ import numpy as np
 import pytest
 
 import ckpt_callbacks._manager as manager_module
-from ckpt_callbacks._format import LazyArray
-from ckpt_callbacks._lock import LOCK_FILE_NAME
 from ckpt_callbacks import (
     CheckpointError,
     CheckpointManager,
@@ -37,6 +35,8 @@ from ckpt_callbacks import (
     load_checkpoint,
     save_checkpoint,
 )
+from ckpt_callbacks._format import LazyArray
+from ckpt_callbacks._lock import LOCK_FILE_NAME
 
 DTYPES = [
     np.bool_, np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.uint64, np.int64,
