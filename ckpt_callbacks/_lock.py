@@ -297,6 +297,7 @@ def _acquire_exclusive(storage: Any, key: str, path: str) -> _Held:
 class _Lease:
     def __init__(self, storage: Any) -> None:
         self.fs = storage.fs
+        self._retrying = storage._retrying  # transient object-store errors are retried like saves
         self.path = storage.path(LOCK_FILE_NAME)
         self.url = storage.url_of(LOCK_FILE_NAME)
         self.token = uuid.uuid4().hex
@@ -318,9 +319,12 @@ class _Lease:
     def read(self) -> dict | None:
         try:
             self.fs.invalidate_cache(self.path)
-            return _parse_holder(self.fs.cat_file(self.path))
+            return _parse_holder(self._retrying(lambda: self.fs.cat_file(self.path), "read the writer lease"))
         except FileNotFoundError:
             return None
+
+    def put(self, **kwargs: Any) -> None:
+        self._retrying(lambda: self.fs.pipe_file(self.path, self.doc(), **kwargs), "write the writer lease")
 
     def start_refreshing(self) -> None:
         self._thread = threading.Thread(target=self._refresh_loop, name="ckpt-lease", daemon=True)
@@ -332,7 +336,7 @@ class _Lease:
                 if (self.read() or {}).get("token") != self.token:
                     logger.error("The writer lease %s was taken over by another writer", self.url)
                     return
-                self.fs.pipe_file(self.path, self.doc())
+                self.put()
             except Exception as e:  # noqa: BLE001 - retried at the next tick
                 logger.warning("Could not refresh the writer lease %s: %s", self.url, e)
 
@@ -364,18 +368,19 @@ def _acquire_remote(storage: Any, key: str) -> _Held:
                     else f" (refreshed {age:.0f} s ago; it expires {LEASE_SECONDS:.0f} s after that)",
                 )
             logger.warning("Taking over the writer lease of %s left by %s", storage.url, _describe(holder))
-            lease.fs.pipe_file(lease.path, lease.doc())
+            lease.put()
         else:
             try:
-                lease.fs.pipe_file(lease.path, lease.doc(), mode="create")
+                lease.put(mode="create")
             except FileExistsError:
                 holder = lease.read()
-                if holder is not None:
+                if holder is None:
+                    logger.warning("Replacing the unreadable writer lease %s", lease.url)
+                    lease.put()
+                elif holder.get("token") != lease.token:  # our own when a retried create lost its reply
                     raise _busy(storage.url, lease.url, holder) from None
-                logger.warning("Replacing the unreadable writer lease %s", lease.url)
-                lease.fs.pipe_file(lease.path, lease.doc())
             except (TypeError, NotImplementedError):  # a backend without exclusive create
-                lease.fs.pipe_file(lease.path, lease.doc())
+                lease.put()
         # Without a conditional write two writers can both get here; the last PUT wins and the
         # other one sees a foreign token.
         now = lease.read()

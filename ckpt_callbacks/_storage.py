@@ -151,7 +151,10 @@ class Storage:
         try:
             if self.is_local:
                 with open(self.path(name), "rb") as f:
-                    return f.read() if max_bytes is None else f.read(max_bytes + 1)
+                    if max_bytes is None:
+                        return f.read()
+                    # read(n) allocates n bytes up front: never ask for more than the file holds.
+                    return f.read(min(os.fstat(f.fileno()).st_size, max_bytes) + 1)
             if max_bytes is None:
                 return self._retrying(lambda: self.fs.cat_file(self.path(name)), f"read {name}")
 
