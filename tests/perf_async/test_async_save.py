@@ -339,7 +339,9 @@ _CHILD = textwrap.dedent(
     real_writer, real_remove = Storage.writer, Storage.remove
 
     def park():
-        print("REACHED", flush=True)
+        # One write call per line: two threads' print() calls interleave text and newline.
+        sys.stdout.write("REACHED\\n")
+        sys.stdout.flush()
         threading.Event().wait()  # until SIGKILL
 
     def writer(self, name):
@@ -367,7 +369,8 @@ _CHILD = textwrap.dedent(
     state = {"w": np.full(1 << 20, 2.0, np.float32), "step": 2}
     state.update({f"s{i}": np.full(1000, float(i)) for i in range(64)})
     mgr.save(state, step=2)
-    print("SAVE_RETURNED", flush=True)
+    sys.stdout.write("SAVE_RETURNED\\n")
+    sys.stdout.flush()
     threading.Event().wait()
     """
 )
@@ -383,6 +386,7 @@ _KILL_POINTS = [
 ]
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("where,latest_step", _KILL_POINTS, ids=[f"{o}-{p}" for (o, p), _ in _KILL_POINTS])
 def test_sigkill_during_background_save_leaves_a_loadable_latest(tmp_path, where, latest_step):
     d = tmp_path / "run"
