@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import time
 import warnings
 import weakref
@@ -30,7 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from .._manager import CheckpointManager, get_checkpoint_state
+from .._manager import CheckpointManager, _validate_manager_args, get_checkpoint_state
 from .._manager import load_checkpoint as _core_load
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError
 from . import _convert, _rng
@@ -38,7 +37,6 @@ from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO, _js
 
 _STATE_VERSION = 1
 _NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
-_PREFIX_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*\Z")
 # Errors re-raised on the other ranks under their own class; anything else becomes CheckpointWriteError.
 _REMOTE_ERRORS: dict[str, type[BaseException]] = {
     "TypeError": TypeError,
@@ -625,46 +623,12 @@ def _validate(
             f"save_every_n_seconds must be a positive number of seconds or None. "
             f"Received: save_every_n_seconds={seconds!r}."
         )
-    if max_to_keep is not None and (
-        isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
-    ):
-        raise ValueError(
-            f"max_to_keep must be an int >= 1 or None. Received: max_to_keep={max_to_keep!r}. "
-            "Use max_to_keep=None to keep every checkpoint."
-        )
-    if hours is not None and (
-        isinstance(hours, bool)
-        or not isinstance(hours, (int, float))
-        or not math.isfinite(hours)
-        or hours <= 0
-    ):
-        raise ValueError(
-            f"keep_checkpoint_every_n_hours must be a positive number of hours or None. "
-            f"Received: keep_checkpoint_every_n_hours={hours!r}."
-        )
-    if keep_best is not None:
-        if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 1:
-            raise ValueError(f"keep_best must be an int >= 1 or None. Received: keep_best={keep_best!r}.")
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(
-                f"keep_best needs a metric to rank by. Received: monitor={monitor!r}. "
-                "Pass the name of a metric you log with self.log(), e.g. monitor='val_loss'."
-            )
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max'. Received: mode={mode!r}.")
     if storage_options is not None and not isinstance(storage_options, dict):
         raise TypeError(
             f"storage_options must be a dict or None. Received: storage_options={storage_options!r}."
         )
-    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
-        raise ValueError(
-            f"prefix must be a plain file-name prefix (letters, digits, '_', '.', '-', '=', '+'). "
-            f"Received: prefix={prefix!r}. Use for example prefix='ckpt'."
-        )
-    if not callable(clock):
-        raise TypeError(
-            f"clock must be a zero-argument callable returning seconds. Received: clock={clock!r}."
-        )
+    # Retention, prefix and clock: the manager's own checks, so both callbacks say the same thing.
+    _validate_manager_args(prefix, max_to_keep, hours, keep_best, monitor, mode, clock)
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False. Received: {name}={value!r}.")
