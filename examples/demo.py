@@ -131,6 +131,8 @@ def keras_child(directory: str, kill_at: int, opts: dict) -> None:
                 kill_self()
 
     model.fit(data, epochs=4, shuffle=False, callbacks=[cb, Preempt()], verbose=0)
+    if cb.restored_from:
+        print(f"  [keras] resumed from {cb.restored_from}", flush=True)
     print(f"  [keras] finished at global step {int(model.optimizer.iterations.numpy())}", flush=True)
     np.savez(os.path.join(os.environ["DEMO_OUT"], "keras.npz"), *[v.numpy() for v in model.weights])
 
