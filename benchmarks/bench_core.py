@@ -44,8 +44,12 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from ckpt_callbacks import CheckpointManager, load_checkpoint, save_checkpoint  # noqa: E402
-from ckpt_callbacks import _manager  # noqa: E402
+from ckpt_callbacks import (  # noqa: E402
+    CheckpointManager,
+    _manager,  # noqa: E402
+    load_checkpoint,
+    save_checkpoint,
+)
 from ckpt_callbacks._storage import Storage  # noqa: E402
 
 MiB = 1 << 20
@@ -103,7 +107,7 @@ def prefault(nbytes: int) -> None:
     """Touch (then free) memory once: a VM's first touch of guest pages costs 10-20x a later one,
     which would otherwise land on whichever case runs first."""
     a = np.empty(nbytes, np.uint8)
-    a[:: 4096] = 1
+    a[::4096] = 1
     del a
 
 
@@ -126,20 +130,47 @@ def alternate(cases: list[tuple], reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def row(fig: str, case: str, ours: float, base: float, target: float, unit: str = "s", higher_better=False) -> None:
+def row(
+    fig: str, case: str, ours: float, base: float, target: float, unit: str = "s", higher_better=False
+) -> None:
     ratio = (base / ours if higher_better else ours / base) if base else float("nan")
     ok = ratio >= target if higher_better else ratio <= target
     cmp = ">=" if higher_better else "<="
-    ROWS.append((fig, case, f"{ours:.3f}{unit}", f"{base:.3f}{unit}", f"{ratio:.2f}", f"{cmp} {target:g}", "met" if ok else "GAP"))
-    print(f"  {fig:<3} {case:<58} ours {ours:9.3f}{unit}  base {base:9.3f}{unit}  ratio {ratio:6.2f}  "
-          f"target {cmp} {target:g}  {'met' if ok else 'GAP'}", flush=True)
+    ROWS.append(
+        (
+            fig,
+            case,
+            f"{ours:.3f}{unit}",
+            f"{base:.3f}{unit}",
+            f"{ratio:.2f}",
+            f"{cmp} {target:g}",
+            "met" if ok else "GAP",
+        )
+    )
+    print(
+        f"  {fig:<3} {case:<58} ours {ours:9.3f}{unit}  base {base:9.3f}{unit}  ratio {ratio:6.2f}  "
+        f"target {cmp} {target:g}  {'met' if ok else 'GAP'}",
+        flush=True,
+    )
 
 
 def abs_row(fig: str, case: str, value: float, limit: float, unit: str) -> None:
     ok = value <= limit
-    ROWS.append((fig, case, f"{value:.2f}{unit}", f"limit {limit:.2f}{unit}", f"{value / limit:.2f}" if limit else "-",
-                 f"<= 1 of limit", "met" if ok else "GAP"))
-    print(f"  {fig:<3} {case:<58} {value:10.2f}{unit}  limit {limit:10.2f}{unit}  {'met' if ok else 'GAP'}", flush=True)
+    ROWS.append(
+        (
+            fig,
+            case,
+            f"{value:.2f}{unit}",
+            f"limit {limit:.2f}{unit}",
+            f"{value / limit:.2f}" if limit else "-",
+            "<= 1 of limit",
+            "met" if ok else "GAP",
+        )
+    )
+    print(
+        f"  {fig:<3} {case:<58} {value:10.2f}{unit}  limit {limit:10.2f}{unit}  {'met' if ok else 'GAP'}",
+        flush=True,
+    )
 
 
 class Scratch:
@@ -216,7 +247,9 @@ def bench_p1(scratch, sizes, reps):
     print("P1  sync save vs raw sequential write + fsync", flush=True)
     for size in sizes:
         state = numpy_state(size, 8)
-        t = alternate([ours_case(scratch, state), file_case(scratch, "raw", raw_writer(state.values()))], reps)
+        t = alternate(
+            [ours_case(scratch, state), file_case(scratch, "raw", raw_writer(state.values()))], reps
+        )
         row("P1", f"{human(size)} state, 8 tensors: save vs raw write+fsync", t["ours"], t["raw"], 1.10)
         del state
 
@@ -236,27 +269,55 @@ def bench_p2_torch(scratch, sizes, reps):
             ],
             reps,
         )
-        row("P2", f"{human(size)} torch state dict: save vs torch.save+fsync", t["ours"], t["torch.save"], 1.05)
-        row("P2", f"{human(size)} torch state dict: save vs safetensors save_file+fsync", t["ours"], t["safetensors"], 1.05)
+        row(
+            "P2",
+            f"{human(size)} torch state dict: save vs torch.save+fsync",
+            t["ours"],
+            t["torch.save"],
+            1.05,
+        )
+        row(
+            "P2",
+            f"{human(size)} torch state dict: save vs safetensors save_file+fsync",
+            t["ours"],
+            t["safetensors"],
+            1.05,
+        )
         del sd
 
 
 def bench_p2_tf(bench_dir, sizes, reps):
-    print("P2  sync save of Keras variables vs save_weights(.weights.h5) / tf.train.Checkpoint.write (+ fsync)",
-          flush=True)
+    print(
+        "P2  sync save of Keras variables vs save_weights(.weights.h5) / tf.train.Checkpoint.write (+ fsync)",
+        flush=True,
+    )
     for size in sizes:
         env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
         out = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--_worker", "tf", str(size), str(reps), bench_dir],
-            env=env, capture_output=True, text=True,
+            env=env,
+            capture_output=True,
+            text=True,
         )
         if out.returncode != 0:
             print(out.stderr[-3000:])
             print(f"  P2  TensorFlow worker failed (exit {out.returncode}); skipped")
             continue
         t = json.loads(out.stdout.strip().splitlines()[-1])
-        row("P2", f"{human(size)} Keras model: save vs save_weights(.weights.h5)+fsync", t["ours"], t["save_weights"], 1.05)
-        row("P2", f"{human(size)} Keras model: save vs tf.train.Checkpoint.write+fsync", t["ours"], t["tf.train.Checkpoint"], 1.05)
+        row(
+            "P2",
+            f"{human(size)} Keras model: save vs save_weights(.weights.h5)+fsync",
+            t["ours"],
+            t["save_weights"],
+            1.05,
+        )
+        row(
+            "P2",
+            f"{human(size)} Keras model: save vs tf.train.Checkpoint.write+fsync",
+            t["ours"],
+            t["tf.train.Checkpoint"],
+            1.05,
+        )
 
 
 def tf_worker(size: int, reps: int, bench_dir: str) -> None:
@@ -266,7 +327,9 @@ def tf_worker(size: int, reps: int, bench_dir: str) -> None:
     from ckpt_callbacks._format import LazyArray
 
     width = 2048  # a Dense(2048) kernel is 16 MiB of float32
-    model = keras.Sequential([keras.Input((width,))] + [keras.layers.Dense(width) for _ in range(max(1, size // (16 * MiB)))])
+    model = keras.Sequential(
+        [keras.Input((width,))] + [keras.layers.Dense(width) for _ in range(max(1, size // (16 * MiB)))]
+    )
     for v in model.weights:
         v.assign(filled(int(np.prod(v.shape)) * 4).reshape(v.shape))
     scratch = Scratch(tempfile.mkdtemp(prefix="tf-", dir=bench_dir))
@@ -305,8 +368,14 @@ def bench_p3(scratch, total, reps):
     small = numpy_state(total, 5000)
     large = numpy_state(total, 8)
     t = alternate([ours_case(scratch, small, "small"), ours_case(scratch, large, "large")], reps)
-    row("P3", f"{human(total)}: 5,000 tensors throughput vs 8 tensors (x of large)", t["small"], t["large"], 0.5,
-        higher_better=True)
+    row(
+        "P3",
+        f"{human(total)}: 5,000 tensors throughput vs 8 tensors (x of large)",
+        t["small"],
+        t["large"],
+        0.5,
+        higher_better=True,
+    )
 
 
 # ============================================================================ P4 / P5 (async)
@@ -315,7 +384,9 @@ def bench_p3(scratch, total, reps):
 def bench_p4(scratch, size, reps):
     import torch
 
-    print("P4  async save(): time the training thread is blocked vs an in-memory copy of the state", flush=True)
+    print(
+        "P4  async save(): time the training thread is blocked vs an in-memory copy of the state", flush=True
+    )
     for kind in ("numpy", "torch"):
         state = numpy_state(size, 16)
         if kind == "torch":
@@ -367,7 +438,13 @@ def bench_p4(scratch, size, reps):
         b = statistics.median(blocked)
         row("P4", f"{human(size)} {kind}: save() blocked vs {base_label}", b, statistics.median(base), 1.5)
         if clone:
-            row("P4", f"{human(size)} {kind}: save() blocked vs torch clone (fresh memory)", b, statistics.median(clone), 1.5)
+            row(
+                "P4",
+                f"{human(size)} {kind}: save() blocked vs torch clone (fresh memory)",
+                b,
+                statistics.median(clone),
+                1.5,
+            )
         print(f"      first save() (allocates the reused buffers): {first:.3f}s", flush=True)
         del state
 
@@ -409,8 +486,14 @@ def bench_p5(scratch, size, reps):
         mgr.wait_until_finished()
     mgr.close()
     rm(d)
-    row("P5", f"{human(size)} background save: step time vs no save (ms/step)", statistics.median(with_save) * 1e3,
-        statistics.median(without) * 1e3, 1.25, unit="ms")
+    row(
+        "P5",
+        f"{human(size)} background save: step time vs no save (ms/step)",
+        statistics.median(with_save) * 1e3,
+        statistics.median(without) * 1e3,
+        1.25,
+        unit="ms",
+    )
 
 
 # ============================================================================ P6 (memory)
@@ -421,15 +504,21 @@ def bench_p6(bench_dir, size):
     for mode in ("sync", "sync-torch", "async", "async-torch"):
         out = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--_worker", "rss", mode, str(size), bench_dir],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if out.returncode != 0:
             print(out.stderr[-3000:])
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         limit = 0.1 * size + 64 * MiB if mode.startswith("sync") else 1.1 * size
-        abs_row("P6", f"{human(size)} {mode}: peak extra RSS (sampled; getrusage {r['maxrss_delta'] / MiB:.0f} MiB)",
-                r["peak_delta"] / MiB, limit / MiB, " MiB")
+        abs_row(
+            "P6",
+            f"{human(size)} {mode}: peak extra RSS (sampled; getrusage {r['maxrss_delta'] / MiB:.0f} MiB)",
+            r["peak_delta"] / MiB,
+            limit / MiB,
+            " MiB",
+        )
 
 
 def rss_worker(mode: str, size: int, bench_dir: str) -> None:
@@ -499,19 +588,44 @@ def bench_p7(scratch, size, reps):
 
     t = alternate(
         [
-            ("ours", cold, lambda ctx: model.load_state_dict(load_checkpoint(os.path.join(d, "ckpt-1"))), noop),
-            ("safetensors", cold,
-             lambda ctx: model.load_state_dict(safetensors.torch.load_file(os.path.join(d, "model.safetensors"))), noop),
-            ("torch.load", cold,
-             lambda ctx: model.load_state_dict(torch.load(os.path.join(d, "model.pt"), weights_only=True)), noop),
+            (
+                "ours",
+                cold,
+                lambda ctx: model.load_state_dict(load_checkpoint(os.path.join(d, "ckpt-1"))),
+                noop,
+            ),
+            (
+                "safetensors",
+                cold,
+                lambda ctx: model.load_state_dict(
+                    safetensors.torch.load_file(os.path.join(d, "model.safetensors"))
+                ),
+                noop,
+            ),
+            (
+                "torch.load",
+                cold,
+                lambda ctx: model.load_state_dict(torch.load(os.path.join(d, "model.pt"), weights_only=True)),
+                noop,
+            ),
         ],
         reps,
     )
     rm(d)
-    row("P7", f"{human(n * width * (width + 1) * 4)} model: restore vs safetensors load_file+load_state_dict",
-        t["ours"], t["safetensors"], 1.2)
-    row("P7", f"{human(n * width * (width + 1) * 4)} model: restore vs torch.load+load_state_dict",
-        t["ours"], t["torch.load"], 0.8)
+    row(
+        "P7",
+        f"{human(n * width * (width + 1) * 4)} model: restore vs safetensors load_file+load_state_dict",
+        t["ours"],
+        t["safetensors"],
+        1.2,
+    )
+    row(
+        "P7",
+        f"{human(n * width * (width + 1) * 4)} model: restore vs torch.load+load_state_dict",
+        t["ours"],
+        t["torch.load"],
+        0.8,
+    )
 
 
 # ============================================================================ P9 (retention)
@@ -547,7 +661,11 @@ def bench_p9(scratch, saves):
         listings[0] += 1
         return real_ls(*a, **k)
 
-    real_apply, real_commit, real_remove = _manager.Retention.apply, mgr._commit_state, _manager._remove_quietly
+    real_apply, real_commit, real_remove = (
+        _manager.Retention.apply,
+        mgr._commit_state,
+        _manager._remove_quietly,
+    )
     _manager.Retention.apply = timed("sweep", real_apply)
     mgr._commit_state = timed("commit", real_commit)
     _manager._remove_quietly = timed("delete", real_remove)
@@ -572,10 +690,18 @@ def bench_p9(scratch, saves):
     mgr.close()
     rm(d)
     med = {k: statistics.median(v) * 1e3 for k, v in parts.items()}
-    print(f"      per save (median): sweep {med['sweep']:.3f} ms, state file commit {med['commit']:.3f} ms, "
-          f"deletes {med['delete']:.3f} ms; max total {max(per_save) * 1e3:.3f} ms", flush=True)
-    abs_row("P9", "retention work per save (sweep + state commit + deletes), median", statistics.median(per_save) * 1e3,
-            5.0, " ms")
+    print(
+        f"      per save (median): sweep {med['sweep']:.3f} ms, state file commit {med['commit']:.3f} ms, "
+        f"deletes {med['delete']:.3f} ms; max total {max(per_save) * 1e3:.3f} ms",
+        flush=True,
+    )
+    abs_row(
+        "P9",
+        "retention work per save (sweep + state commit + deletes), median",
+        statistics.median(per_save) * 1e3,
+        5.0,
+        " ms",
+    )
     abs_row("P9", "directory listings per save (max over saves)", float(max(per_listings)), 0.0, "")
     print("      async_save=True: all of it runs on the background worker (0 ms on the training thread)")
 
@@ -587,7 +713,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="64 MiB / 256 MiB states, fewer repeats")
     ap.add_argument("--only", default="", help="comma-separated figures, e.g. P1,P4")
-    ap.add_argument("--dir", default=None, help="scratch directory on the disk to measure (default: a temp dir)")
+    ap.add_argument(
+        "--dir", default=None, help="scratch directory on the disk to measure (default: a temp dir)"
+    )
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -609,8 +737,10 @@ def main() -> None:
     import torch
 
     print(f"bench_core: {'quick' if quick else 'full'} run, {reps} reps, scratch {bench_dir}")
-    print(f"python {sys.version.split()[0]}, numpy {np.__version__}, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    print(
+        f"python {sys.version.split()[0]}, numpy {np.__version__}, torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+    )
     prefault(3 * sizes[-1])
     t_start = time.perf_counter()
     try:
@@ -634,7 +764,9 @@ def main() -> None:
     finally:
         rm(bench_dir)
     print()
-    print(f"Summary ({time.perf_counter() - t_start:.0f} s; medians; ratio = ours / baseline unless marked x of)")
+    print(
+        f"Summary ({time.perf_counter() - t_start:.0f} s; medians; ratio = ours / baseline unless marked x of)"
+    )
     header = ("fig", "case", "ours", "baseline", "ratio", "target", "")
     widths = [max(len(str(r[i])) for r in [header, *ROWS]) for i in range(len(header))]
     for r in [header, *ROWS]:

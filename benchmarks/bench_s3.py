@@ -108,7 +108,9 @@ def _numpy_state(size: int) -> dict:
     per = size // N_TENSORS // 4
     rng = np.random.default_rng(0)
     # Random bits: incompressible, and every page really allocated before the timer starts.
-    return {f"layer{i}": rng.integers(0, 2**31, per, dtype=np.int32).view(np.float32) for i in range(N_TENSORS)}
+    return {
+        f"layer{i}": rng.integers(0, 2**31, per, dtype=np.int32).view(np.float32) for i in range(N_TENSORS)
+    }
 
 
 def _s3_options(endpoint: str) -> dict:
@@ -131,7 +133,11 @@ def worker(kind: str, endpoint: str, size: int, tmpdir: str) -> dict:
         path = Path(tmpdir, "payload.bin")
         nbytes = path.stat().st_size
         client = boto3.client(
-            "s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET, region_name=REGION
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=KEY,
+            aws_secret_access_key=SECRET,
+            region_name=REGION,
         )
         dt, peak, cpu = _measure(lambda: client.upload_file(str(path), BUCKET, f"boto3-{run}/payload.bin"))
     elif kind == "lightning":
@@ -139,12 +145,17 @@ def worker(kind: str, endpoint: str, size: int, tmpdir: str) -> dict:
         from lightning.pytorch.plugins.io import TorchCheckpointIO
 
         os.environ.update(
-            AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL=endpoint
+            AWS_ACCESS_KEY_ID=KEY,
+            AWS_SECRET_ACCESS_KEY=SECRET,
+            AWS_DEFAULT_REGION=REGION,
+            AWS_ENDPOINT_URL=endpoint,
         )
         checkpoint = {"state_dict": {k: torch.from_numpy(v) for k, v in _numpy_state(size).items()}}
         nbytes = sum(t.numel() * 4 for t in checkpoint["state_dict"].values())
         io = TorchCheckpointIO()
-        dt, peak, cpu = _measure(lambda: io.save_checkpoint(checkpoint, f"s3://{BUCKET}/lightning-{run}/last.ckpt"))
+        dt, peak, cpu = _measure(
+            lambda: io.save_checkpoint(checkpoint, f"s3://{BUCKET}/lightning-{run}/last.ckpt")
+        )
     else:
         raise ValueError(kind)
     return {"kind": kind, "seconds": dt, "peak_extra_rss": peak, "bytes": nbytes, "cpu": cpu}
@@ -201,7 +212,18 @@ def _write_payload(tmpdir: str, size: int) -> None:
 
 def _run_worker(kind: str, endpoint: str, size: int, tmpdir: str) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", kind, "--endpoint", endpoint, "--size", str(size), "--tmpdir", tmpdir],
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            kind,
+            "--endpoint",
+            endpoint,
+            "--size",
+            str(size),
+            "--tmpdir",
+            tmpdir,
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -212,7 +234,9 @@ def _run_worker(kind: str, endpoint: str, size: int, tmpdir: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-mib", type=int, default=2048)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip", action="append", default=[], choices=["boto3", "lightning"])
@@ -249,10 +273,14 @@ def main() -> None:
         proc.wait(timeout=30)
 
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
-    print(f"\nS3 save of {args.size_mib} MiB ({N_TENSORS} tensors) to a local moto server, median of {args.repeat}:")
+    print(
+        f"\nS3 save of {args.size_mib} MiB ({N_TENSORS} tensors) to a local moto server, median of {args.repeat}:"
+    )
     for k in kinds:
         peak = max(r["peak_extra_rss"] for r in results[k])
-        print(f"  {k:9s} {med[k]:7.2f} s   {size / med[k] / 2**20:7.1f} MiB/s   max peak extra RSS {peak / 2**20:7.1f} MiB")
+        print(
+            f"  {k:9s} {med[k]:7.2f} s   {size / med[k] / 2**20:7.1f} MiB/s   max peak extra RSS {peak / 2**20:7.1f} MiB"
+        )
     if "boto3" in med:
         print(f"P8  ckpt / boto3 upload_file       = {med['ckpt'] / med['boto3']:.2f}x   (target <= 1.10x)")
     if "lightning" in med:

@@ -106,8 +106,17 @@ _pool = _BufferPool(keep=MAX_INFLIGHT_PARTS + 2)
 
 _TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
 _TRANSIENT_CODES = frozenset(
-    {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException",
-     "RequestLimitExceeded", "TooManyRequests", "OperationAborted"}
+    {
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "OperationAborted",
+    }
 )
 _PERMANENT = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)
 
@@ -136,14 +145,26 @@ def is_transient(exc: BaseException | None) -> bool:
             return True
         module = type(exc).__module__ or ""
         if module.startswith("botocore") and type(exc).__name__ in {
-            "HTTPClientError", "ConnectionError", "ConnectionClosedError", "EndpointConnectionError",
-            "ReadTimeoutError", "ConnectTimeoutError", "ResponseStreamingError", "IncompleteReadError",
+            "HTTPClientError",
+            "ConnectionError",
+            "ConnectionClosedError",
+            "EndpointConnectionError",
+            "ReadTimeoutError",
+            "ConnectTimeoutError",
+            "ResponseStreamingError",
+            "IncompleteReadError",
             "ResponseParserError",
         }:
             return True
         if module.startswith("aiohttp") and type(exc).__name__ in {
-            "ServerDisconnectedError", "ClientOSError", "ClientConnectionError", "ClientPayloadError",
-            "ServerTimeoutError", "ClientConnectorError", "ConnectionTimeoutError", "SocketTimeoutError",
+            "ServerDisconnectedError",
+            "ClientOSError",
+            "ClientConnectionError",
+            "ClientPayloadError",
+            "ServerTimeoutError",
+            "ClientConnectorError",
+            "ConnectionTimeoutError",
+            "SocketTimeoutError",
         }:
             return True
         if type(exc).__name__ == "FSTimeoutError":
@@ -315,7 +336,9 @@ class S3MultipartWriter:
                 # Smaller than one part: a single PUT is atomic by itself.
                 body = bytes(memoryview(self.buf)[: self.fill])
                 self._release_buf()
-                self._run(lambda: self.fs._call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body), "PUT")
+                self._run(
+                    lambda: self.fs._call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body), "PUT"
+                )
             else:
                 if self.fill:
                     self._submit_part()
@@ -358,7 +381,10 @@ class S3MultipartWriter:
                 logger.warning(
                     "Could not abort multipart upload %s of s3://%s/%s (%s); its parts stay invisible but "
                     "are stored until an AbortIncompleteMultipartUpload lifecycle rule removes them.",
-                    upload_id, self.bucket, self.key, e,
+                    upload_id,
+                    self.bucket,
+                    self.key,
+                    e,
                 )
 
     # ---------------------------------------------------------------- internals
@@ -451,7 +477,9 @@ class S3MultipartWriter:
                     "AbortMultipartUpload",
                 )
             except Exception as e:  # noqa: BLE001
-                logger.warning("Could not abort orphaned upload %s of s3://%s/%s: %s", other, self.bucket, self.key, e)
+                logger.warning(
+                    "Could not abort orphaned upload %s of s3://%s/%s: %s", other, self.bucket, self.key, e
+                )
 
     async def _upload_part(self, number: int, buf: bytearray, size: int) -> str:
         upload_id = self.upload_id
@@ -465,7 +493,10 @@ class S3MultipartWriter:
             s3 = await fs.get_s3(self.bucket)
             kwargs = fs._get_s3_method_kwargs(
                 s3.upload_part,
-                Bucket=self.bucket, Key=self.key, UploadId=upload_id, PartNumber=number,
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=upload_id,
+                PartNumber=number,
                 Body=PartBody(memoryview(buf)[:size]),
             )
             return await s3.upload_part(**kwargs)
@@ -482,7 +513,10 @@ class S3MultipartWriter:
             self._run(
                 lambda: self.fs._call_s3(
                     "complete_multipart_upload",
-                    Bucket=self.bucket, Key=self.key, UploadId=upload_id, MultipartUpload=parts,
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    UploadId=upload_id,
+                    MultipartUpload=parts,
                 ),
                 "CompleteMultipartUpload",
             )
@@ -495,7 +529,9 @@ class S3MultipartWriter:
 
     def _object_matches(self, etags: list[str]) -> bool:
         try:
-            head = self._run(lambda: self.fs._call_s3("head_object", Bucket=self.bucket, Key=self.key), "HEAD")
+            head = self._run(
+                lambda: self.fs._call_s3("head_object", Bucket=self.bucket, Key=self.key), "HEAD"
+            )
         except Exception:  # noqa: BLE001
             return False
         return head.get("ETag") == _multipart_etag(etags)

@@ -212,7 +212,9 @@ def encode_tree(state: Any, *, allow_pickle: bool = False) -> EncodedState:
 
     def enc(obj: Any, path: tuple, depth: int) -> Any:
         if depth > MAX_TREE_DEPTH:
-            raise ValueError(f"State tree is nested deeper than {MAX_TREE_DEPTH} levels at {_path_str(path)}.")
+            raise ValueError(
+                f"State tree is nested deeper than {MAX_TREE_DEPTH} levels at {_path_str(path)}."
+            )
         t = type(obj)
         if obj is None or t is bool or t is str:
             return obj
@@ -297,7 +299,7 @@ def decode_tree(tree: Any, tensors: dict[str, Any], *, allow_pickle: bool = Fals
             return node
         if not isinstance(node, dict) or len(node) != 1:
             raise CorruptCheckpointError(f"Invalid node in checkpoint tree: {str(node)[:80]!r}.")
-        (tag, val), = node.items()
+        ((tag, val),) = node.items()
         if tag == "f":
             if isinstance(val, (int, float)) and not isinstance(val, bool):
                 return float(val)
@@ -424,10 +426,14 @@ def dump_index(index: dict) -> bytes:
 def parse_index(data: bytes, *, verify: bool = True) -> dict:
     """Parse and validate an index file; raises CorruptCheckpointError on any defect."""
     if len(data) > MAX_INDEX_BYTES:
-        raise CorruptCheckpointError(f"Checkpoint index is {len(data)} bytes, over the {MAX_INDEX_BYTES} limit.")
+        raise CorruptCheckpointError(
+            f"Checkpoint index is {len(data)} bytes, over the {MAX_INDEX_BYTES} limit."
+        )
     m = _INDEX_TAIL.search(data)
     if m is None:
-        raise CorruptCheckpointError("Checkpoint index is truncated or not written by this library (no checksum).")
+        raise CorruptCheckpointError(
+            "Checkpoint index is truncated or not written by this library (no checksum)."
+        )
     head = data[: m.start()]
     if verify and checksum_bytes(head) != f"{CHECKSUM_ALGO}:{m.group(1).decode()}":
         raise CorruptCheckpointError("Checkpoint index checksum does not match its contents.")
@@ -505,7 +511,9 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_.=+-][A-Za-z0-9_.=+-]*\Z")
 
 def _safe_name(name: Any) -> bool:
     """A plain file name inside the checkpoint directory: no separators, no '..', no scheme."""
-    return isinstance(name, str) and len(name) < 256 and bool(_SAFE_NAME.match(name)) and name not in (".", "..")
+    return (
+        isinstance(name, str) and len(name) < 256 and bool(_SAFE_NAME.match(name)) and name not in (".", "..")
+    )
 
 
 def check_name(name: Any) -> str:

@@ -76,9 +76,7 @@ _TEMP_RE = re.compile(r"\.(?P<base>.+)" + re.escape(TEMP_MARK) + r"[0-9a-f]{8,32
 
 def _own_file_re(prefix: str) -> re.Pattern:
     p = re.escape(prefix)
-    return re.compile(
-        rf"(?P<ckpt>{p}-\d+)(?:\.data-\d{{5}}-of-\d{{5}}|\.index|\.meta)\Z"
-    )
+    return re.compile(rf"(?P<ckpt>{p}-\d+)(?:\.data-\d{{5}}-of-\d{{5}}|\.index|\.meta)\Z")
 
 
 # ===================================================================== writing one checkpoint
@@ -114,7 +112,13 @@ def _write_checkpoint(
         for shard_no, (fname, size, header_size, header_sum, entries) in enumerate(results):
             written.append(fname)
             files.append(
-                {"name": fname, "kind": "data", "size": size, "header_size": header_size, "checksum": header_sum}
+                {
+                    "name": fname,
+                    "kind": "data",
+                    "size": size,
+                    "header_size": header_size,
+                    "checksum": header_sum,
+                }
             )
             for entry in entries:
                 entry["file"] = shard_no
@@ -124,7 +128,12 @@ def _write_checkpoint(
         storage.write_bytes(meta_name, meta_bytes)
         written.append(meta_name)
         files.append(
-            {"name": meta_name, "kind": "meta", "size": len(meta_bytes), "checksum": fmt.checksum_bytes(meta_bytes)}
+            {
+                "name": meta_name,
+                "kind": "meta",
+                "size": len(meta_bytes),
+                "checksum": fmt.checksum_bytes(meta_bytes),
+            }
         )
         storage.sync_dir()
         _crash_point("after_meta")
@@ -272,7 +281,9 @@ def _read_bounded(storage: Storage, name: str, limit: int) -> bytes:
         limit = size
     data = storage.read_bytes(name, max_bytes=limit)
     if len(data) > limit:
-        raise CorruptCheckpointError(f"{storage.url_of(name)!r} is over the {limit}-byte limit for this kind of file.")
+        raise CorruptCheckpointError(
+            f"{storage.url_of(name)!r} is over the {limit}-byte limit for this kind of file."
+        )
     return data
 
 
@@ -291,11 +302,15 @@ def _read_index(storage: Storage, name: str, verify: bool = True) -> dict:
         if f.get("kind") != "meta":
             hs = f.get("header_size")
             if type(hs) is not int or not 8 <= hs <= min(f["size"], fmt.MAX_HEADER_BYTES + 8):
-                raise CorruptCheckpointError(f"Invalid header size {hs!r:.40} for {f['name']!r} in the checkpoint index.")
+                raise CorruptCheckpointError(
+                    f"Invalid header size {hs!r:.40} for {f['name']!r} in the checkpoint index."
+                )
             header_sizes[i] = hs
     for tname, t in index["tensors"].items():
         if t["file"] not in header_sizes or t["offset"] < header_sizes[t["file"]]:
-            raise CorruptCheckpointError(f"Tensor {tname!r:.120} is not inside the data section of a data file.")
+            raise CorruptCheckpointError(
+                f"Tensor {tname!r:.120} is not inside the data section of a data file."
+            )
     return index
 
 
@@ -319,7 +334,9 @@ def _load(storage: Storage, name: str, *, verify: bool, allow_pickle: bool) -> d
                         f"{storage.url_of(f['name'])!r} is corrupt: its size or checksum does not match the index."
                     )
             continue
-        _read_data_file(storage, f, sorted(by_file.get(file_no, []), key=lambda x: x[1]["offset"]), arrays, verify)
+        _read_data_file(
+            storage, f, sorted(by_file.get(file_no, []), key=lambda x: x[1]["offset"]), arrays, verify
+        )
     tensors = {}
     for tname, t in index["tensors"].items():
         arr = arrays[tname].view(fmt.dtype_from_name(t["dtype"])).reshape(t["shape"])
@@ -351,9 +368,13 @@ def _read_data_file(storage: Storage, f: dict, tensors: list, out: dict, verify:
         if verify:
             header = _read_exact(fh, 0, header_size, fname)
             if fmt.checksum_bytes(header) != f["checksum"]:
-                raise CorruptCheckpointError(f"{storage.url_of(fname)!r}: safetensors header checksum mismatch.")
+                raise CorruptCheckpointError(
+                    f"{storage.url_of(fname)!r}: safetensors header checksum mismatch."
+                )
             if int.from_bytes(header[:8], "little") != header_size - 8:  # still a valid safetensors file
-                raise CorruptCheckpointError(f"{storage.url_of(fname)!r}: safetensors header length is wrong.")
+                raise CorruptCheckpointError(
+                    f"{storage.url_of(fname)!r}: safetensors header length is wrong."
+                )
         # Big files: tensor N is hashed on a helper thread while tensor N+1 is read (xxhash and
         # readinto both release the GIL), so verifying costs no wall time. Small ones hash inline.
         behind = verify and actual >= _HASH_BEHIND_BYTES
@@ -455,7 +476,9 @@ def load_checkpoint(
     return _load(storage, name, verify=verify, allow_pickle=allow_pickle)
 
 
-def list_variables(path: str | os.PathLike, storage_options: dict | None = None) -> list[tuple[str, str, tuple]]:
+def list_variables(
+    path: str | os.PathLike, storage_options: dict | None = None
+) -> list[tuple[str, str, tuple]]:
     """``(name, dtype, shape)`` of every tensor in a checkpoint (or a directory's latest), by name."""
     path = resolve_checkpoint(path, storage_options, verify=False)
     directory, name = _split(path)
@@ -478,7 +501,9 @@ def read_index(path: str | os.PathLike, storage_options: dict | None = None, ver
     return _read_index(Storage(directory, storage_options), name, verify=verify)
 
 
-def get_checkpoint_state(directory: str | os.PathLike, storage_options: dict | None = None) -> CheckpointState | None:
+def get_checkpoint_state(
+    directory: str | os.PathLike, storage_options: dict | None = None
+) -> CheckpointState | None:
     """The directory's ``checkpoint`` state file with paths joined to the directory, or None."""
     storage = Storage(directory, storage_options)
     try:
@@ -488,7 +513,9 @@ def get_checkpoint_state(directory: str | os.PathLike, storage_options: dict | N
     state, _ = parse_state(data)
     return CheckpointState(
         model_checkpoint_path=storage.url_of(checked_name(state.model_checkpoint_path)),
-        all_model_checkpoint_paths=[storage.url_of(checked_name(p)) for p in state.all_model_checkpoint_paths],
+        all_model_checkpoint_paths=[
+            storage.url_of(checked_name(p)) for p in state.all_model_checkpoint_paths
+        ],
         all_model_checkpoint_timestamps=list(state.all_model_checkpoint_timestamps),
         last_preserved_timestamp=state.last_preserved_timestamp,
     )
@@ -562,10 +589,14 @@ def _jsonable(x: Any) -> Any:
         return x
     if hasattr(x, "item") and getattr(x, "ndim", None) == 0:  # 0-d framework tensors
         return _jsonable(x.item())
-    raise TypeError(f"meta and metrics must be JSON-like (dict, list, str, numbers); got {type(x).__name__}: {x!r:.80}")
+    raise TypeError(
+        f"meta and metrics must be JSON-like (dict, list, str, numbers); got {type(x).__name__}: {x!r:.80}"
+    )
 
 
-def _meta_doc(step: int, timestamp: float, metrics: dict | None, meta: dict | None, info: dict | None) -> dict:
+def _meta_doc(
+    step: int, timestamp: float, metrics: dict | None, meta: dict | None, info: dict | None
+) -> dict:
     doc: dict[str, Any] = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION}
     doc.update(_jsonable(info or {}))
     doc.setdefault("framework", None)
@@ -575,7 +606,11 @@ def _meta_doc(step: int, timestamp: float, metrics: dict | None, meta: dict | No
             "time": timestamp,
             "metrics": _jsonable(metrics or {}),
             "user": _jsonable(meta or {}),
-            "library": {"ckpt_callbacks": _version(), "python": sys.version.split()[0], "numpy": np.__version__},
+            "library": {
+                "ckpt_callbacks": _version(),
+                "python": sys.version.split()[0],
+                "numpy": np.__version__,
+            },
         }
     )
     return doc
@@ -635,7 +670,9 @@ class CheckpointManager:
         clock: Callable[[], float] = time.time,
         _allow_concurrent_writers: bool = False,
     ) -> None:
-        _validate_manager_args(prefix, max_to_keep, keep_checkpoint_every_n_hours, keep_best, monitor, mode, clock)
+        _validate_manager_args(
+            prefix, max_to_keep, keep_checkpoint_every_n_hours, keep_best, monitor, mode, clock
+        )
         self._storage = Storage(directory, storage_options)
         self._storage_options = storage_options
         self.directory = self._storage.url
@@ -701,7 +738,9 @@ class CheckpointManager:
             last_preserved = now
         self._last_preserved = last_preserved
         if records is None:  # a state file TensorFlow (or an older writer) wrote: TF's restart rule
-            stamps = state.all_model_checkpoint_timestamps or [last_preserved] * len(state.all_model_checkpoint_paths)
+            stamps = state.all_model_checkpoint_timestamps or [last_preserved] * len(
+                state.all_model_checkpoint_paths
+            )
             records = [
                 Record(n, _step_of(n), min(ts, now), "active" if min(ts, now) > last_preserved else "hourly")
                 for n, ts in zip(state.all_model_checkpoint_paths, stamps)
@@ -734,7 +773,9 @@ class CheckpointManager:
         # Index first: once it is gone the checkpoint no longer exists for any reader.
         doomed.sort(key=lambda n: not n.endswith(INDEX_SUFFIX))
         if doomed:
-            logger.info("Removing %d leftover file(s) of interrupted saves in %s", len(doomed), self.directory)
+            logger.info(
+                "Removing %d leftover file(s) of interrupted saves in %s", len(doomed), self.directory
+            )
             _remove_quietly(self._storage, doomed)
         return doomed
 
@@ -744,7 +785,9 @@ class CheckpointManager:
         except CheckpointError:
             return False
         marker = b'{"format":"' + fmt.FORMAT_NAME.encode() + b'"'
-        return head.startswith(marker) or head[8:].startswith(b'{"__metadata__":' + b'{"format":"ckpt_callbacks"')
+        return head.startswith(marker) or head[8:].startswith(
+            b'{"__metadata__":' + b'{"format":"ckpt_callbacks"'
+        )
 
     # ------------------------------------------------------------------ properties
 
@@ -921,7 +964,11 @@ class CheckpointManager:
             _crash_point("after_delete")
         dt = time.perf_counter() - t0
         logger.info(
-            "Saved %s (%d bytes in %.3f s, %.1f MiB/s)", storage.url_of(name), nbytes, dt, nbytes / 2**20 / max(dt, 1e-9)
+            "Saved %s (%d bytes in %.3f s, %.1f MiB/s)",
+            storage.url_of(name),
+            nbytes,
+            dt,
+            nbytes / 2**20 / max(dt, 1e-9),
         )
 
     def _commit_state(self, records: list[Record], last_preserved: float, latest: str | None = None) -> None:
@@ -938,7 +985,9 @@ class CheckpointManager:
         try:
             self._save_now(*args)
         except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
-            logger.error("Background save of %s failed: %s: %s", self._storage.url_of(args[0]), type(e).__name__, e)
+            logger.error(
+                "Background save of %s failed: %s: %s", self._storage.url_of(args[0]), type(e).__name__, e
+            )
             with self._lock:
                 self._error = self._error or e
 
@@ -1060,7 +1109,9 @@ def _finish_pending_saves() -> None:
             mgr._wait(raise_error=True)
         except BaseException as e:  # noqa: BLE001 - nobody is left to raise to
             logger.error("A background checkpoint save in %s failed before exit: %s", mgr.directory, e)
-            print(f"ckpt_callbacks: background save in {mgr.directory} failed before exit: {e}", file=sys.stderr)
+            print(
+                f"ckpt_callbacks: background save in {mgr.directory} failed before exit: {e}", file=sys.stderr
+            )
 
 
 def _files_of(name: str, shards: int | None, storage: Storage | None = None) -> list[str]:
@@ -1088,7 +1139,10 @@ def _validate_manager_args(prefix, max_to_keep, hours, keep_best, monitor, mode,
             "Use max_to_keep=None to keep every checkpoint."
         )
     if hours is not None and (
-        isinstance(hours, bool) or not isinstance(hours, (int, float)) or not math.isfinite(hours) or hours <= 0
+        isinstance(hours, bool)
+        or not isinstance(hours, (int, float))
+        or not math.isfinite(hours)
+        or hours <= 0
     ):
         raise ValueError(
             f"keep_checkpoint_every_n_hours must be a positive number of hours or None. "
@@ -1105,4 +1159,6 @@ def _validate_manager_args(prefix, max_to_keep, hours, keep_best, monitor, mode,
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max'. Received: mode={mode!r}.")
     if not callable(clock):
-        raise TypeError(f"clock must be a zero-argument callable returning seconds. Received: clock={clock!r}.")
+        raise TypeError(
+            f"clock must be a zero-argument callable returning seconds. Received: clock={clock!r}."
+        )

@@ -104,7 +104,9 @@ def parse_state(text: bytes | str) -> tuple[CheckpointState, list[Record] | None
         key, value = m.groups()
         if key in ("model_checkpoint_path", "all_model_checkpoint_paths"):
             if not value.startswith('"'):
-                raise CorruptCheckpointError(f"Expected a quoted path in checkpoint state file: {line[:120]!r}.")
+                raise CorruptCheckpointError(
+                    f"Expected a quoted path in checkpoint state file: {line[:120]!r}."
+                )
             path = _unquote(value)
             if key == "model_checkpoint_path":
                 state.model_checkpoint_path = path

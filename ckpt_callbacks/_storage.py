@@ -294,7 +294,9 @@ class _StreamWriter(AtomicWriter):
         try:
             from . import _cloud
 
-            _cloud.discard_upload(f)  # aborts the multipart upload / resumable session: nothing becomes visible
+            _cloud.discard_upload(
+                f
+            )  # aborts the multipart upload / resumable session: nothing becomes visible
         except Exception:  # noqa: BLE001 - best effort; the upload was never completed
             pass
         try:

@@ -40,7 +40,9 @@ from cloud_helpers import (  # noqa: E402 - needs the path above
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """URL of a real moto S3 server in this process (``ThreadedMotoServer``), with one bucket."""
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is needed for the S3 integration tests")
+    moto_server = pytest.importorskip(
+        "moto.server", reason="moto[server] is needed for the S3 integration tests"
+    )
     boto3 = pytest.importorskip("boto3")
     port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -48,7 +50,11 @@ def s3_endpoint() -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         client = boto3.client(
-            "s3", endpoint_url=url, aws_access_key_id=DUMMY_KEY, aws_secret_access_key=DUMMY_SECRET, region_name=REGION
+            "s3",
+            endpoint_url=url,
+            aws_access_key_id=DUMMY_KEY,
+            aws_secret_access_key=DUMMY_SECRET,
+            region_name=REGION,
         )
         client.create_bucket(Bucket=S3_BUCKET)
         yield url
@@ -62,7 +68,10 @@ def s3_client(s3_endpoint: str) -> Any:
     import boto3
 
     return boto3.client(
-        "s3", endpoint_url=s3_endpoint, aws_access_key_id=DUMMY_KEY, aws_secret_access_key=DUMMY_SECRET,
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id=DUMMY_KEY,
+        aws_secret_access_key=DUMMY_SECRET,
         region_name=REGION,
     )
 

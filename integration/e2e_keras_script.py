@@ -27,7 +27,12 @@ rng = np.random.RandomState(0)
 x = rng.randn(40, 6).astype("float32")
 y = (x @ rng.randn(6, 1)).astype("float32")
 model = keras.Sequential(
-    [keras.Input((6,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dropout(0.25), keras.layers.Dense(1)]
+    [
+        keras.Input((6,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dropout(0.25),
+        keras.layers.Dense(1),
+    ]
 )
 model.compile(keras.optimizers.Adam(1e-2), "mse")
 cb = CheckpointCallback(directory, save_every_n_steps=4, max_to_keep=2, storage_options=storage_options)

@@ -36,4 +36,6 @@ model = TinyModel(dropout=0.2)
 cb = CheckpointCallback(directory, save_every_n_steps=4, max_to_keep=2, storage_options=storage_options)
 trainer = make_trainer(out + ".root", [cb, BlockAt()], max_epochs=3)
 trainer.fit(model, make_loader())
-torch.save({"weights": weights(model), "global_step": trainer.global_step, "resumed_from": trainer.ckpt_path}, out)
+torch.save(
+    {"weights": weights(model), "global_step": trainer.global_step, "resumed_from": trainer.ckpt_path}, out
+)

@@ -21,7 +21,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 PASS, ERROR_503, DROP, DROP_AFTER = "pass", "503", "drop", "drop_after"
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+}
 _S3_503 = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ServiceUnavailable</Code>'
     b"<Message>Injected by faultproxy</Message><RequestId>faultproxy</RequestId></Error>"
@@ -177,8 +185,12 @@ class _Handler(BaseHTTPRequestHandler):
             # The proxy already answered "100 Continue" to the client and holds the whole body.
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP | {"expect"}}
             headers["Content-Length"] = str(len(body))
-            conn.request(self.command, self.path, body=body if body or self.command in ("PUT", "POST") else None,
-                         headers=headers)
+            conn.request(
+                self.command,
+                self.path,
+                body=body if body or self.command in ("PUT", "POST") else None,
+                headers=headers,
+            )
             resp = conn.getresponse()
             data = resp.read()
             # HEAD answers carry the object's Content-Length without a body: pass it through as is.

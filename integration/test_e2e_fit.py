@@ -52,18 +52,26 @@ def _env(storage_options: dict[str, Any], **extra: str) -> dict[str, str]:
 
 
 def _run(script: str, args: list[str], env: dict[str, str]) -> None:
-    proc = subprocess.run([sys.executable, str(HERE / script), *args], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / script), *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def _run_and_kill(script: str, args: list[str], env: dict[str, str]) -> None:
     """Start the run, wait for READY (it then blocks), SIGKILL it from here."""
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / script), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(HERE / script), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = proc.stdout.readline()
-        assert line.startswith("READY"), f"{line!r}\n{proc.stderr.read()[-4000:] if proc.poll() is not None else ''}"
+        assert line.startswith("READY"), (
+            f"{line!r}\n{proc.stderr.read()[-4000:] if proc.poll() is not None else ''}"
+        )
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=60) == -signal.SIGKILL
     finally:
@@ -98,7 +106,9 @@ def test_keras_fit_sigkill_resume_on_object_store(
         assert np.array_equal(ref[k], got[k]), f"variable {k} differs after resume"
 
 
-def test_lightning_fit_sigkill_resume_on_object_store(store: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
+def test_lightning_fit_sigkill_resume_on_object_store(
+    store: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
     torch = pytest.importorskip("torch")
     pytest.importorskip("lightning")
     base, so = store

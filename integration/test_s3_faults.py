@@ -119,7 +119,9 @@ def test_one_transient_fault_is_retried(
 
 @pytest.mark.parametrize("action", [ERROR_503, DROP, DROP_AFTER])
 @pytest.mark.parametrize("kind", list(READ_KINDS))
-def test_one_transient_fault_on_read_is_retried(kind: str, action: str, proxy: FaultProxy, run: tuple[str, dict, str]) -> None:
+def test_one_transient_fault_on_read_is_retried(
+    kind: str, action: str, proxy: FaultProxy, run: tuple[str, dict, str]
+) -> None:
     url, so, _prefix = run
     with CheckpointManager(url, storage_options=so) as mgr:
         mgr.save(state(1), step=1)
@@ -140,7 +142,14 @@ def _assert_clean_failure(url: str, so: dict, prefix: str, s3_client: Any, befor
 
 
 @pytest.mark.parametrize(
-    "kind", ["UploadPart", "CompleteMultipartUpload", "PutObject(.meta)", "PutObject(.index)", "PutObject(checkpoint)"]
+    "kind",
+    [
+        "UploadPart",
+        "CompleteMultipartUpload",
+        "PutObject(.meta)",
+        "PutObject(.index)",
+        "PutObject(checkpoint)",
+    ],
 )
 @pytest.mark.parametrize("action", [ERROR_503, DROP])
 def test_persistent_fault_fails_cleanly(
@@ -160,7 +169,9 @@ def test_persistent_fault_fails_cleanly(
 
 
 @pytest.mark.parametrize("action", [ERROR_503, DROP])
-def test_kth_request_fault_sweep(action: str, proxy: FaultProxy, run: tuple[str, dict, str], s3_client: Any) -> None:
+def test_kth_request_fault_sweep(
+    action: str, proxy: FaultProxy, run: tuple[str, dict, str], s3_client: Any
+) -> None:
     """Fail the k-th request of a save, for every k: each save succeeds (after a retry)."""
     url, so, prefix = run
     with CheckpointManager(url, storage_options=so, max_to_keep=1) as mgr:
@@ -191,5 +202,7 @@ def test_completed_multipart_etag_matches_s3_rule(s3_dir: tuple[str, dict, str],
     data = s3_client.get_object(Bucket=S3_BUCKET, Key=key)["Body"].read()
     import hashlib
 
-    part_etags = [f'"{hashlib.md5(data[i : i + cloud.PART_BYTES]).hexdigest()}"' for i in (0, cloud.PART_BYTES)]
+    part_etags = [
+        f'"{hashlib.md5(data[i : i + cloud.PART_BYTES]).hexdigest()}"' for i in (0, cloud.PART_BYTES)
+    ]
     assert cloud._multipart_etag(part_etags) == head["ETag"]

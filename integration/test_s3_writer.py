@@ -140,7 +140,9 @@ def test_is_transient_builtin(exc: BaseException, transient: bool) -> None:
 def test_is_transient_botocore(code: str, status: int, transient: bool) -> None:
     from botocore.exceptions import ClientError
 
-    err = ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
+    err = ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op"
+    )
     wrapped = OSError(5, "translated by s3fs")
     wrapped.__cause__ = err
     assert cloud.is_transient(err) is transient

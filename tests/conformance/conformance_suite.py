@@ -39,9 +39,24 @@ from ckpt_callbacks._format import LazyArray
 from ckpt_callbacks._lock import LOCK_FILE_NAME
 
 DTYPES = [
-    np.bool_, np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.uint64, np.int64,
-    np.float16, np.float32, np.float64, np.complex64, np.complex128,
-    ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2, ml_dtypes.int4,
+    np.bool_,
+    np.uint8,
+    np.int8,
+    np.uint16,
+    np.int16,
+    np.uint32,
+    np.int32,
+    np.uint64,
+    np.int64,
+    np.float16,
+    np.float32,
+    np.float64,
+    np.complex64,
+    np.complex128,
+    ml_dtypes.bfloat16,
+    ml_dtypes.float8_e4m3fn,
+    ml_dtypes.float8_e5m2,
+    ml_dtypes.int4,
 ]
 T0 = 1_764_000_000.0  # an arbitrary fixed epoch for the injected clock
 OUR_SUFFIXES = (".index", ".meta", ".data-00000-of-00001")
@@ -166,14 +181,20 @@ class ManagerConformance:
             mgr.save(small(10), step=10)
         names = backend.names()
         assert {"ckpt-10" + s for s in OUR_SUFFIXES} | {"checkpoint"} <= names
-        assert not {n for n in names if n.startswith("ckpt-10") and n not in {"ckpt-10" + s for s in OUR_SUFFIXES}}
+        assert not {
+            n for n in names if n.startswith("ckpt-10") and n not in {"ckpt-10" + s for s in OUR_SUFFIXES}
+        }
 
-    def test_large_state_sharded_and_multipart(self, backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_large_state_sharded_and_multipart(
+        self, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         # Force the object-store sharding threshold down so a 24 MiB state takes the parallel path:
         # several data shards written concurrently, each bigger than one 8 MiB S3 part.
         monkeypatch.setattr(manager_module, "_SHARD_BYTES", 10 << 20)
         rng = np.random.default_rng(7)
-        state = {f"t{i}": rng.standard_normal((1 << 20,)).astype(np.float32).reshape(1024, 1024) for i in range(6)}
+        state = {
+            f"t{i}": rng.standard_normal((1 << 20,)).astype(np.float32).reshape(1024, 1024) for i in range(6)
+        }
         with CheckpointManager(backend.url, storage_options=backend.so) as mgr:
             mgr.save(state, step=1)
             assert_same_tree(mgr.restore(), state)
@@ -199,7 +220,9 @@ class ManagerConformance:
             'all_model_checkpoint_paths: "ckpt-2"',
             'all_model_checkpoint_paths: "ckpt-3"',
         ]
-        stamps = [float(ln.split(":", 1)[1]) for ln in lines if ln.startswith("all_model_checkpoint_timestamps")]
+        stamps = [
+            float(ln.split(":", 1)[1]) for ln in lines if ln.startswith("all_model_checkpoint_timestamps")
+        ]
         assert stamps == [T0 + 20, T0 + 30]
         state = get_checkpoint_state(backend.url, storage_options=backend.so)
         assert names_of([state.model_checkpoint_path]) == ["ckpt-3"]
@@ -232,7 +255,11 @@ class ManagerConformance:
 
     def _hourly_saves(self, backend: Backend, clock: FakeClock, steps: range) -> list[str]:
         with CheckpointManager(
-            backend.url, storage_options=backend.so, max_to_keep=2, keep_checkpoint_every_n_hours=1, clock=clock
+            backend.url,
+            storage_options=backend.so,
+            max_to_keep=2,
+            keep_checkpoint_every_n_hours=1,
+            clock=clock,
         ) as mgr:
             for step in steps:
                 clock.now = T0 + (step - 1) * 1800
@@ -283,7 +310,11 @@ class ManagerConformance:
         # An interrupted save of ckpt-2: complete files of this format that no state file names.
         save_checkpoint(backend.join("ckpt-2"), small(2), storage_options=backend.so)
         # Files this format did not write, some with names that look like ours.
-        foreign = {"notes.txt": b"keep me", "ckpt-3.index": b"not ours", "ckpt-3.data-00000-of-00001": b"nope"}
+        foreign = {
+            "notes.txt": b"keep me",
+            "ckpt-3.index": b"not ours",
+            "ckpt-3.data-00000-of-00001": b"nope",
+        }
         for name, data in foreign.items():
             backend.write(name, data)
         assert {"ckpt-2" + s for s in OUR_SUFFIXES} <= backend.names()
@@ -323,7 +354,10 @@ class ManagerConformance:
         rng = np.random.default_rng(3)
         # 12 MiB before the failure: on object stores the upload is already under way (S3: a
         # multipart upload with a part sent; GCS: a resumable session) and must be aborted.
-        state = {"a": rng.integers(0, 255, 12 << 20, dtype=np.uint8), "b": LazyArray((4,), np.dtype("float32"), explode)}
+        state = {
+            "a": rng.integers(0, 255, 12 << 20, dtype=np.uint8),
+            "b": LazyArray((4,), np.dtype("float32"), explode),
+        }
         with CheckpointManager(backend.url, storage_options=backend.so) as mgr:
             mgr.save(small(1), step=1)
             before = backend.names() - {LOCK_FILE_NAME}
@@ -344,7 +378,10 @@ class ManagerConformance:
     # ---------------------------------------------------------------- one-shot functions
 
     def test_save_load_list_variables(self, backend: Backend) -> None:
-        state = {"dense": {"kernel": np.zeros((3, 2), np.float32), "bias": np.zeros(2, ml_dtypes.bfloat16)}, "n": 1}
+        state = {
+            "dense": {"kernel": np.zeros((3, 2), np.float32), "bias": np.zeros(2, ml_dtypes.bfloat16)},
+            "n": 1,
+        }
         path = backend.join("ckpt-42")
         save_checkpoint(path, state, meta={"note": "hi"}, storage_options=backend.so)
         assert_same_tree(load_checkpoint(path, storage_options=backend.so), state)
@@ -356,7 +393,9 @@ class ManagerConformance:
     # ---------------------------------------------------------------- async
 
     def test_async_save(self, backend: Backend) -> None:
-        with CheckpointManager(backend.url, storage_options=backend.so, async_save=True, max_to_keep=2) as mgr:
+        with CheckpointManager(
+            backend.url, storage_options=backend.so, async_save=True, max_to_keep=2
+        ) as mgr:
             state = rich_state(3)
             for step in (1, 2, 3):
                 state["step"] = step

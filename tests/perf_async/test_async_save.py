@@ -462,8 +462,8 @@ def test_interpreter_exit_reports_a_background_failure(tmp_path):
         """
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, timeout=TIMEOUT,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, timeout=TIMEOUT, capture_output=True, text=True
+    )
     assert "No space left on device" in r.stderr
     assert latest_checkpoint(tmp_path) is None
-
