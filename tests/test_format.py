@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import os
 import struct
 
@@ -12,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from conformance.conformance_suite import assert_same_tree  # one definition for all suites
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -43,31 +43,6 @@ NUMERIC_DTYPES = [
     ml_dtypes.float8_e5m2fnuz,
     ml_dtypes.int4,
 ]
-
-
-def assert_same_tree(a, b):
-    """Same types all the way down and bit-identical array contents."""
-    assert type(a) is type(b), (type(a), type(b))
-    if isinstance(a, dict):
-        assert list(a.keys()) == list(b.keys())
-        for k in a:
-            assert type(k) is type(next(kb for kb in b if kb == k))
-            assert_same_tree(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same_tree(x, y)
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert a.tobytes() == b.tobytes()
-    elif isinstance(a, np.generic):
-        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b)
-    elif isinstance(a, float):
-        assert struct.pack("<d", a) == struct.pack("<d", b)  # -0.0 stays -0.0
-    else:
-        assert a == b
 
 
 @st.composite
