@@ -310,6 +310,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     mgr.close()
     for name in mgr.removed_leftovers:
         print(f"removed {mgr._storage.url_of(name)}")
+    for name in mgr.aborted_uploads:
+        print(f"aborted pending upload of {mgr._storage.url_of(name)}")
     print(f"{len(mgr.removed_leftovers)} leftover file(s) removed from {mgr.directory}")
     return EXIT_OK
 

@@ -57,6 +57,9 @@ PART_GROWTH_EVERY = 1_000
 MAX_INFLIGHT_PARTS = 6
 # Bounded retries for transient errors: attempts in total, and the backoff between them.
 RETRY_ATTEMPTS = 5
+# The checksum every part carries (boto3's transfer-manager default), and its field in responses.
+CHECKSUM = "CRC32"
+_CHECKSUM_FIELD = "ChecksumCRC32"
 BACKOFF_BASE_S = 0.1
 BACKOFF_MAX_S = 2.0
 
@@ -214,6 +217,66 @@ async def retry_async(
     raise AssertionError("unreachable")
 
 
+def run_on_loop(fs: Any, make: Callable[[], Awaitable[T]], what: str) -> T:
+    """Run one request (with retries) on fsspec's event loop and wait for it."""
+    return asyncio.run_coroutine_threadsafe(retry_async(make, what), fs.loop).result()
+
+
+def abort_leftover_uploads(storage: Storage, is_ours: Callable[[str], bool]) -> list[str]:
+    """Abort the pending multipart uploads of this format's files directly in the directory.
+
+    A process killed in the middle of a multipart upload leaves it pending: invisible, but its parts
+    are stored (and billed) until someone aborts it. The directory has one writer (the manager holds
+    the writer lock when this runs), so a pending upload of one of our file names is a leftover.
+    Uploads of other names, and anything in sub-directories, are not touched. Best effort: a failure
+    is logged, never raised (nothing is visible either way). Returns the file names aborted.
+    """
+    if storage.protocol not in ("s3", "s3a") or not s3_supported(storage):
+        return []
+    fs = storage.fs
+    bucket, root, _ = fs.split_path(storage.root)
+    prefix = root.rstrip("/") + "/" if root else ""
+    aborted: list[str] = []
+    markers: dict[str, str] = {}
+    try:
+        while True:
+            resp = run_on_loop(
+                fs,
+                lambda m=dict(markers): fs._call_s3(
+                    "list_multipart_uploads", Bucket=bucket, Prefix=prefix, Delimiter="/", **m
+                ),
+                f"ListMultipartUploads s3://{bucket}/{prefix}",
+            )
+            for upload in resp.get("Uploads", []):
+                key = upload.get("Key", "")
+                name = key[len(prefix) :]
+                if not key.startswith(prefix) or "/" in name or not is_ours(name):
+                    continue
+                try:
+                    run_on_loop(
+                        fs,
+                        lambda k=key, u=upload["UploadId"]: fs._call_s3(
+                            "abort_multipart_upload", Bucket=bucket, Key=k, UploadId=u
+                        ),
+                        f"AbortMultipartUpload s3://{bucket}/{key}",
+                    )
+                    aborted.append(name)
+                except Exception as e:  # noqa: BLE001 - NoSuchUpload: already gone
+                    if "NoSuchUpload" not in str(e):
+                        logger.warning("Could not abort pending upload of s3://%s/%s: %s", bucket, key, e)
+            if not resp.get("IsTruncated"):
+                break
+            markers = {
+                "KeyMarker": resp.get("NextKeyMarker", ""),
+                "UploadIdMarker": resp.get("NextUploadIdMarker", ""),
+            }
+    except Exception as e:  # noqa: BLE001 - best effort
+        logger.warning("Could not list pending uploads in s3://%s/%s: %s", bucket, prefix, e)
+    if aborted:
+        logger.info("Aborted %d pending upload(s) of interrupted saves in %s", len(aborted), storage.url)
+    return aborted
+
+
 def _multipart_etag(etags: list[str]) -> str:
     """The ETag S3 gives a completed multipart object: md5 of the parts' binary md5s, '-', count."""
     digests = b"".join(binascii.unhexlify(e.strip('"')) for e in etags)
@@ -342,8 +405,7 @@ class S3MultipartWriter:
             else:
                 if self.fill:
                     self._submit_part()
-                etags = [f.result() for f in self.futures]
-                self._complete(etags)
+                self._complete([f.result() for f in self.futures])
             self.done = True
             self._release_buf()
             self._finish()
@@ -390,10 +452,7 @@ class S3MultipartWriter:
     # ---------------------------------------------------------------- internals
 
     def _run(self, make: Callable[[], Awaitable[T]], what: str) -> T:
-        """Run one request (with retries) on fsspec's event loop and wait for it."""
-        label = f"{what} s3://{self.bucket}/{self.key}"
-        fut = asyncio.run_coroutine_threadsafe(retry_async(make, label), self.fs.loop)
-        return fut.result()
+        return run_on_loop(self.fs, make, f"{what} s3://{self.bucket}/{self.key}")
 
     def _raise_failed_part(self) -> None:
         for f in self.futures:
@@ -446,8 +505,13 @@ class S3MultipartWriter:
             pass
 
     def _create(self) -> None:
+        # A CRC32 per part, as boto3's transfer manager sends: the server verifies every part and keeps a
+        # composite checksum. Without an algorithm S3 (and moto) default to a full-object CRC64NVME,
+        # which costs a server a second pass over the whole object at Complete.
         self.upload_id = self._run(
-            lambda: self.fs._call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key),
+            lambda: self.fs._call_s3(
+                "create_multipart_upload", Bucket=self.bucket, Key=self.key, ChecksumAlgorithm=CHECKSUM
+            ),
             "CreateMultipartUpload",
         )["UploadId"]
         # A retried create (here or inside s3fs/botocore, invisible to us) may have left an upload whose
@@ -481,7 +545,8 @@ class S3MultipartWriter:
                     "Could not abort orphaned upload %s of s3://%s/%s: %s", other, self.bucket, self.key, e
                 )
 
-    async def _upload_part(self, number: int, buf: bytearray, size: int) -> str:
+    async def _upload_part(self, number: int, buf: bytearray, size: int) -> dict:
+        """Upload one part; returns its entry for CompleteMultipartUpload (number, ETag, CRC32)."""
         upload_id = self.upload_id
         fs = self.fs
 
@@ -498,16 +563,21 @@ class S3MultipartWriter:
                 UploadId=upload_id,
                 PartNumber=number,
                 Body=PartBody(memoryview(buf)[:size]),
+                ChecksumAlgorithm=CHECKSUM,
             )
             return await s3.upload_part(**kwargs)
 
         resp = await retry_async(
             attempt, f"UploadPart {number} of s3://{self.bucket}/{self.key}", give_up=lambda: self.done
         )
-        return resp["ETag"]
+        part = {"PartNumber": number, "ETag": resp["ETag"]}
+        if resp.get(_CHECKSUM_FIELD):  # an upload created with an algorithm must list each part's checksum
+            part[_CHECKSUM_FIELD] = resp[_CHECKSUM_FIELD]
+        return part
 
-    def _complete(self, etags: list[str]) -> None:
-        parts = {"Parts": [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]}
+    def _complete(self, parts_list: list[dict]) -> None:
+        parts = {"Parts": parts_list}
+        etags = [p["ETag"] for p in parts_list]
         upload_id = self.upload_id
         try:
             self._run(

@@ -700,6 +700,7 @@ class CheckpointManager:
         self._writer_lock = None if _allow_concurrent_writers else _lock.acquire(self._storage, self)
         try:
             self._load_state()
+            self.aborted_uploads: list[str] = []  # names whose pending multipart upload was aborted
             self.removed_leftovers = [] if _allow_concurrent_writers else self._remove_leftovers()
         except BaseException:
             self._release_writer_lock()
@@ -777,6 +778,10 @@ class CheckpointManager:
                 "Removing %d leftover file(s) of interrupted saves in %s", len(doomed), self.directory
             )
             _remove_quietly(self._storage, doomed)
+        # A save killed mid-upload on S3 also leaves its multipart upload pending (invisible, stored).
+        self.aborted_uploads = self._storage.abort_pending_uploads(
+            lambda n: n == STATE_FILE_NAME or own.match(n) is not None
+        )
         return doomed
 
     def _written_by_us(self, fname: str) -> bool:

@@ -59,6 +59,18 @@ class Storage:
 
     # ------------------------------------------------------------------ writing
 
+    def abort_pending_uploads(self, is_ours: Callable[[str], bool]) -> list[str]:
+        """Abort unfinished multipart uploads of names ``is_ours`` accepts (S3); returns those names.
+
+        Other stores have nothing to abort: local disk leaves temp files (removed as leftovers), and a
+        GCS resumable session is never visible and expires by itself.
+        """
+        if self.protocol not in ("s3", "s3a"):
+            return []
+        from . import _cloud
+
+        return _cloud.abort_leftover_uploads(self, is_ours)
+
     def makedirs(self) -> None:
         try:
             self.fs.makedirs(self.root, exist_ok=True)

@@ -7,8 +7,10 @@ pending), small objects are one PUT, and the error classification and ETag rule 
 
 from __future__ import annotations
 
+import base64
 import io
 import threading
+import zlib
 from typing import Any
 
 import pytest
@@ -39,7 +41,7 @@ def test_parts_upload_concurrently_within_the_bound(
     active, peak, lock = 0, 0, threading.Lock()
     real = cloud.S3MultipartWriter._upload_part
 
-    async def counting(self: cloud.S3MultipartWriter, number: int, buf: bytearray, size: int) -> str:
+    async def counting(self: cloud.S3MultipartWriter, number: int, buf: bytearray, size: int) -> dict:
         nonlocal active, peak
         with lock:
             active += 1
@@ -62,6 +64,27 @@ def test_parts_upload_concurrently_within_the_bound(
     key = f"{prefix}/big.bin"
     assert s3_client.get_object(Bucket=S3_BUCKET, Key=key)["Body"].read() == data
     assert s3_client.head_object(Bucket=S3_BUCKET, Key=key)["ETag"].endswith('-7"')
+
+
+def test_multipart_object_carries_a_composite_crc32(s3_dir: tuple[str, dict, str], s3_client: Any) -> None:
+    """Every part is sent with a CRC32 the server checks, and Complete lists them all (as boto3 does).
+
+    Without an algorithm at CreateMultipartUpload a server falls back to a full-object CRC64NVME,
+    a second pass over the whole object at Complete; with one, Complete must name each part's CRC32.
+    """
+    url, so, prefix = s3_dir
+    data = _payload(2 * cloud.PART_BYTES + MiB)
+    w = Storage(url, so).writer("crc.bin")
+    w.write(data)
+    w.commit()
+    key = f"{prefix}/crc.bin"
+    attrs = s3_client.get_object_attributes(Bucket=S3_BUCKET, Key=key, ObjectAttributes=["Checksum"])
+    assert attrs["Checksum"]["ChecksumType"] == "COMPOSITE", attrs
+    # S3's composite rule: the CRC32 of the parts' big-endian CRC32s (8 MiB, 8 MiB, 1 MiB).
+    bounds = [0, cloud.PART_BYTES, 2 * cloud.PART_BYTES, len(data)]
+    part_crcs = b"".join(zlib.crc32(data[a:b]).to_bytes(4, "big") for a, b in zip(bounds, bounds[1:]))
+    expected = base64.b64encode(zlib.crc32(part_crcs).to_bytes(4, "big")).decode()
+    assert attrs["Checksum"]["ChecksumCRC32"].split("-")[0] == expected
 
 
 def test_small_object_is_one_put(s3_dir: tuple[str, dict, str], s3_client: Any) -> None:
