@@ -289,10 +289,22 @@ def _is_torch_tensor(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
+class PickleRefusedError(IncompatibleCheckpointError, TypeError):
+    """A valid checkpoint holding a pickled leaf, loaded without ``allow_pickle=True``.
+
+    Not corruption (its checksums match), so ``restore()`` does not skip it for an older one; a
+    ``TypeError`` too, like the refusal to save such a leaf without the opt-in.
+    """
+
+
+def _key_path(path: tuple) -> str:
+    return "state" + "".join(f"[{k!r}]" for k in path)
+
+
 def decode_tree(tree: Any, tensors: dict[str, Any], *, allow_pickle: bool = False) -> Any:
     """Rebuild the state tree from its JSON form and the loaded tensors (by name)."""
 
-    def dec(node: Any, depth: int) -> Any:
+    def dec(node: Any, depth: int, path: tuple = ()) -> Any:
         if depth > MAX_TREE_DEPTH:
             raise CorruptCheckpointError(f"Checkpoint tree is nested deeper than {MAX_TREE_DEPTH} levels.")
         if node is None or isinstance(node, (bool, str, int)):
@@ -310,10 +322,10 @@ def decode_tree(tree: Any, tensors: dict[str, Any], *, allow_pickle: bool = Fals
             for item in val:
                 if not (isinstance(item, list) and len(item) == 2 and type(item[0]) in (str, int)):
                     raise CorruptCheckpointError("Invalid dict entry in checkpoint tree.")
-                pairs.append((item[0], dec(item[1], depth + 1)))
+                pairs.append((item[0], dec(item[1], depth + 1, (*path, item[0]))))
             return dict(pairs) if tag == "d" else collections.OrderedDict(pairs)
         elif tag in ("l", "t") and isinstance(val, list):
-            items = [dec(v, depth + 1) for v in val]
+            items = [dec(v, depth + 1, (*path, i)) for i, v in enumerate(val)]
             return items if tag == "l" else tuple(items)
         elif tag == "b" and isinstance(val, str):
             return _b64(val)
@@ -329,9 +341,10 @@ def decode_tree(tree: Any, tensors: dict[str, Any], *, allow_pickle: bool = Fals
             return tensors[val]
         elif tag == "p" and isinstance(val, str):
             if not allow_pickle:
-                raise CorruptCheckpointError(
-                    "Checkpoint contains a pickled object; refusing to unpickle it because unpickling "
-                    "executes code. If you trust this checkpoint, load it with allow_pickle=True."
+                raise PickleRefusedError(
+                    f"{_key_path(path)} is a pickled object (it was saved with allow_pickle=True); "
+                    "refusing to unpickle it because unpickling can execute code. If you trust this "
+                    "checkpoint, load it with allow_pickle=True."
                 )
             import pickle
 

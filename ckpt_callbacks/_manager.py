@@ -15,13 +15,13 @@ import warnings
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from . import _format as fmt
-from . import _lock
+from . import _lock, _validation
 from ._retention import BestN, EveryNHours, LatestN, Retention
 from ._state import (
     MAX_STATE_FILE_BYTES,
@@ -45,7 +45,6 @@ logger = logging.getLogger("ckpt_callbacks")
 INDEX_SUFFIX = ".index"
 META_SUFFIX = ".meta"
 MAX_META_BYTES = 64 * 1024 * 1024
-_PREFIX_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*\Z")
 # Small tensors are gathered into one write of this size; big ones go straight to storage.
 _COALESCE_BYTES = 4 << 20
 # Big tensors are written (and hashed) in chunks of this size: large enough that per-call costs
@@ -89,11 +88,14 @@ def _write_checkpoint(
     step: int,
     meta_doc: dict,
     arrays: dict[str, np.ndarray] | None = None,
+    replacing: _Replaced | None = None,
 ) -> int:
     """Write data file(s), then .meta, then .index. Returns the number of data shards.
 
     On any failure every file of this checkpoint that was written is removed again and
-    CheckpointWriteError is raised.
+    CheckpointWriteError is raised. ``replacing`` (a re-save of an existing checkpoint): its data
+    files keep their names (the new ones get another shard count), and on failure its .meta and
+    .index are written back instead of removed, so the old checkpoint stays whole.
     """
     tensors = encoded.tensors
     total = _preflight(storage, name, encoded)
@@ -101,6 +103,8 @@ def _write_checkpoint(
     if storage.streaming and total > _SHARD_BYTES:
         num_shards = min(_MAX_SHARDS, len(tensors), math.ceil(total / _SHARD_BYTES))
     shards = fmt.plan_shards(tensors, num_shards)
+    if replacing is not None and len(shards) == replacing.shards:
+        shards.append([])  # an empty safetensors file: the new data files must not overwrite the old
     num_shards = len(shards)
     written: list[str] = []
     index_tensors: dict[str, dict] = {}
@@ -108,9 +112,9 @@ def _write_checkpoint(
     try:
         _crash_point("before_data")
         results = _run_shards(storage, name, shards, arrays)
+        written += [r[0] for r in results]
         _crash_point("after_data")
         for shard_no, (fname, size, header_size, header_sum, entries) in enumerate(results):
-            written.append(fname)
             files.append(
                 {
                     "name": fname,
@@ -150,9 +154,46 @@ def _write_checkpoint(
         storage.sync_dir()
         _crash_point("after_index")
     except BaseException:
-        _remove_quietly(storage, written)
+        if replacing is not None:
+            replacing.roll_back(storage, written)
+        else:
+            _remove_quietly(storage, written)
         raise
     return num_shards
+
+
+@dataclass
+class _Replaced:
+    """What a re-save of an existing checkpoint must be able to put back: its small files' bytes."""
+
+    name: str
+    shards: int
+    data_files: list[str]
+    small: dict[str, bytes]  # .meta and .index contents
+
+    @classmethod
+    def read(cls, storage: Storage, name: str) -> _Replaced | None:
+        """The committed checkpoint ``name`` as it is now, or None when it is unreadable anyway."""
+        try:
+            index = _read_index(storage, name)
+            small = {name + INDEX_SUFFIX: _read_bounded(storage, name + INDEX_SUFFIX, fmt.MAX_INDEX_BYTES)}
+            for f in index["files"]:
+                if f.get("kind") == "meta":
+                    small[f["name"]] = _read_bounded(storage, f["name"], MAX_META_BYTES)
+        except CheckpointError:
+            return None
+        data = [f["name"] for f in index["files"] if f.get("kind") != "meta"]
+        return cls(name, len(data), data, small)
+
+    def roll_back(self, storage: Storage, written: list[str]) -> None:
+        """Undo a failed re-save: new data files removed, the old .meta then .index written back."""
+        _remove_quietly(storage, [n for n in written if n not in self.small])
+        for fname in sorted(self.small, key=lambda n: n.endswith(INDEX_SUFFIX)):
+            if fname in written:
+                try:
+                    storage.write_bytes(fname, self.small[fname])
+                except Exception as e:  # noqa: BLE001 - reported; the original error is raised
+                    logger.error("Could not restore %s after a failed re-save: %s", storage.url_of(fname), e)
 
 
 def _preflight(storage: Storage, name: str, encoded: fmt.EncodedState) -> int:
@@ -670,7 +711,10 @@ class CheckpointManager:
         clock: Callable[[], float] = time.time,
         _allow_concurrent_writers: bool = False,
     ) -> None:
-        _validate_manager_args(
+        _validation.check_directory(directory)
+        _validation.check_storage_options(storage_options)
+        _validation.check_flags(async_save=async_save, allow_pickle=allow_pickle)
+        _validation.check_manager_args(
             prefix, max_to_keep, keep_checkpoint_every_n_hours, keep_best, monitor, mode, clock
         )
         self._storage = Storage(directory, storage_options)
@@ -758,6 +802,7 @@ class CheckpointManager:
             keep.add(self._latest)
         own = _own_file_re(self._prefix)
         doomed = []
+        kept_data: dict[str, list[str]] = {}  # data files of listed checkpoints
         for fname in names:
             # Only the exact temp-name shape Storage writes: a user's ".ckpt-5.index.tmp-x.keep" stays.
             tmp = _TEMP_RE.match(fname)
@@ -766,11 +811,16 @@ class CheckpointManager:
                 doomed.append(fname)
                 continue
             m = own.match(base)
+            if m is not None and not tmp and m.group("ckpt") in keep:
+                if ".data-" in fname:
+                    kept_data.setdefault(m.group("ckpt"), []).append(fname)
+                continue
             # A temp file is never part of a committed checkpoint, listed or not.
-            if m is None or (not tmp and m.group("ckpt") in keep):
+            if m is None:
                 continue
             if tmp or self._written_by_us(fname):
                 doomed.append(fname)
+        doomed += self._stale_data_files(kept_data)
         # Index first: once it is gone the checkpoint no longer exists for any reader.
         doomed.sort(key=lambda n: not n.endswith(INDEX_SUFFIX))
         if doomed:
@@ -783,6 +833,28 @@ class CheckpointManager:
             lambda n: n == STATE_FILE_NAME or own.match(n) is not None
         )
         return doomed
+
+    def _stale_data_files(self, kept_data: dict[str, list[str]]) -> list[str]:
+        """Data files of listed checkpoints that their index does not name: an interrupted re-save's.
+
+        The index on storage is the truth (a re-save that wrote its new .index and then died before
+        the state file still has the old shard count in its record), so it is read whenever the files
+        differ from what the record expects; an unreadable index deletes nothing.
+        """
+        stale = []
+        for i, r in enumerate(self._records):
+            files = kept_data.get(r.name, [])
+            n = r.shards or 0
+            if r.shards and set(files) == {fmt.data_file_name(r.name, k, n) for k in range(n)}:
+                continue
+            try:
+                index = _read_index(self._storage, r.name)
+            except CheckpointError:
+                continue
+            named = [f["name"] for f in index["files"] if f.get("kind") != "meta"]
+            stale += [f for f in files if f not in named and self._written_by_us(f)]
+            self._records[i] = replace(r, shards=len(named))
+        return stale
 
     def _written_by_us(self, fname: str) -> bool:
         try:
@@ -808,8 +880,15 @@ class CheckpointManager:
         with self._lock:
             return [self._storage.url_of(r.name) for r in self._records]
 
-    def _retention(self) -> Retention:
-        protected = frozenset({self.resumed_from} if self.resumed_from else ())
+    def _retention(self, committing: str) -> Retention:
+        """The policy for the save that commits ``committing``.
+
+        The checkpoint the run resumed from is protected until the run commits another one: this
+        very commit ends the protection, so the same save may already delete it (as one uninterrupted
+        manager would have).
+        """
+        resumed = self.resumed_from
+        protected = frozenset({resumed} if resumed and resumed == committing else ())
         return Retention(
             LatestN(self._max_to_keep),
             EveryNHours(self._hours) if self._hours else None,
@@ -932,30 +1011,35 @@ class CheckpointManager:
         storage = self._storage
         storage.makedirs()
         with self._lock:
-            if any(r.name == name for r in self._records):
-                _preflight(storage, name, encoded)  # a save that cannot fit must not un-list the old one
-                # Re-saving a step: un-list the old one first so no state file names files in flux.
-                logger.warning("Replacing existing checkpoint %s", storage.url_of(name))
-                self._records = [r for r in self._records if r.name != name]
-                if self._latest == name:
-                    self._latest = self._records[-1].name if self._records else None
-                self._commit_state(self._records, self._last_preserved)
-        shards = _write_checkpoint(storage, name, encoded, step, meta_doc, arrays)
+            resave = any(r.name == name for r in self._records)
+        replacing = None
+        if resave:
+            # Re-saving a step: the old copy stays listed and whole until the state file commits the
+            # new one. New data files get other names (another shard count); a failure writes the
+            # old .meta and .index back. Only a crash between the two small writes of the new .meta
+            # and .index leaves the step unreadable (restore() then falls back to the one before).
+            logger.warning("Replacing existing checkpoint %s", storage.url_of(name))
+            replacing = _Replaced.read(storage, name)
+        shards = _write_checkpoint(storage, name, encoded, step, meta_doc, arrays, replacing)
         nbytes = sum(t.nbytes for t in encoded.tensors)
         # _commit_lock orders commits; self._lock only guards the in-memory view, and is not held
         # across the state file's write + fsync, so readers of latest_checkpoint / checkpoints on
         # other threads never wait for storage.
         with self._commit_lock:
             with self._lock:
-                records = [*self._records, Record(name, step, timestamp, "active", metric, shards)]
-                decision = self._retention().apply(records, self._last_preserved)
+                records = [r for r in self._records if r.name != name]  # a re-saved step: the new copy
+                records.append(Record(name, step, timestamp, "active", metric, shards))
+                decision = self._retention(name).apply(records, self._last_preserved)
             try:
                 _crash_point("before_state")
                 self._commit_state(decision.kept, decision.last_preserved, latest=name)
                 _crash_point("after_state")
             except BaseException:
-                # Index first: without it the checkpoint does not exist for any reader.
-                _remove_quietly(storage, [name + INDEX_SUFFIX, *_files_of(name, shards)])
+                if replacing is not None:
+                    replacing.roll_back(storage, [name + INDEX_SUFFIX, *_files_of(name, shards)])
+                else:
+                    # Index first: without it the checkpoint does not exist for any reader.
+                    _remove_quietly(storage, [name + INDEX_SUFFIX, *_files_of(name, shards)])
                 raise
             with self._lock:
                 self._records = decision.kept
@@ -963,6 +1047,9 @@ class CheckpointManager:
                 self._last_preserved = decision.last_preserved
                 if self.resumed_from is not None and self.resumed_from != name:
                     self.resumed_from = None  # a newer checkpoint is committed: no longer protected
+        if replacing is not None:  # the replaced copy's data files (its .meta and .index were overwritten)
+            new = set(_files_of(name, shards))
+            _remove_quietly(storage, [n for n in replacing.data_files if n not in new])
         for r in decision.deleted:
             _crash_point("before_delete")
             _remove_quietly(storage, [r.name + INDEX_SUFFIX, *_files_of(r.name, r.shards, storage)])
@@ -1128,42 +1215,3 @@ def _files_of(name: str, shards: int | None, storage: Storage | None = None) -> 
             shards = 1
     n = shards or 1
     return [fmt.data_file_name(name, i, n) for i in range(n)] + [name + META_SUFFIX]
-
-
-def _validate_manager_args(prefix, max_to_keep, hours, keep_best, monitor, mode, clock) -> None:
-    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
-        raise ValueError(
-            f"prefix must be a plain file-name prefix (letters, digits, '_', '.', '-', '=', '+'). "
-            f"Received: prefix={prefix!r}. Use for example prefix='ckpt'."
-        )
-    if max_to_keep is not None and (
-        isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
-    ):
-        raise ValueError(
-            f"max_to_keep must be an int >= 1 or None. Received: max_to_keep={max_to_keep!r}. "
-            "Use max_to_keep=None to keep every checkpoint."
-        )
-    if hours is not None and (
-        isinstance(hours, bool)
-        or not isinstance(hours, (int, float))
-        or not math.isfinite(hours)
-        or hours <= 0
-    ):
-        raise ValueError(
-            f"keep_checkpoint_every_n_hours must be a positive number of hours or None. "
-            f"Received: keep_checkpoint_every_n_hours={hours!r}."
-        )
-    if keep_best is not None:
-        if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 1:
-            raise ValueError(f"keep_best must be an int >= 1 or None. Received: keep_best={keep_best!r}.")
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(
-                f"keep_best needs the metric to rank by. Received: monitor={monitor!r}. "
-                "Pass e.g. monitor='val_loss' and metrics={'val_loss': ...} to save()."
-            )
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max'. Received: mode={mode!r}.")
-    if not callable(clock):
-        raise TypeError(
-            f"clock must be a zero-argument callable returning seconds. Received: clock={clock!r}."
-        )

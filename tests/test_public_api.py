@@ -56,3 +56,36 @@ def test_error_tree(cls, builtin):
 def test_constructor_validates(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=__import__("re").escape(match)):
         ckpt_callbacks.CheckpointManager(str(tmp_path), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "directory, kwargs, received",
+    [
+        (None, {}, "directory=None"),
+        ("", {}, "directory=''"),
+        ("d", {"storage_options": "anon"}, "storage_options='anon'"),
+        ("d", {"async_save": "yes"}, "async_save='yes'"),
+        ("d", {"allow_pickle": 1}, "allow_pickle=1"),
+        ("d", {"max_to_keep": "5"}, "max_to_keep='5'"),
+        ("d", {"keep_checkpoint_every_n_hours": float("inf")}, "keep_checkpoint_every_n_hours=inf"),
+        ("d", {"keep_best": 0, "monitor": "loss"}, "keep_best=0"),
+        ("d", {"mode": "lowest"}, "mode='lowest'"),
+        ("d", {"clock": 5}, "clock=5"),
+    ],
+)
+def test_constructor_errors_say_what_expected_received_and_fix(tmp_path, directory, kwargs, received):
+    """SPEC §6: what happened, what was expected, the received value, how to fix it; nothing created."""
+    where = None if directory is None else ("" if directory == "" else str(tmp_path / directory))
+    with pytest.raises((ValueError, TypeError)) as info:
+        ckpt_callbacks.CheckpointManager(where, **kwargs)
+    message = str(info.value)
+    assert " must be " in message and f"Received: {received}" in message
+    assert any(fix in message for fix in ("Use ", "Pass ")), message
+    if "=" in received and received.split("=")[0] in {
+        "storage_options",
+        "async_save",
+        "allow_pickle",
+        "clock",
+    }:
+        assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
+    assert not (tmp_path / "d").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -12,7 +11,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from .._manager import CheckpointManager, _validate_manager_args
+from .. import _validation
+from .._manager import CheckpointManager
 from . import _adapter
 
 # Keras ends an epoch whose input runs out early with this warning; a ResumableDataset does that on
@@ -87,51 +87,19 @@ class CheckpointCallback(keras.callbacks.Callback):
         prefix: str = "ckpt",
     ) -> None:
         super().__init__()
-        if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
-            raise ValueError(
-                f"directory must be a non-empty path or fsspec URL. Received: directory={directory!r}. "
-                "Pass e.g. 'runs/exp1' or 's3://bucket/exp1'."
-            )
-        if save_every_n_steps is not None and (
-            isinstance(save_every_n_steps, bool)
-            or not isinstance(save_every_n_steps, int)
-            or save_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"save_every_n_steps must be an int >= 1 or None. Received: save_every_n_steps={save_every_n_steps!r}. "
-                "To save only at the end of training, use save_every_n_steps=None and save_on_train_end=True."
-            )
-        if save_every_n_seconds is not None and (
-            isinstance(save_every_n_seconds, bool)
-            or not isinstance(save_every_n_seconds, (int, float))
-            or not math.isfinite(save_every_n_seconds)
-            or save_every_n_seconds <= 0
-        ):
-            raise ValueError(
-                "save_every_n_seconds must be a positive number of seconds or None. "
-                f"Received: save_every_n_seconds={save_every_n_seconds!r}. Use e.g. save_every_n_seconds=600."
-            )
-        for name, value in (
-            ("save_on_epoch_end", save_on_epoch_end),
-            ("save_on_train_end", save_on_train_end),
-            ("save_optimizer", save_optimizer),
-            ("resume", resume),
-            ("async_save", async_save),
-        ):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False. Received: {name}={value!r}.")
-        if not (save_every_n_steps or save_every_n_seconds or save_on_epoch_end or save_on_train_end):
-            raise ValueError(
-                "CheckpointCallback would never save: every trigger is off. Received: save_every_n_steps=None, "
-                "save_every_n_seconds=None, save_on_epoch_end=False, save_on_train_end=False. "
-                "Enable at least one, e.g. save_every_n_steps=1000."
-            )
-        if storage_options is not None and not isinstance(storage_options, dict):
-            raise ValueError(
-                f"storage_options must be a dict or None. Received: storage_options={storage_options!r}. "
-                "Pass fsspec options as a dict, e.g. {'anon': False}."
-            )
-        _validate_manager_args(
+        _validation.check_directory(directory)
+        _validation.check_flags(
+            save_on_epoch_end=save_on_epoch_end,
+            save_on_train_end=save_on_train_end,
+            save_optimizer=save_optimizer,
+            resume=resume,
+            async_save=async_save,
+        )
+        _validation.check_triggers(
+            save_every_n_steps, save_every_n_seconds, save_on_epoch_end, save_on_train_end
+        )
+        _validation.check_storage_options(storage_options)
+        _validation.check_manager_args(
             prefix, max_to_keep, keep_checkpoint_every_n_hours, keep_best, monitor, mode, time.time
         )
         self.directory = os.fspath(directory)

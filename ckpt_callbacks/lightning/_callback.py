@@ -13,7 +13,6 @@ its own saving runs.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 import warnings
@@ -29,7 +28,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from .._manager import CheckpointManager, _validate_manager_args, get_checkpoint_state
+from .. import _validation
+from .._manager import CheckpointManager, get_checkpoint_state
 from .._manager import load_checkpoint as _core_load
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError
 from . import _convert, _rng
@@ -603,32 +603,9 @@ def _validate(
     clock,
     **flags,
 ) -> None:
-    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
-        raise ValueError(
-            f"directory must be a non-empty path or fsspec URL. Received: directory={directory!r}. "
-            "Use for example directory='runs/a' or 's3://bucket/run'."
-        )
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(
-            f"save_every_n_steps must be >= 1. Received: save_every_n_steps={steps!r}. "
-            "To save only at the end of training, use save_on_train_end=True."
-        )
-    if seconds is not None and (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, (int, float))
-        or not math.isfinite(seconds)
-        or seconds <= 0
-    ):
-        raise ValueError(
-            f"save_every_n_seconds must be a positive number of seconds or None. "
-            f"Received: save_every_n_seconds={seconds!r}."
-        )
-    if storage_options is not None and not isinstance(storage_options, dict):
-        raise TypeError(
-            f"storage_options must be a dict or None. Received: storage_options={storage_options!r}."
-        )
-    # Retention, prefix and clock: the manager's own checks, so both callbacks say the same thing.
-    _validate_manager_args(prefix, max_to_keep, hours, keep_best, monitor, mode, clock)
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False. Received: {name}={value!r}.")
+    # The same checks (and words) as the Keras callback and the manager.
+    _validation.check_directory(directory)
+    _validation.check_flags(**flags)
+    _validation.check_triggers(steps, seconds, flags["save_on_epoch_end"], flags["save_on_train_end"])
+    _validation.check_storage_options(storage_options)
+    _validation.check_manager_args(prefix, max_to_keep, hours, keep_best, monitor, mode, clock)

@@ -12,6 +12,7 @@ concrete ``Test*`` subclasses.
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 import warnings
@@ -163,6 +164,20 @@ def names_of(paths: list[str]) -> list[str]:
     return [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
 
 
+def _failing_state() -> dict:
+    """A state whose second tensor fails while it is written, 12 MiB into the save: on object stores
+    the upload is then under way (S3: a multipart upload with a part sent; GCS: a resumable session)."""
+
+    def explode() -> np.ndarray:
+        raise RuntimeError("injected failure while producing a tensor")
+
+    rng = np.random.default_rng(3)
+    return {
+        "a": rng.integers(0, 255, 12 << 20, dtype=np.uint8),
+        "b": LazyArray((4,), np.dtype("float32"), explode),
+    }
+
+
 class ManagerConformance:
     """The CheckpointManager contract on one backend. Subclasses provide the ``backend`` fixture."""
 
@@ -283,6 +298,17 @@ class ManagerConformance:
             assert names_of([mgr.latest_checkpoint]) == ["ckpt-7"]
             assert mgr.restore()["step"] == 7
 
+    def test_resumed_checkpoint_protected_only_until_a_newer_commit(self, backend: Backend) -> None:
+        """SPEC §4: a restarted run keeps the same survivors as one uninterrupted manager."""
+        with CheckpointManager(backend.url, storage_options=backend.so, max_to_keep=1) as mgr:
+            for step in (1, 2, 3):
+                mgr.save(small(step), step=step)
+        with CheckpointManager(backend.url, storage_options=backend.so, max_to_keep=1) as mgr:
+            assert mgr.restore()["step"] == 3
+            mgr.save(small(4), step=4)  # this commit ends the protection of ckpt-3
+            assert names_of(mgr.checkpoints) == ["ckpt-4"]
+        assert not {n for n in backend.names() if n.startswith("ckpt-3.")}
+
     def test_keep_best(self, backend: Backend) -> None:
         losses = {1: 0.5, 2: 0.1, 3: 0.3, 4: 0.4}
         with CheckpointManager(
@@ -301,6 +327,26 @@ class ManagerConformance:
             assert names_of(mgr.checkpoints) == ["ckpt-1"]
             assert mgr.restore()["step"] == 99
         assert load_checkpoint(backend.join("ckpt-1"), storage_options=backend.so)["step"] == 99
+        # The replaced copy's data files are gone; what is left is exactly what the new index names.
+        index = json.loads(backend.read("ckpt-1.index"))
+        assert {n for n in backend.names() if n.startswith("ckpt-1.")} == {
+            "ckpt-1.index",
+            *(f["name"] for f in index["files"]),
+        }
+
+    def test_failed_resave_keeps_the_old_copy(self, backend: Backend) -> None:
+        """Re-saving the only checkpoint and failing half-way leaves the old copy listed and whole."""
+        with CheckpointManager(backend.url, storage_options=backend.so, max_to_keep=1) as mgr:
+            mgr.save(small(1), step=1)
+            before = {n: backend.read(n) for n in backend.names() - {LOCK_FILE_NAME}}
+            with pytest.raises(RuntimeError, match="injected"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mgr.save(_failing_state(), step=1)
+            assert names_of(mgr.checkpoints) == ["ckpt-1"]
+            assert mgr.restore()["step"] == 1
+        assert {n: backend.read(n) for n in backend.names() - {LOCK_FILE_NAME}} == before
+        with CheckpointManager(backend.url, storage_options=backend.so) as mgr:
+            assert mgr.restore()["step"] == 1
 
     # ---------------------------------------------------------------- crash leftovers, corruption
 
@@ -347,22 +393,11 @@ class ManagerConformance:
 
     def test_failed_save_leaves_previous_checkpoint(self, backend: Backend) -> None:
         """A save that dies half-way through a data file leaves nothing visible (SPEC §3.3)."""
-
-        def explode() -> np.ndarray:
-            raise RuntimeError("injected failure while producing a tensor")
-
-        rng = np.random.default_rng(3)
-        # 12 MiB before the failure: on object stores the upload is already under way (S3: a
-        # multipart upload with a part sent; GCS: a resumable session) and must be aborted.
-        state = {
-            "a": rng.integers(0, 255, 12 << 20, dtype=np.uint8),
-            "b": LazyArray((4,), np.dtype("float32"), explode),
-        }
         with CheckpointManager(backend.url, storage_options=backend.so) as mgr:
             mgr.save(small(1), step=1)
             before = backend.names() - {LOCK_FILE_NAME}
             with pytest.raises(RuntimeError, match="injected"):
-                mgr.save(state, step=2)
+                mgr.save(_failing_state(), step=2)
             assert names_of(mgr.checkpoints) == ["ckpt-1"]
             assert mgr.restore()["step"] == 1
         assert backend.names() - {LOCK_FILE_NAME} == before

@@ -139,7 +139,9 @@ def test_resume_by_default_and_ckpt_path_last(tmp_path):
     assert cb._num_saves == 3  # restored counter (2 saves before) + the save at step 18
 
     trainer, _ = run(
-        tmp_path / "fresh", CheckpointCallback(d, resume=False, save_on_train_end=False), max_epochs=1
+        tmp_path / "fresh",
+        CheckpointCallback(d, resume=False, save_every_n_steps=1000, save_on_train_end=False),
+        max_epochs=1,
     )
     assert trainer.ckpt_path is None and trainer.global_step == 6
 
@@ -313,7 +315,7 @@ def test_fast_dev_run_neither_saves_nor_resumes(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"save_every_n_steps": 0}, ValueError, "save_every_n_steps must be >= 1"),
+        ({"save_every_n_steps": 0}, ValueError, "save_every_n_steps must be an int >= 1"),
         ({"save_every_n_steps": True}, ValueError, "save_every_n_steps"),
         ({"save_every_n_seconds": -1}, ValueError, "save_every_n_seconds"),
         ({"max_to_keep": 0}, ValueError, "max_to_keep"),
