@@ -24,6 +24,8 @@ from ._manager import (
     _read_index,
     _split,
     read_meta,
+    resolve_checkpoint,
+    resolve_one,
 )
 from ._retention import kept_because
 from ._state import MAX_STATE_FILE_BYTES, STATE_FILE_NAME, checked_name, parse_state
@@ -195,11 +197,12 @@ def _leaf_str(node: Any, tensors: dict) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    directory, name = _split(args.path)
+    path = resolve_checkpoint(args.path, args.storage_options)
+    directory, name = _split(path)
     storage = Storage(directory, args.storage_options)
     index = _read_index(storage, name)
     try:
-        meta = read_meta(args.path, args.storage_options)
+        meta = read_meta(path, args.storage_options)
     except CheckpointError as e:
         meta = {"error": str(e)}
     tensors = index["tensors"]
@@ -264,10 +267,10 @@ def _verify_one(storage: Storage, name: str, progress: _Progress | None = None) 
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    directory, name = _split(args.path)
-    parent = Storage(directory, args.storage_options)
-    if parent.exists(name + INDEX_SUFFIX):
-        targets = [(parent, name)]
+    one = resolve_one(args.path, args.storage_options)  # a checkpoint, its .index, or a marker file
+    if one is not None:
+        directory, name = _split(one)
+        targets = [(Storage(directory, args.storage_options), name)]
     else:
         storage = Storage(args.path, args.storage_options)
         try:
@@ -331,7 +334,7 @@ def _flat_tensors(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    directory, name = _split(args.path)
+    directory, name = _split(resolve_checkpoint(args.path, args.storage_options))
     storage = Storage(directory, args.storage_options)
     state = _load(storage, name, verify=True, allow_pickle=False)
     tensors = _flat_tensors(state)

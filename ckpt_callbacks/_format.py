@@ -160,6 +160,8 @@ class TensorEntry:
     shape: tuple[int, ...]
     source: Any  # np.ndarray, LazyArray or a torch tensor
     kind: str = "numpy"  # "numpy" or "torch": what loading gives back
+    # ">" for a big-endian numpy array: stored little-endian (safetensors is), given back big-endian.
+    byteorder: str = "<"
 
     @property
     def nbytes(self) -> int:
@@ -266,9 +268,13 @@ def encode_tree(state: Any, *, allow_pickle: bool = False) -> EncodedState:
                 "arrays (bool, int, uint, float, complex, ml_dtypes) are stored; convert it or pass "
                 "allow_pickle=True to both save and load."
             )
-        entry = TensorEntry(tensor_name(path), np.dtype(dtype).newbyteorder("="), tuple(shape), obj, kind)
-        if entry.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts
-            entry.dtype = entry.dtype.newbyteorder("<")
+        dtype = np.dtype(dtype)
+        big = kind == "numpy" and (
+            dtype.byteorder == ">" or (dtype.byteorder == "=" and sys.byteorder == "big")
+        )
+        entry = TensorEntry(tensor_name(path), dtype.newbyteorder("<"), tuple(shape), obj, kind)
+        if big and dtype.itemsize > 1:
+            entry.byteorder = ">"
         out.tensors.append(entry)
         return entry.name
 
@@ -505,7 +511,11 @@ def validate_index(index: Any) -> None:
                 f"Tensor {name!r} is {length} bytes at offset {off}; expected {nbytes} bytes inside its "
                 f"{sizes[fi]}-byte data file."
             )
-        if t.get("kind", "numpy") not in ("numpy", "torch") or not isinstance(t.get("checksum"), str):
+        if (
+            t.get("kind", "numpy") not in ("numpy", "torch")
+            or t.get("byteorder", "<") not in ("<", ">")
+            or not isinstance(t.get("checksum"), str)
+        ):
             raise CorruptCheckpointError(f"Invalid tensor entry {name!r} in checkpoint index.")
         ranges.setdefault(fi, []).append((off, off + length, name))
     for spans in ranges.values():

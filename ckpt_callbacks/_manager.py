@@ -279,6 +279,7 @@ def _write_data_file(storage: Storage, fname: str, tensors: list[fmt.TensorEntry
                     "length": end - begin,
                     "checksum": fmt.checksum_str(hasher),
                     **({"kind": t.kind} if t.kind != "numpy" else {}),
+                    **({"byteorder": t.byteorder} if t.byteorder != "<" else {}),
                 }
             )
         if pending:
@@ -380,7 +381,9 @@ def _load(storage: Storage, name: str, *, verify: bool, allow_pickle: bool) -> d
         )
     tensors = {}
     for tname, t in index["tensors"].items():
-        arr = arrays[tname].view(fmt.dtype_from_name(t["dtype"])).reshape(t["shape"])
+        arr = arrays[tname].view(fmt.dtype_from_name(t["dtype"]).newbyteorder("<")).reshape(t["shape"])
+        if t.get("byteorder") == ">":  # saved from a big-endian array: given back as one
+            arr = arr.astype(arr.dtype.newbyteorder(">"))
         if t.get("kind") == "torch":
             from . import _torch
 
@@ -510,9 +513,11 @@ def load_checkpoint(
 ) -> dict:
     """Load one checkpoint's state tree; with ``verify`` every checksum is checked.
 
+    ``path`` is a checkpoint (``.../ckpt-100``, its ``.index``, or a marker file written by
+    ``FsspecCheckpointIO``) or, like ``tf.train.load_checkpoint``, a directory (its newest valid one).
     Raises CheckpointNotFoundError, CorruptCheckpointError or IncompatibleCheckpointError.
     """
-    directory, name = _split(os.fspath(path))
+    directory, name = _split(resolve_checkpoint(path, storage_options))
     storage = Storage(directory, storage_options)
     return _load(storage, name, verify=verify, allow_pickle=allow_pickle)
 
@@ -528,8 +533,9 @@ def list_variables(
 
 
 def read_meta(path: str | os.PathLike, storage_options: dict | None = None) -> dict:
-    """The ``.meta`` JSON of a checkpoint."""
-    directory, name = _split(os.fspath(path))
+    """The ``.meta`` JSON of a checkpoint (any form :func:`resolve_one` accepts)."""
+    path = resolve_one(path, storage_options) or os.fspath(path)
+    directory, name = _split(path)
     data = _read_bounded(Storage(directory, storage_options), name + META_SUFFIX, MAX_META_BYTES)
     try:
         return json.loads(data)
@@ -538,7 +544,7 @@ def read_meta(path: str | os.PathLike, storage_options: dict | None = None) -> d
 
 
 def read_index(path: str | os.PathLike, storage_options: dict | None = None, verify: bool = True) -> dict:
-    directory, name = _split(os.fspath(path))
+    directory, name = _split(resolve_one(path, storage_options) or os.fspath(path))
     return _read_index(Storage(directory, storage_options), name, verify=verify)
 
 
@@ -576,15 +582,78 @@ def latest_checkpoint(directory: str | os.PathLike, storage_options: dict | None
     return storage.url_of(name) if storage.exists(name + INDEX_SUFFIX) else None
 
 
-def resolve_checkpoint(
-    path_or_directory: str | os.PathLike, storage_options: dict | None = None, verify: bool = True
-) -> str:
-    """A checkpoint path: the argument itself, or the newest valid checkpoint of a directory."""
-    p = os.fspath(path_or_directory)
+# The marker file Lightning's ModelCheckpoint sees when it saves through FsspecCheckpointIO
+# (``.../last.ckpt``): small JSON naming the checkpoint next to it (``last.ckpt.3f9a0c1e``).
+MARKER_FORMAT = "ckpt_callbacks.lightning"
+MARKER_VERSION = 1
+MAX_MARKER_BYTES = 4096
+_MARKER_HEAD = b'{"format":"' + MARKER_FORMAT.encode() + b'"'
+_INDEX_HEAD = b'{"format":"' + fmt.FORMAT_NAME.encode() + b'"'
+
+
+def marker_target(storage: Storage, name: str) -> str | None:
+    """The checkpoint name a marker file names; None when ``name`` is no marker (or missing)."""
+    try:
+        data = storage.read_bytes(name, max_bytes=MAX_MARKER_BYTES)
+    except CheckpointError:
+        return None
+    if not data.startswith(_MARKER_HEAD):
+        return None
+    try:
+        doc = json.loads(data[: MAX_MARKER_BYTES + 1])
+    except ValueError:
+        raise CorruptCheckpointError(
+            f"Checkpoint marker {storage.url_of(name)!r} is not valid JSON."
+        ) from None
+    target = doc.get("checkpoint") if isinstance(doc, dict) else None
+    if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z0-9_.=+-]+", target) or ".." in target:
+        raise CorruptCheckpointError(
+            f"Checkpoint marker {storage.url_of(name)!r} names an invalid checkpoint {str(target)[:80]!r}."
+        )
+    return target
+
+
+def _join(directory: str, name: str) -> str:
+    if "://" in directory:
+        return directory + name if directory.endswith("/") else directory + "/" + name
+    return os.path.join(directory, name)
+
+
+def resolve_one(path: str | os.PathLike, storage_options: dict | None = None) -> str | None:
+    """The checkpoint prefix ``path`` names, or None when it names no checkpoint of this format.
+
+    Accepted: a checkpoint prefix (``.../ckpt-100``, which has a ``.index``), its ``.index`` file, and a
+    marker file written by ``FsspecCheckpointIO`` (``.../last.ckpt``).
+    """
+    p = os.fspath(path)
     directory, name = _split(p)
+    if not name:
+        return None
     storage = Storage(directory, storage_options)
     if storage.exists(name + INDEX_SUFFIX):
         return p
+    target = marker_target(storage, name)
+    if target is not None:
+        return _join(directory, target)
+    if name.endswith(INDEX_SUFFIX):
+        try:
+            head = storage.read_bytes(name, max_bytes=64)[: len(_INDEX_HEAD)]
+        except CheckpointError:
+            head = b""
+        if head == _INDEX_HEAD:
+            return p[: -len(INDEX_SUFFIX)]
+    return None
+
+
+def resolve_checkpoint(
+    path_or_directory: str | os.PathLike, storage_options: dict | None = None, verify: bool = True
+) -> str:
+    """A checkpoint path: the checkpoint ``path_or_directory`` names (see :func:`resolve_one`), or
+    the newest valid checkpoint of a directory with a ``checkpoint`` state file."""
+    p = os.fspath(path_or_directory)
+    one = resolve_one(p, storage_options)
+    if one is not None:
+        return one
     d = Storage(p, storage_options)
     try:
         data = _read_bounded(d, STATE_FILE_NAME, MAX_STATE_FILE_BYTES)
@@ -638,9 +707,18 @@ def _jsonable(x: Any) -> Any:
 def _meta_doc(
     step: int, timestamp: float, metrics: dict | None, meta: dict | None, info: dict | None
 ) -> dict:
+    """The ``.meta`` JSON (SPEC §3.1). Every key is always there: a save through the core API has
+    ``framework`` and ``model`` null (no adapter describes a model), and takes ``epoch`` from the
+    user's ``meta`` when it has an integer one."""
     doc: dict[str, Any] = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION}
     doc.update(_jsonable(info or {}))
+    user_epoch = (meta or {}).get("epoch")
     doc.setdefault("framework", None)
+    doc.setdefault("framework_versions", {})
+    doc.setdefault("model", None)
+    doc.setdefault(
+        "epoch", user_epoch if isinstance(user_epoch, int) and not isinstance(user_epoch, bool) else None
+    )
     doc.update(
         {
             "step": step,

@@ -34,24 +34,19 @@ import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from .. import _storage
+from .._manager import MARKER_FORMAT, MARKER_VERSION, resolve_checkpoint, resolve_one
 from .._manager import load_checkpoint as _core_load
-from .._manager import resolve_checkpoint
+from .._manager import marker_target as _read_marker
 from .._manager import save_checkpoint as _core_save
 from ..errors import (
-    CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
 )
 from . import _convert
 
-MARKER_FORMAT = "ckpt_callbacks.lightning"
-MARKER_VERSION = 1
 INDEX_SUFFIX = ".index"
 STATE_FILE_NAME = "checkpoint"
-_MAX_MARKER_BYTES = 4096
-_MARKER_HEAD = b'{"format":"' + MARKER_FORMAT.encode() + b'"'
-_INDEX_HEAD = b'{"format":"ckpt_callbacks"'
 _TOKEN_RE = r"[0-9a-f]{8}"
 _FILE_KINDS = r"(?:\.index|\.meta|\.data-\d{5}-of-\d{5})"
 
@@ -93,28 +88,6 @@ def _marker_bytes(checkpoint_name: str) -> bytes:
     return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
 
 
-def _read_marker(storage: _storage.Storage, name: str) -> str | None:
-    """The checkpoint name a marker file names; None when ``name`` is no marker (or missing)."""
-    try:
-        data = storage.read_bytes(name, max_bytes=_MAX_MARKER_BYTES)
-    except CheckpointError:
-        return None
-    if not data.startswith(_MARKER_HEAD):
-        return None
-    try:
-        doc = json.loads(data[: _MAX_MARKER_BYTES + 1])
-    except ValueError:
-        raise CorruptCheckpointError(
-            f"Checkpoint marker {storage.url_of(name)!r} is not valid JSON."
-        ) from None
-    target = doc.get("checkpoint") if isinstance(doc, dict) else None
-    if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z0-9_.=+-]+", target) or ".." in target:
-        raise CorruptCheckpointError(
-            f"Checkpoint marker {storage.url_of(name)!r} names an invalid checkpoint {str(target)[:80]!r}."
-        )
-    return target
-
-
 def resolve_ours(path: str | os.PathLike, storage_options: dict | None = None) -> str | None:
     """The core checkpoint path behind ``path`` if it is in this library's format, else None.
 
@@ -122,22 +95,9 @@ def resolve_ours(path: str | os.PathLike, storage_options: dict | None = None) -
     (``.../ckpt-100``, has a ``.index``); its ``.index`` file; a directory with a ``checkpoint`` state
     file (its newest valid checkpoint).
     """
-    directory, name = split_path(path)
-    if not name:
-        return None
-    storage = _storage.Storage(directory, storage_options)
-    target = _read_marker(storage, name)
-    if target is not None:
-        return join_path(directory, target)
-    if storage.exists(name + INDEX_SUFFIX):
-        return os.fspath(path)
-    if name.endswith(INDEX_SUFFIX):
-        try:
-            head = storage.read_bytes(name, max_bytes=64)[: len(_INDEX_HEAD)]
-        except CheckpointError:
-            head = b""
-        if head == _INDEX_HEAD:
-            return os.fspath(path)[: -len(INDEX_SUFFIX)]
+    one = resolve_one(path, storage_options)
+    if one is not None:
+        return one
     sub = _storage.Storage(os.fspath(path), storage_options)
     if sub.exists(STATE_FILE_NAME):
         return resolve_checkpoint(os.fspath(path), storage_options)

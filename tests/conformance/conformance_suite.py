@@ -148,6 +148,7 @@ def rich_state(seed: int = 0) -> dict:
     return {
         "arrays": arrays,
         "empty": np.zeros((0, 4), np.float32),
+        "big_endian": [np.arange(6, dtype=">f8").reshape(2, 3), np.arange(4, dtype=">i2")],
         "scalar": np.float32(1.5),
         "scalar_i": np.int64(-3),
         "py": [None, True, 7, 2**70, -0.0, float("nan"), float("inf"), "text", b"\x00bytes", (1, 2)],
@@ -199,6 +200,25 @@ class ManagerConformance:
         assert not {
             n for n in names if n.startswith("ckpt-10") and n not in {"ckpt-10" + s for s in OUR_SUFFIXES}
         }
+
+    def test_meta_has_every_field(self, backend: Backend) -> None:
+        """SPEC §3.1 .meta: framework and versions, model, step, epoch, time, metrics, user meta."""
+        clock = FakeClock(T0 + 0.25)
+        with CheckpointManager(backend.url, storage_options=backend.so, clock=clock) as mgr:
+            mgr.save(small(10), step=10, metrics={"loss": 0.5}, meta={"epoch": 3, "note": "x"})
+        meta = json.loads(backend.read("ckpt-10.meta"))
+        assert {
+            "framework",
+            "framework_versions",
+            "model",
+            "step",
+            "epoch",
+            "time",
+            "metrics",
+            "user",
+        } <= set(meta)
+        assert (meta["step"], meta["epoch"], meta["time"]) == (10, 3, T0 + 0.25)
+        assert meta["metrics"] == {"loss": 0.5} and meta["user"] == {"epoch": 3, "note": "x"}
 
     def test_large_state_sharded_and_multipart(
         self, backend: Backend, monkeypatch: pytest.MonkeyPatch
@@ -424,6 +444,19 @@ class ManagerConformance:
         variables = list_variables(path, storage_options=backend.so)
         assert variables == [("dense/bias", "bfloat16", (2,)), ("dense/kernel", "float32", (3, 2))]
         assert manager_module.read_meta(path, storage_options=backend.so)["user"] == {"note": "hi"}
+
+    def test_path_forms_load_and_list(self, backend: Backend) -> None:
+        """Like tf.train.load_checkpoint: a checkpoint, its .index file, or a directory (its newest)."""
+        with CheckpointManager(backend.url, storage_options=backend.so) as mgr:
+            mgr.save(small(1), step=1)
+            mgr.save(small(2), step=2)
+        so = backend.so
+        assert load_checkpoint(backend.url, storage_options=so)["step"] == 2
+        assert load_checkpoint(backend.join("ckpt-1.index"), storage_options=so)["step"] == 1
+        assert list_variables(backend.join("ckpt-1.index"), storage_options=so) == [("w", "float32", (4, 4))]
+        assert manager_module.read_meta(backend.join("ckpt-1.index"), storage_options=so)["step"] == 1
+        with pytest.raises(CheckpointNotFoundError):
+            load_checkpoint(backend.join("ckpt-3"), storage_options=so)
 
     # ---------------------------------------------------------------- async
 

@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_helpers import TinyModel, make_loader, make_trainer, same_weights, weights
 
+from ckpt_callbacks import list_variables, load_checkpoint
+from ckpt_callbacks._cli import main as cli_main
 from ckpt_callbacks._manager import read_meta
 from ckpt_callbacks.errors import CheckpointNotFoundError, IncompatibleCheckpointError
 from ckpt_callbacks.lightning import FsspecCheckpointIO
@@ -142,6 +144,24 @@ def test_model_checkpoint_top_k_last_and_resume(base, tmp_path):
     best = resumed_trainer.checkpoint_callback.best_model_path
     [metrics] = resumed_trainer.validate(resumed, make_loader(), ckpt_path=best, verbose=False)
     assert resumed_trainer.ckpt_path == best and "val_loss" in metrics
+
+
+def test_paths_lightning_reports_work_with_the_core_api_and_cli(base, tmp_path, capsys):
+    """The path ModelCheckpoint reports (a marker file) is a checkpoint for every reader of the format."""
+    trainer, mc, model = fit(base, tmp_path, 1, save_top_k=1, monitor="train_loss", save_last=True)
+    for path in (mc.last_model_path, mc.best_model_path):
+        state = load_checkpoint(path)
+        assert state["global_step"] == trainer.global_step
+        assert same_weights(state["state_dict"], weights(model))
+        assert ("state_dict/net.0.weight", "float32", (8, 4)) in list_variables(path)
+        assert read_meta(path)["step"] == trainer.global_step
+        for command in (
+            ["verify", path],
+            ["inspect", path],
+            ["export", path, "--to", "npz", str(tmp_path / "x.npz")],
+        ):
+            assert cli_main(command) == 0, capsys.readouterr()
+    assert "OK" in capsys.readouterr().out
 
 
 def test_model_checkpoint_save_last_link(tmp_path):
