@@ -172,6 +172,17 @@ def is_transient(exc: BaseException | None) -> bool:
             return True
         if type(exc).__name__ == "FSTimeoutError":
             return True
+        # gcsfs raises these from ``requests`` for some answers (a 502 becomes ProxyError); they are
+        # OSErrors, not the builtin ConnectionError.
+        if module.startswith("requests") and type(exc).__name__ in {
+            "ConnectionError",
+            "ProxyError",
+            "ConnectTimeout",
+            "ReadTimeout",
+            "Timeout",
+            "ChunkedEncodingError",
+        }:
+            return True
         exc = exc.__cause__ or exc.__context__
     return False
 
