@@ -1,18 +1,20 @@
-"""A loopback HTTP proxy that injects faults between an S3 client and a real local S3 server.
+"""A loopback HTTP proxy that injects faults between an object-store client and a real local server.
 
 The client's ``endpoint_url`` points at the proxy; every request is forwarded to the server unless a
-rule matches it, in which case the proxy answers ``503 ServiceUnavailable`` (S3's XML error body),
-drops the connection before forwarding (a reset the server never saw), or forwards the request and
-then drops the connection (the server acted, the client never hears: the ambiguous case).
+rule matches it, in which case the proxy answers ``503`` or ``502`` (with the error body of the store
+it stands in front of: S3's XML ``<Error>``, or the GCS JSON API's ``{"error": {...}}``), drops the
+connection before forwarding (a reset the server never saw), or forwards the request and then drops
+the connection (the server acted, the client never hears: the ambiguous case).
 
-Used by the fault-injection tests (integration/test_s3_faults.py) to check that a save either
-succeeds after retries or fails cleanly: previous checkpoint still latest, nothing new visible, no
-pending multipart upload.
+Used by the fault-injection tests (integration/test_s3_faults.py, integration/test_gcs_faults.py) to
+check that a save either succeeds after retries or fails cleanly: previous checkpoint still latest,
+nothing new visible, no pending multipart upload.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 import threading
 from collections.abc import Callable
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-PASS, ERROR_503, DROP, DROP_AFTER = "pass", "503", "drop", "drop_after"
+PASS, ERROR_503, ERROR_502, DROP, DROP_AFTER = "pass", "503", "502", "drop", "drop_after"
 _HOP_BY_HOP = {
     "connection",
     "keep-alive",
@@ -30,10 +32,30 @@ _HOP_BY_HOP = {
     "upgrade",
     "proxy-connection",
 }
-_S3_503 = (
-    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ServiceUnavailable</Code>'
-    b"<Message>Injected by faultproxy</Message><RequestId>faultproxy</RequestId></Error>"
-)
+# The status line of each error action.
+_STATUS = {
+    ERROR_503: (503, "Service Unavailable", "ServiceUnavailable"),
+    ERROR_502: (502, "Bad Gateway", "BadGateway"),
+}
+
+
+def error_answer(style: str, action: str) -> tuple[int, str, str, bytes]:
+    """(status, reason, Content-Type, body) of an injected error, in the store's own error format:
+    S3's XML ``<Error>``, or the GCS JSON API's error resource
+    (https://cloud.google.com/storage/docs/json_api/v1/status-codes)."""
+    status, reason, code = _STATUS[action]
+    if style == "s3":
+        body = (
+            f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+            "<Message>Injected by faultproxy</Message><RequestId>faultproxy</RequestId></Error>"
+        )
+        return status, reason, "application/xml", body.encode()
+    error = {"domain": "global", "reason": "backendError", "message": "Injected by faultproxy"}
+    body = json.dumps({"error": {"code": status, "message": "Injected by faultproxy", "errors": [error]}})
+    return status, reason, "application/json; charset=UTF-8", body.encode()
+
+
+ERROR_STYLES = ("s3", "gcs")
 
 
 @dataclass
@@ -58,13 +80,19 @@ class Rule:
 
 @dataclass
 class FaultProxy:
-    """Forwarding proxy on 127.0.0.1 with an editable list of fault rules. Start with ``start()``."""
+    """Forwarding proxy on 127.0.0.1 with an editable list of fault rules. Start with ``start()``.
+
+    ``error_style`` picks the body of the injected error answers: ``"s3"`` or ``"gcs"`` (error_answer).
+    """
 
     upstream: str
     rules: list[Rule] = field(default_factory=list)
     log: list[Request] = field(default_factory=list)
+    error_style: str = "s3"
 
     def __post_init__(self) -> None:
+        if self.error_style not in ERROR_STYLES:
+            raise ValueError(f"error_style must be one of {ERROR_STYLES}. Received: {self.error_style!r}.")
         parts = urlsplit(self.upstream)
         self._up = (parts.hostname, parts.port)
         self._lock = threading.Lock()
@@ -87,7 +115,10 @@ class FaultProxy:
 
         self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="faultproxy", daemon=True)
+        # A short poll interval: stop() waits for the loop to notice, 0.5 s each time by default.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="faultproxy", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -146,6 +177,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out as separate writes: without this, Nagle's algorithm holds the body
+        # until the client's delayed ACK (40 ms) on every response.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def _body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             out = bytearray()
@@ -173,15 +210,18 @@ class _Handler(BaseHTTPRequestHandler):
         if req.action == DROP:
             self._drop()
             return
-        if req.action == ERROR_503:
-            self.send_response(503, "Service Unavailable")
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(_S3_503)))
+        if req.action in _STATUS:
+            status, reason, content_type, payload = error_answer(self.owner.error_style, req.action)
+            self.send_response(status, reason)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            self.wfile.write(_S3_503)
+            self.wfile.write(payload)
             return
         conn = http.client.HTTPConnection(*self.owner._up, timeout=120)
         try:
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # The proxy already answered "100 Continue" to the client and holds the whole body.
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP | {"expect"}}
             headers["Content-Length"] = str(len(body))
@@ -210,4 +250,4 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+    do_GET = do_PUT = do_POST = do_PATCH = do_DELETE = do_HEAD = _handle
