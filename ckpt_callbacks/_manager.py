@@ -1108,17 +1108,33 @@ class CheckpointManager:
                 records = [r for r in self._records if r.name != name]  # a re-saved step: the new copy
                 records.append(Record(name, step, timestamp, "active", metric, shards))
                 decision = self._retention(name).apply(records, self._last_preserved)
+            state_bytes = dump_state(name, decision.kept, decision.last_preserved)
             try:
                 _crash_point("before_state")
-                self._commit_state(decision.kept, decision.last_preserved, latest=name)
+                self._storage.write_bytes(STATE_FILE_NAME, state_bytes)
+                self._storage.sync_dir()
                 _crash_point("after_state")
-            except BaseException:
-                if replacing is not None:
+            except BaseException as e:
+                # The write reported a failure, but the store may have committed it (a reply lost
+                # after the retries, an interrupt after the rename): look before removing anything.
+                committed = self._state_file_is(state_bytes)
+                if committed:
+                    logger.warning(
+                        "Writing the state file reported %s: %s, but the new state file is committed "
+                        "and names %s; the save succeeded.",
+                        type(e).__name__,
+                        e,
+                        storage.url_of(name),
+                    )
+                elif committed is None:  # unknown: leave the files; a next start removes them if unnamed
+                    raise
+                elif replacing is not None:
                     replacing.roll_back(storage, [name + INDEX_SUFFIX, *_files_of(name, shards)])
+                    raise
                 else:
                     # Index first: without it the checkpoint does not exist for any reader.
                     _remove_quietly(storage, [name + INDEX_SUFFIX, *_files_of(name, shards)])
-                raise
+                    raise
             with self._lock:
                 self._records = decision.kept
                 self._latest = name
@@ -1140,6 +1156,15 @@ class CheckpointManager:
             dt,
             nbytes / 2**20 / max(dt, 1e-9),
         )
+
+    def _state_file_is(self, data: bytes) -> bool | None:
+        """Whether the state file on storage is exactly ``data``; None when it cannot be read."""
+        try:
+            return _read_bounded(self._storage, STATE_FILE_NAME, MAX_STATE_FILE_BYTES) == data
+        except CheckpointNotFoundError:
+            return False
+        except Exception:  # noqa: BLE001 - unreadable now: unknown
+            return None
 
     def _commit_state(self, records: list[Record], last_preserved: float, latest: str | None = None) -> None:
         latest = latest or self._latest or ""

@@ -168,6 +168,25 @@ def test_persistent_fault_fails_cleanly(
     _assert_clean_failure(url, so, prefix, s3_client, before)
 
 
+def test_state_file_whose_every_reply_is_lost_is_still_committed(
+    proxy: FaultProxy, run: tuple[str, dict, str], s3_client: Any
+) -> None:
+    """Every PUT of the state file reaches the server and every reply is lost: after its retries the
+    write reports a failure, but the state file is committed; the checkpoint it names stays."""
+    url, so, prefix = run
+    with CheckpointManager(url, storage_options=so, max_to_keep=1) as mgr:
+        mgr.save(state(1), step=1)
+        proxy.add(REQUEST_KINDS["PutObject(checkpoint)"], DROP_AFTER, times=None)
+        mgr.save(state(2), step=2)
+        assert proxy.count(DROP_AFTER) >= 2  # retried, every reply lost
+        proxy.reset()
+        assert mgr.latest_checkpoint.endswith("/ckpt-2")
+    assert latest_checkpoint(url, storage_options=so).endswith("/ckpt-2")
+    with CheckpointManager(url, storage_options=so) as mgr:
+        assert mgr.restore()["step"] == 2
+    assert not {k for k in object_keys(s3_client, prefix + "/") if "/ckpt-1." in k}
+
+
 @pytest.mark.parametrize("action", [ERROR_503, DROP])
 def test_kth_request_fault_sweep(
     action: str, proxy: FaultProxy, run: tuple[str, dict, str], s3_client: Any

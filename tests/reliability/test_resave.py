@@ -117,3 +117,46 @@ def test_sigkill_between_new_meta_and_index_is_reported_corrupt(tmp_path):
     assert proc.returncode == -9
     with pytest.raises(CorruptCheckpointError, match="meta"):
         load_checkpoint(os.path.join(directory, "ckpt-1"))
+
+
+# ---------------------------------------------------------------- a state-file write that reports failure
+
+
+def test_state_file_write_reported_failed_but_committed_is_a_success(tmp_path, monkeypatch, caplog):
+    """The store committed the state file, then the call failed (a lost reply, an interrupt after the
+    rename): the checkpoint it names must not be removed. The save is a success."""
+    directory = str(tmp_path / "run")
+    with CheckpointManager(directory, max_to_keep=1) as mgr:
+        mgr.save(OLD, step=1)
+
+        def fail_after_commit(name: str) -> None:
+            if name == "after_state":
+                raise OSError("injected failure after the state file was written")
+
+        monkeypatch.setattr(manager_module, "_crash_point", fail_after_commit)
+        path = mgr.save(NEW, step=2)
+        assert "the save succeeded" in caplog.text
+        assert [os.path.basename(p) for p in mgr.checkpoints] == ["ckpt-2"] and path == mgr.latest_checkpoint
+    assert load_checkpoint(directory)["version"] == "new"
+    assert not [n for n in os.listdir(directory) if n.startswith("ckpt-1.")]  # rotated as usual
+
+
+def test_state_file_unreadable_after_a_failed_write_removes_nothing(tmp_path, monkeypatch):
+    """Whether the state file was committed is unknown: the new files stay (the next start removes
+    them only if no state file names them) and the error is raised."""
+    directory = str(tmp_path / "run")
+    with CheckpointManager(directory, max_to_keep=1) as mgr:
+        mgr.save(OLD, step=1)
+
+        def fail(name: str) -> None:
+            if name == "after_state":
+                raise OSError("injected failure after the state file was written")
+
+        monkeypatch.setattr(manager_module, "_crash_point", fail)
+        monkeypatch.setattr(mgr, "_state_file_is", lambda data: None)
+        with pytest.raises(OSError, match="injected"):
+            mgr.save(NEW, step=2)
+        assert os.path.exists(os.path.join(directory, "ckpt-2.index"))
+    # The state file did commit: a new manager sees ckpt-2 as the latest and keeps its files.
+    with CheckpointManager(directory, max_to_keep=1) as mgr:
+        assert mgr.restore()["version"] == "new"
