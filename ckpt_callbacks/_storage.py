@@ -53,6 +53,12 @@ class Storage:
             self.url = os.path.abspath(directory) if "://" not in directory else self.root
         else:
             self.url = self.fs.unstrip_protocol(self.root)
+            # Paths come back in the spelling the caller used ("memory://x/run", not fsspec's
+            # "memory:///x/run") when that spelling names the same place.
+            given = directory.rstrip("/")
+            if given != self.url and "://" in given and "::" not in given and "?" not in given:
+                if self.fs._strip_protocol(given).rstrip("/") == self.root:
+                    self.url = given
 
     # ------------------------------------------------------------------ names
 

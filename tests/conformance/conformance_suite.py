@@ -188,7 +188,10 @@ class ManagerConformance:
         state = rich_state(1)
         with CheckpointManager(backend.url, storage_options=backend.so) as mgr:
             path = mgr.save(state, step=1)
-            assert names_of([path]) == ["ckpt-1"]
+            # Paths come back in the caller's spelling of the directory.
+            assert path == mgr.latest_checkpoint == backend.join("ckpt-1")
+            assert mgr.checkpoints == [path]
+            assert latest_checkpoint(backend.url, storage_options=backend.so) == path
             assert_same_tree(mgr.restore(), state)
         assert_same_tree(load_checkpoint(path, storage_options=backend.so), state)
 
