@@ -52,6 +52,11 @@ _COALESCE_BYTES = 4 << 20
 _WRITE_CHUNK = 16 << 20
 # Above this many bytes an object-store save is split into data shards uploaded concurrently.
 _SHARD_BYTES = 256 << 20
+# S3's writer uploads the parts of one object in parallel already: there shards only overlap the
+# per-object work (Complete) and each one holds a part buffer of its own, so they are larger
+# (measured on the local S3 server: 4 shards of 512 MiB beat 8 of 256 MiB for 2 GiB, with 35% less
+# memory, and one file beats two for 512 MiB).
+_SHARD_BYTES_PARALLEL_PARTS = 512 << 20
 _MAX_SHARDS = 8
 
 
@@ -100,8 +105,9 @@ def _write_checkpoint(
     tensors = encoded.tensors
     total = _preflight(storage, name, encoded)
     num_shards = 1
-    if storage.streaming and total > _SHARD_BYTES:
-        num_shards = min(_MAX_SHARDS, len(tensors), math.ceil(total / _SHARD_BYTES))
+    shard_bytes = _SHARD_BYTES_PARALLEL_PARTS if storage.parallel_parts else _SHARD_BYTES
+    if storage.streaming and total > shard_bytes:
+        num_shards = min(_MAX_SHARDS, len(tensors), math.ceil(total / shard_bytes))
     shards = fmt.plan_shards(tensors, num_shards)
     if replacing is not None and len(shards) == replacing.shards:
         shards.append([])  # an empty safetensors file: the new data files must not overwrite the old

@@ -103,6 +103,15 @@ class Storage:
             return _StreamWriter(self, name)
         return _BufferWriter(self, name)
 
+    @property
+    def parallel_parts(self) -> bool:
+        """Whether one object's upload is itself parallel (our S3 multipart writer)."""
+        if self.protocol not in ("s3", "s3a"):
+            return False
+        from . import _cloud
+
+        return _cloud.s3_supported(self)
+
     def _gcs_json_uploads(self) -> bool:
         """True when ``fs`` is a gcsfs filesystem that :class:`_GCSResumableWriter` can drive.
 

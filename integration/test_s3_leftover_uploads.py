@@ -30,8 +30,8 @@ KILL_SCRIPT = textwrap.dedent(
     url, so = sys.argv[1], json.loads(sys.argv[2])
     real = cloud.S3MultipartWriter._upload_part
 
-    async def upload_then_die(self, number, buf, size):
-        part = await real(self, number, buf, size)
+    async def upload_then_die(self, number, *args):
+        part = await real(self, number, *args)
         if number == 2:
             os.kill(os.getpid(), signal.SIGKILL)
         return part

@@ -41,13 +41,13 @@ def test_parts_upload_concurrently_within_the_bound(
     active, peak, lock = 0, 0, threading.Lock()
     real = cloud.S3MultipartWriter._upload_part
 
-    async def counting(self: cloud.S3MultipartWriter, number: int, buf: bytearray, size: int) -> dict:
+    async def counting(self: cloud.S3MultipartWriter, *args: Any) -> dict:
         nonlocal active, peak
         with lock:
             active += 1
             peak = max(peak, active)
         try:
-            return await real(self, number, buf, size)
+            return await real(self, *args)
         finally:
             with lock:
                 active -= 1
@@ -109,7 +109,7 @@ def test_failing_part_raises_write_error_and_aborts(
 ) -> None:
     url, so, prefix = s3_dir
 
-    async def broken(self: cloud.S3MultipartWriter, number: int, buf: bytearray, size: int) -> str:
+    async def broken(self: cloud.S3MultipartWriter, *args: Any) -> dict:
         raise PermissionError("injected: access denied")  # not transient: no retry
 
     monkeypatch.setattr(cloud.S3MultipartWriter, "_upload_part", broken)

@@ -229,6 +229,7 @@ class ManagerConformance:
         # Force the object-store sharding threshold down so a 24 MiB state takes the parallel path:
         # several data shards written concurrently, each bigger than one 8 MiB S3 part.
         monkeypatch.setattr(manager_module, "_SHARD_BYTES", 10 << 20)
+        monkeypatch.setattr(manager_module, "_SHARD_BYTES_PARALLEL_PARTS", 10 << 20)
         rng = np.random.default_rng(7)
         state = {
             f"t{i}": rng.standard_normal((1 << 20,)).astype(np.float32).reshape(1024, 1024) for i in range(6)
