@@ -1,7 +1,9 @@
 """SPEC §8 P8 (and P6 on S3): save to a local S3 server vs boto3 and Lightning, same bytes, same run.
 
 Starts a real moto S3 server (``python -m moto.server``) on 127.0.0.1 in its own process, so its CPU
-and memory are not the client's, then times, in fresh worker processes, alternating and repeated:
+and memory are not the client's (``--server thread``: a ``ThreadedMotoServer`` inside each worker
+process instead, sharing the client's GIL), then times, in fresh worker processes, alternating and
+repeated:
 
 - ``ckpt``: ``CheckpointManager("s3://...").save(state)`` — the streamed, parallel multipart path.
 - ``boto3``: ``upload_file`` of a local file holding the same bytes, default ``TransferConfig``
@@ -18,6 +20,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_s3.py                 # 2 GiB, 3 repeats
     .venv/bin/python benchmarks/bench_s3.py --size-mib 512 --repeat 2
+    .venv/bin/python benchmarks/bench_s3.py --server thread --skip lightning
 
 Figures are printed; nothing is asserted (timed assertions do not belong in tests).
 """
@@ -118,6 +121,21 @@ def _s3_options(endpoint: str) -> dict:
 
 
 def worker(kind: str, endpoint: str, size: int, tmpdir: str) -> dict:
+    if endpoint == "thread":  # --server thread: the S3 server runs in this process, sharing its GIL
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        port = _free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+        server.start()
+        try:
+            endpoint = f"http://127.0.0.1:{port}"
+            _reset_bucket(endpoint)
+            return worker(kind, endpoint, size, tmpdir)
+        finally:
+            server.stop()
     run = uuid.uuid4().hex[:8]
     if kind == "ckpt":
         from ckpt_callbacks import CheckpointManager
@@ -240,6 +258,12 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=2048)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip", action="append", default=[], choices=["boto3", "lightning"])
+    parser.add_argument(
+        "--server",
+        choices=["process", "thread"],
+        default="process",
+        help="moto in its own process (default), or a ThreadedMotoServer inside each worker process",
+    )
     parser.add_argument("--worker")
     parser.add_argument("--endpoint")
     parser.add_argument("--size", type=int)
@@ -251,7 +275,7 @@ def main() -> None:
 
     size = args.size_mib << 20
     kinds = [k for k in ("ckpt", "boto3", "lightning") if k not in args.skip]
-    proc, endpoint = _start_server()
+    proc, endpoint = _start_server() if args.server == "process" else (None, "thread")
     results: dict[str, list[dict]] = {k: [] for k in kinds}
     try:
         with tempfile.TemporaryDirectory() as tmpdir:
@@ -260,7 +284,8 @@ def main() -> None:
             for rep in range(args.repeat):
                 order = kinds if rep % 2 == 0 else kinds[::-1]
                 for kind in order:
-                    _reset_bucket(endpoint)
+                    if proc is not None:
+                        _reset_bucket(endpoint)
                     r = _run_worker(kind, endpoint, size, tmpdir)
                     results[kind].append(r)
                     print(
@@ -269,8 +294,9 @@ def main() -> None:
                         flush=True,
                     )
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
 
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
     print(
@@ -285,6 +311,9 @@ def main() -> None:
         print(f"P8  ckpt / boto3 upload_file       = {med['ckpt'] / med['boto3']:.2f}x   (target <= 1.10x)")
     if "lightning" in med:
         print(f"    ckpt / Lightning TorchCheckpointIO = {med['ckpt'] / med['lightning']:.2f}x")
+    if args.server == "thread":
+        print("P6  not measured with --server thread: the in-process server's own memory is in the RSS")
+        return
     budget = 0.1 * size + (64 << 20)
     peak = max(r["peak_extra_rss"] for r in results["ckpt"])
     print(
