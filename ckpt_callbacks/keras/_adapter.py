@@ -182,6 +182,14 @@ def assign_pairs(pairs: list[tuple[Any, np.ndarray]]) -> None:
         v.assign(arr)
 
 
+def is_built(model: Any) -> bool:
+    """Whether every layer of the model has its variables (the test Keras' trainers build by)."""
+    if not model.built:
+        return False
+    flatten = getattr(model, "_flatten_layers", None)
+    return flatten is None or all(layer.built for layer in flatten())
+
+
 def ensure_optimizer_built(model: Any) -> Any:
     opt = getattr(model, "optimizer", None)
     if opt is not None and not opt.built:

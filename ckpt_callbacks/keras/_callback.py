@@ -186,12 +186,28 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._reset_counters()
         self.restored_from = None
         self._info = _adapter.framework_info(self.model)
-        _adapter.ensure_optimizer_built(self.model)
+        # A model without variables yet (subclassed, or Sequential without an Input) is built by Keras'
+        # TensorFlow trainer only when the first train step is traced; building the optimizer now would
+        # tie it to an empty variable list. Keras builds the optimizer itself in that case.
+        built = _adapter.is_built(self.model)
+        if built:
+            _adapter.ensure_optimizer_built(self.model)
         self._last_checked_step = self._global_step()
         self._last_save_time = float(self._clock())
         if self.resume:
             path, state = self.manager.restore_with_path()
             if state is not None:
+                if not built:
+                    self._release_manager()
+                    raise ValueError(
+                        f"Cannot resume from {path!r}: the model is not built when training begins (it has "
+                        f"no variables yet to restore into). Received: model={self.model.name!r}, unbuilt. "
+                        "Keras' TensorFlow trainer builds a subclassed model or a Sequential model without "
+                        "an Input only at the first train step, after the callback has to resume. Build the "
+                        "model before fit: model.build(input_shape), a keras.Input(...) as its first layer, "
+                        "or call it once on a batch (model(x[:1])). To start over instead, pass resume=False "
+                        "or another directory."
+                    )
                 self._apply_resume(state)
                 self.restored_from = path
 
@@ -312,12 +328,17 @@ class CheckpointCallback(keras.callbacks.Callback):
             ds._set_position(self._epoch, 0)
         try:
             step = self._global_step()
-            if (self.save_on_train_end or self._pending_epoch_save) and step != self._last_saved_step:
+            due = self.save_on_train_end or self._pending_epoch_save
+            # A model that trained no step may still be unbuilt: there is nothing to save then.
+            if due and step != self._last_saved_step and _adapter.is_built(self.model):
                 self._save(step, logs)
         finally:
-            if self._manager is not None:
-                manager, self._manager = self._manager, None
-                manager.close()  # waits for background saves: fit returns with every checkpoint durable
+            self._release_manager()  # waits for background saves: fit returns with every checkpoint durable
+
+    def _release_manager(self) -> None:
+        if self._manager is not None:
+            manager, self._manager = self._manager, None
+            manager.close()
 
     # ------------------------------------------------------------------ saving
 

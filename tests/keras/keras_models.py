@@ -34,3 +34,25 @@ def functional(features: int = 4) -> keras.Model:
     model = keras.Model(inp, out)
     model.compile(keras.optimizers.SGD(1e-2, momentum=0.9), "mse", metrics=["mae"])
     return model
+
+
+class TwoDense(keras.Model):
+    """A subclassed model: it has no variables until it is first called."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(8, activation="relu")
+        self.out = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+def unbuilt(kind: str) -> keras.Model:
+    """A compiled model whose variables do not exist yet ("subclassed" or "sequential_no_input")."""
+    if kind == "subclassed":
+        model = TwoDense()
+    else:
+        model = keras.Sequential([keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    return model

@@ -1,0 +1,63 @@
+"""CheckpointCallback across the life of ``fit``: unbuilt models, a fit that raises, repeated fits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from keras_helpers import BACKENDS, HERE, run_python
+
+UNBUILT = r"""
+import json, sys, warnings
+sys.path.insert(0, sys.argv[2])
+import keras, numpy as np
+import ckpt_callbacks
+from ckpt_callbacks.keras import CheckpointCallback
+import keras_models as models
+
+x, y = models.data()
+out = {}
+for kind in ("subclassed", "sequential_no_input"):
+    d = f"{sys.argv[1]}/{kind}"
+    res = out[kind] = {}
+    # Fresh directory: trains and saves like fit without the callback.
+    model = models.unbuilt(kind)
+    cb = CheckpointCallback(d, save_on_epoch_end=True, max_to_keep=None)
+    h = model.fit(x, y, batch_size=4, epochs=2, shuffle=False, callbacks=[cb], verbose=0)
+    res["fresh"] = [h.epoch, cb.restored_from, int(model.optimizer.iterations.numpy())]
+    res["saved"] = [p.rsplit("-", 1)[1] for p in ckpt_callbacks.get_checkpoint_state(d).all_model_checkpoint_paths]
+    # A checkpoint to resume from, and a model that is still unbuilt when training begins.
+    again = models.unbuilt(kind)
+    cb = CheckpointCallback(d, save_on_epoch_end=True, max_to_keep=None)
+    try:
+        h = again.fit(x, y, batch_size=4, epochs=3, shuffle=False, callbacks=[cb], verbose=0)
+        res["unbuilt_resume"] = ["ok", h.epoch, cb.restored_from.rsplit("/", 1)[1],
+                                 int(again.optimizer.iterations.numpy())]
+    except ValueError as e:
+        res["unbuilt_resume"] = ["ValueError", str(e)]
+    # Built first: resumes on every backend, and the callback that refused is usable again.
+    built = models.unbuilt(kind)
+    built(x[:1])
+    h = built.fit(x, y, batch_size=4, epochs=4, shuffle=False, callbacks=[cb], verbose=0)
+    res["built_resume"] = [h.epoch, cb.restored_from.rsplit("/", 1)[1], int(built.optimizer.iterations.numpy())]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unbuilt_model_trains_fresh_and_resume_needs_a_built_model(tmp_path, backend):
+    out = json.loads(run_python(UNBUILT, tmp_path, HERE, backend=backend).stdout.strip().splitlines()[-1])
+    for kind, res in out.items():
+        assert res["fresh"] == [[0, 1], None, 20], kind
+        assert res["saved"] == ["10", "20"], kind
+        if backend == "torch":
+            # Keras' PyTorch trainer builds the model from the first batch before on_train_begin.
+            assert res["unbuilt_resume"] == ["ok", [2], "ckpt-20", 30], kind
+            assert res["built_resume"] == [[3], "ckpt-30", 40], kind
+        else:
+            # TensorFlow builds it only when the first train step is traced: too late to restore into.
+            status, message = res["unbuilt_resume"]
+            assert status == "ValueError", kind
+            assert "ckpt-20" in message and "not built" in message, message
+            assert "model.build(" in message and "keras.Input" in message, message
+            assert res["built_resume"] == [[2, 3], "ckpt-20", 40], kind
