@@ -143,6 +143,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._rng_after_skip: dict | None = None
         self._saved_initial_epoch: Any = None
         self._initial_epoch_set = False
+        self._initial_epoch_model: Any = None
 
     # ------------------------------------------------------------------ wiring
 
@@ -183,6 +184,10 @@ class CheckpointCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------------ Keras hooks
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        # Keras calls no hook when fit raises: whatever a failed fit of this callback left behind (its
+        # manager, whose view of the directory is now stale, the warning filter, the initial epoch) is
+        # released here, so this fit opens a new manager and resumes from what is on storage.
+        self._release_previous_fit()
         self._reset_counters()
         self.restored_from = None
         self._info = _adapter.framework_info(self.model)
@@ -244,13 +249,26 @@ class CheckpointCallback(keras.callbacks.Callback):
         # Keras' fit reads model._initial_epoch right after on_train_begin (as BackupAndRestore uses it).
         self._saved_initial_epoch = getattr(self.model, "_initial_epoch", None)
         self._initial_epoch_set = True
+        self._initial_epoch_model = self.model
         self.model._initial_epoch = epoch
 
     def _unset_initial_epoch(self) -> None:
         # Only this fit resumes: a later fit on the same model must not start at the restored epoch.
         if self._initial_epoch_set:
-            self.model._initial_epoch = self._saved_initial_epoch
+            self._initial_epoch_model._initial_epoch = self._saved_initial_epoch
             self._initial_epoch_set = False
+            self._initial_epoch_model = None
+
+    def _release_previous_fit(self) -> None:
+        self._restore_warnings()
+        self._unset_initial_epoch()
+        try:
+            self._release_manager()
+        except Exception as e:  # noqa: BLE001 - the fit that started this save has already failed
+            warnings.warn(
+                f"CheckpointCallback: a background save of the previous, failed fit had failed too: {e}",
+                stacklevel=3,
+            )
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._unset_initial_epoch()

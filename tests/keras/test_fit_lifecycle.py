@@ -61,3 +61,62 @@ def test_unbuilt_model_trains_fresh_and_resume_needs_a_built_model(tmp_path, bac
             assert "ckpt-20" in message and "not built" in message, message
             assert "model.build(" in message and "keras.Input" in message, message
             assert res["built_resume"] == [[2, 3], "ckpt-20", 40], kind
+
+
+AFTER_A_FAILED_FIT = r"""
+import json, os, sys, warnings
+sys.path.insert(0, sys.argv[2])
+import keras, numpy as np
+import ckpt_callbacks
+from ckpt_callbacks.keras import CheckpointCallback
+import keras_models as models
+
+warnings.simplefilter("ignore")  # the mid-epoch resume below warns about ResumableDataset
+d = sys.argv[1]
+x, y = models.data()
+
+
+class Boom(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) == 6:
+            raise RuntimeError("boom")
+
+
+def steps():
+    state = ckpt_callbacks.get_checkpoint_state(d)
+    listed = [int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths]
+    on_disk = sorted(int(f[5:-6]) for f in os.listdir(d) if f.startswith("ckpt-") and f.endswith(".index"))
+    return listed, on_disk
+
+
+out = {}
+cb = CheckpointCallback(d, save_every_n_steps=2)
+try:
+    models.sequential().fit(x, y, batch_size=4, epochs=1, shuffle=False, callbacks=[cb, Boom()], verbose=0)
+except RuntimeError:
+    out["failed"] = steps()
+# Another callback continues the run in this process (resumes at step 6, ends at 26).
+other = CheckpointCallback(d, save_every_n_steps=2)
+models.sequential().fit(x, y, batch_size=4, epochs=2, shuffle=False, callbacks=[other], verbose=0)
+out["other"] = [os.path.basename(other.restored_from), steps()]
+# The callback of the failed fit, used again: resumes from what is on storage now.
+model = models.sequential()
+h = model.fit(x, y, batch_size=4, epochs=3, shuffle=False, callbacks=[cb], verbose=0)
+out["reused"] = [os.path.basename(cb.restored_from or ""), h.epoch, int(model.optimizer.iterations.numpy()),
+                 steps()]
+fresh = CheckpointCallback(d)
+models.sequential().fit(x, y, batch_size=4, epochs=3, shuffle=False, callbacks=[fresh], verbose=0)
+out["fresh"] = os.path.basename(fresh.restored_from or "")
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_callback_reused_after_a_failed_fit_resumes_from_storage(tmp_path, backend):
+    out = json.loads(
+        run_python(AFTER_A_FAILED_FIT, tmp_path, HERE, backend=backend).stdout.strip().splitlines()[-1]
+    )
+    assert out["failed"] == [[2, 4, 6], [2, 4, 6]]
+    assert out["other"] == ["ckpt-6", [[18, 20, 22, 24, 26], [18, 20, 22, 24, 26]]]
+    assert out["reused"] == ["ckpt-26", [2], 36, [[28, 30, 32, 34, 36], [28, 30, 32, 34, 36]]]
+    assert out["fresh"] == "ckpt-36"
