@@ -215,6 +215,19 @@ class CheckpointCallback(keras.callbacks.Callback):
                     )
                 self._apply_resume(state)
                 self.restored_from = path
+                self._warn_if_nothing_to_train(path)
+
+    def _warn_if_nothing_to_train(self, path: str) -> None:
+        epochs = (self.params or {}).get("epochs")
+        if epochs is None or self._epoch < int(epochs):
+            return
+        warnings.warn(
+            f"CheckpointCallback resumed from {path!r} at epoch {self._epoch} (global step "
+            f"{self._last_saved_step}), at or past fit(epochs={epochs}): this fit trains nothing. `epochs` "
+            "counts from the start of the run, not from the resume. To train further, raise `epochs` "
+            f"(e.g. epochs={self._epoch + int(epochs)}); to start over, pass resume=False or another directory.",
+            stacklevel=3,
+        )
 
     def _apply_resume(self, state: dict) -> None:
         _adapter.restore_model_state(self.model, state)

@@ -120,3 +120,38 @@ def test_a_callback_reused_after_a_failed_fit_resumes_from_storage(tmp_path, bac
     assert out["other"] == ["ckpt-6", [[18, 20, 22, 24, 26], [18, 20, 22, 24, 26]]]
     assert out["reused"] == ["ckpt-26", [2], 36, [[28, 30, 32, 34, 36], [28, 30, 32, 34, 36]]]
     assert out["fresh"] == "ckpt-36"
+
+
+FIT_TWICE = r"""
+import json, sys, warnings
+sys.path.insert(0, sys.argv[2])
+import keras, numpy as np
+from ckpt_callbacks.keras import CheckpointCallback
+import keras_models as models
+
+x, y = models.data()
+model = models.sequential()
+cb = CheckpointCallback(sys.argv[1], save_on_epoch_end=True, max_to_keep=None)
+out = []
+for epochs in (2, 2, 4):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        h = model.fit(x, y, batch_size=4, epochs=epochs, shuffle=False, callbacks=[cb], verbose=0)
+    out.append([h.epoch, int(model.optimizer.iterations.numpy()),
+                [str(w.message) for w in caught if "CheckpointCallback" in str(w.message)]])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resuming_at_or_past_the_requested_epochs_warns_that_nothing_is_trained(tmp_path, backend):
+    first, second, third = json.loads(
+        run_python(FIT_TWICE, tmp_path, HERE, backend=backend).stdout.strip().splitlines()[-1]
+    )
+    assert first == [[0, 1], 20, []]
+    # The same callback resumes at epoch 2 of fit(epochs=2): nothing to train, and it says so.
+    epochs, step, messages = second
+    assert (epochs, step, len(messages)) == ([], 20, 1)
+    assert "ckpt-20" in messages[0] and "epoch 2" in messages[0] and "epochs=2" in messages[0]
+    assert "trains nothing" in messages[0] and "resume=False" in messages[0]
+    assert third == [[2, 3], 40, []]
