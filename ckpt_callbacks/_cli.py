@@ -307,6 +307,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    storage = Storage(args.directory, args.storage_options)
+    if not storage.fs.isdir(storage.root):
+        print(f"No checkpoint directory at {args.directory!r}.", file=sys.stderr)
+        return EXIT_USAGE
     mgr = CheckpointManager(
         args.directory, prefix=args.prefix, max_to_keep=None, storage_options=args.storage_options
     )

@@ -431,6 +431,9 @@ def checksum_bytes(data: bytes | memoryview) -> str:
 # ---------------------------------------------------------------- index
 
 
+_INDEX_HEAD = re.compile(
+    rb'\{\s*"format"\s*:\s*"' + FORMAT_NAME.encode() + rb'"\s*,\s*"format_version"\s*:\s*(\d{1,9})\s*[,}]'
+)
 _INDEX_TAIL = re.compile(rb',"index_checksum":"xxh3_64:([0-9a-f]{16})"\}\n\Z')
 
 
@@ -447,6 +450,14 @@ def parse_index(data: bytes, *, verify: bool = True) -> dict:
     if len(data) > MAX_INDEX_BYTES:
         raise CorruptCheckpointError(
             f"Checkpoint index is {len(data)} bytes, over the {MAX_INDEX_BYTES} limit."
+        )
+    # The index starts with its format and version, whatever else a later version changes (its
+    # checksum included): a newer checkpoint is reported as newer, not as corrupt.
+    v = _INDEX_HEAD.match(data)
+    if v is not None and int(v.group(1)) > FORMAT_VERSION:
+        raise IncompatibleCheckpointError(
+            f"Checkpoint format version {int(v.group(1))} is newer than this library supports "
+            f"({FORMAT_VERSION}). Upgrade ckpt-callbacks to load it."
         )
     m = _INDEX_TAIL.search(data)
     if m is None:

@@ -208,8 +208,9 @@ def _preflight(storage: Storage, name: str, encoded: fmt.EncodedState) -> int:
     free = storage.free_bytes()
     if free is not None and total + (1 << 20) > free:
         raise CheckpointWriteError(
-            f"Not enough free space to save {name!r}: it needs {total} bytes and {storage.url!r} has {free} "
-            "bytes free. Nothing was written or deleted; free space or lower max_to_keep, then save again."
+            f"Not enough free space to save {name!r}: it needs {total} bytes plus 1 MiB of headroom and "
+            f"{storage.url!r} has {free} bytes free. Nothing was written or deleted; free some space (or "
+            "save to another directory), then save again."
         )
     return total
 
@@ -407,9 +408,12 @@ def _read_data_file(storage: Storage, f: dict, tensors: list, out: dict, verify:
     if actual is None:
         raise CorruptCheckpointError(f"Data file {storage.url_of(fname)!r} of the checkpoint is missing.")
     if actual != f["size"]:
+        cut = [t for t, e in tensors if e["offset"] + e["length"] > actual]
+        which = f"; tensor(s) past its end: {', '.join(repr(t) for t in cut[:3])}" if cut else ""
+        which += f" and {len(cut) - 3} more" if len(cut) > 3 else ""
         raise CorruptCheckpointError(
             f"Data file {storage.url_of(fname)!r} is {actual} bytes; the index expects {f['size']} "
-            "(truncated or extended)."
+            f"(truncated or extended){which}."
         )
     header_size = f.get("header_size")
     if not isinstance(header_size, int) or not 8 <= header_size <= min(actual, fmt.MAX_HEADER_BYTES + 8):
@@ -819,6 +823,7 @@ class CheckpointManager:
         self._error: BaseException | None = None
         self._buffers: dict[str, np.ndarray] = {}
         self._waited_saves = 0  # async saves that had to wait for the previous one
+        self._warned_unranked = False
         self._commit_lock = threading.Lock()
         self.resumed_from: str | None = None
         self._closed = False
@@ -850,7 +855,11 @@ class CheckpointManager:
         except CheckpointNotFoundError:
             # Like TensorFlow: a second in the past, so a quickly re-created manager does not race.
             self._last_preserved = now - 1.0
+            self._state_found = False
+            self._state_bytes: bytes | None = None
             return
+        self._state_found = True
+        self._state_bytes = data
         state, records = parse_state(data)
         for n in [state.model_checkpoint_path, *state.all_model_checkpoint_paths]:
             if n:
@@ -905,6 +914,8 @@ class CheckpointManager:
             if tmp or self._written_by_us(fname):
                 doomed.append(fname)
         doomed += self._stale_data_files(kept_data)
+        if not self._state_found:
+            doomed = self._spare_complete_checkpoints(doomed, set(names), own)
         # Index first: once it is gone the checkpoint no longer exists for any reader.
         doomed.sort(key=lambda n: not n.endswith(INDEX_SUFFIX))
         if doomed:
@@ -917,6 +928,28 @@ class CheckpointManager:
             lambda n: n == STATE_FILE_NAME or own.match(n) is not None
         )
         return doomed
+
+    def _spare_complete_checkpoints(self, doomed: list[str], names: set[str], own: re.Pattern) -> list[str]:
+        """Without any state file, several complete checkpoints are kept: the ``checkpoint`` file was
+        lost or not copied, and deleting every checkpoint of the directory for that would be the worst
+        possible answer. One complete checkpoint is what a first save interrupted before its state file
+        leaves (SPEC §3.3: a leftover, removed); temp files and incomplete checkpoints always are."""
+        complete = set()
+        for fname in doomed:
+            m = own.match(fname)
+            if m is not None and m.group("ckpt") + INDEX_SUFFIX in names:
+                complete.add(m.group("ckpt"))
+        spared = complete if len(complete) > 1 else set()
+        if spared:
+            logger.warning(
+                "%s has no 'checkpoint' state file but %d complete checkpoint(s) (%s); they are left in "
+                "place and not managed by this manager (never restored by restore(), never deleted). "
+                "Load one explicitly with load_checkpoint(path), or delete them by hand.",
+                self.directory,
+                len(spared),
+                ", ".join(sorted(spared, key=_step_of)[:5]),
+            )
+        return [f for f in doomed if (m := own.match(f)) is None or m.group("ckpt") not in spared]
 
     def _stale_data_files(self, kept_data: dict[str, list[str]]) -> list[str]:
         """Data files of listed checkpoints that their index does not name: an interrupted re-save's.
@@ -1030,6 +1063,17 @@ class CheckpointManager:
 
     def _metric(self, metrics: dict | None) -> float | None:
         if not self._monitor or not metrics or self._monitor not in metrics:
+            if self._keep_best and not self._warned_unranked:
+                self._warned_unranked = True  # once: saves between evaluations legitimately lack it
+                logger.warning(
+                    "keep_best=%d ranks checkpoints by metrics[%r], but this save has no such metric "
+                    "(metrics: %s); it is kept only by max_to_keep / hourly retention. Log %r (e.g. pass "
+                    "validation data) or change monitor.",
+                    self._keep_best,
+                    self._monitor,
+                    sorted(metrics or {}),
+                    self._monitor,
+                )
             return None
         try:
             return float(metrics[self._monitor])
@@ -1110,6 +1154,7 @@ class CheckpointManager:
         # across the state file's write + fsync, so readers of latest_checkpoint / checkpoints on
         # other threads never wait for storage.
         with self._commit_lock:
+            self._follow_other_writer()
             with self._lock:
                 records = [r for r in self._records if r.name != name]  # a re-saved step: the new copy
                 records.append(Record(name, step, timestamp, "active", metric, shards))
@@ -1145,12 +1190,18 @@ class CheckpointManager:
                 self._records = decision.kept
                 self._latest = name
                 self._last_preserved = decision.last_preserved
+                self._state_bytes = state_bytes
                 if self.resumed_from is not None and self.resumed_from != name:
                     self.resumed_from = None  # a newer checkpoint is committed: no longer protected
         if replacing is not None:  # the replaced copy's data files (its .meta and .index were overwritten)
             new = set(_files_of(name, shards))
             _remove_quietly(storage, [n for n in replacing.data_files if n not in new])
         for r in decision.deleted:
+            if r.shards is None and not self._written_by_us(r.name + INDEX_SUFFIX):
+                # Listed by a state file another writer (TensorFlow) wrote, in another format: only
+                # files of this format are ever deleted (SPEC §3.3). It just stops being listed.
+                logger.info("Not deleting %s: not a ckpt_callbacks checkpoint", storage.url_of(r.name))
+                continue
             _crash_point("before_delete")
             _remove_quietly(storage, [r.name + INDEX_SUFFIX, *_files_of(r.name, r.shards, storage)])
             _crash_point("after_delete")
@@ -1163,6 +1214,27 @@ class CheckpointManager:
             nbytes / 2**20 / max(dt, 1e-9),
         )
 
+    def _follow_other_writer(self) -> None:
+        """Continue from the state file on storage if another writer changed it since this manager
+        last read or wrote it (a second manager on this directory in this process: the writer lock
+        is per process). Without this, this commit would drop the other writer's checkpoints from
+        the state file and the next start would delete them as leftovers. One small read per save."""
+        try:
+            data = _read_bounded(self._storage, STATE_FILE_NAME, MAX_STATE_FILE_BYTES)
+        except CheckpointNotFoundError:
+            data = None
+        except CheckpointError:
+            return  # unreadable now: the commit itself will tell
+        if data == self._state_bytes:
+            return
+        logger.warning(
+            "The state file of %s was changed by another writer since this manager read it; continuing "
+            "from the checkpoints it lists. Use one CheckpointManager per directory.",
+            self.directory,
+        )
+        with self._lock:
+            self._load_state()
+
     def _state_file_is(self, data: bytes) -> bool | None:
         """Whether the state file on storage is exactly ``data``; None when it cannot be read."""
         try:
@@ -1171,11 +1243,6 @@ class CheckpointManager:
             return False
         except Exception:  # noqa: BLE001 - unreadable now: unknown
             return None
-
-    def _commit_state(self, records: list[Record], last_preserved: float, latest: str | None = None) -> None:
-        latest = latest or self._latest or ""
-        self._storage.write_bytes(STATE_FILE_NAME, dump_state(latest, records, last_preserved))
-        self._storage.sync_dir()
 
     # ------------------------------------------------------------------ async plumbing
 
@@ -1243,7 +1310,11 @@ class CheckpointManager:
 
         With a path, missing or corrupt checkpoints raise CheckpointNotFoundError /
         CorruptCheckpointError. Without one, corrupt checkpoints are skipped with a warning.
+        Pending async saves are waited for first (a path save() just returned is then readable); a
+        background failure is not raised here but kept for the next save, wait or close, so the
+        checkpoints that did commit can still be restored.
         """
+        self._wait(raise_error=False)
         if path is not None:
             directory, name = _split(os.fspath(path))
             storage = Storage(directory, self._storage_options) if directory != "." else self._storage
@@ -1252,7 +1323,7 @@ class CheckpointManager:
 
     def restore_with_path(self) -> tuple[str | None, Any]:
         """``(path, state)`` of the newest valid checkpoint, or ``(None, None)``."""
-        self.wait_until_finished()
+        self._wait(raise_error=False)
         with self._lock:
             names = [r.name for r in self._records]
             if self._latest and self._latest not in names:

@@ -91,6 +91,21 @@ def test_gc_removes_only_leftovers(run_dir):
     assert before - after == {"ckpt-700.data-00000-of-00001", ".ckpt-800.index.tmp-0123abcd"}
 
 
+def test_gc_of_a_missing_directory_is_a_usage_error(tmp_path):
+    out = cli("gc", str(tmp_path / "nope"))
+    assert out.returncode == 2 and "No checkpoint directory" in out.stderr
+    assert not (tmp_path / "nope").exists()
+
+
+def test_verify_names_the_tensors_a_truncation_cut(run_dir):
+    data = run_dir / "ckpt-600.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:-10])
+    out = cli("verify", str(run_dir / "ckpt-600"))
+    assert out.returncode == 1
+    assert "ckpt-600.data-00000-of-00001" in out.stdout and "truncated" in out.stdout
+    assert "'model/w'" in out.stdout or "'model/b'" in out.stdout, out.stdout
+
+
 @pytest.mark.parametrize("to", ["safetensors", "npz", "torch"])
 def test_export(run_dir, tmp_path, to):
     out_file = tmp_path / f"weights.{to}"

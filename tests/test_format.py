@@ -173,3 +173,23 @@ def test_index_checksum_covers_every_byte():
         flipped[i] ^= 0x01
         with pytest.raises(CorruptCheckpointError):
             parse_index(bytes(flipped))
+
+
+@pytest.mark.parametrize("rewrite", ["reserialized", "edited in place"])
+def test_newer_format_version_is_incompatible_not_corrupt(tmp_path, rewrite):
+    """A later version may change anything after the version, its checksum included (SPEC §6)."""
+    path = str(tmp_path / "ckpt-1")
+    save_checkpoint(path, {"w": np.ones(2, np.float32)})
+    index_file = tmp_path / "ckpt-1.index"
+    raw = index_file.read_bytes()
+    if rewrite == "reserialized":
+        doc = json.loads(raw)
+        doc["format_version"] = 7
+        raw = json.dumps(doc, indent=1).encode()
+    else:
+        raw = raw.replace(b'"format_version":1', b'"format_version":2')
+    index_file.write_bytes(raw)
+    with pytest.raises(IncompatibleCheckpointError, match="newer than this library supports"):
+        load_checkpoint(path)
+    with pytest.raises(IncompatibleCheckpointError):
+        list_variables(path)

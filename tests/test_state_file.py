@@ -79,3 +79,25 @@ def test_paths_leaving_the_directory_are_refused(tmp_path, path):
         get_checkpoint_state(str(tmp_path))
     with pytest.raises(CorruptCheckpointError):
         latest_checkpoint(str(tmp_path))
+
+
+def test_continuing_a_tensorflow_directory_deletes_none_of_its_files(tmp_path):
+    """Retention drops TensorFlow's checkpoints from the list but deletes only files of this format."""
+    import tensorflow as tf
+
+    directory = str(tmp_path / "run")
+    ckpt = tf.train.Checkpoint(v=tf.Variable([1.0, 2.0]))
+    tf_manager = tf.train.CheckpointManager(ckpt, directory, max_to_keep=3, checkpoint_name="ckpt")
+    for step in (1, 2, 3):
+        tf_manager.save(checkpoint_number=step)
+    theirs = set(os.listdir(directory)) - {"checkpoint"}
+    assert any(n.startswith("ckpt-3.data-") for n in theirs)
+    with CheckpointManager(directory, max_to_keep=2) as mgr:
+        with pytest.warns(UserWarning):  # TensorFlow's checkpoints are not loadable here: skipped
+            assert mgr.restore() is None
+        for step in (4, 5, 6):
+            mgr.save({"w": np.full(3, step, np.float32)}, step=step)
+        assert [os.path.basename(p) for p in mgr.checkpoints] == ["ckpt-5", "ckpt-6"]
+    names = set(os.listdir(directory))
+    assert theirs <= names  # every TensorFlow file is still there
+    assert not {n for n in names if n.startswith("ckpt-4.")}  # ours rotated away as usual

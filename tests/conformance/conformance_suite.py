@@ -165,6 +165,11 @@ def names_of(paths: list[str]) -> list[str]:
     return [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
 
 
+def _big_state(step: int) -> dict:
+    """16 MiB: on object stores a multipart / chunked upload that takes a moment."""
+    return {"w": np.full(4 << 20, step, np.float32), "step": step}
+
+
 def _failing_state() -> dict:
     """A state whose second tensor fails while it is written, 12 MiB into the save: on object stores
     the upload is then under way (S3: a multipart upload with a part sent; GCS: a resumable session)."""
@@ -333,6 +338,34 @@ class ManagerConformance:
             assert names_of(mgr.checkpoints) == ["ckpt-4"]
         assert not {n for n in backend.names() if n.startswith("ckpt-3.")}
 
+    def test_two_managers_in_one_process_lose_nothing(self, backend: Backend) -> None:
+        """A manager continues from the state file another writer changed (the lock is per process)."""
+        a = CheckpointManager(backend.url, storage_options=backend.so)
+        a.save(small(1), step=1)
+        with CheckpointManager(backend.url, storage_options=backend.so) as b:
+            b.save(small(10), step=10)
+            b.save(small(11), step=11)
+        a.save(small(2), step=2)
+        assert names_of(a.checkpoints) == ["ckpt-1", "ckpt-10", "ckpt-11", "ckpt-2"]
+        a.close()
+        with CheckpointManager(backend.url, storage_options=backend.so) as c:
+            assert names_of(c.checkpoints) == ["ckpt-1", "ckpt-10", "ckpt-11", "ckpt-2"]
+            assert c.restore()["step"] == 2
+        assert {f"ckpt-{n}.index" for n in (1, 10, 11, 2)} <= backend.names()
+
+    def test_keep_best_warns_once_when_the_metric_is_missing(
+        self, backend: Backend, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        with CheckpointManager(
+            backend.url, storage_options=backend.so, max_to_keep=1, keep_best=1, monitor="val_loss"
+        ) as mgr:
+            for step in (1, 2, 3):
+                mgr.save(small(step), step=step, metrics={"loss": 0.1})
+        warned = [
+            r for r in caplog.records if "keep_best=1 ranks checkpoints by metrics['val_loss']" in r.message
+        ]
+        assert len(warned) == 1 and "['loss']" in warned[0].message
+
     def test_keep_best(self, backend: Backend) -> None:
         losses = {1: 0.5, 2: 0.1, 3: 0.3, 4: 0.4}
         with CheckpointManager(
@@ -373,6 +406,23 @@ class ManagerConformance:
             assert mgr.restore()["step"] == 1
 
     # ---------------------------------------------------------------- crash leftovers, corruption
+
+    def test_without_a_state_file_complete_checkpoints_are_kept(self, backend: Backend) -> None:
+        """A lost or uncopied ``checkpoint`` file must not make the next start delete every checkpoint
+        (one complete checkpoint alone is an interrupted first save's leftover, and is removed)."""
+        with CheckpointManager(backend.url, storage_options=backend.so) as mgr:
+            for step in (1, 2, 3):
+                mgr.save(small(step), step=step)
+        fs, root = backend._fs()
+        fs.rm(f"{root}/checkpoint")
+        fs.rm(f"{root}/ckpt-3.index")  # ckpt-3 incomplete: its data and meta are leftovers
+        fs.invalidate_cache()
+        with CheckpointManager(backend.url, storage_options=backend.so) as mgr:
+            assert mgr.restore() is None and mgr.checkpoints == []
+        names = backend.names()
+        assert {f"ckpt-{n}{s}" for n in (1, 2) for s in OUR_SUFFIXES} <= names
+        assert not {n for n in names if n.startswith("ckpt-3.")}
+        assert load_checkpoint(backend.join("ckpt-1"), storage_options=backend.so)["step"] == 1
 
     def test_leftovers_removed_on_start_only_ours(self, backend: Backend) -> None:
         with CheckpointManager(backend.url, storage_options=backend.so) as mgr:
@@ -476,6 +526,28 @@ class ManagerConformance:
             assert names_of(mgr.checkpoints) == ["ckpt-2", "ckpt-3"]
             assert_same_tree(mgr.restore(), state)
         assert names_of([latest_checkpoint(backend.url, storage_options=backend.so)]) == ["ckpt-3"]
+
+    def test_async_restore_of_the_path_save_returned(self, backend: Backend) -> None:
+        with CheckpointManager(backend.url, storage_options=backend.so, async_save=True) as mgr:
+            path = mgr.save(_big_state(1), step=1)  # returns before the write
+            assert mgr.restore(path)["step"] == 1
+
+    def test_async_failure_is_kept_for_wait_and_restore_still_works(
+        self, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        def fail_in_background(point: str) -> None:
+            if point == "after_data":
+                raise OSError("injected background failure")
+
+        with CheckpointManager(backend.url, storage_options=backend.so, async_save=True) as mgr:
+            mgr.save(small(1), step=1)
+            mgr.wait_until_finished()
+            monkeypatch.setattr(manager_module, "_crash_point", fail_in_background)
+            mgr.save(small(2), step=2)
+            assert mgr.restore()["step"] == 1  # the committed checkpoint, not the background error
+            with pytest.raises(OSError, match="injected"):
+                mgr.wait_until_finished()
+            assert names_of(mgr.checkpoints) == ["ckpt-1"]
 
     # ---------------------------------------------------------------- errors
 
