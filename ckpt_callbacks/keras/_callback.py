@@ -59,7 +59,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         last_checkpoint: path of the newest checkpoint this callback wrote, or None.
         restored_from: path of the checkpoint the last ``fit`` resumed from, or None.
         manager: the ``CheckpointManager`` behind the callback (created on first use, closed when
-            ``fit`` ends).
+            ``fit`` ends; after a ``fit`` that raised, when the next ``fit`` with this callback begins).
 
     Example:
         >>> cb = CheckpointCallback("gs://bucket/run", save_every_n_steps=500, max_to_keep=3,
