@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -308,7 +309,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     storage = Storage(args.directory, args.storage_options)
-    if not storage.fs.isdir(storage.root):
+    # A local path that does not exist would be created; object-store "directories" are prefixes,
+    # which may hold nothing but a killed save's pending uploads.
+    if storage.is_local and not os.path.isdir(storage.root):
         print(f"No checkpoint directory at {args.directory!r}.", file=sys.stderr)
         return EXIT_USAGE
     mgr = CheckpointManager(

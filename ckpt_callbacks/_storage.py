@@ -216,11 +216,11 @@ class Storage:
             if max_bytes is None:
                 return self._retrying(lambda: self.fs.cat_file(self.path(name)), f"read {name}")
 
-            def read_head() -> bytes:
-                with self.fs.open(self.path(name), "rb") as f:
-                    return f.read(max_bytes + 1)
-
-            return self._retrying(read_head, f"read {name}")
+            # One ranged GET (open() would first ask for the object's size, or not, depending on
+            # the listing cache).
+            return self._retrying(
+                lambda: self.fs.cat_file(self.path(name), start=0, end=max_bytes + 1), f"read {name}"
+            )
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise CheckpointNotFoundError(f"No file {self.url_of(name)!r}.") from None
 

@@ -143,7 +143,6 @@ WRITE_KINDS: dict[str, Callable[[], Match]] = {
 }
 READ_KINDS: dict[str, Callable[[], Match]] = {
     "list": lambda: is_listing,
-    "stat(checkpoint)": lambda: _is_get_of("/checkpoint", download=False),
     "read(checkpoint)": lambda: _is_get_of("/checkpoint", download=True),
     "read(.index)": lambda: _is_get_of(".index", download=True),
     "stat(data)": lambda: _is_get_of(DATA, download=False),
