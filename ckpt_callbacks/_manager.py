@@ -1162,8 +1162,7 @@ class CheckpointManager:
             state_bytes = dump_state(name, decision.kept, decision.last_preserved)
             try:
                 _crash_point("before_state")
-                self._storage.write_bytes(STATE_FILE_NAME, state_bytes)
-                self._storage.sync_dir()
+                self._commit_state(state_bytes)
                 _crash_point("after_state")
             except BaseException as e:
                 # The write reported a failure, but the store may have committed it (a reply lost
@@ -1213,6 +1212,11 @@ class CheckpointManager:
             dt,
             nbytes / 2**20 / max(dt, 1e-9),
         )
+
+    def _commit_state(self, data: bytes) -> None:
+        """Write the state file: the commit point of a save (SPEC §3.3)."""
+        self._storage.write_bytes(STATE_FILE_NAME, data)
+        self._storage.sync_dir()
 
     def _follow_other_writer(self) -> None:
         """Continue from the state file on storage if another writer changed it since this manager
