@@ -181,8 +181,8 @@ class _Replaced:
     def read(cls, storage: Storage, name: str) -> _Replaced | None:
         """The committed checkpoint ``name`` as it is now, or None when it is unreadable anyway."""
         try:
-            index = _read_index(storage, name)
             small = {name + INDEX_SUFFIX: _read_bounded(storage, name + INDEX_SUFFIX, fmt.MAX_INDEX_BYTES)}
+            index = _read_index(storage, name, data=small[name + INDEX_SUFFIX])
             for f in index["files"]:
                 if f.get("kind") == "meta":
                     small[f["name"]] = _read_bounded(storage, f["name"], MAX_META_BYTES)
@@ -336,8 +336,10 @@ def _read_bounded(storage: Storage, name: str, limit: int) -> bytes:
     return data
 
 
-def _read_index(storage: Storage, name: str, verify: bool = True) -> dict:
-    data = _read_bounded(storage, name + INDEX_SUFFIX, fmt.MAX_INDEX_BYTES)
+def _read_index(storage: Storage, name: str, verify: bool = True, data: bytes | None = None) -> dict:
+    """The checked index of checkpoint ``name`` (``data``: its bytes, when already read)."""
+    if data is None:
+        data = _read_bounded(storage, name + INDEX_SUFFIX, fmt.MAX_INDEX_BYTES)
     index = fmt.parse_index(data, verify=verify)
     for f in index["files"]:
         fname = fmt.check_name(f["name"])
@@ -623,6 +625,16 @@ def marker_target(storage: Storage, name: str) -> str | None:
     return target
 
 
+def _written_by_us(storage: Storage, fname: str) -> bool:
+    """Whether ``fname`` is a file this format wrote: an index or .meta (JSON that starts with our
+    format name) or a data file (safetensors whose metadata does)."""
+    try:
+        head = storage.read_bytes(fname, max_bytes=64)[:64]
+    except CheckpointError:
+        return False
+    return head.startswith(_INDEX_HEAD) or head[8:].startswith(b'{"__metadata__":' + _INDEX_HEAD)
+
+
 def _join(directory: str, name: str) -> str:
     if "://" in directory:
         return directory + name if directory.endswith("/") else directory + "/" + name
@@ -645,13 +657,8 @@ def resolve_one(path: str | os.PathLike, storage_options: dict | None = None) ->
     target = marker_target(storage, name)
     if target is not None:
         return _join(directory, target)
-    if name.endswith(INDEX_SUFFIX):
-        try:
-            head = storage.read_bytes(name, max_bytes=64)[: len(_INDEX_HEAD)]
-        except CheckpointError:
-            head = b""
-        if head == _INDEX_HEAD:
-            return p[: -len(INDEX_SUFFIX)]
+    if name.endswith(INDEX_SUFFIX) and _written_by_us(storage, name):
+        return p[: -len(INDEX_SUFFIX)]
     return None
 
 
@@ -974,14 +981,7 @@ class CheckpointManager:
         return stale
 
     def _written_by_us(self, fname: str) -> bool:
-        try:
-            head = self._storage.read_bytes(fname, max_bytes=64)[:64]
-        except CheckpointError:
-            return False
-        marker = b'{"format":"' + fmt.FORMAT_NAME.encode() + b'"'
-        return head.startswith(marker) or head[8:].startswith(
-            b'{"__metadata__":' + b'{"format":"ckpt_callbacks"'
-        )
+        return _written_by_us(self._storage, fname)
 
     # ------------------------------------------------------------------ properties
 
@@ -1224,9 +1224,7 @@ class CheckpointManager:
         is per process). Without this, this commit would drop the other writer's checkpoints from
         the state file and the next start would delete them as leftovers. One small read per save."""
         try:
-            data = _read_bounded(self._storage, STATE_FILE_NAME, MAX_STATE_FILE_BYTES)
-        except CheckpointNotFoundError:
-            data = None
+            data = self._stored_state()
         except CheckpointError:
             return  # unreadable now: the commit itself will tell
         if data == self._state_bytes:
@@ -1239,12 +1237,17 @@ class CheckpointManager:
         with self._lock:
             self._load_state()
 
+    def _stored_state(self) -> bytes | None:
+        """The state file's bytes on storage; None when there is none."""
+        try:
+            return _read_bounded(self._storage, STATE_FILE_NAME, MAX_STATE_FILE_BYTES)
+        except CheckpointNotFoundError:
+            return None
+
     def _state_file_is(self, data: bytes) -> bool | None:
         """Whether the state file on storage is exactly ``data``; None when it cannot be read."""
         try:
-            return _read_bounded(self._storage, STATE_FILE_NAME, MAX_STATE_FILE_BYTES) == data
-        except CheckpointNotFoundError:
-            return False
+            return self._stored_state() == data
         except Exception:  # noqa: BLE001 - unreadable now: unknown
             return None
 

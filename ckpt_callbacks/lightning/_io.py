@@ -34,7 +34,7 @@ import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from .. import _storage
-from .._manager import MARKER_FORMAT, MARKER_VERSION, resolve_checkpoint, resolve_one
+from .._manager import MARKER_FORMAT, MARKER_VERSION, _join, resolve_checkpoint, resolve_one
 from .._manager import load_checkpoint as _core_load
 from .._manager import marker_target as _read_marker
 from .._manager import save_checkpoint as _core_save
@@ -75,12 +75,6 @@ def split_path(path: str | os.PathLike) -> tuple[str, str]:
         return f"{protocol}://{head}", base
     head, base = os.path.split(p.rstrip(os.sep) or p)
     return head or ".", base
-
-
-def join_path(directory: str, name: str) -> str:
-    if "://" in directory:
-        return directory.rstrip("/") + "/" + name if not directory.endswith("://") else directory + name
-    return os.path.join(directory, name)
 
 
 def _marker_bytes(checkpoint_name: str) -> bytes:
@@ -197,7 +191,7 @@ class FsspecCheckpointIO(CheckpointIO):
             "lightning": {"path": name},
         }
         _core_save(
-            join_path(directory, target),
+            _join(directory, target),
             tree,
             storage_options=options,
             allow_pickle=self.allow_pickle,
