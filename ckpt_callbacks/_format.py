@@ -33,6 +33,7 @@ import ml_dtypes
 import numpy as np
 import xxhash
 
+from . import _chunks
 from .errors import CorruptCheckpointError, IncompatibleCheckpointError
 
 FORMAT_NAME = "ckpt_callbacks"
@@ -514,21 +515,23 @@ def validate_index(index: Any) -> None:
             nbytes *= d
             if nbytes > 1 << 62:
                 raise CorruptCheckpointError(f"Shape of tensor {name!r} overflows: {shape}.")
-        fi, off, length = t.get("file"), t.get("offset"), t.get("length")
-        if not (_nonneg_int(fi) and fi < len(sizes) and _nonneg_int(off) and _nonneg_int(length)):
-            raise CorruptCheckpointError(f"Invalid location for tensor {name!r} in checkpoint index.")
-        if length != nbytes or off + length > sizes[fi]:
-            raise CorruptCheckpointError(
-                f"Tensor {name!r} is {length} bytes at offset {off}; expected {nbytes} bytes inside its "
-                f"{sizes[fi]}-byte data file."
-            )
+        locs = _chunks.validate(name, t, dtype.itemsize) if _chunks.is_chunked(t) else [t]
+        for loc in locs:  # a sharded save's tensor has several (see _chunks), a plain one itself
+            fi, off, length = loc.get("file"), loc.get("offset"), loc.get("length")
+            if not (_nonneg_int(fi) and fi < len(sizes) and _nonneg_int(off) and _nonneg_int(length)):
+                raise CorruptCheckpointError(f"Invalid location for tensor {name!r} in checkpoint index.")
+            if (length != nbytes and loc is t) or off + length > sizes[fi]:
+                raise CorruptCheckpointError(
+                    f"Tensor {name!r} is {length} bytes at offset {off}; expected {nbytes} bytes inside its "
+                    f"{sizes[fi]}-byte data file."
+                )
+            ranges.setdefault(fi, []).append((off, off + length, name))
         if (
             t.get("kind", "numpy") not in ("numpy", "torch")
             or t.get("byteorder", "<") not in ("<", ">")
-            or not isinstance(t.get("checksum"), str)
+            or not all(isinstance(loc.get("checksum"), str) for loc in locs)
         ):
             raise CorruptCheckpointError(f"Invalid tensor entry {name!r} in checkpoint index.")
-        ranges.setdefault(fi, []).append((off, off + length, name))
     for spans in ranges.values():
         spans.sort()
         for (_, end, a), (start, _, b) in zip(spans, spans[1:]):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import _format as fmt
-from . import _lock, _validation
+from . import _chunks, _lock, _validation
 from ._retention import BestN, EveryNHours, LatestN, Retention
 from ._state import (
     MAX_STATE_FILE_BYTES,
@@ -358,15 +358,17 @@ def _read_index(storage: Storage, name: str, verify: bool = True, data: bytes | 
                 )
             header_sizes[i] = hs
     for tname, t in index["tensors"].items():
-        if t["file"] not in header_sizes or t["offset"] < header_sizes[t["file"]]:
-            raise CorruptCheckpointError(
-                f"Tensor {tname!r:.120} is not inside the data section of a data file."
-            )
+        for loc in t["chunks"] if _chunks.is_chunked(t) else [t]:
+            if loc["file"] not in header_sizes or loc["offset"] < header_sizes[loc["file"]]:
+                raise CorruptCheckpointError(
+                    f"Tensor {tname!r:.120} is not inside the data section of a data file."
+                )
     return index
 
 
 def _load(storage: Storage, name: str, *, verify: bool, allow_pickle: bool) -> dict:
     index = _read_index(storage, name, verify=verify)
+    chunked = _chunks.split(index)  # a sharded save's tensors: each chunk read as a tensor, then joined
     by_file: dict[int, list[tuple[str, dict]]] = {}
     for tname, t in index["tensors"].items():
         by_file.setdefault(t["file"], []).append((tname, t))
@@ -398,6 +400,7 @@ def _load(storage: Storage, name: str, *, verify: bool, allow_pickle: bool) -> d
 
             arr = _torch.from_numpy(arr)
         tensors[tname] = arr
+    _chunks.assemble(index, chunked, tensors)
     try:
         return fmt.decode_tree(index["tree"], tensors, allow_pickle=allow_pickle)
     except RecursionError:  # nesting the JSON parser accepted but the interpreter stack cannot decode

@@ -1,0 +1,625 @@
+"""``torch.distributed.checkpoint`` storage writer / reader in this library's format (SPEC §2.5, §3).
+
+DCP's own ``FileSystemWriter`` pickles its metadata, ``torch.save``s every item and writes in place,
+so a crash mid-save destroys the previous checkpoint. Here every rank streams its own
+``<name>.data-<rank>-of-<N>`` safetensors file through the core's atomic writers (checksummed as it
+passes, one PUT / completed multipart upload on object stores); DCP hands the coordinator every
+rank's results in ``finish``, and only then, after all ranks reported success, does the coordinator
+write ``.meta``, ``.index`` (JSON: global shapes, each chunk's file / offset / checksum, non-tensor
+leaves inline) and commit the ``checkpoint`` state file. On load the DCP ``Metadata`` is rebuilt from
+that JSON index: no pickle is stored or read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    LoadPlanner,
+    LoadItemType,
+    SavePlan,
+    SavePlanner,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+from .. import _format as fmt
+from .. import _torch
+from .._manager import (
+    INDEX_SUFFIX,
+    META_SUFFIX,
+    MAX_META_BYTES,  # noqa: F401 - re-exported for the package's readers
+    _meta_doc,
+    _read_index,
+    _remove_quietly,
+    _split,
+    _step_of,
+    _write_data_file,
+)
+from .._state import MAX_STATE_FILE_BYTES, STATE_FILE_NAME, Record, dump_state, parse_state
+from .._storage import Storage
+from ..errors import (
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+)
+
+# The WriteResult that carries a rank's data file description (size, header) to the coordinator.
+_FILE_RESULT = "__ckpt_callbacks_data_file__"
+
+
+def _crash_point(where: str, rank: int) -> None:
+    """Test seam, a no-op: crash tests replace it (in the rank's own process) to fail or be killed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _RankFile:
+    """What the coordinator's global plan tells each rank: its number and the world size."""
+
+    rank: int
+    world: int
+
+
+def _torch_dtype_to_numpy(dtype: torch.dtype) -> np.dtype:
+    return _torch.numpy_dtype(torch.empty(0, dtype=dtype))
+
+
+_TORCH_DTYPES = {
+    _torch_dtype_to_numpy(d).name: d
+    for d in (
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+    )
+}
+
+
+def _checkpoint_path(path: str | os.PathLike) -> tuple[str, str, str]:
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(
+            f"The checkpoint path must be a non-empty path or URL such as 's3://b/run/ckpt-1000'. Received: {path!r}."
+        )
+    p = os.fspath(path).rstrip("/")
+    directory, name = _split(p)
+    try:
+        fmt.check_name(name)
+    except CorruptCheckpointError:
+        raise ValueError(
+            f"The checkpoint name must be a plain file name like 'ckpt-1000'. Received: path={path!r}."
+        ) from None
+    return p, directory, name
+
+
+class StorageWriter(dcp.StorageWriter):
+    """Writes a DCP save as one checkpoint of this library's format; collective, like ``dcp.save``.
+
+    Args:
+        path: the checkpoint, ``<directory>/<prefix>-<step>`` (a local path or any fsspec URL); the
+            step recorded is the trailing number of the name.
+        storage_options: passed to fsspec (credentials, endpoint, ...).
+
+    Rank r writes ``<name>.data-<r>-of-<N>``; the coordinator, after every rank reported success,
+    writes ``.meta``, ``.index`` and then the directory's ``checkpoint`` state file (the commit). An
+    existing checkpoint of that name is never overwritten. A failure on any rank raises DCP's
+    ``CheckpointException`` on every rank and commits nothing
+    (:func:`ckpt_callbacks.distributed.save` raises ``CheckpointWriteError`` instead).
+
+    Example:
+        >>> dcp.save({"model": model.state_dict()}, storage_writer=StorageWriter("s3://b/run/ckpt-1000"))
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        storage_options: dict | None = None,
+        _commit: Callable[[Storage, str, int, int], None] | None = None,
+        _meta: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self._storage_options = storage_options
+        self._set_path(path)
+        self._commit = _commit or _add_to_state_file
+        self._meta = _meta
+        self._rank = 0
+        self._is_coordinator = False
+
+    def _set_path(self, path: str | os.PathLike) -> None:
+        self.path, self._directory, self._name = _checkpoint_path(path)
+        self._storage = Storage(self._directory, self._storage_options)
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None:
+            self._set_path(checkpoint_id)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        try:
+            _checkpoint_path(checkpoint_id)
+        except ValueError:
+            return False
+        return True
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.path)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self._is_coordinator = is_coordinator
+        self._rank = kwargs.get("rank") or 0
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        self._storage.makedirs()
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        # Before any rank writes: the data files of a committed checkpoint would be overwritten in
+        # place, and a failure would then leave it unreadable.
+        if self._storage.exists(self._name + INDEX_SUFFIX):
+            raise CheckpointWriteError(
+                f"Checkpoint {self._storage.url_of(self._name)!r} already exists; a sharded save never "
+                "overwrites one. Save at another step, or delete it first."
+            )
+        return [dataclasses.replace(p, storage_data=_RankFile(i, len(plans))) for i, p in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        info: _RankFile = plan.storage_data
+        fname = fmt.data_file_name(self._name, info.rank, info.world)
+        results: list[WriteResult] = []
+        entries: list[fmt.TensorEntry] = []
+        items = {}
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO:
+                results.append(_value_result(planner, item))
+                continue
+            chunk = item.tensor_data.chunk
+            dtype = _torch_dtype_to_numpy(item.tensor_data.properties.dtype)
+            tname = f"{item.index.fqn}@{','.join(str(o) for o in chunk.offsets)}"
+            lazy = fmt.LazyArray(tuple(chunk.sizes), dtype, functools.partial(_resolve, planner, item))
+            entries.append(fmt.TensorEntry(tname, dtype, tuple(chunk.sizes), lazy))
+            items[tname] = item
+        _crash_point("before_data", info.rank)
+        _, size, header_size, header_sum, written = _write_data_file(self._storage, fname, entries, None)
+        try:
+            _crash_point("after_data", info.rank)
+        except BaseException:
+            _remove_quietly(self._storage, [fname])
+            raise
+        for e in written:
+            item = items[e["name"]]
+            results.append(
+                WriteResult(
+                    index=item.index,
+                    size_in_bytes=e["length"],
+                    storage_data={k: e[k] for k in ("offset", "length", "checksum")} | {"file": info.rank},
+                )
+            )
+        results.append(
+            WriteResult(
+                index=MetadataIndex(_FILE_RESULT, [info.rank]),
+                size_in_bytes=size,
+                storage_data={
+                    "name": fname,
+                    "kind": "data",
+                    "size": size,
+                    "header_size": header_size,
+                    "checksum": header_sum,
+                },
+            )
+        )
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        storage, name = self._storage, self._name
+        step = _step_of(name)
+        written = [fmt.data_file_name(name, r, len(results)) for r in range(len(results))]
+        try:
+            index = _build_index(metadata, results, step)
+            meta_doc = self._meta or _meta_doc(
+                step,
+                time.time(),
+                None,
+                None,
+                {"framework": "torch", "framework_versions": {"torch": torch.__version__}},
+            )
+            meta_bytes = (json_dumps(meta_doc) + "\n").encode()
+            storage.write_bytes(name + META_SUFFIX, meta_bytes)
+            written.append(name + META_SUFFIX)
+            index["files"].append(
+                {
+                    "name": name + META_SUFFIX,
+                    "kind": "meta",
+                    "size": len(meta_bytes),
+                    "checksum": fmt.checksum_bytes(meta_bytes),
+                }
+            )
+            storage.sync_dir()
+            fmt.validate_index(index)  # what every reader will check, before it is committed
+            storage.write_bytes(name + INDEX_SUFFIX, fmt.dump_index(index))
+            written.append(name + INDEX_SUFFIX)
+            storage.sync_dir()
+            _crash_point("after_index", self._rank)
+            self._commit(storage, name, step, len(results))
+        except BaseException:
+            # Index first: without it the checkpoint does not exist for any reader.
+            _remove_quietly(storage, sorted(written, key=lambda n: not n.endswith(INDEX_SUFFIX)))
+            raise
+
+
+def json_dumps(doc: Any) -> str:
+    import json
+
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+
+
+def _resolve(planner: SavePlanner, item: Any) -> np.ndarray:
+    return _torch.to_numpy(planner.resolve_data(item))
+
+
+def _value_result(planner: SavePlanner, item: Any) -> WriteResult:
+    """A non-tensor leaf, as this format's JSON tree (the coordinator puts it inline in the index).
+
+    DCP's own ``resolve_data`` would hand over ``torch.save`` (pickle) bytes; the object itself
+    comes from the planner instead.
+    """
+    lookup = getattr(planner, "lookup_object", None)
+    if lookup is None:
+        raise TypeError(
+            f"The save planner {type(planner).__name__} cannot give the object {item.index.fqn!r} itself "
+            "(no lookup_object); use torch.distributed.checkpoint's DefaultSavePlanner (the default)."
+        )
+    obj = lookup(item.index)
+    try:
+        enc = fmt.encode_tree(obj)
+    except TypeError as e:
+        raise TypeError(f"Cannot save state entry {item.index.fqn!r} without pickle: {e}") from None
+    if enc.tensors:
+        raise TypeError(
+            f"State entry {item.index.fqn!r} holds arrays inside a non-tensor value; make them torch tensors "
+            "(DCP stores tensors as tensor items) or plain Python values."
+        )
+    return WriteResult(index=item.index, size_in_bytes=0, storage_data={"value": enc.tree})
+
+
+def _build_index(metadata: Metadata, results: list[list[WriteResult]], step: int) -> dict:
+    """This format's index from DCP's global metadata and every rank's write results."""
+    files: list[dict | None] = [None] * len(results)
+    locs: dict[tuple[str, tuple[int, ...]], dict] = {}
+    values: dict[str, Any] = {}
+    for rank_results in results:
+        for r in rank_results:
+            sd = r.storage_data
+            if r.index.fqn == _FILE_RESULT:
+                files[r.index.offset[0]] = sd
+            elif "value" in sd:
+                values[r.index.fqn] = sd["value"]
+            else:
+                locs[(r.index.fqn, tuple(r.index.offset or ()))] = sd
+    if any(f is None for f in files):
+        raise CheckpointWriteError(
+            f"Ranks {[i for i, f in enumerate(files) if f is None]} reported no data file; nothing was committed."
+        )
+    tensors: dict[str, dict] = {}
+    for fqn, md in metadata.state_dict_metadata.items():
+        if not isinstance(md, TensorStorageMetadata):
+            if fqn not in values:
+                raise CheckpointWriteError(f"No rank wrote the value of {fqn!r}; nothing was committed.")
+            continue
+        shape = list(md.size)
+        entry: dict[str, Any] = {
+            "dtype": _torch_dtype_to_numpy(md.properties.dtype).name,
+            "shape": shape,
+            "kind": "torch",
+        }
+        chunks = []
+        for c in md.chunks:
+            loc = locs.get((fqn, tuple(c.offsets)))
+            if loc is None:
+                raise CheckpointWriteError(
+                    f"No rank wrote the chunk at offsets {list(c.offsets)} of {fqn!r}; nothing was committed."
+                )
+            chunks.append({**loc, "offsets": list(c.offsets), "sizes": list(c.sizes)})
+        if len(chunks) == 1 and chunks[0]["sizes"] == shape:
+            # One whole piece: a plain entry, which every reader of this format understands.
+            c = chunks[0]
+            entry.update(file=c["file"], offset=c["offset"], length=c["length"], checksum=c["checksum"])
+        else:
+            entry["chunks"] = chunks
+        tensors[fqn] = entry
+    mappings = metadata.planner_data if isinstance(metadata.planner_data, dict) else None
+    mappings = {fqn: list(path) for fqn, path in (mappings or {}).items()}
+    for fqn in list(tensors) + list(values):
+        mappings.setdefault(fqn, [fqn])
+    return {
+        "format": fmt.FORMAT_NAME,
+        "format_version": fmt.FORMAT_VERSION,
+        "step": step,
+        "files": files,
+        "tensors": tensors,
+        "tree": _tree(mappings, tensors, values),
+        # DCP's flattened names (fqn -> key path into the tree): a later dcp.load plans by them.
+        "dcp": {"mappings": mappings},
+    }
+
+
+def _tree(mappings: dict[str, list], tensors: dict, values: dict) -> Any:
+    """The nested state (this format's JSON tree) from DCP's flattened names and their key paths."""
+    root: dict = {}
+    for fqn, path in mappings.items():
+        leaf = {"x": fqn} if fqn in tensors else values.get(fqn)
+        if fqn not in tensors and fqn not in values:
+            continue
+        cur: Any = root
+        for k, nk in zip(path, path[1:]):
+            new = [] if isinstance(nk, int) else {}
+            if isinstance(cur, dict):
+                cur = cur.setdefault(k, new)
+            else:
+                cur.extend([None] * (k + 1 - len(cur)))
+                if cur[k] is None:
+                    cur[k] = new
+                cur = cur[k]
+        if isinstance(cur, dict):
+            cur[path[-1]] = _Leaf(leaf)
+        else:
+            cur.extend([None] * (path[-1] + 1 - len(cur)))
+            cur[path[-1]] = _Leaf(leaf)
+
+    def enc(node: Any) -> Any:
+        if isinstance(node, _Leaf):
+            return node.tree
+        if isinstance(node, dict):
+            return {"d": [[k, enc(v)] for k, v in node.items()]}
+        if isinstance(node, list):
+            return {"l": [enc(v) for v in node]}
+        return node  # None: a list slot no leaf filled
+
+    return enc(root)
+
+
+@dataclasses.dataclass
+class _Leaf:
+    tree: Any
+
+
+def _add_to_state_file(storage: Storage, name: str, step: int, shards: int) -> None:
+    """The commit of a save without a manager: the state file lists the new checkpoint as newest
+    (earlier ones stay listed; nothing is deleted without a manager's retention)."""
+    now = time.time()
+    try:
+        data = _read_state(storage)
+    except CheckpointNotFoundError:
+        data = None
+    records: list[Record] = []
+    last_preserved = now - 1.0
+    if data is not None:
+        state, parsed = parse_state(data)
+        last_preserved = state.last_preserved_timestamp
+        if parsed is None:
+            stamps = state.all_model_checkpoint_timestamps or [last_preserved] * len(
+                state.all_model_checkpoint_paths
+            )
+            parsed = [Record(n, _step_of(n), ts) for n, ts in zip(state.all_model_checkpoint_paths, stamps)]
+        records = [r for r in parsed if r.name != name]
+    records.append(Record(name, step, now, "active", None, shards))
+    storage.write_bytes(STATE_FILE_NAME, dump_state(name, records, last_preserved))
+    storage.sync_dir()
+
+
+def _read_state(storage: Storage) -> bytes:
+    from .._manager import _read_bounded
+
+    return _read_bounded(storage, STATE_FILE_NAME, MAX_STATE_FILE_BYTES)
+
+
+# ===================================================================== reading
+
+
+def check_files(storage: Storage, name: str, index: dict) -> None:
+    """Every data file the index names exists with its recorded size (before anything is read)."""
+    for f in index["files"]:
+        if f.get("kind") == "meta":
+            continue
+        actual = storage.size(f["name"])
+        if actual is None:
+            raise CorruptCheckpointError(
+                f"Data file {storage.url_of(f['name'])!r} of checkpoint {name!r} is missing."
+            )
+        if actual != f["size"]:
+            raise CorruptCheckpointError(
+                f"Data file {storage.url_of(f['name'])!r} is {actual} bytes; the index expects {f['size']} "
+                "(truncated or extended)."
+            )
+
+
+class StorageReader(dcp.StorageReader):
+    """Reads a checkpoint of this format in ``dcp.load``, on any number of ranks (resharding).
+
+    Args:
+        path: the checkpoint (``.../ckpt-1000``), local or any fsspec URL.
+        storage_options: passed to fsspec.
+
+    Before anything is read every rank checks the index (its checksum, that the chunks of every
+    tensor cover it exactly) and that all data files exist with their recorded sizes; a defect is
+    ``CorruptCheckpointError`` (inside DCP's ``CheckpointException``). Each chunk read is checked
+    against its checksum. Only the byte ranges a rank needs are read.
+
+    Example:
+        >>> dcp.load(state, storage_reader=StorageReader("s3://b/run/ckpt-1000"))
+    """
+
+    def __init__(self, path: str | os.PathLike, *, storage_options: dict | None = None) -> None:
+        super().__init__()
+        self._storage_options = storage_options
+        self._set_path(path)
+        self._locs: dict[tuple[str, tuple[int, ...]], dict] = {}
+        self._values: dict[str, Any] = {}
+
+    def _set_path(self, path: str | os.PathLike) -> None:
+        self.path, self._directory, self._name = _checkpoint_path(path)
+        self._storage = Storage(self._directory, self._storage_options)
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None:
+            self._set_path(checkpoint_id)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return StorageWriter.validate_checkpoint_id(checkpoint_id)
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        storage, name = self._storage, self._name
+        index = _read_index(storage, name)
+        check_files(storage, name, index)
+        dcp_doc = index.get("dcp")
+        if not isinstance(dcp_doc, dict) or not isinstance(dcp_doc.get("mappings"), dict):
+            raise IncompatibleCheckpointError(
+                f"{storage.url_of(name)!r} was not written through torch.distributed.checkpoint, so it has no "
+                "DCP key names; load it with ckpt_callbacks.load_checkpoint instead."
+            )
+        mappings = dcp_doc["mappings"]
+        sd_meta: dict[str, Any] = {}
+        self._locs = {}
+        for fqn, t in index["tensors"].items():
+            shape = t["shape"]
+            chunks = t["chunks"] if "chunks" in t else [{**t, "offsets": [0] * len(shape), "sizes": shape}]
+            dtype = _TORCH_DTYPES.get(t["dtype"])
+            if dtype is None:
+                raise IncompatibleCheckpointError(
+                    f"Tensor {fqn!r} has dtype {t['dtype']!r}, which torch lacks."
+                )
+            sd_meta[fqn] = TensorStorageMetadata(
+                TensorProperties(dtype=dtype),
+                torch.Size(shape),
+                [ChunkStorageMetadata(torch.Size(c["offsets"]), torch.Size(c["sizes"])) for c in chunks],
+            )
+            for c in chunks:
+                fname = index["files"][c["file"]]["name"]
+                self._locs[(fqn, tuple(c["offsets"]))] = {**c, "name": fname, "dtype": t["dtype"]}
+        tree = fmt.decode_tree(index["tree"], _AnyTensor())
+        self._values = {}
+        for fqn, path in mappings.items():
+            if fqn in index["tensors"]:
+                continue
+            if not isinstance(path, list) or not path:
+                raise CorruptCheckpointError(f"Invalid DCP key path for {fqn!r} in the checkpoint index.")
+            try:
+                node = tree
+                for k in path:
+                    node = node[k]
+            except (KeyError, IndexError, TypeError):
+                raise CorruptCheckpointError(
+                    f"The index names {fqn!r} but its tree has no such value."
+                ) from None
+            self._values[fqn] = node
+            sd_meta[fqn] = BytesStorageMetadata()
+        return Metadata(
+            state_dict_metadata=sd_meta,
+            planner_data={fqn: tuple(p) for fqn, p in mappings.items()},
+            storage_meta=StorageMeta(checkpoint_id=self.path),
+        )
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        self._is_coordinator = is_coordinator
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        by_chunk: dict[tuple[str, tuple[int, ...]], list] = {}
+        for req in plan.items:
+            if req.type == LoadItemType.BYTE_IO:
+                # DCP's planner takes values only as torch.save bytes; these are made here from the
+                # JSON the index holds (nothing pickled is ever read from storage).
+                buf = io.BytesIO()
+                torch.save(self._values[req.storage_index.fqn], buf)
+                buf.seek(0)
+                planner.load_bytes(req, buf)
+                continue
+            key = (req.storage_index.fqn, tuple(req.storage_index.offset))
+            by_chunk.setdefault(key, []).append(req)
+        by_file: dict[str, list] = {}
+        for key, reqs in by_chunk.items():
+            by_file.setdefault(self._locs[key]["name"], []).append((key, reqs))
+        for fname, chunks in by_file.items():
+            with self._storage.open_read(fname) as fh:
+                for key, reqs in sorted(chunks, key=lambda x: self._locs[x[0]]["offset"]):
+                    loc = self._locs[key]
+                    chunk = self._read_chunk(fh, fname, key[0], loc)
+                    for req in reqs:
+                        src = chunk
+                        for dim, (o, n) in enumerate(zip(req.storage_offsets, req.lengths)):
+                            src = src.narrow(dim, o, n)
+                        target = planner.resolve_tensor(req).detach()
+                        if target.size() != src.size():
+                            raise CorruptCheckpointError(
+                                f"Chunk of {key[0]!r} is {tuple(src.size())}, expected {tuple(target.size())}."
+                            )
+                        target.copy_(src)
+                        planner.commit_tensor(req, target)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read_chunk(self, fh: Any, fname: str, fqn: str, loc: dict) -> torch.Tensor:
+        from .._manager import _matches, _read_into
+
+        buf = np.empty(loc["length"], dtype=np.uint8)
+        _read_into(fh, loc["offset"], memoryview(buf), fname)
+        if not _matches(buf, loc["checksum"]):
+            raise CorruptCheckpointError(
+                f"Checksum mismatch for a chunk of tensor {fqn!r} in {self._storage.url_of(fname)!r}: the file is corrupt."
+            )
+        arr = buf.view(fmt.dtype_from_name(loc["dtype"]).newbyteorder("<")).reshape(loc["sizes"])
+        return _torch.from_numpy(arr)
+
+
+class _AnyTensor(dict):
+    """Tensor lookup for decoding only the tree's non-tensor values: every reference is a placeholder."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __getitem__(self, key: str) -> None:
+        return None
