@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _format as fmt
 from . import _chunks, _lock, _validation
+from . import _format as fmt
 from ._retention import BestN, EveryNHours, LatestN, Retention
 from ._state import (
     MAX_STATE_FILE_BYTES,

@@ -33,9 +33,9 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import (
+    LoadItemType,
     LoadPlan,
     LoadPlanner,
-    LoadItemType,
     SavePlan,
     SavePlanner,
     WriteItemType,
@@ -48,7 +48,6 @@ from .. import _torch
 from .._manager import (
     INDEX_SUFFIX,
     META_SUFFIX,
-    MAX_META_BYTES,  # noqa: F401 - re-exported for the package's readers
     _meta_doc,
     _read_index,
     _remove_quietly,
