@@ -87,18 +87,22 @@ def save(
         _commit=_commit_into(mgr, timestamp, metric),
         _meta=_meta_doc(step, timestamp, metrics, meta, _info or {"framework": "torch"}),
     )
-    data_file = None
     try:
         dcp.save(state, storage_writer=writer, process_group=process_group)
-    except CheckpointException as e:
+    except (CheckpointException, Exception) as e:
+        # CheckpointException (a BaseException): DCP gathered a failure of some rank(s). Anything
+        # else: a collective itself failed, e.g. a peer died mid-save (gloo: "Connection closed").
         world = dist.get_world_size(process_group) if dist.is_initialized() else 1
-        data_file = fmt.data_file_name(name, _rank(process_group), world)
-        # Ranks whose write succeeded remove their (never committed) data file; the coordinator's
-        # finish removed its own files already when the failure was its.
+        # Each rank removes its own data file, never committed; the coordinator's finish removed
+        # its files already when the failure was its.
         if not storage.exists(name + INDEX_SUFFIX):
-            _remove_quietly(storage, [data_file])
+            _remove_quietly(storage, [fmt.data_file_name(name, _rank(process_group), world)])
+        if isinstance(e, CheckpointException):
+            what = _failed_ranks(e)
+        else:
+            what = f"a collective of rank {_rank(process_group)} ({type(e).__name__}: {e}); another rank may have died"
         raise CheckpointWriteError(
-            f"Sharded save of {storage.url_of(name)!r} failed on {_failed_ranks(e)}. Nothing was committed; "
+            f"Sharded save of {storage.url_of(name)!r} failed on {what}. Nothing was committed; "
             f"the latest checkpoint is still {mgr.latest_checkpoint!r}."
         ) from None
     if _rank(process_group) != 0:
