@@ -29,7 +29,6 @@ from .errors import CorruptCheckpointError
 
 # More chunks than this for one tensor is no save this library writes (one per rank and piece).
 MAX_CHUNKS = 1 << 20
-_SEP = "\x00chunk\x00"  # in-memory names of chunk entries; never a name the tree references
 
 
 def is_chunked(entry: Any) -> bool:
@@ -132,8 +131,11 @@ def split(index: dict) -> dict[str, list[str]]:
             tensors[n] = t
             continue
         parts[n] = []
-        for i, c in enumerate(t["chunks"]):
-            cname = f"{n}{_SEP}{i}"
+        for c in t["chunks"]:
+            # Read as a tensor of its own under this name (error messages show it); never one the tree references.
+            cname = f"{n} [chunk at {c['offsets']}]"
+            if cname in index["tensors"] or cname in tensors:
+                raise CorruptCheckpointError(f"Tensor {n!r:.120} has two chunks at offsets {c['offsets']}.")
             tensors[cname] = {
                 "dtype": t["dtype"],
                 "shape": list(c["sizes"]),
@@ -168,3 +170,10 @@ def assemble(index: dict, parts: dict[str, list[str]], arrays: dict[str, Any]) -
 
             full = _torch.from_numpy(full)
         arrays[name] = full
+
+
+def nbytes(entry: dict) -> int:
+    """Stored bytes of a tensor entry, plain or chunked."""
+    if is_chunked(entry):
+        return sum(c["length"] for c in entry["chunks"])
+    return entry["length"]

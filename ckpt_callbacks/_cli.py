@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _chunks
 from . import _format as fmt
 from ._manager import (
     INDEX_SUFFIX,
@@ -214,7 +215,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                     "checkpoint": storage.url_of(name),
                     "step": index["step"],
                     "tensors": [
-                        {"name": n, "dtype": t["dtype"], "shape": t["shape"], "bytes": t["length"]}
+                        {"name": n, "dtype": t["dtype"], "shape": t["shape"], "bytes": _chunks.nbytes(t)}
                         for n, t in sorted(tensors.items())
                     ],
                     "files": index["files"],
@@ -225,10 +226,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             )
         )
         return EXIT_OK
-    total = sum(t["length"] for t in tensors.values())
+    total = sum(_chunks.nbytes(t) for t in tensors.values())
     print(f"{storage.url_of(name)}  step {index['step']}  {len(tensors)} tensors, {_human(total)}")
     print()
-    rows = [[n, t["dtype"], str(tuple(t["shape"])), _human(t["length"])] for n, t in sorted(tensors.items())]
+    rows = [
+        [n, t["dtype"], str(tuple(t["shape"])), _human(_chunks.nbytes(t))] for n, t in sorted(tensors.items())
+    ]
     print(_table(rows, ["tensor", "dtype", "shape", "bytes"]))
     print("\ntree:")
     for line in _tree_lines(index["tree"], tensors, "  "):
@@ -249,6 +252,7 @@ def _verify_one(storage: Storage, name: str, progress: _Progress | None = None) 
     """None if the checkpoint verifies, else the problem (naming file and tensor)."""
     try:
         index = _read_index(storage, name)
+        _chunks.split(index)  # a sharded save's chunks are verified as tensors of their own
         by_file: dict[int, list] = {}
         for tname, t in index["tensors"].items():
             by_file.setdefault(t["file"], []).append((tname, t))

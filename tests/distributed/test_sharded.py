@@ -275,3 +275,28 @@ def test_two_ranks_on_s3_stream_their_own_files(s3_endpoint, tmp_path):
     ]
     want = torch.load(str(tmp_path / "out" / "s3-rank0.pt"), weights_only=True)
     assert_same(flat_tensors(load_checkpoint("s3://sharded/run", storage_options=opts)), want)
+
+
+def test_a_flipped_byte_in_a_chunk_is_named_by_load_and_cli_verify(sharded, tmp_path):
+    d = _copy(sharded[0], tmp_path)
+    chunk = read_index(os.path.join(d, "ckpt-3"))["tensors"]["model.0.weight"]["chunks"][1]
+    with open(os.path.join(d, "ckpt-3.data-00001-of-00002"), "r+b") as f:
+        f.seek(chunk["offset"] + 5)
+        b = f.read(1)
+        f.seek(chunk["offset"] + 5)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(
+        CorruptCheckpointError, match=r"Checksum mismatch for tensor 'model\.0\.weight \[chunk at \[8, 0\]\]'"
+    ):
+        load_checkpoint(os.path.join(d, "ckpt-3"))
+    with pytest.raises(BaseException, match="Checksum mismatch for a chunk of tensor 'model.0.weight'"):
+        dcp.load(
+            {"model.0.weight": torch.zeros(16, 8)}, storage_reader=StorageReader(os.path.join(d, "ckpt-3"))
+        )
+    cli = subprocess.run(
+        [sys.executable, "-m", "ckpt_callbacks", "verify", os.path.join(d, "ckpt-3")],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert cli.returncode == 1 and "model.0.weight [chunk at [8, 0]]" in cli.stdout
