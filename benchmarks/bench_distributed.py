@@ -117,12 +117,14 @@ def rank_main(rank: int, world: int, port: str, directory: str, mb: int, reps: i
         dist.barrier()
         t0 = time.perf_counter()
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        fm, fo = get_state_dict(model, optim, options=opts)
-        if rank == 0:
-            ckpt_callbacks.save_checkpoint(
-                os.path.join(directory, "full", f"ckpt-{i}"), {"model": fm, "optim": fo}
-            )
-        del fm, fo
+        with PeakRSS() as peak:
+            fm, fo = get_state_dict(model, optim, options=opts)
+            if rank == 0:
+                ckpt_callbacks.save_checkpoint(
+                    os.path.join(directory, "full", f"ckpt-{i}"), {"model": fm, "optim": fo}
+                )
+            del fm, fo
+        extra_full.append(peak.extra)
         dist.barrier()
         return time.perf_counter() - t0
 
