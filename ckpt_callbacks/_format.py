@@ -29,11 +29,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import xxhash
 
-from .errors import CorruptCheckpointError, IncompatibleCheckpointError
+from . import _kinds
+from ._names import data_file_name  # noqa: F401 - re-exported: the name of a data shard
+from .errors import CorruptCheckpointError, IncompatibleCheckpointError, PickleRefusedError
 
 FORMAT_NAME = "ckpt_callbacks"
 FORMAT_VERSION = 1
@@ -64,9 +65,10 @@ _SAFETENSORS_DTYPES = {
     "float8_e5m2": "F8_E5M2",
     "complex64": "C64",
 }
+# ml_dtypes' dtypes by name. ml_dtypes itself is imported only when one of them is used (a state
+# or checkpoint holding bfloat16 / float8 ...): most saves never need it, and it is slow to import.
 _ML_DTYPE_NAMES = frozenset(
-    name
-    for name in (
+    (
         "bfloat16",
         "float8_e3m4",
         "float8_e4m3",
@@ -84,8 +86,17 @@ _ML_DTYPE_NAMES = frozenset(
         "uint2",
         "uint4",
     )
-    if hasattr(ml_dtypes, name)
 )
+
+
+def _ml_dtype(name: str) -> np.dtype | None:
+    """ml_dtypes' dtype ``name`` (importing ml_dtypes), or None when this ml_dtypes lacks it."""
+    import ml_dtypes
+
+    t = getattr(ml_dtypes, name, None)
+    return None if t is None else np.dtype(t)
+
+
 _NUMERIC_KINDS = frozenset("biufc")
 
 
@@ -98,8 +109,8 @@ def dtype_from_name(name: object) -> np.dtype:
 
 @functools.lru_cache(maxsize=256)  # only valid names are cached: a failure raises
 def _dtype_from_str(name: str) -> np.dtype:
-    if name in _ML_DTYPE_NAMES:
-        return np.dtype(getattr(ml_dtypes, name))
+    if name in _ML_DTYPE_NAMES and (ml := _ml_dtype(name)) is not None:
+        return ml
     try:
         dtype = np.dtype(name)
     except TypeError:
@@ -146,8 +157,8 @@ class LazyArray:
 
 
 def _parse_dtype(name: str) -> np.dtype:
-    if name in _ML_DTYPE_NAMES:
-        return np.dtype(getattr(ml_dtypes, name))
+    if name in _ML_DTYPE_NAMES and (ml := _ml_dtype(name)) is not None:
+        return ml
     return np.dtype(name)
 
 
@@ -158,8 +169,8 @@ class TensorEntry:
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
-    source: Any  # np.ndarray, LazyArray or a torch tensor
-    kind: str = "numpy"  # "numpy" or "torch": what loading gives back
+    source: Any  # np.ndarray, LazyArray or a framework tensor of a registered kind
+    kind: str = "numpy"  # "numpy" or a registered kind's name (:mod:`._kinds`): what loading gives back
     # ">" for a big-endian numpy array: stored little-endian (safetensors is), given back big-endian.
     byteorder: str = "<"
 
@@ -174,10 +185,8 @@ class TensorEntry:
             arr = np.asarray(src.materialize())
             if arr.shape != self.shape or arr.dtype != self.dtype:
                 arr = arr.astype(self.dtype, copy=False).reshape(self.shape)
-        elif self.kind == "torch":
-            from . import _torch
-
-            arr = _torch.to_numpy(src)
+        elif self.kind != _kinds.NUMPY:
+            arr = _kinds.get(self.kind).to_numpy(src)
         else:
             arr = src
         if not arr.flags.c_contiguous or arr.dtype.byteorder == ">":
@@ -239,8 +248,11 @@ def encode_tree(state: Any, *, allow_pickle: bool = False) -> EncodedState:
             return {"l" if t is list else "t": items}
         if t is bytes:
             return {"b": base64.b64encode(obj).decode("ascii")}
-        if t is np.ndarray or t is LazyArray or _is_torch_tensor(obj):
-            return {"x": add_tensor(obj, path)}
+        if t is np.ndarray or t is LazyArray:
+            return {"x": add_tensor(obj, path, None)}
+        kind = _kinds.kind_of(obj)
+        if kind is not None:
+            return {"x": add_tensor(obj, path, kind)}
         if isinstance(obj, np.generic) and _numeric(obj.dtype):
             return {"s": [dtype_name(obj.dtype), base64.b64encode(obj.tobytes()).decode("ascii")]}
         if allow_pickle:
@@ -253,15 +265,11 @@ def encode_tree(state: Any, *, allow_pickle: bool = False) -> EncodedState:
             "pickle. Convert it to one of those, or pass allow_pickle=True to both save and load."
         )
 
-    def add_tensor(obj: Any, path: tuple) -> str:
-        if isinstance(obj, LazyArray):
-            dtype, shape, kind = obj.dtype, obj.shape, "numpy"
-        elif isinstance(obj, np.ndarray):
-            dtype, shape, kind = obj.dtype, obj.shape, "numpy"
+    def add_tensor(obj: Any, path: tuple, tensor_kind: Any) -> str:
+        if tensor_kind is None:  # a numpy array or LazyArray
+            dtype, shape, kind = obj.dtype, obj.shape, _kinds.NUMPY
         else:
-            from . import _torch
-
-            dtype, shape, kind = _torch.numpy_dtype(obj), tuple(obj.shape), "torch"
+            dtype, shape, kind = tensor_kind.numpy_dtype(obj), tuple(obj.shape), tensor_kind.name
         if not _numeric(dtype):
             raise TypeError(
                 f"Cannot save {_path_str(path)}: arrays of dtype {dtype!r} are not numeric. Only numeric "
@@ -288,19 +296,6 @@ def _numeric(dtype: np.dtype) -> bool:
     except TypeError:
         return False
     return True
-
-
-def _is_torch_tensor(obj: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.Tensor)
-
-
-class PickleRefusedError(IncompatibleCheckpointError, TypeError):
-    """A valid checkpoint holding a pickled leaf, loaded without ``allow_pickle=True``.
-
-    Not corruption (its checksums match), so ``restore()`` does not skip it for an older one; a
-    ``TypeError`` too, like the refusal to save such a leaf without the opt-in.
-    """
 
 
 def _key_path(path: tuple) -> str:
@@ -368,10 +363,6 @@ def _b64(s: str) -> bytes:
 
 
 # ---------------------------------------------------------------- safetensors data files
-
-
-def data_file_name(prefix_step: str, shard: int, num_shards: int) -> str:
-    return f"{prefix_step}.data-{shard:05d}-of-{num_shards:05d}"
 
 
 def plan_shards(tensors: list[TensorEntry], num_shards: int) -> list[list[TensorEntry]]:
@@ -523,7 +514,7 @@ def validate_index(index: Any) -> None:
                 f"{sizes[fi]}-byte data file."
             )
         if (
-            t.get("kind", "numpy") not in ("numpy", "torch")
+            t.get("kind", "numpy") not in _kinds.known_kinds()
             or t.get("byteorder", "<") not in ("<", ">")
             or not isinstance(t.get("checksum"), str)
         ):

@@ -1,5 +1,6 @@
 """The ``checkpoint`` state file, in TensorFlow's ``CheckpointState`` text format.
 
+One reader (:func:`read_state`) and one writer (:func:`write_state`) for the whole package.
 Only the four TF field names appear as fields, so ``tf.train.get_checkpoint_state`` parses it. The
 retention bookkeeping TensorFlow keeps in memory (which checkpoints are preserved hourly or as best,
 their metrics and shard counts) rides along in one ``#`` comment line, which text-format parsers
@@ -13,10 +14,12 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ._checkpoint_read import read_bounded
 from ._format import check_name
-from .errors import CorruptCheckpointError
+from ._names import STATE_FILE_NAME
+from ._storage import Storage
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
-STATE_FILE_NAME = "checkpoint"
 MAX_STATE_FILE_BYTES = 16 * 1024 * 1024
 _COMMENT_KEY = "# ckpt_callbacks: "
 _FIELD = re.compile(r'\s*([a-z_]+)\s*:\s*(".*"|[-+0-9.eEinfINFa]+)\s*\Z')
@@ -182,3 +185,27 @@ def checked_name(path: str) -> str:
             f"Checkpoint state file names {path!r:.200}, which is not a checkpoint inside its directory."
         )
     return check_name(path)
+
+
+def read_state_bytes(storage: Storage) -> bytes | None:
+    """The directory's state file as stored; None when there is none."""
+    try:
+        return read_bounded(storage, STATE_FILE_NAME, MAX_STATE_FILE_BYTES)
+    except CheckpointNotFoundError:
+        return None
+
+
+def read_state(storage: Storage) -> tuple[CheckpointState, list[Record] | None, bytes] | None:
+    """The parsed state file of a directory (its fields, this library's records, its bytes), or None
+    when there is none. Raises CorruptCheckpointError for one that does not parse."""
+    data = read_state_bytes(storage)
+    if data is None:
+        return None
+    state, records = parse_state(data)
+    return state, records, data
+
+
+def write_state(storage: Storage, data: bytes) -> None:
+    """Write the state file: the commit point of a save (SPEC §3.3)."""
+    storage.write_bytes(STATE_FILE_NAME, data)
+    storage.sync_dir()

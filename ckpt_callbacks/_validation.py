@@ -12,11 +12,9 @@ import os
 import re
 from typing import Any
 
+from .errors import ArgumentTypeError
+
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*\Z")
-
-
-class ArgumentTypeError(TypeError, ValueError):
-    """A constructor argument of the wrong type."""
 
 
 def _fail(name: str, value: Any, expected: str, fix: str, wrong_type: bool = False) -> None:

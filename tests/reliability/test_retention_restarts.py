@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from ckpt_callbacks import CheckpointManager, _manager
+from ckpt_callbacks import CheckpointManager, _checkpoint_io
 from ckpt_callbacks._lock import LOCK_FILE_NAME
 from ckpt_callbacks._state import STATE_FILE_NAME, parse_state
 
@@ -128,8 +128,8 @@ class RetentionMachine(RuleBasedStateMachine):
         self.next_step = 1
         self.foreign: dict[str, bytes] = {}
         self.saves = self.restarts = self.crashes = 0
-        self._real_point = _manager._crash_point
-        _manager._crash_point = self._point
+        self._real_point = _checkpoint_io._crash_point
+        _checkpoint_io._crash_point = self._point
 
     def _point(self, name: str) -> None:
         if name == self.crash_at:
@@ -232,7 +232,7 @@ class RetentionMachine(RuleBasedStateMachine):
         TOTALS.update(
             saves=self.saves, restarts=self.restarts, crashes=self.crashes, runs=1, foreign=len(self.foreign)
         )
-        _manager._crash_point = self._real_point
+        _checkpoint_io._crash_point = self._real_point
         if self.mgr is not None:
             self.mgr.close()
         shutil.rmtree(self.dir, ignore_errors=True)
