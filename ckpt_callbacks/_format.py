@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import collections
-import functools
 import json
 import math
 import re
@@ -33,6 +32,7 @@ import numpy as np
 import xxhash
 
 from . import _kinds
+from ._dtypes import _ML_DTYPE_NAMES, _parse_dtype, dtype_from_name, dtype_name, dtype_str  # noqa: F401
 from ._names import data_file_name  # noqa: F401 - re-exported: the name of a data shard
 from .errors import CorruptCheckpointError, IncompatibleCheckpointError, PickleRefusedError
 
@@ -65,78 +65,6 @@ _SAFETENSORS_DTYPES = {
     "float8_e5m2": "F8_E5M2",
     "complex64": "C64",
 }
-# ml_dtypes' dtypes by name. ml_dtypes itself is imported only when one of them is used (a state
-# or checkpoint holding bfloat16 / float8 ...): most saves never need it, and it is slow to import.
-_ML_DTYPE_NAMES = frozenset(
-    (
-        "bfloat16",
-        "float8_e3m4",
-        "float8_e4m3",
-        "float8_e4m3b11fnuz",
-        "float8_e4m3fn",
-        "float8_e4m3fnuz",
-        "float8_e5m2",
-        "float8_e5m2fnuz",
-        "float8_e8m0fnu",
-        "float6_e2m3fn",
-        "float6_e3m2fn",
-        "float4_e2m1fn",
-        "int2",
-        "int4",
-        "uint2",
-        "uint4",
-    )
-)
-
-
-def _ml_dtype(name: str) -> np.dtype | None:
-    """ml_dtypes' dtype ``name`` (importing ml_dtypes), or None when this ml_dtypes lacks it."""
-    import ml_dtypes
-
-    t = getattr(ml_dtypes, name, None)
-    return None if t is None else np.dtype(t)
-
-
-_NUMERIC_KINDS = frozenset("biufc")
-
-
-def dtype_from_name(name: object) -> np.dtype:
-    """The numpy dtype for a stored dtype name; only numeric dtypes are accepted."""
-    if not isinstance(name, str) or len(name) > 32:
-        raise CorruptCheckpointError(f"Invalid dtype in checkpoint index: {name!r:.80}.")
-    return _dtype_from_str(name)
-
-
-@functools.lru_cache(maxsize=256)  # only valid names are cached: a failure raises
-def _dtype_from_str(name: str) -> np.dtype:
-    if name in _ML_DTYPE_NAMES and (ml := _ml_dtype(name)) is not None:
-        return ml
-    try:
-        dtype = np.dtype(name)
-    except TypeError:
-        raise CorruptCheckpointError(
-            f"Unknown dtype {name!r} in checkpoint index. Expected a numeric numpy or ml_dtypes dtype."
-        ) from None
-    if dtype.kind not in _NUMERIC_KINDS or dtype.name != name:
-        raise CorruptCheckpointError(
-            f"Non-numeric dtype {name!r} in checkpoint index. Expected a numeric numpy or ml_dtypes dtype."
-        )
-    return dtype
-
-
-@functools.lru_cache(maxsize=1024)
-def dtype_str(dtype: np.dtype) -> str:
-    """``dtype.name``, cached: numpy computes it in Python (~5 us), once per tensor per use adds up
-    for states of thousands of small tensors."""
-    return dtype.name
-
-
-def dtype_name(dtype: np.dtype) -> str:
-    """The stored name of a numeric dtype; raises TypeError for anything else."""
-    name = dtype_str(dtype)
-    if name in _ML_DTYPE_NAMES or (dtype.kind in _NUMERIC_KINDS and dtype.fields is None):
-        return name
-    raise TypeError(f"dtype {dtype!r} is not numeric")
 
 
 @dataclass
@@ -154,12 +82,6 @@ class LazyArray:
     def __post_init__(self) -> None:
         self.shape = tuple(int(d) for d in self.shape)
         self.dtype = np.dtype(self.dtype) if not isinstance(self.dtype, str) else _parse_dtype(self.dtype)
-
-
-def _parse_dtype(name: str) -> np.dtype:
-    if name in _ML_DTYPE_NAMES and (ml := _ml_dtype(name)) is not None:
-        return ml
-    return np.dtype(name)
 
 
 @dataclass
@@ -209,19 +131,29 @@ def encode_tree(state: Any, *, allow_pickle: bool = False) -> EncodedState:
 
     Raises TypeError naming the key path of the first leaf that cannot be stored.
     """
-    out = EncodedState(tree=None)
-    used: set[str] = set()
+    encoder = _Encoder(allow_pickle)
+    encoder.out.tree = encoder.enc(state, (), 0)
+    return encoder.out
 
-    def tensor_name(path: tuple) -> str:
+
+class _Encoder:
+    """One encode_tree pass: the tensors found so far and the names they took."""
+
+    def __init__(self, allow_pickle: bool) -> None:
+        self.allow_pickle = allow_pickle
+        self.out = EncodedState(tree=None)
+        self.used: set[str] = set()
+
+    def tensor_name(self, path: tuple) -> str:
         base = "/".join(str(k) for k in path) or "tensor"
         name, n = base, 1
-        while name in used:
+        while name in self.used:
             name = f"{base}#{n}"
             n += 1
-        used.add(name)
+        self.used.add(name)
         return name
 
-    def enc(obj: Any, path: tuple, depth: int) -> Any:
+    def enc(self, obj: Any, path: tuple, depth: int) -> Any:
         if depth > MAX_TREE_DEPTH:
             raise ValueError(
                 f"State tree is nested deeper than {MAX_TREE_DEPTH} levels at {_path_str(path)}."
@@ -234,28 +166,20 @@ def encode_tree(state: Any, *, allow_pickle: bool = False) -> EncodedState:
         if t is float:
             return {"f": obj if math.isfinite(obj) else repr(obj)}
         if t is dict or t is collections.OrderedDict:
-            items = []
-            for k, v in obj.items():
-                if type(k) not in (str, int):
-                    raise TypeError(
-                        f"Cannot save dict key {k!r} of type {type(k).__name__} at {_path_str(path)}: "
-                        "keys must be str or int."
-                    )
-                items.append([k, enc(v, (*path, k), depth + 1)])
-            return {"od" if t is collections.OrderedDict else "d": items}
+            return self.enc_dict(obj, path, depth)
         if t is list or t is tuple:
-            items = [enc(v, (*path, i), depth + 1) for i, v in enumerate(obj)]
+            items = [self.enc(v, (*path, i), depth + 1) for i, v in enumerate(obj)]
             return {"l" if t is list else "t": items}
         if t is bytes:
             return {"b": base64.b64encode(obj).decode("ascii")}
         if t is np.ndarray or t is LazyArray:
-            return {"x": add_tensor(obj, path, None)}
+            return {"x": self.add_tensor(obj, path, None)}
         kind = _kinds.kind_of(obj)
         if kind is not None:
-            return {"x": add_tensor(obj, path, kind)}
+            return {"x": self.add_tensor(obj, path, kind)}
         if isinstance(obj, np.generic) and _numeric(obj.dtype):
             return {"s": [dtype_name(obj.dtype), base64.b64encode(obj.tobytes()).decode("ascii")]}
-        if allow_pickle:
+        if self.allow_pickle:
             import pickle
 
             return {"p": base64.b64encode(pickle.dumps(obj)).decode("ascii")}
@@ -265,7 +189,18 @@ def encode_tree(state: Any, *, allow_pickle: bool = False) -> EncodedState:
             "pickle. Convert it to one of those, or pass allow_pickle=True to both save and load."
         )
 
-    def add_tensor(obj: Any, path: tuple, tensor_kind: Any) -> str:
+    def enc_dict(self, obj: dict, path: tuple, depth: int) -> dict:
+        items = []
+        for k, v in obj.items():
+            if type(k) not in (str, int):
+                raise TypeError(
+                    f"Cannot save dict key {k!r} of type {type(k).__name__} at {_path_str(path)}: "
+                    "keys must be str or int."
+                )
+            items.append([k, self.enc(v, (*path, k), depth + 1)])
+        return {"od" if type(obj) is collections.OrderedDict else "d": items}
+
+    def add_tensor(self, obj: Any, path: tuple, tensor_kind: Any) -> str:
         if tensor_kind is None:  # a numpy array or LazyArray
             dtype, shape, kind = obj.dtype, obj.shape, _kinds.NUMPY
         else:
@@ -280,14 +215,11 @@ def encode_tree(state: Any, *, allow_pickle: bool = False) -> EncodedState:
         big = kind == "numpy" and (
             dtype.byteorder == ">" or (dtype.byteorder == "=" and sys.byteorder == "big")
         )
-        entry = TensorEntry(tensor_name(path), dtype.newbyteorder("<"), tuple(shape), obj, kind)
+        entry = TensorEntry(self.tensor_name(path), dtype.newbyteorder("<"), tuple(shape), obj, kind)
         if big and dtype.itemsize > 1:
             entry.byteorder = ">"
-        out.tensors.append(entry)
+        self.out.tensors.append(entry)
         return entry.name
-
-    out.tree = enc(state, (), 0)
-    return out
 
 
 def _numeric(dtype: np.dtype) -> bool:

@@ -7,6 +7,7 @@ The pieces it drives live next to it: :mod:`._checkpoint_io` writes one checkpoi
 :mod:`._async` holds the background-save helpers, :mod:`._lock` the one-writer lock.
 """
 
+# ruff: noqa: I001 - the re-export block below keeps one line per source module
 from __future__ import annotations
 
 import logging
@@ -16,7 +17,6 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -25,39 +25,34 @@ from . import _async, _leftovers, _lock, _validation
 from . import _checkpoint_io as _cio
 from . import _format as fmt
 from ._checkpoint_read import files_of, load, written_by_us
-from ._names import INDEX_SUFFIX, checkpoint_name, split_url, step_of
+from ._names import INDEX_SUFFIX, checkpoint_name, split_url
 from ._retention import BestN, EveryNHours, LatestN, Retention
-from ._state import Record, checked_name, dump_state, read_state, read_state_bytes, write_state
+from ._state import (
+    Record,
+    checked_name,
+    dump_state,
+    read_state,
+    read_state_bytes,
+    restart_records,
+    write_state,
+)
 from ._storage import Storage
-from .errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
 logger = logging.getLogger("ckpt_callbacks")
 
 # Re-exported: the CLI and the framework adapters import these from here (the CLI's private names
 # until it imports the public functions of _checkpoint_read / _resolve / _names instead).
-from ._checkpoint_read import load as _load  # noqa: E402, F401
-from ._checkpoint_read import read_data_file as _read_data_file  # noqa: E402, F401
+from ._checkpoint_read import load as _load, read_data_file as _read_data_file  # noqa: E402, F401
 from ._checkpoint_read import read_index as _read_index  # noqa: E402, F401
-from ._names import META_SUFFIX  # noqa: E402, F401
-from ._names import join_url as _join  # noqa: E402, F401
-from ._names import split_url as _split  # noqa: E402, F401
-from ._resolve import POINTER_FORMAT as MARKER_FORMAT  # noqa: E402, F401
-from ._resolve import POINTER_VERSION as MARKER_VERSION  # noqa: E402, F401
-from ._resolve import (  # noqa: E402
-    get_checkpoint_state,  # noqa: E402, F401
-    latest_checkpoint,  # noqa: E402, F401
-    list_variables,  # noqa: E402, F401
-    load_checkpoint,  # noqa: E402, F401
-    read_index,  # noqa: E402, F401
-    read_meta,  # noqa: E402, F401
-    resolve_checkpoint,  # noqa: E402, F401
-    resolve_one,  # noqa: E402, F401
-    save_checkpoint,  # noqa: E402, F401
-)
-from ._resolve import pointer_target as marker_target  # noqa: E402, F401
+from ._names import META_SUFFIX, join_url as _join, split_url as _split  # noqa: E402, F401
+from ._resolve import POINTER_FORMAT as MARKER_FORMAT, POINTER_VERSION as MARKER_VERSION  # noqa: E402, F401
+from ._resolve import get_checkpoint_state, latest_checkpoint, list_variables  # noqa: E402, F401
+from ._resolve import load_checkpoint, read_index, read_meta, save_checkpoint  # noqa: E402, F401
+from ._resolve import pointer_target as marker_target, resolve_checkpoint, resolve_one  # noqa: E402, F401
 
 
-class CheckpointManager:
+class CheckpointManager(_async.BackgroundSaves):
     """Saves numbered checkpoints into a directory, rotates them, and restores the newest valid one.
 
     Args:
@@ -176,17 +171,7 @@ class CheckpointManager:
             )
             last_preserved = now
         self._last_preserved = last_preserved
-        if records is None:  # a state file TensorFlow (or an older writer) wrote: TF's restart rule
-            stamps = state.all_model_checkpoint_timestamps or [last_preserved] * len(
-                state.all_model_checkpoint_paths
-            )
-            records = [
-                Record(n, step_of(n), min(ts, now), "active" if min(ts, now) > last_preserved else "hourly")
-                for n, ts in zip(state.all_model_checkpoint_paths, stamps)
-            ]
-        else:
-            records = [replace(r, timestamp=min(r.timestamp, now)) for r in records]
-        self._records = records
+        self._records = restart_records(state, records, now, last_preserved)
 
     def _remove_leftovers(self) -> list[str]:
         """Delete files of interrupted saves (see :mod:`._leftovers`); returns their names."""
@@ -255,20 +240,7 @@ class CheckpointManager:
             self._wait_previous(name)
             encoded = fmt.encode_tree(state, allow_pickle=self._allow_pickle)
             arrays = _async.snapshot(self._buffers, encoded)
-            args = (name, step, timestamp, metric, encoded, meta_doc, arrays)
-            with self._lock:
-                if self._closed:
-                    raise CheckpointError("This CheckpointManager is closed; create a new one to save.")
-                try:
-                    if self._executor is None:
-                        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckpt-save")
-                        _async.ASYNC_MANAGERS.add(self)
-                    self._pending = self._executor.submit(self._save_background, *args)
-                except RuntimeError:
-                    # The interpreter is shutting down (e.g. save() from an atexit handler) and
-                    # refuses new threads: write it here rather than lose the save.
-                    self._pending = None
-                    self._save_now(*args)
+            self._submit((name, step, timestamp, metric, encoded, meta_doc, arrays))
         else:
             self._raise_pending_error()
             encoded = fmt.encode_tree(state, allow_pickle=self._allow_pickle)
@@ -295,26 +267,6 @@ class CheckpointManager:
             raise TypeError(
                 f"metrics[{self._monitor!r}] must be a number. Received: {metrics[self._monitor]!r}."
             ) from None
-
-    def _wait_previous(self, name: str) -> None:
-        """A save requested while one is in flight waits for it: never coalesced, every step is written.
-
-        Each such wait is counted and logged, so a save interval shorter than the write time shows up.
-        """
-        pending = self._pending
-        if pending is not None and not pending.done():
-            t0 = time.perf_counter()
-            self._wait(raise_error=True)
-            self._waited_saves += 1
-            logger.info(
-                "Async save of %s waited %.3f s for the previous save to finish (%d such wait(s) so far); "
-                "save less often or to faster storage to avoid blocking training.",
-                self._storage.url_of(name),
-                time.perf_counter() - t0,
-                self._waited_saves,
-            )
-        else:
-            self._wait(raise_error=True)
 
     def _save_now(self, name, step, timestamp, metric, encoded, meta_doc, arrays) -> None:
         """Write, commit (under the commit lock, rolled back on failure), rotate, log."""
@@ -457,40 +409,6 @@ class CheckpointManager:
             return self._stored_state() == data
         except Exception:  # noqa: BLE001 - unreadable now: unknown
             return None
-
-    # ------------------------------------------------------------------ async plumbing
-
-    def _save_background(self, *args: Any) -> None:
-        """The worker's job: write, commit, rotate. A failure is kept for the next save / wait / close
-        and logged at once, so it is seen even if the program never calls the manager again."""
-        _async.lower_thread_priority()
-        try:
-            self._save_now(*args)
-        except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
-            logger.error(
-                "Background save of %s failed: %s: %s", self._storage.url_of(args[0]), type(e).__name__, e
-            )
-            with self._lock:
-                self._error = self._error or e
-
-    def _wait(self, raise_error: bool) -> None:
-        # Never wait while holding self._lock: the worker takes it to commit.
-        pending = self._pending
-        if pending is not None:
-            pending.result()  # _save_background never raises
-            with self._lock:
-                if self._pending is pending:
-                    self._pending = None
-        if raise_error:
-            self._raise_pending_error()
-
-    def _raise_pending_error(self) -> None:
-        with self._lock:
-            err, self._error = self._error, None
-        if err is not None:
-            if isinstance(err, CheckpointError):
-                raise err
-            raise CheckpointWriteError(f"A background save failed: {type(err).__name__}: {err}") from err
 
     def wait_until_finished(self) -> None:
         """Block until every pending save is durable; re-raise a background failure."""

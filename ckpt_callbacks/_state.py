@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ._checkpoint_read import read_bounded
 from ._format import check_name
-from ._names import STATE_FILE_NAME
+from ._names import STATE_FILE_NAME, step_of
 from ._storage import Storage
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
@@ -146,6 +146,21 @@ def _parse_records(extra: str, state: CheckpointState) -> list[Record] | None:
     ):
         return None
     return records
+
+
+def restart_records(
+    state: CheckpointState, records: list[Record] | None, now: float, last_preserved: float
+) -> list[Record]:
+    """The records a manager starts from. Timestamps in the future are clamped to ``now``. A state
+    file TensorFlow (or an older writer) wrote has no records: TF's restart rule then makes
+    checkpoints newer than ``last_preserved`` "active" and older ones preserved ("hourly")."""
+    if records is not None:
+        return [replace(r, timestamp=min(r.timestamp, now)) for r in records]
+    stamps = state.all_model_checkpoint_timestamps or [last_preserved] * len(state.all_model_checkpoint_paths)
+    return [
+        Record(n, step_of(n), min(ts, now), "active" if min(ts, now) > last_preserved else "hourly")
+        for n, ts in zip(state.all_model_checkpoint_paths, stamps)
+    ]
 
 
 def dump_state(latest: str, records: list[Record], last_preserved: float) -> bytes:

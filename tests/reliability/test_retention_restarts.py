@@ -40,9 +40,6 @@ FOREIGN = {
 }
 
 
-TOTALS = collections.Counter()
-
-
 class SimulatedCrash(BaseException):
     """Raised at a crash point; BaseException so no library handler treats it as a save failure."""
 
@@ -229,9 +226,6 @@ class RetentionMachine(RuleBasedStateMachine):
             assert {int(f.split(".")[0][5:]) for f in own} == self.model.survivors
 
     def teardown(self):
-        TOTALS.update(
-            saves=self.saves, restarts=self.restarts, crashes=self.crashes, runs=1, foreign=len(self.foreign)
-        )
         _checkpoint_io._crash_point = self._real_point
         if self.mgr is not None:
             self.mgr.close()
@@ -245,10 +239,6 @@ RetentionMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestRetentionUnderRestarts = pytest.mark.timeout(600)(RetentionMachine.TestCase)
-
-
-def test_report_stateful_totals():
-    print(f"retention state machine: {dict(TOTALS)}")
 
 
 # ---------------------------------------------------------------- parity with real TensorFlow
