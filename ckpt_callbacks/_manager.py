@@ -1345,7 +1345,6 @@ class CheckpointManager:
                     f"Checkpoint {self._storage.url_of(name)!r} is unusable ({e}); falling back to an older one.",
                     stacklevel=2,
                 )
-                logger.warning("Skipping corrupt checkpoint %s: %s", self._storage.url_of(name), e)
                 continue
             self.resumed_from = name
             return self._storage.url_of(name), state
