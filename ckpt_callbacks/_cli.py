@@ -92,6 +92,8 @@ def _markers(storage: Storage, names: list[str]) -> list[tuple[str, str]]:
     """
     indexes = {n[: -len(INDEX_SUFFIX)] for n in names if n.endswith(INDEX_SUFFIX)}
     candidates = sorted(n for n in set(names) - indexes if any(i.startswith(n + ".") for i in indexes))
+    if storage.is_local:  # ModelCheckpoint(save_last="link"): last.ckpt is a symlink to another marker
+        candidates += sorted(n for n in names if os.path.islink(storage.path(n)))
     out = []
     for n in candidates:
         target = _core_marker_target(storage, n)
