@@ -499,8 +499,24 @@ def save_checkpoint(
 ) -> None:
     """Write one checkpoint (``<path>.data-*``, ``<path>.meta``, ``<path>.index``) without a manager.
 
+    No state file is written and no retention applied: the checkpoint is read back by its path. The
+    ``.index`` is written last, so a reader never sees a half-written checkpoint.
+
+    Args:
+        path: the checkpoint path without suffix, local or any fsspec URL (``"runs/a/ckpt-10"``,
+            ``"s3://bucket/run/ckpt-10"``); its directory is created if needed.
+        state: a tree of dicts, lists, tuples, numpy arrays, torch tensors, numbers, strings, bytes and
+            ``None``.
+        meta: JSON-like values stored in the ``.meta`` file under ``"user"``.
+        storage_options: passed to fsspec (credentials, endpoint, ...).
+        allow_pickle: store leaves of other types with pickle (off by default).
+
     The step recorded in the index and meta is the trailing number of the name (``ckpt-1000``), or
-    ``_step``; ``_info`` is the adapters' framework description (see ``CheckpointManager.save``).
+    ``_step``; ``_step`` and ``_info`` (a framework description) are for the framework adapters.
+
+    Raises:
+        TypeError: a leaf of a type the format does not store (naming its key path).
+        CheckpointWriteError: the storage refused a write.
 
     Example:
         >>> save_checkpoint("runs/a/ckpt-10", {"w": np.zeros(3)})
@@ -525,9 +541,28 @@ def load_checkpoint(
 ) -> dict:
     """Load one checkpoint's state tree; with ``verify`` every checksum is checked.
 
-    ``path`` is a checkpoint (``.../ckpt-100``, its ``.index``, or a marker file written by
-    ``FsspecCheckpointIO``) or, like ``tf.train.load_checkpoint``, a directory (its newest valid one).
-    Raises CheckpointNotFoundError, CorruptCheckpointError or IncompatibleCheckpointError.
+    Args:
+        path: a checkpoint (``.../ckpt-100``, its ``.index``, or a marker file written by
+            ``FsspecCheckpointIO``) or, like ``tf.train.load_checkpoint``, a directory with a
+            ``checkpoint`` state file (its newest valid checkpoint; corrupt newer ones are skipped with
+            a warning). Local path or any fsspec URL.
+        storage_options: passed to fsspec (credentials, endpoint, ...).
+        verify: check every tensor's checksum (and those of the index and meta) while reading.
+        allow_pickle: unpickle leaves saved with ``allow_pickle=True``; refused by default, since
+            unpickling can execute code.
+
+    Returns:
+        The state tree as saved: dicts, lists, tuples, numpy arrays (torch tensors for tensors saved
+        from torch), numbers, strings.
+
+    Raises:
+        CheckpointNotFoundError: nothing at ``path`` (also a ``FileNotFoundError``).
+        CorruptCheckpointError: a checksum, size or structure does not match.
+        IncompatibleCheckpointError: written by a newer, incompatible format version.
+
+    Example:
+        >>> state = load_checkpoint("runs/mnist")         # the newest valid checkpoint of a directory
+        >>> state = load_checkpoint("s3://bucket/run/ckpt-1000", storage_options={"anon": False})
     """
     directory, name = _split(resolve_checkpoint(path, storage_options))
     storage = Storage(directory, storage_options)
@@ -537,7 +572,16 @@ def load_checkpoint(
 def list_variables(
     path: str | os.PathLike, storage_options: dict | None = None
 ) -> list[tuple[str, str, tuple]]:
-    """``(name, dtype, shape)`` of every tensor in a checkpoint (or a directory's latest), by name."""
+    """``(name, dtype, shape)`` of every tensor in a checkpoint (or a directory's latest), by name.
+
+    Reads only the index (no tensor data), like ``tf.train.list_variables``. Names are key paths in the
+    state tree joined with ``/``; ``path`` is anything :func:`load_checkpoint` accepts.
+
+    Example:
+        >>> save_checkpoint("runs/a/ckpt-10", {"model": {"w": np.zeros((4, 4), np.float32)}, "epoch": 3})
+        >>> list_variables("runs/a/ckpt-10")
+        [('model/w', 'float32', (4, 4))]
+    """
     path = resolve_checkpoint(path, storage_options, verify=False)
     directory, name = _split(path)
     index = _read_index(Storage(directory, storage_options), name)
@@ -563,7 +607,17 @@ def read_index(path: str | os.PathLike, storage_options: dict | None = None, ver
 def get_checkpoint_state(
     directory: str | os.PathLike, storage_options: dict | None = None
 ) -> CheckpointState | None:
-    """The directory's ``checkpoint`` state file with paths joined to the directory, or None."""
+    """The directory's ``checkpoint`` state file, like ``tf.train.get_checkpoint_state``; None without one.
+
+    Returns:
+        A :class:`CheckpointState`: ``model_checkpoint_path`` (the newest checkpoint) and
+        ``all_model_checkpoint_paths`` (every kept one, oldest first) joined to the directory, their
+        save times in ``all_model_checkpoint_timestamps`` (POSIX seconds) and
+        ``last_preserved_timestamp``. None when the directory has no state file.
+
+    Raises:
+        CorruptCheckpointError: the file cannot be parsed, or names a path outside the directory.
+    """
     storage = Storage(directory, storage_options)
     try:
         data = _read_bounded(storage, STATE_FILE_NAME, MAX_STATE_FILE_BYTES)
@@ -581,7 +635,11 @@ def get_checkpoint_state(
 
 
 def latest_checkpoint(directory: str | os.PathLike, storage_options: dict | None = None) -> str | None:
-    """Path of the checkpoint the state file names as newest, or None (like ``tf.train.latest_checkpoint``)."""
+    """Path of the checkpoint the state file names as newest, or None (like ``tf.train.latest_checkpoint``).
+
+    None also when that checkpoint's ``.index`` is missing. Checksums are not checked: to read the
+    newest *valid* checkpoint, pass the directory to :func:`load_checkpoint`.
+    """
     storage = Storage(directory, storage_options)
     try:
         data = _read_bounded(storage, STATE_FILE_NAME, MAX_STATE_FILE_BYTES)
@@ -724,7 +782,7 @@ def _jsonable(x: Any) -> Any:
 def _meta_doc(
     step: int, timestamp: float, metrics: dict | None, meta: dict | None, info: dict | None
 ) -> dict:
-    """The ``.meta`` JSON (SPEC §3.1). Every key is always there: a save through the core API has
+    """The ``.meta`` JSON (README, "On storage"). Every key is always there: a save through the core API has
     ``framework`` and ``model`` null (no adapter describes a model), and takes ``epoch`` from the
     user's ``meta`` when it has an integer one."""
     doc: dict[str, Any] = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION}
@@ -940,7 +998,7 @@ class CheckpointManager:
         """Without any state file, several complete checkpoints are kept: the ``checkpoint`` file was
         lost or not copied, and deleting every checkpoint of the directory for that would be the worst
         possible answer. One complete checkpoint is what a first save interrupted before its state file
-        leaves (SPEC §3.3: a leftover, removed); temp files and incomplete checkpoints always are."""
+        leaves (a leftover, removed); temp files and incomplete checkpoints always are."""
         complete = set()
         for fname in doomed:
             m = own.match(fname)
@@ -1026,7 +1084,23 @@ class CheckpointManager:
     ) -> str:
         """Save ``state`` as ``f"{prefix}-{step}"`` and apply retention. Returns the checkpoint path.
 
-        Sync: returns once the checkpoint is committed. Async: returns after the snapshot.
+        Sync: returns once the checkpoint is committed (data, meta, index, then the ``checkpoint``
+        state file) and retention has deleted what it drops. Async: returns after an in-memory snapshot
+        of the tensors; ``state`` may then be changed freely.
+
+        Args:
+            state: a tree of dicts, lists, tuples, numpy arrays, torch tensors, numbers, strings, bytes
+                and ``None`` (see :func:`save_checkpoint`).
+            step: an int >= 0; saving a step again replaces that checkpoint.
+            metrics: JSON-like numbers stored in the ``.meta``; ``metrics[monitor]`` ranks for
+                ``keep_best``.
+            meta: JSON-like values stored in the ``.meta`` under ``"user"``.
+
+        Raises:
+            ValueError: ``step`` is not an int >= 0.
+            TypeError: a leaf the format does not store (naming its key path).
+            CheckpointWriteError: the storage refused a write, or an earlier async save failed.
+            CheckpointError: the manager is closed.
         """
         if self._closed:
             raise CheckpointError("This CheckpointManager is closed; create a new one to save.")
@@ -1198,7 +1272,7 @@ class CheckpointManager:
         for r in decision.deleted:
             if r.shards is None and not self._written_by_us(r.name + INDEX_SUFFIX):
                 # Listed by a state file another writer (TensorFlow) wrote, in another format: only
-                # files of this format are ever deleted (SPEC §3.3). It just stops being listed.
+                # files of this format are ever deleted. It just stops being listed.
                 logger.info("Not deleting %s: not a ckpt_callbacks checkpoint", storage.url_of(r.name))
                 continue
             _crash_point("before_delete")
@@ -1214,7 +1288,7 @@ class CheckpointManager:
         )
 
     def _commit_state(self, data: bytes) -> None:
-        """Write the state file: the commit point of a save (SPEC §3.3)."""
+        """Write the state file: the commit point of a save."""
         self._storage.write_bytes(STATE_FILE_NAME, data)
         self._storage.sync_dir()
 
@@ -1290,7 +1364,11 @@ class CheckpointManager:
         self._wait(raise_error=True)
 
     def close(self) -> None:
-        """Wait for pending saves, then release the background thread."""
+        """Wait for pending saves, then release the background thread and the writer lock.
+
+        Called by ``with CheckpointManager(...) as mgr:`` on exit; re-raises a background failure.
+        Idempotent.
+        """
         if self._closed:
             return
         try:
@@ -1329,7 +1407,11 @@ class CheckpointManager:
         return self.restore_with_path()[1]
 
     def restore_with_path(self) -> tuple[str | None, Any]:
-        """``(path, state)`` of the newest valid checkpoint, or ``(None, None)``."""
+        """``(path, state)`` of the newest valid checkpoint, or ``(None, None)``.
+
+        Like :meth:`restore` without a path, and also says which checkpoint was read (corrupt newer
+        ones are skipped with a warning). ``resumed_from`` then names it too.
+        """
         self._wait(raise_error=False)
         with self._lock:
             names = [r.name for r in self._records]
@@ -1361,8 +1443,8 @@ def _lower_thread_priority() -> None:
     """Run the calling (worker) thread at a lower CPU priority than the training threads.
 
     Writing a checkpoint is memcpy into the page cache plus hashing, about one core's worth; on a
-    machine whose cores the training step keeps busy it would otherwise slow every step (SPEC §8
-    P5). The kernel's own write-back is unaffected, so the disk stays as busy as before. Linux
+    machine whose cores the training step keeps busy it would otherwise slow every step
+    (docs/performance.md, P5). The kernel's own write-back is unaffected, so the disk stays as busy as before. Linux
     applies setpriority(PRIO_PROCESS, tid) to that one thread; elsewhere this does nothing.
     """
     if not sys.platform.startswith("linux"):
