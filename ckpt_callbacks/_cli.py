@@ -42,7 +42,7 @@ _BACKEND_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 _KEPT_BECAUSE = {"active": "recent", "hourly": "hourly", "best": "best"}
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """A problem with what was asked (not with a checkpoint): one line on stderr, exit status 2."""
 
 
