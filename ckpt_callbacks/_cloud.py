@@ -14,7 +14,7 @@ and each part's CRC32 is computed on the writer's thread, so the one event-loop 
 every part does little else than sign and send.
 Peak extra memory is about ``(MAX_INFLIGHT_PARTS + concurrent writers) * PART_BYTES`` plus the
 manager's 4 MiB coalescing buffer per writer — measured 68-85 MiB for a 512 MiB save (one writer)
-and ~120 MiB for a 2 GiB one (4 shards), within SPEC §8 P6 (0.1·S + 64 MiB).
+and ~120 MiB for a 2 GiB one (4 shards), within the P6 target of docs/performance.md (0.1·S + 64 MiB).
 
 Visibility: parts are invisible until ``CompleteMultipartUpload``; a failed or aborted save calls
 ``AbortMultipartUpload`` (after cancelling and draining its in-flight parts, so no late part
@@ -58,7 +58,7 @@ PART_BYTES = 8 << 20
 MAX_PARTS = 10_000
 PART_GROWTH_EVERY = 1_000
 # Parts being uploaded at once, process-wide (boto3's transfer manager uses 10 threads). Bounded by
-# SPEC §8 P6 at the smallest sharded size (256 MiB: 0.1·S + 64 MiB = 89.6 MiB of extra memory).
+# The P6 memory target at the smallest sharded size (256 MiB: 0.1·S + 64 MiB = 89.6 MiB of extra memory).
 MAX_INFLIGHT_PARTS = 6
 # Bounded retries for transient errors: attempts in total, and the backoff between them.
 RETRY_ATTEMPTS = 5
@@ -589,7 +589,7 @@ class S3MultipartWriter:
         # A retried create (here or inside s3fs/botocore, invisible to us) may have left an upload whose
         # response was lost, and a killed earlier save of this file leaves one too. Both are invisible
         # but stored: abort every other pending upload of this exact key, which only this directory's
-        # writer (SPEC: one writer per directory) ever creates. One LIST per multipart file.
+        # writer (one writer per directory) ever creates. One LIST per multipart file.
         self._abort_others()
 
     def _abort_others(self) -> None:

@@ -193,7 +193,7 @@ def _fmt(x: float) -> str:
 def checked_name(path: str) -> str:
     """A state-file path as a plain name inside the directory, or CorruptCheckpointError.
 
-    Absolute paths, ``..``, separators and other schemes are refused (SPEC §7).
+    Absolute paths, ``..``, separators and other schemes are refused (a hostile state file).
     """
     if not isinstance(path, str) or "/" in path or "\\" in path or ":" in path:
         raise CorruptCheckpointError(

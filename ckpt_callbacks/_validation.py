@@ -1,8 +1,8 @@
-"""Constructor argument checks shared by CheckpointManager and both callbacks (SPEC §6).
+"""Constructor argument checks shared by CheckpointManager and both callbacks.
 
 Every message says what is wrong, what was expected, the value received and how to fix it. A value
 of the wrong type raises :class:`ArgumentTypeError`, which is both a ``TypeError`` and a
-``ValueError``: callers catching either (SPEC: "Bad arguments raise ValueError / TypeError") see it.
+``ValueError``: callers catching either (bad arguments raise ValueError / TypeError) see it.
 """
 
 from __future__ import annotations
