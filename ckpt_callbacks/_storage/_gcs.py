@@ -5,7 +5,7 @@ When the server had in fact stored it (only the reply was lost), the session ref
 offsets no longer match) and the save fails; when that chunk was the last one, the object is
 complete and visible while the save reports a failure — for the state file, the manager then
 removes the checkpoint the new state file names. Its ``discard()`` retries six times with up to
-32 s of backoff. The lost-reply cases are what ``integration/test_gcs_faults.py`` injects (a proxy
+32 s of backoff. The lost-reply cases are what ``integration/test_store_faults.py`` injects (a proxy
 that forwards a request and drops the reply). This writer speaks the resumable-upload protocol itself, on gcsfs's HTTP session and credentials
 (``_compat.gcs_*``):
 
