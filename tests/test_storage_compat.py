@@ -60,7 +60,7 @@ def test_extras_carry_the_supported_range(lib: str, extra: str) -> None:
 
 
 def test_an_s3fs_without_our_internals_fails_loudly(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delattr(type(s3), "_get_s3_method_kwargs")  # as a release that renamed it would
+    monkeypatch.delattr(s3fs.S3FileSystem, "_get_s3_method_kwargs")  # as a release that renamed it would
     with pytest.raises(_compat.UnsupportedStorageLibraryError) as info:
         _compat.require_s3fs(s3)
     msg = str(info.value)
@@ -69,7 +69,7 @@ def test_an_s3fs_without_our_internals_fails_loudly(s3: Any, monkeypatch: pytest
 
 
 def test_a_gcsfs_without_our_internals_fails_loudly(gcs: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delattr(type(gcs), "_set_session")
+    monkeypatch.delattr(gcsfs.core.GCSFileSystem, "_set_session")
     with pytest.raises(_compat.UnsupportedStorageLibraryError) as info:
         _compat.require_gcsfs(gcs)
     assert f"gcsfs {_compat.version_of('gcsfs')}" in str(info.value) and "_set_session" in str(info.value)
@@ -252,3 +252,48 @@ def test_gcsfs_consistency_checker_takes_our_bytes_and_the_object() -> None:
     with pytest.raises(Exception):  # noqa: B017 - gcsfs's own error type
         checker.validate_json_response({"size": "5"})
     get_consistency_checker(None).validate_json_response({"size": "1"})
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+PACKAGE = ROOT / "ckpt_callbacks" / "_storage"
+# Each module may import only those before it (the order of the package docstring): no circles.
+ORDER = ["_compat", "_retry", "_base", "_local", "_s3", "_gcs", "_store"]
+PRIVATE_USES = re.compile(
+    r"\._(call_s3|call|set_session|get_headers|get_s3_method_kwargs|is_zonal_bucket|location|strip_protocol)\b"
+    r"|PAYLOAD_REGISTRY|aiohttp_payload\.Payload"
+)
+
+
+def _sibling_imports(path: Path) -> set[str]:
+    import ast
+
+    out: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            return  # annotations only: not an import at run time
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            out.update({node.module} if node.module else {a.name for a in node.names})
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return out
+
+
+@pytest.mark.parametrize("module", ORDER)
+def test_storage_modules_import_only_those_before_them(module: str) -> None:
+    allowed = set(ORDER[: ORDER.index(module)])
+    assert _sibling_imports(PACKAGE / f"{module}.py") <= allowed
+
+
+def test_private_library_uses_are_only_in_compat() -> None:
+    offenders = [
+        f"{path.relative_to(ROOT)}:{i}"
+        for path in (ROOT / "ckpt_callbacks").rglob("*.py")
+        if path != PACKAGE / "_compat.py"
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if PRIVATE_USES.search(line)
+    ]
+    assert offenders == []
