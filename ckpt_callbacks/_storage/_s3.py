@@ -162,7 +162,7 @@ def abort_leftover_uploads(storage: Storage, is_ours: Callable[[str], bool]) -> 
     return aborted
 
 
-def _abort_upload(fs: Any, bucket: str, key: str, upload_id: str, what: str) -> bool:
+def _abort_upload(fs: Any, bucket: str, key: str, upload_id: str, what: str, note: str = "") -> bool:
     """AbortMultipartUpload (retried); False, logged, if it failed (NoSuchUpload: already gone)."""
     try:
         run_on_loop(
@@ -173,7 +173,9 @@ def _abort_upload(fs: Any, bucket: str, key: str, upload_id: str, what: str) -> 
         return True
     except Exception as e:  # noqa: BLE001 - invisible either way
         if "NoSuchUpload" not in str(e):
-            logger.warning("Could not abort %s %s of s3://%s/%s: %s", what, upload_id, bucket, key, e)
+            logger.warning(
+                "Could not abort %s %s of s3://%s/%s (%s)%s", what, upload_id, bucket, key, e, note
+            )
         return False
 
 
@@ -326,14 +328,16 @@ class S3MultipartWriter(AtomicWriter):
         if self.upload_id is None:
             return
         upload_id, self.upload_id = self.upload_id, None
-        if not _abort_upload(self.fs, self.bucket, self.key, upload_id, "multipart upload"):
-            logger.warning(
-                "The parts of upload %s of s3://%s/%s stay invisible but are stored until an "
-                "AbortIncompleteMultipartUpload lifecycle rule removes them.",
-                upload_id,
-                self.bucket,
-                self.key,
-            )
+        # Best effort: the upload was never completed, so nothing is visible either way.
+        _abort_upload(
+            self.fs,
+            self.bucket,
+            self.key,
+            upload_id,
+            "multipart upload",
+            "; its parts stay invisible but are stored until an AbortIncompleteMultipartUpload "
+            "lifecycle rule removes them.",
+        )
 
     # ---------------------------------------------------------------- internals
 
