@@ -46,6 +46,7 @@ sys.path.insert(0, ROOT)
 
 from ckpt_callbacks import (  # noqa: E402
     CheckpointManager,
+    _checkpoint_io,  # noqa: E402
     _manager,  # noqa: E402
     load_checkpoint,
     save_checkpoint,
@@ -665,12 +666,12 @@ def bench_p9(scratch, saves):
         _manager.Retention.apply,
         mgr._commit_state,
         mgr._follow_other_writer,
-        _manager._remove_quietly,
+        _checkpoint_io.remove_quietly,
     )
     _manager.Retention.apply = timed("sweep", real_apply)
     mgr._commit_state = timed("commit", real_commit)
     mgr._follow_other_writer = timed("check", real_check)
-    _manager._remove_quietly = timed("delete", real_remove)
+    _checkpoint_io.remove_quietly = timed("delete", real_remove)
     Storage.list_names = counting_list
     mgr._storage.fs.ls = counting_ls
     per_save, per_listings, parts = [], [], {"check": [], "sweep": [], "commit": [], "delete": []}
@@ -685,7 +686,7 @@ def bench_p9(scratch, saves):
                 parts[k].append(timings.get(k, 0.0))
     finally:
         Storage.list_names = real_list
-        _manager._remove_quietly = real_remove
+        _checkpoint_io.remove_quietly = real_remove
         _manager.Retention.apply = real_apply
         del mgr._storage.fs.ls
     assert len(mgr.checkpoints) == 100

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _kinds
+from ._dtypes import dtype_from_name
 from .errors import CorruptCheckpointError
 
 # More chunks than this for one tensor is no save this library writes (one per rank and piece).
@@ -152,24 +154,18 @@ def split(index: dict) -> dict[str, list[str]]:
 
 def assemble(index: dict, parts: dict[str, list[str]], arrays: dict[str, Any]) -> None:
     """Build each chunked tensor from its chunks' arrays (numpy, chunk-shaped) in ``arrays``, in place:
-    the chunk entries are replaced by the full tensor (a torch tensor for ``"kind": "torch"``)."""
+    the chunk entries are replaced by the full tensor (of its recorded ``kind``, see :mod:`._kinds`)."""
     for name, cnames in parts.items():
         entry = index["chunked"][name]
         first = arrays[cnames[0]] if cnames else None
         dtype = first.dtype if first is not None else None
         if dtype is None:
-            from ._format import dtype_from_name
-
             dtype = dtype_from_name(entry["dtype"]).newbyteorder("<")
         full = np.empty(entry["shape"], dtype=dtype)
         for cname, c in zip(cnames, entry["chunks"]):
             box = tuple(slice(o, o + s) for o, s in zip(c["offsets"], c["sizes"]))
             full[box] = arrays.pop(cname)
-        if entry.get("kind") == "torch":
-            from . import _torch
-
-            full = _torch.from_numpy(full)
-        arrays[name] = full
+        arrays[name] = _kinds.from_numpy(entry.get("kind", "numpy"), full)
 
 
 def nbytes(entry: dict) -> int:

@@ -6,7 +6,11 @@ Every class also subclasses the builtin a caller would already catch::
     ├── CheckpointNotFoundError(CheckpointError, FileNotFoundError)
     ├── CorruptCheckpointError(CheckpointError, ValueError)      # checksum / header / offsets / truncated
     ├── IncompatibleCheckpointError(CheckpointError, ValueError)  # names, shapes or dtypes don't fit; newer format
+    │   └── PickleRefusedError(IncompatibleCheckpointError, TypeError)  # a pickled leaf, no allow_pickle
     └── CheckpointWriteError(CheckpointError, OSError)            # disk full, permission, network
+
+``ArgumentTypeError(TypeError, ValueError)`` is raised for a constructor argument of the wrong type
+(a ``ValueError`` too, for callers that catch bad arguments by that); it is not a checkpoint error.
 
 A failed save never removes the previous checkpoint: after ``CheckpointWriteError`` the
 ``checkpoint`` state file still names the last good one.
@@ -41,3 +45,15 @@ class IncompatibleCheckpointError(CheckpointError, ValueError):
 
 class CheckpointWriteError(CheckpointError, OSError):
     """Writing a checkpoint failed (disk full, permission, network); the previous one is intact."""
+
+
+class PickleRefusedError(IncompatibleCheckpointError, TypeError):
+    """A valid checkpoint holding a pickled leaf, loaded without ``allow_pickle=True``.
+
+    Not corruption (its checksums match), so ``restore()`` does not skip it for an older one; a
+    ``TypeError`` too, like the refusal to save such a leaf without the opt-in.
+    """
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """A constructor argument of the wrong type."""

@@ -24,7 +24,7 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import json, os, signal, sys
     import numpy as np
-    import ckpt_callbacks._cloud as cloud
+    import ckpt_callbacks._storage._s3 as cloud
     from ckpt_callbacks import CheckpointManager
 
     url, so = sys.argv[1], json.loads(sys.argv[2])

@@ -45,20 +45,16 @@ from torch.futures import Future
 
 from .. import _format as fmt
 from .. import _torch
-from .._manager import (
-    INDEX_SUFFIX,
-    META_SUFFIX,
-    _meta_doc,
-    _read_index,
-    _remove_quietly,
-    _split,
-    _step_of,
-    _write_data_file,
-)
-from .._state import MAX_STATE_FILE_BYTES, STATE_FILE_NAME, Record, dump_state, parse_state
+from .._checkpoint_io import meta_doc as _meta_doc
+from .._checkpoint_io import remove_quietly as _remove_quietly
+from .._checkpoint_io import write_data_file as _write_data_file
+from .._checkpoint_read import read_index as _read_index
+from .._names import INDEX_SUFFIX, META_SUFFIX
+from .._names import split_url as _split
+from .._names import step_of as _step_of
+from .._state import Record, dump_state, parse_state, read_state_bytes, write_state
 from .._storage import Storage
 from ..errors import (
-    CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
@@ -421,10 +417,7 @@ def _add_to_state_file(storage: Storage, name: str, step: int, shards: int) -> N
     """The commit of a save without a manager: the state file lists the new checkpoint as newest
     (earlier ones stay listed; nothing is deleted without a manager's retention)."""
     now = time.time()
-    try:
-        data = _read_state(storage)
-    except CheckpointNotFoundError:
-        data = None
+    data = read_state_bytes(storage)
     records: list[Record] = []
     last_preserved = now - 1.0
     if data is not None:
@@ -437,14 +430,7 @@ def _add_to_state_file(storage: Storage, name: str, step: int, shards: int) -> N
             parsed = [Record(n, _step_of(n), ts) for n, ts in zip(state.all_model_checkpoint_paths, stamps)]
         records = [r for r in parsed if r.name != name]
     records.append(Record(name, step, now, "active", None, shards))
-    storage.write_bytes(STATE_FILE_NAME, dump_state(name, records, last_preserved))
-    storage.sync_dir()
-
-
-def _read_state(storage: Storage) -> bytes:
-    from .._manager import _read_bounded
-
-    return _read_bounded(storage, STATE_FILE_NAME, MAX_STATE_FILE_BYTES)
+    write_state(storage, dump_state(name, records, last_preserved))
 
 
 # ===================================================================== reading
@@ -602,11 +588,17 @@ class StorageReader(dcp.StorageReader):
         return fut
 
     def _read_chunk(self, fh: Any, fname: str, fqn: str, loc: dict) -> torch.Tensor:
-        from .._manager import _matches, _read_into
-
         buf = np.empty(loc["length"], dtype=np.uint8)
-        _read_into(fh, loc["offset"], memoryview(buf), fname)
-        if not _matches(buf, loc["checksum"]):
+        fh.seek(loc["offset"])
+        view, got = memoryview(buf), 0
+        while got < len(view):
+            n = fh.readinto(view[got:])
+            if not n:
+                raise CorruptCheckpointError(
+                    f"Data file {self._storage.url_of(fname)!r} ends early (truncated)."
+                )
+            got += n
+        if fmt.checksum_bytes(view) != loc["checksum"]:
             raise CorruptCheckpointError(
                 f"Checksum mismatch for a chunk of tensor {fqn!r} in {self._storage.url_of(fname)!r}: the file is corrupt."
             )

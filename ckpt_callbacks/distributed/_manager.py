@@ -17,14 +17,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import _format as fmt
-from .._manager import (
-    INDEX_SUFFIX,
-    CheckpointManager,
-    _files_of,
-    _meta_doc,
-    _read_index,
-    _remove_quietly,
-)
+from .._checkpoint_io import meta_doc as _meta_doc
+from .._checkpoint_io import remove_quietly as _remove_quietly
+from .._checkpoint_read import files_of as _files_of
+from .._checkpoint_read import read_index as _read_index
+from .._manager import CheckpointManager
+from .._names import INDEX_SUFFIX
 from .._state import Record, dump_state
 from .._storage import Storage
 from ..errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError

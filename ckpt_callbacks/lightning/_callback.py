@@ -264,7 +264,7 @@ class CheckpointCallback(ModelCheckpoint):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.resume and trainer.ckpt_path is None and not trainer.fast_dev_run:
             self._auto_resume(trainer)
-        # Exact resume (SPEC §5). Lightning makes the train data iterator (drawing the shuffling
+        # Exact resume. Lightning makes the train data iterator (drawing the shuffling
         # seed from the global RNG) right after this hook; the sanity check runs in isolate_rng.
         # - Saved at an epoch boundary: restore the RNGs of the save now; the next epoch's iterator
         #   and dropout then draw exactly what the uninterrupted run drew.

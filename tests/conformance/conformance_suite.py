@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import ckpt_callbacks._checkpoint_io as checkpoint_io
 import ckpt_callbacks._manager as manager_module
 from ckpt_callbacks import (
     CheckpointError,
@@ -233,8 +234,8 @@ class ManagerConformance:
     ) -> None:
         # Force the object-store sharding threshold down so a 24 MiB state takes the parallel path:
         # several data shards written concurrently, each bigger than one 8 MiB S3 part.
-        monkeypatch.setattr(manager_module, "_SHARD_BYTES", 10 << 20)
-        monkeypatch.setattr(manager_module, "_SHARD_BYTES_PARALLEL_PARTS", 10 << 20)
+        monkeypatch.setattr(checkpoint_io, "_SHARD_BYTES", 10 << 20)
+        monkeypatch.setattr(checkpoint_io, "_SHARD_BYTES_PARALLEL_PARTS", 10 << 20)
         rng = np.random.default_rng(7)
         state = {
             f"t{i}": rng.standard_normal((1 << 20,)).astype(np.float32).reshape(1024, 1024) for i in range(6)
@@ -542,7 +543,7 @@ class ManagerConformance:
         with CheckpointManager(backend.url, storage_options=backend.so, async_save=True) as mgr:
             mgr.save(small(1), step=1)
             mgr.wait_until_finished()
-            monkeypatch.setattr(manager_module, "_crash_point", fail_in_background)
+            monkeypatch.setattr(checkpoint_io, "_crash_point", fail_in_background)
             mgr.save(small(2), step=2)
             assert mgr.restore()["step"] == 1  # the committed checkpoint, not the background error
             with pytest.raises(OSError, match="injected"):

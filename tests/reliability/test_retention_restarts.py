@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from ckpt_callbacks import CheckpointManager, _manager
+from ckpt_callbacks import CheckpointManager, _checkpoint_io
 from ckpt_callbacks._lock import LOCK_FILE_NAME
 from ckpt_callbacks._state import STATE_FILE_NAME, parse_state
 
@@ -38,9 +38,6 @@ FOREIGN = {
     "model-3.index": b"another prefix\n",
     "ckpt-5.data-00000-of-00001.orig": b"x\n",
 }
-
-
-TOTALS = collections.Counter()
 
 
 class SimulatedCrash(BaseException):
@@ -128,8 +125,8 @@ class RetentionMachine(RuleBasedStateMachine):
         self.next_step = 1
         self.foreign: dict[str, bytes] = {}
         self.saves = self.restarts = self.crashes = 0
-        self._real_point = _manager._crash_point
-        _manager._crash_point = self._point
+        self._real_point = _checkpoint_io._crash_point
+        _checkpoint_io._crash_point = self._point
 
     def _point(self, name: str) -> None:
         if name == self.crash_at:
@@ -229,10 +226,7 @@ class RetentionMachine(RuleBasedStateMachine):
             assert {int(f.split(".")[0][5:]) for f in own} == self.model.survivors
 
     def teardown(self):
-        TOTALS.update(
-            saves=self.saves, restarts=self.restarts, crashes=self.crashes, runs=1, foreign=len(self.foreign)
-        )
-        _manager._crash_point = self._real_point
+        _checkpoint_io._crash_point = self._real_point
         if self.mgr is not None:
             self.mgr.close()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -245,10 +239,6 @@ RetentionMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestRetentionUnderRestarts = pytest.mark.timeout(600)(RetentionMachine.TestCase)
-
-
-def test_report_stateful_totals():
-    print(f"retention state machine: {dict(TOTALS)}")
 
 
 # ---------------------------------------------------------------- parity with real TensorFlow
