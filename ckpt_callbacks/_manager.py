@@ -274,13 +274,22 @@ class CheckpointManager(_async.BackgroundSaves):
         self._storage.makedirs()
         replacing = self._replacing(name)
         shards = _cio.write_checkpoint(self._storage, name, encoded, step, meta_doc, arrays, replacing)
-        record = Record(name, step, timestamp, "active", metric, shards)
+        self._commit_written(Record(name, step, timestamp, "active", metric, shards), replacing)
+        self._log_saved(name, sum(t.nbytes for t in encoded.tensors), time.perf_counter() - t0)
+
+    def _commit_written(self, record: Record, replacing: _cio.Replaced | None = None) -> None:
+        """The commit half of a save whose files are all written: the state file through retention
+        (:meth:`_commit`: rolled back on failure, kept when the store may have committed after all),
+        then the files of a replaced copy and of the checkpoints retention dropped are deleted.
+
+        Every save commits here: this manager's own and a sharded save's coordinator
+        (``ckpt_callbacks.distributed``), whose ranks wrote ``record.shards`` data files.
+        """
         decision = self._commit(record, replacing)
         if replacing is not None:  # the replaced copy's data files (its .meta and .index were overwritten)
-            new = set(files_of(name, shards))
+            new = set(files_of(record.name, record.shards))
             _cio.remove_quietly(self._storage, [n for n in replacing.data_files if n not in new])
         self._delete_rotated(decision.deleted)
-        self._log_saved(name, sum(t.nbytes for t in encoded.tensors), time.perf_counter() - t0)
 
     def _replacing(self, name: str) -> _cio.Replaced | None:
         """What a re-save of the already listed ``name`` must be able to put back; None for a new step.

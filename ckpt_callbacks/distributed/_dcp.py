@@ -48,6 +48,7 @@ from .. import _torch
 from .._checkpoint_io import meta_doc as _meta_doc
 from .._checkpoint_io import remove_quietly as _remove_quietly
 from .._checkpoint_io import write_data_file as _write_data_file
+from .._checkpoint_read import files_of
 from .._checkpoint_read import read_index as _read_index
 from .._names import INDEX_SUFFIX, META_SUFFIX
 from .._names import split_url as _split
@@ -270,11 +271,13 @@ class StorageWriter(dcp.StorageWriter):
             written.append(name + INDEX_SUFFIX)
             storage.sync_dir()
             _crash_point("after_index", self._rank)
-            self._commit(storage, name, step, len(results))
         except BaseException:
             # Index first: without it the checkpoint does not exist for any reader.
             _remove_quietly(storage, sorted(written, key=lambda n: not n.endswith(INDEX_SUFFIX)))
             raise
+        # The commit cleans up after itself: it removes these files when it surely failed, and
+        # leaves them when the store may have committed the state file after all.
+        self._commit(storage, name, step, len(results))
 
 
 def json_dumps(doc: Any) -> str:
@@ -415,7 +418,33 @@ class _Leaf:
 
 def _add_to_state_file(storage: Storage, name: str, step: int, shards: int) -> None:
     """The commit of a save without a manager: the state file lists the new checkpoint as newest
-    (earlier ones stay listed; nothing is deleted without a manager's retention)."""
+    (earlier ones stay listed; nothing is deleted without a manager's retention).
+
+    On failure the checkpoint's files are removed, unless the state file's write failed in a way
+    that may have committed it (then they stay and the state file decides, like the manager's).
+    """
+    files = [name + INDEX_SUFFIX, *files_of(name, shards)]
+    try:
+        new = _listing_with(storage, name, step, shards)
+    except BaseException:
+        _remove_quietly(storage, files)
+        raise
+    try:
+        write_state(storage, new)
+    except BaseException:
+        try:
+            committed: bool | None = read_state_bytes(storage) == new
+        except Exception:  # noqa: BLE001 - unreadable now: unknown
+            committed = None
+        if committed:
+            return
+        if committed is False:
+            _remove_quietly(storage, files)
+        raise
+
+
+def _listing_with(storage: Storage, name: str, step: int, shards: int) -> bytes:
+    """The directory's state file with ``name`` added as the newest checkpoint."""
     now = time.time()
     data = read_state_bytes(storage)
     records: list[Record] = []
@@ -430,7 +459,7 @@ def _add_to_state_file(storage: Storage, name: str, step: int, shards: int) -> N
             parsed = [Record(n, _step_of(n), ts) for n, ts in zip(state.all_model_checkpoint_paths, stamps)]
         records = [r for r in parsed if r.name != name]
     records.append(Record(name, step, now, "active", None, shards))
-    write_state(storage, dump_state(name, records, last_preserved))
+    return dump_state(name, records, last_preserved)
 
 
 # ===================================================================== reading
