@@ -204,7 +204,80 @@ def s3(rank, world, directory, out, result):
     mgr.close()
 
 
-SCENARIOS = {"save_and_restore": save_and_restore, "load_into": load_into, "killed": killed, "s3": s3}
+def async_save(rank, world, directory, out, result):
+    """async_save=True: step 1 commits; step 2's write is held (every rank's write waits on an event)
+    while the training thread trains on and runs collectives of the default group; then step 2
+    commits the state as it was at save(). Step 3: rank 1's write fails, raised by
+    wait_until_finished on both ranks. Then a fresh model is restored from step 2."""
+    import threading
+
+    model, optim, cols = build(world)
+    mgr = cd.manager(directory, max_to_keep=3, async_save=True)
+    cd.save(mgr, state_of(model, optim, cols, {"step": 1}), 1)
+    mgr.wait_until_finished()
+
+    release, writing = threading.Event(), threading.Event()
+
+    def hold(where, r):
+        if where == "before_data":
+            writing.set()
+            assert release.wait(60), "the training thread never released the write"
+
+    _dcp._crash_point = hold
+    train(model, optim, 1)
+    state = state_of(model, optim, cols, {"step": 2})
+    want = full(state)
+    cd.save(mgr, state, 2)  # returns after the staging copy
+    assert writing.wait(60), "the background write never started"
+    # Training goes on while step 2 is being written: parameters change in place, and the
+    # training collectives (default group) run while the save's collectives (its own group) wait.
+    train(model, optim, 2)
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)
+    dist.barrier()
+    result["all_reduce"] = total.item()
+    result["latest_while_writing"] = os.path.basename(mgr.latest_checkpoint or "")
+    release.set()
+    mgr.wait_until_finished()
+    result["latest_after_wait"] = os.path.basename(mgr.latest_checkpoint or "")
+    _dcp._crash_point = lambda where, r: None
+
+    if rank == 1:
+
+        def fail(where, r):
+            if where == "before_data":
+                raise OSError(28, "No space left on device (simulated)")
+
+        _dcp._crash_point = fail
+    cd.save(mgr, state_of(model, optim, cols, {"step": 3}), 3)
+    try:
+        mgr.wait_until_finished()
+        result["step3"] = "saved"
+    except Exception as e:  # noqa: BLE001
+        result["step3"] = f"{type(e).__name__}: {e}"
+    _dcp._crash_point = lambda where, r: None
+    result["latest_after_failure"] = os.path.basename(mgr.latest_checkpoint or "")
+
+    model2, optim2, cols2 = build(world, seed=123)
+    state2 = state_of(model2, optim2, cols2, {"step": -1})
+    result["restored"] = os.path.basename(cd.restore(mgr, state2) or "")
+    apply(model2, optim2, state2)
+    got = full(state_of(model2, optim2, cols2))
+    result["mismatch"] = sorted(
+        k for k in want if k not in got or not torch.equal(got[k], want[k]) or got[k].dtype != want[k].dtype
+    )
+    result["compared"] = len(want)
+    result["extra"] = state2["extra"]
+    mgr.close()
+
+
+SCENARIOS = {
+    "async_save": async_save,
+    "save_and_restore": save_and_restore,
+    "load_into": load_into,
+    "killed": killed,
+    "s3": s3,
+}
 
 if __name__ == "__main__":
     main()

@@ -183,6 +183,26 @@ def test_reshard_two_ranks_to_one_and_one_to_two(sharded, tmp_path):
         assert_same(torch.load(str(tmp_path / "two" / f"loaded-rank{r['rank']}.pt"), weights_only=True), want)
 
 
+def test_async_save_training_collectives_run_during_the_write_and_errors_reach_every_rank(tmp_path):
+    directory = str(tmp_path / "ckpts")
+    results = run_ranks("async_save", 2, directory, str(tmp_path / "out"))
+    for r in results:
+        assert "error" not in r, r
+        # While step 2 was being written (held mid-write), the training thread's all_reduce and
+        # barrier on the default group completed, and nothing of step 2 was committed yet.
+        assert r["all_reduce"] == 3.0 and r["latest_while_writing"] == "ckpt-1"
+        assert r["latest_after_wait"] == "ckpt-2"
+        # Rank 1's failure in the background reached both ranks at wait_until_finished.
+        assert r["step3"].startswith("CheckpointWriteError: Sharded save of")
+        assert "rank 1: OSError" in r["step3"] and "rank 0" not in r["step3"]
+        assert r["latest_after_failure"] == "ckpt-2"
+        # The restored state is the one save() staged, not the model trained on during the write.
+        assert r["restored"] == "ckpt-2" and r["mismatch"] == [] and r["compared"] == 17
+        assert r["extra"] == {"step": 2}
+    assert not [n for n in os.listdir(directory) if n.startswith("ckpt-3")]
+    assert get_checkpoint_state(directory).all_model_checkpoint_paths[-1].endswith("ckpt-2")
+
+
 def _copy(directory: str, tmp_path) -> str:
     d = str(tmp_path / "copy")
     shutil.copytree(directory, d, ignore=shutil.ignore_patterns(".ckpt_callbacks.lock"))
