@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import io
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,7 +49,7 @@ from .. import _torch
 from .._checkpoint_io import meta_doc as _meta_doc
 from .._checkpoint_io import remove_quietly as _remove_quietly
 from .._checkpoint_io import write_data_file as _write_data_file
-from .._checkpoint_read import files_of
+from .._checkpoint_read import files_of, written_by_us
 from .._checkpoint_read import read_index as _read_index
 from .._names import INDEX_SUFFIX, META_SUFFIX
 from .._names import split_url as _split
@@ -190,7 +191,19 @@ class StorageWriter(dcp.StorageWriter):
                 f"Checkpoint {self._storage.url_of(self._name)!r} already exists; a sharded save never "
                 "overwrites one. Save at another step, or delete it first."
             )
+        self._remove_failed_attempt()
         return [dataclasses.replace(p, storage_data=_RankFile(i, len(plans))) for i, p in enumerate(plans)]
+
+    def _remove_failed_attempt(self) -> None:
+        """Data files of an earlier, failed save of this very checkpoint (no index: never committed).
+
+        When a rank fails in ``write_data``, DCP calls no writer method again on any rank, so the
+        other ranks' finished data files stay; a save retried under the same name removes them here,
+        before any rank writes (a CheckpointManager's start removes them too).
+        """
+        own = re.compile(re.escape(self._name) + r"\.data-\d{5}-of-\d{5}\Z")
+        stale = [n for n in self._storage.list_names() if own.match(n)]
+        _remove_quietly(self._storage, [n for n in stale if written_by_us(self._storage, n)])
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         info: _RankFile = plan.storage_data

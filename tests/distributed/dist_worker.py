@@ -271,7 +271,46 @@ def async_save(rank, world, directory, out, result):
     mgr.close()
 
 
+def raw_failure(rank, world, directory, out, result):
+    """Raw dcp.save: rank 1 fails writing ckpt-5 (rank 0's data file is finished by then, and DCP
+    tells the writer nothing more); then the same save retried."""
+    import torch.distributed.checkpoint as dcp
+
+    model, optim, cols = build(world)
+    path = os.path.join(directory, "ckpt-5")
+    if rank == 1:
+
+        def fail(where, r):
+            if where == "before_data":
+                dist.barrier()  # rank 0 has written its data file
+                raise OSError(28, "No space left on device (simulated)")
+
+        _dcp._crash_point = fail
+    elif rank == 0:
+        _dcp._crash_point = lambda where, r: dist.barrier() if where == "after_data" else None
+    try:
+        dcp.save(state_of(model, optim, cols), storage_writer=cd.StorageWriter(path))
+        result["first"] = "saved"
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        result["first"] = type(e).__name__
+    _dcp._crash_point = lambda where, r: None
+    dist.barrier()
+    result["after_failure"] = sorted(os.listdir(directory))
+
+
+def raw_retry(rank, world, directory, out, result):
+    """Raw dcp.save of ckpt-5 again, at this world size."""
+    import torch.distributed.checkpoint as dcp
+
+    model, optim, cols = build(world)
+    dcp.save(state_of(model, optim, cols), storage_writer=cd.StorageWriter(os.path.join(directory, "ckpt-5")))
+    dist.barrier()
+    result["after_retry"] = sorted(os.listdir(directory))
+
+
 SCENARIOS = {
+    "raw_failure": raw_failure,
+    "raw_retry": raw_retry,
     "async_save": async_save,
     "save_and_restore": save_and_restore,
     "load_into": load_into,

@@ -203,6 +203,23 @@ def test_async_save_training_collectives_run_during_the_write_and_errors_reach_e
     assert get_checkpoint_state(directory).all_model_checkpoint_paths[-1].endswith("ckpt-2")
 
 
+def test_raw_dcp_save_failure_leaves_other_ranks_files_until_a_retry_of_the_name_removes_them(tmp_path):
+    directory = str(tmp_path / "ckpts")
+    results = run_ranks("raw_failure", 2, directory, str(tmp_path / "out"))
+    files = [f"ckpt-5.data-0000{r}-of-00002" for r in (0, 1)]
+    for r in results:
+        assert "error" not in r, r
+        assert r["first"] == "CheckpointException"
+        # The failed rank removed its own file; rank 0's finished one stays (DCP calls no writer
+        # method after a failed write), and nothing is committed.
+        assert r["after_failure"] == [files[0]]
+    # The same checkpoint saved again (here by one rank): the coordinator removed the stale file
+    # before writing, so only the new save's files are there.
+    (r,) = run_ranks("raw_retry", 1, directory, str(tmp_path / "retry"))
+    assert "error" not in r, r
+    assert r["after_retry"] == ["checkpoint", "ckpt-5.data-00000-of-00001", "ckpt-5.index", "ckpt-5.meta"]
+
+
 def _copy(directory: str, tmp_path) -> str:
     d = str(tmp_path / "copy")
     shutil.copytree(directory, d, ignore=shutil.ignore_patterns(".ckpt_callbacks.lock"))
