@@ -16,7 +16,8 @@ Example:
 
 from __future__ import annotations
 
-from ._dcp import StorageReader, StorageWriter
+from ._dcp import StorageWriter
 from ._manager import manager, restore, save
+from ._reader import StorageReader
 
 __all__ = ["StorageReader", "StorageWriter", "manager", "restore", "save"]

@@ -32,7 +32,8 @@ from .._state import Record
 from .._validation import check_flags
 from ..errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
 from . import _staging
-from ._dcp import StorageReader, StorageWriter, check_files
+from ._dcp import StorageWriter
+from ._reader import StorageReader, check_files
 
 
 def _rank(process_group: Any) -> int:
