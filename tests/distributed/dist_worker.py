@@ -268,7 +268,26 @@ def async_save(rank, world, directory, out, result):
     )
     result["compared"] = len(want)
     result["extra"] = state2["extra"]
-    mgr.close()
+
+    # A background failure is also raised by the next save (which then saves nothing) and by close.
+    def fail(where, r):
+        if where == "before_data" and rank == 1:
+            raise OSError(5, "I/O error (simulated)")
+
+    _dcp._crash_point = fail
+    cd.save(mgr, state_of(model, optim, cols, {"step": 4}), 4)
+    try:
+        cd.save(mgr, state_of(model, optim, cols, {"step": 5}), 5)
+        result["step5"] = "saved"
+    except Exception as e:  # noqa: BLE001
+        result["step5"] = f"{type(e).__name__}: {e}"
+    cd.save(mgr, state_of(model, optim, cols, {"step": 6}), 6)
+    try:
+        mgr.close()
+        result["close"] = "closed"
+    except Exception as e:  # noqa: BLE001
+        result["close"] = f"{type(e).__name__}: {e}"
+    _dcp._crash_point = lambda where, r: None
 
 
 def raw_failure(rank, world, directory, out, result):

@@ -199,7 +199,16 @@ def test_async_save_training_collectives_run_during_the_write_and_errors_reach_e
         # The restored state is the one save() staged, not the model trained on during the write.
         assert r["restored"] == "ckpt-2" and r["mismatch"] == [] and r["compared"] == 17
         assert r["extra"] == {"step": 2}
-    assert not [n for n in os.listdir(directory) if n.startswith("ckpt-3")]
+        # Later failures: raised by the next save (step 5, not written) and by close (step 6).
+        assert "ckpt-4' failed on rank 1: OSError" in r["step5"] and r["step5"].startswith(
+            "CheckpointWriteError"
+        )
+        assert "ckpt-6' failed on rank 1: OSError" in r["close"] and r["close"].startswith(
+            "CheckpointWriteError"
+        )
+    assert not [
+        n for n in os.listdir(directory) if n.split(".")[0] in ("ckpt-3", "ckpt-4", "ckpt-5", "ckpt-6")
+    ]
     assert get_checkpoint_state(directory).all_model_checkpoint_paths[-1].endswith("ckpt-2")
 
 
