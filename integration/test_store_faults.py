@@ -1,5 +1,5 @@
 """Fault injection between the object-store client and a real local server, on S3 and GCS alike
-(SPEC §3.3, §6 CheckpointWriteError).
+(the commit protocol of README "On storage"; CheckpointWriteError).
 
 A loopback proxy (faultproxy.py, speaking each store's error format) answers 503 / 502, drops the
 connection before forwarding (a reset the server never saw), or forwards and then drops it (the

@@ -1,4 +1,4 @@
-"""Corruption (SPEC §3.1, §5, §6): every flipped byte, truncation and extension is detected.
+"""Corruption: every flipped byte, truncation and extension is detected.
 
 Every byte of every file of a checkpoint is flipped in turn (data file: length prefix, safetensors
 JSON header, padding, every tensor's bytes; ``.meta``; ``.index`` including its own checksum), and

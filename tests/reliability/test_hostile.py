@@ -1,4 +1,4 @@
-"""Hostile checkpoints (SPEC §7): rejected with CorruptCheckpointError, quickly, in bounded memory,
+"""Hostile checkpoints (README, "Guarantees"): rejected with CorruptCheckpointError, quickly, in bounded memory,
 and never reading, writing or deleting outside the checkpoint directory.
 
 The attacker controls every byte, so each hostile index is written *self-consistent*: its own
