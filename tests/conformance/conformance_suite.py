@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 
 import ckpt_callbacks._checkpoint_io as checkpoint_io
-import ckpt_callbacks._manager as manager_module
 from ckpt_callbacks import (
     CheckpointError,
     CheckpointManager,
@@ -39,6 +38,7 @@ from ckpt_callbacks import (
 )
 from ckpt_callbacks._format import LazyArray
 from ckpt_callbacks._lock import LOCK_FILE_NAME
+from ckpt_callbacks._resolve import read_meta
 
 DTYPES = [
     np.bool_,
@@ -498,7 +498,7 @@ class ManagerConformance:
         assert_same_tree(load_checkpoint(path, storage_options=backend.so, verify=False), state)
         variables = list_variables(path, storage_options=backend.so)
         assert variables == [("dense/bias", "bfloat16", (2,)), ("dense/kernel", "float32", (3, 2))]
-        assert manager_module.read_meta(path, storage_options=backend.so)["user"] == {"note": "hi"}
+        assert read_meta(path, storage_options=backend.so)["user"] == {"note": "hi"}
 
     def test_path_forms_load_and_list(self, backend: Backend) -> None:
         """Like tf.train.load_checkpoint: a checkpoint, its .index file, or a directory (its newest)."""
@@ -509,7 +509,7 @@ class ManagerConformance:
         assert load_checkpoint(backend.url, storage_options=so)["step"] == 2
         assert load_checkpoint(backend.join("ckpt-1.index"), storage_options=so)["step"] == 1
         assert list_variables(backend.join("ckpt-1.index"), storage_options=so) == [("w", "float32", (4, 4))]
-        assert manager_module.read_meta(backend.join("ckpt-1.index"), storage_options=so)["step"] == 1
+        assert read_meta(backend.join("ckpt-1.index"), storage_options=so)["step"] == 1
         with pytest.raises(CheckpointNotFoundError):
             load_checkpoint(backend.join("ckpt-3"), storage_options=so)
 

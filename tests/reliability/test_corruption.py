@@ -19,7 +19,7 @@ import pytest
 import rel_workload as wl
 
 from ckpt_callbacks import CheckpointManager, CorruptCheckpointError, load_checkpoint
-from ckpt_callbacks._manager import read_index
+from ckpt_callbacks._resolve import read_index
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -31,7 +31,7 @@ from ckpt_callbacks import (
     load_checkpoint,
 )
 from ckpt_callbacks import _format as fmt
-from ckpt_callbacks._manager import read_meta, resolve_checkpoint
+from ckpt_callbacks._resolve import read_meta, resolve_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
 
