@@ -89,3 +89,13 @@ def test_constructor_errors_say_what_expected_received_and_fix(tmp_path, directo
     }:
         assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
     assert not (tmp_path / "d").exists()
+
+
+def test_unsupported_storage_library_error_lives_in_the_tree_and_where_it_was():
+    from ckpt_callbacks._storage import UnsupportedStorageLibraryError as from_storage
+    from ckpt_callbacks._storage._compat import UnsupportedStorageLibraryError as from_compat
+
+    cls = errors.UnsupportedStorageLibraryError
+    assert from_storage is cls and from_compat is cls
+    assert issubclass(cls, RuntimeError) and not issubclass(cls, errors.CheckpointError)
+    assert "UnsupportedStorageLibraryError(RuntimeError)" in errors.__doc__
