@@ -41,14 +41,11 @@ from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointE
 
 logger = logging.getLogger("ckpt_callbacks")
 
-# Re-exported: the CLI and the framework adapters import these from here (the CLI's private names
-# until it imports the public functions of _checkpoint_read / _resolve / _names instead).
-from ._checkpoint_read import load as _load, read_data_file as _read_data_file  # noqa: E402, F401
-from ._checkpoint_read import read_index as _read_index  # noqa: E402, F401
-from ._names import META_SUFFIX, join_url as _join, split_url as _split  # noqa: E402, F401
+# Re-exported for the framework adapters (ckpt_callbacks.keras / .lightning) and their tests, which
+# still import these from here; everything else imports them from their homes (_resolve, _names).
+from ._names import join_url as _join  # noqa: E402, F401
 from ._resolve import POINTER_FORMAT as MARKER_FORMAT, POINTER_VERSION as MARKER_VERSION  # noqa: E402, F401
-from ._resolve import get_checkpoint_state, latest_checkpoint, list_variables  # noqa: E402, F401
-from ._resolve import load_checkpoint, read_index, read_meta, save_checkpoint  # noqa: E402, F401
+from ._resolve import get_checkpoint_state, load_checkpoint, read_meta, save_checkpoint  # noqa: E402, F401
 from ._resolve import pointer_target as marker_target, resolve_checkpoint, resolve_one  # noqa: E402, F401
 
 
