@@ -157,6 +157,7 @@ class CheckpointCallback(_compat.Bound):
         self._deferred_to_epoch_end = False
         self._warning_filter: Any = None
         self._preloaded: tuple[str, Any] | None = None
+        self._warned_hparams: set[str] = set()  # hparams left out of the checkpoints, warned once
 
     def __getstate__(self) -> dict[str, Any]:
         # Picklable for ddp_spawn and for Trainer copies: live resources stay with this process.
@@ -484,7 +485,7 @@ class CheckpointCallback(_compat.Bound):
             try:
                 assert self._mgr is not None
                 path = self._mgr.save(
-                    _convert.to_tree(checkpoint, allow_pickle=self.allow_pickle),
+                    _convert.to_tree(checkpoint, allow_pickle=self.allow_pickle, warned=self._warned_hparams),
                     step=step,
                     metrics=metrics,
                     _info=_info(trainer, pl_module),

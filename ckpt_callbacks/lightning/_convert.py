@@ -52,7 +52,6 @@ _SCALAR_TYPES = (type(None), bool, int, float, str, bytes)
 # stock Lightning saves any object there, and a model in the hparams must not stop training.
 _HPARAMS_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
 _DROP = object()
-_warned: set[str] = set()
 
 
 class _Ctx:
@@ -114,13 +113,16 @@ def resolve_class(path: str) -> type | None:
     return obj if isinstance(obj, type) else None
 
 
-def to_tree(checkpoint: Mapping[str, Any], allow_pickle: bool = False) -> dict[str, Any]:
+def to_tree(
+    checkpoint: Mapping[str, Any], allow_pickle: bool = False, warned: set[str] | None = None
+) -> dict[str, Any]:
     """A Lightning checkpoint dict as a core state tree (plus the type table under ``RESERVED_KEY``).
 
     Tensors are not copied. Leaves the core cannot store are left in place so that the core raises
     its ``TypeError`` naming the key path with the ``allow_pickle`` hint, except under the hparams
     keys: there (unless ``allow_pickle``) such a value is left out of the checkpoint with one
     warning naming its key path, and recorded, so that a load that needs it says what is missing.
+    ``warned``: key paths already warned about (a callback passes its own set: one warning per run).
 
     Example:
         >>> tree = to_tree({"state_dict": model.state_dict(), "hyper_parameters": model.hparams})
@@ -143,15 +145,15 @@ def to_tree(checkpoint: Mapping[str, Any], allow_pickle: bool = False) -> dict[s
     tree[RESERVED_KEY] = {"version": _CONVERTER_VERSION, "types": ctx.table}
     if ctx.dropped:
         tree[RESERVED_KEY]["dropped"] = [[p, kind] for p, kind in ctx.dropped]
-        _warn_dropped(ctx.dropped)
+        _warn_dropped(ctx.dropped, set() if warned is None else warned)
     return tree
 
 
-def _warn_dropped(dropped: list[tuple[str, str]]) -> None:
-    new = [f"{p} ({kind})" for p, kind in dropped if p not in _warned]
+def _warn_dropped(dropped: list[tuple[str, str]], warned: set[str]) -> None:
+    new = [f"{p} ({kind})" for p, kind in dropped if p not in warned]
     if not new:
         return
-    _warned.update(p for p, _ in dropped)
+    warned.update(p for p, _ in dropped)
     warnings.warn(
         f"Hyper-parameters that cannot be saved without pickle are left out of the checkpoint: "
         f"{', '.join(new)}. Training goes on; loading the model from the checkpoint will need them as "

@@ -273,6 +273,7 @@ class FsspecCheckpointIO(_compat.Bound):
             raise TypeError(f"allow_pickle must be a bool. Received: allow_pickle={allow_pickle!r}.")
         self.storage_options = dict(storage_options or {})
         self.allow_pickle = allow_pickle
+        self._warned_hparams: set[str] = set()  # hparams left out of the checkpoints, warned once
 
     def _options(self, extra: Any = None) -> dict | None:
         if extra is not None and not isinstance(extra, dict):
@@ -290,7 +291,7 @@ class FsspecCheckpointIO(_compat.Bound):
         storage.makedirs()
         previous = _read_marker_quietly(storage, name)
         target = f"{side_name(name)}.{uuid.uuid4().hex[:8]}"
-        tree = _convert.to_tree(checkpoint, allow_pickle=self.allow_pickle)
+        tree = _convert.to_tree(checkpoint, allow_pickle=self.allow_pickle, warned=self._warned_hparams)
         step = checkpoint.get("global_step")
         ns = self._namespaces[0]
         info = {

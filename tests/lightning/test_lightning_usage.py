@@ -257,12 +257,13 @@ def test_a_whole_dictconfig_as_hparams(pl, tmp_path):
     model = cls(OmegaConf.create({"lr": 0.02}))
     fit(pl, tmp_path, [cb], model=model, max_epochs=2)  # a resume: the config still reads as attributes
     assert model.trainer.global_step == 12
-    state = load_checkpoint(f"{d}/ckpt-12")
     from ckpt_callbacks.lightning._convert import from_tree
 
-    ckpt = from_tree(state)
-    assert type(ckpt["hyper_parameters"]) is DictConfig and ckpt["hyper_parameters"].alias == 0.02
-    assert ckpt["hparams_type"] is DictConfig
+    first = from_tree(load_checkpoint(f"{d}/ckpt-6"))
+    assert type(first["hyper_parameters"]) is DictConfig and first["hyper_parameters"].alias == 0.02
+    assert OmegaConf.to_container(first["hyper_parameters"])["alias"] == "${lr}"
+    assert first["hparams_type"] is DictConfig
+    assert load_from_checkpoint(cls, d).hparams.lr == 0.02
 
 
 class _WithBackbone(_TinyModel):
