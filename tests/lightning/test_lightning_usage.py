@@ -377,3 +377,23 @@ def test_strategy_guard(pl):
         check_strategy(strategy, sharded=True)  # the seam a sharded save path relaxes
     check_strategy(pl.strategies.DDPStrategy())
     check_strategy(pl.strategies.SingleDeviceStrategy(torch.device("cpu")))
+
+
+@pytest.mark.slow
+def test_model_parallel_strategy_is_refused_at_setup_on_every_rank(pl, tmp_path):
+    ns = "lightning" if pl.__name__.startswith("lightning") else "pytorch_lightning"
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lightning_strategy_script.py")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(script), ROOT]),
+        "PYTHONWARNINGS": "ignore",
+    }
+    env.pop("LOCAL_RANK", None)
+    d = str(tmp_path / "run")
+    out = subprocess.run([sys.executable, script, ns, "ModelParallelStrategy", d], env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    refused = [line for line in out.stdout.splitlines() if line.startswith("REFUSED")]
+    assert len(refused) == 2 and all("Received: strategy=ModelParallelStrategy" in r for r in refused), (
+        out.stdout[-2000:] + out.stderr[-2000:]
+    )
+    assert not os.path.exists(d) or not os.listdir(d)  # nothing was saved
