@@ -4,10 +4,11 @@ Thin and stateful: it decides "save now?" from ``trainer.global_step`` and an in
 asks Lightning for its full checkpoint dict (``dump_checkpoint``, the same dict
 ``trainer.save_checkpoint`` writes), adds the RNG states, and hands it to the core manager.
 
-It subclasses ``ModelCheckpoint`` for one reason: that is the only kind of callback Lightning asks
-to resolve ``trainer.fit(ckpt_path="last")`` (``_CheckpointConnector._parse_ckpt_path`` calls
+Its instances are ``ModelCheckpoint`` subclasses (of ``lightning`` and / or ``pytorch_lightning``,
+see ``_compat.bound_class``) for one reason: that is the only kind of callback Lightning asks to
+resolve ``trainer.fit(ckpt_path="last")`` (``_CheckpointConnector._parse_ckpt_path`` calls
 ``ModelCheckpoint._find_last_checkpoints``). Every ``ModelCheckpoint`` hook is overridden; none of
-its own saving runs.
+its own saving runs. Strategies it cannot restore exactly are refused at setup (:func:`check_strategy`).
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ names the checkpoint files next to it::
     epoch=0-step=10.ckpt.3f9a0c1e.meta
     epoch=0-step=10.ckpt.3f9a0c1e.index
 
+A marker name containing ``ckpt_`` (``hpc_ckpt_3.ckpt``) has its files spelled ``ckpt+_``
+(:func:`side_name`): Lightning's SLURM requeue reads digits after ``ckpt_`` in every file name.
+
 Each save writes under a fresh 8-hex token and replaces the marker atomically, so re-saving
 ``last.ckpt`` never leaves a half-overwritten checkpoint: a crash leaves the previous marker naming
 the previous, complete files. The files of the replaced token are deleted after the new marker is
