@@ -90,12 +90,18 @@ def resolve_ours(path: str | os.PathLike, storage_options: dict | None = None) -
     """The core checkpoint path behind ``path`` if it is in this library's format, else None.
 
     Accepted: a marker file written by :class:`FsspecCheckpointIO`; a checkpoint prefix
-    (``.../ckpt-100``, has a ``.index``); its ``.index`` file; a directory with a ``checkpoint`` state
-    file (its newest valid checkpoint).
+    (``.../ckpt-100``, has a ``.index``); its ``.index``, ``.meta`` or data file; a directory with a
+    ``checkpoint`` state file (its newest valid checkpoint).
     """
     one = resolve_one(path, storage_options)
     if one is not None:
         return one
+    # One of a checkpoint's other files (a directory listing hands those out too): its checkpoint.
+    side = re.fullmatch(r"(?P<prefix>.+)(?:\.meta|\.data-\d{5}-of-\d{5})", os.fspath(path))
+    if side is not None:
+        one = resolve_one(side.group("prefix"), storage_options)
+        if one is not None:
+            return one
     sub = _storage.Storage(os.fspath(path), storage_options)
     if sub.exists(STATE_FILE_NAME):
         return resolve_checkpoint(os.fspath(path), storage_options)
