@@ -25,8 +25,8 @@ The ``ckpt-callbacks`` command lists, inspects, verifies, cleans and exports che
 
 __version__ = "0.1.0"
 
-from ._manager import (
-    CheckpointManager,
+from ._manager import CheckpointManager
+from ._resolve import (
     get_checkpoint_state,
     latest_checkpoint,
     list_variables,

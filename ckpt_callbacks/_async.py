@@ -62,9 +62,9 @@ def lower_thread_priority() -> None:
     """Run the calling (worker) thread at a lower CPU priority than the training threads.
 
     Writing a checkpoint is memcpy into the page cache plus hashing, about one core's worth; on a
-    machine whose cores the training step keeps busy it would otherwise slow every step (SPEC §8
-    P5). The kernel's own write-back is unaffected, so the disk stays as busy as before. Linux
-    applies setpriority(PRIO_PROCESS, tid) to that one thread; elsewhere this does nothing.
+    machine whose cores the training step keeps busy it would otherwise slow every step (P5 in
+    docs/performance.md). The kernel's own write-back is unaffected, so the disk stays as busy as
+    before. Linux applies setpriority(PRIO_PROCESS, tid) to that one thread; elsewhere this does nothing.
     """
     if not sys.platform.startswith("linux"):
         return

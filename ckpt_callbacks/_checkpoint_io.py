@@ -327,9 +327,9 @@ def jsonable(x: Any) -> Any:
 
 
 def meta_doc(step: int, timestamp: float, metrics: dict | None, meta: dict | None, info: dict | None) -> dict:
-    """The ``.meta`` JSON (SPEC §3.1). Every key is always there: a save through the core API has
-    ``framework`` and ``model`` null (no adapter describes a model), and takes ``epoch`` from the
-    user's ``meta`` when it has an integer one."""
+    """The ``.meta`` JSON (README, "On storage"). Every key is always there: a save through the core
+    API has ``framework`` and ``model`` null (no adapter describes a model), and takes ``epoch`` from
+    the user's ``meta`` when it has an integer one."""
     doc: dict[str, Any] = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION}
     doc.update(jsonable(info or {}))
     user_epoch = (meta or {}).get("epoch")

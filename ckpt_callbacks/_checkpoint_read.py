@@ -8,6 +8,7 @@ files). Tensors come back as numpy arrays, or as their framework's type when the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -108,24 +109,40 @@ def read_meta_file(storage: Storage, f: dict) -> None:
         )
 
 
-def read_tensors(storage: Storage, index: dict, *, verify: bool) -> dict[str, Any]:
-    """Every tensor of a checked index by name, as stored (numpy) or as its recorded kind.
+def read_files(
+    storage: Storage,
+    index: dict,
+    out: dict,
+    *,
+    verify: bool,
+    on_file: Callable[[int], None] | None = None,
+) -> None:
+    """Read every data file of a checked index into ``out`` (tensor name -> raw uint8 array); with
+    ``verify`` the ``.meta`` and every checksum are checked too. ``on_file(size)`` follows each data
+    file. An ``out`` that drops what it is given verifies a checkpoint in bounded memory.
 
-    A sharded save's chunked tensors (:mod:`._chunks`) are read chunk by chunk as plain entries of
-    their own, then joined; ``index`` is changed in place by that.
-    """
-    chunked = _chunks.split(index)
+    A sharded save's chunked tensors (:mod:`._chunks`) are read chunk by chunk, each as a plain
+    entry of its own: ``index`` is changed in place by that (:func:`read_tensors` joins them)."""
+    _chunks.split(index)
     by_file: dict[int, list[tuple[str, dict]]] = {}
     for tname, t in index["tensors"].items():
         by_file.setdefault(t["file"], []).append((tname, t))
-    raw: dict[str, Any] = {}
     for file_no, f in enumerate(index["files"]):
         if f.get("kind") == "meta":
             if verify:
                 read_meta_file(storage, f)
             continue
         tensors = sorted(by_file.get(file_no, []), key=lambda x: x[1]["offset"])
-        read_data_file(storage, f, tensors, raw, verify)
+        read_data_file(storage, f, tensors, out, verify)
+        if on_file is not None:
+            on_file(f["size"])
+
+
+def read_tensors(storage: Storage, index: dict, *, verify: bool) -> dict[str, Any]:
+    """Every tensor of a checked index by name, as stored (numpy) or as its recorded kind."""
+    chunked = _chunks.split(index)
+    raw: dict[str, Any] = {}
+    read_files(storage, index, raw, verify=verify)
     tensors = {}
     for tname, t in index["tensors"].items():
         arr = raw[tname].view(fmt.dtype_from_name(t["dtype"]).newbyteorder("<")).reshape(t["shape"])

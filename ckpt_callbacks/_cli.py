@@ -18,21 +18,18 @@ import numpy as np
 
 # ---------------------------------------------------------------- what the CLI takes from the core
 # Every name the commands use from the library is imported here and only here: the public API plus a
-# few documented internals (index and meta readers, the state-file parser, the storage handle and the
-# streaming data-file reader that verifies without keeping tensors).
+# few documented internals (path resolution and the index / meta / pointer readers of _resolve, the
+# state-file reader, the storage handle, and the data-file reader that verifies without keeping
+# tensors).
 from . import CheckpointManager, __version__, _chunks, load_checkpoint
 from . import _format as _fmt
-from ._manager import _read_data_file as _core_read_data_file
-from ._manager import marker_target as _core_marker_target
-from ._manager import read_index as _core_read_index
-from ._manager import read_meta as _core_read_meta
-from ._manager import resolve_checkpoint as _core_resolve_checkpoint
-from ._manager import resolve_one as _core_resolve_one
-from ._state import MAX_STATE_FILE_BYTES, STATE_FILE_NAME, checked_name, parse_state
+from ._checkpoint_read import read_files
+from ._names import INDEX_SUFFIX, STATE_FILE_NAME
+from ._resolve import open_checkpoint, pointer_target, read_index, read_meta, resolve_checkpoint, resolve_one
+from ._state import checked_name, read_state
 from ._storage import Storage
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
-INDEX_SUFFIX = ".index"
 EXIT_OK, EXIT_CORRUPT, EXIT_USAGE = 0, 1, 2
 
 # Which extra brings the fsspec backend of a URL scheme (the message for a missing one names it).
@@ -53,33 +50,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _split(path: str) -> tuple[str, str]:
-    """(directory, checkpoint name) of a checkpoint path or URL."""
-    path = os.fspath(path).rstrip("/")
-    cut = max(path.rfind("/"), path.rfind(os.sep) if os.sep != "/" else -1)
-    if cut < 0:
-        return ".", path
-    if path[:cut].endswith(":/"):  # "memory://ckpt-1"
-        return path[: cut + 1], path[cut + 1 :]
-    return path[:cut] or "/", path[cut + 1 :]
-
-
-def _read_state(storage: Storage) -> tuple[Any, list | None] | None:
-    """(state, retention records or None) of the directory's ``checkpoint`` file; None without one."""
-    try:
-        data = storage.read_bytes(STATE_FILE_NAME, max_bytes=MAX_STATE_FILE_BYTES)
-    except CheckpointNotFoundError:
-        return None
-    return parse_state(data)
-
-
-def _index_of(path: str, options: dict | None, verify: bool = True) -> dict:
-    return _core_read_index(path, options, verify=verify)
-
-
 def _meta_of(path: str, options: dict | None) -> dict:
     try:
-        return _core_read_meta(path, options)
+        return read_meta(path, options)
     except CheckpointError as e:
         return {"error": str(e)}
 
@@ -96,7 +69,7 @@ def _markers(storage: Storage, names: list[str]) -> list[tuple[str, str]]:
         candidates += sorted(n for n in names if os.path.islink(storage.path(n)))
     out = []
     for n in candidates:
-        target = _core_marker_target(storage, n)
+        target = pointer_target(storage, n)
         if target is not None and target in indexes:
             out.append((n, target))
     return out
@@ -104,28 +77,9 @@ def _markers(storage: Storage, names: list[str]) -> list[tuple[str, str]]:
 
 def _verify_checkpoint(path: str, options: dict | None, progress: _Progress | None = None) -> None:
     """Check every checksum of one checkpoint, keeping no tensor; raises CorruptCheckpointError."""
-    directory, name = _split(path)
-    storage = Storage(directory, options)
-    index = _index_of(path, options)
-    _chunks.split(index)  # a sharded save's chunks are verified as tensors of their own
-    by_file: dict[int, list] = {}
-    for tname, t in index["tensors"].items():
-        by_file.setdefault(t["file"], []).append((tname, t))
-    for file_no, f in enumerate(index["files"]):
-        if f.get("kind") == "meta":
-            try:
-                data = storage.read_bytes(f["name"], max_bytes=f["size"] + 1)
-            except CheckpointNotFoundError:
-                raise CorruptCheckpointError(f"Meta file {storage.url_of(f['name'])!r} is missing.") from None
-            if len(data) != f["size"] or _fmt.checksum_bytes(data) != f["checksum"]:
-                raise CorruptCheckpointError(
-                    f"{storage.url_of(f['name'])!r}: size or checksum does not match the index."
-                )
-            continue
-        tensors = sorted(by_file.get(file_no, []), key=lambda x: x[1]["offset"])
-        _core_read_data_file(storage, f, tensors, _Discard(), True)
-        if progress:
-            progress.advance(f["size"])
+    storage, _ = open_checkpoint(path, options)
+    index = read_index(path, options)
+    read_files(storage, index, _Discard(), verify=True, on_file=progress.advance if progress else None)
 
 
 class _Discard(dict):
@@ -212,7 +166,7 @@ def _describe(storage: Storage, name: str, options: dict | None) -> dict:
     """step, size and metrics of one checkpoint, from its index and meta (no data file is read)."""
     path = storage.url_of(name)
     try:
-        index = _index_of(path, options, verify=False)
+        index = read_index(path, options, verify=False)
         size = sum(f["size"] for f in index["files"]) + (storage.size(name + INDEX_SUFFIX) or 0)
         meta = _meta_of(path, options)
         return {
@@ -227,7 +181,7 @@ def _describe(storage: Storage, name: str, options: dict | None) -> dict:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     storage = Storage(args.directory, args.storage_options)
-    parsed = _read_state(storage)
+    parsed = read_state(storage)
     markers = _markers(storage, storage.list_names())
     if parsed is None and not markers:
         raise CheckpointNotFoundError(
@@ -237,7 +191,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     doc: list[dict] = []
     latest = ""
     if parsed is not None:
-        state, records = parsed
+        state, records, _ = parsed
         latest = checked_name(state.model_checkpoint_path) if state.model_checkpoint_path else ""
         names = [checked_name(n) for n in state.all_model_checkpoint_paths]
         if records is not None:
@@ -386,8 +340,8 @@ def _meta_summary(meta: dict) -> dict:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    path = _core_resolve_checkpoint(args.path, args.storage_options)
-    index = _index_of(path, args.storage_options)
+    path = resolve_checkpoint(args.path, args.storage_options)
+    index = read_index(path, args.storage_options)
     meta = _meta_of(path, args.storage_options)
     tensors = index["tensors"]
     total = sum(_chunks.nbytes(t) for t in tensors.values())
@@ -453,11 +407,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _verify_targets(args: argparse.Namespace) -> list[str]:
-    one = _core_resolve_one(args.path, args.storage_options)  # a checkpoint, its .index, or a marker
+    one = resolve_one(args.path, args.storage_options)  # a checkpoint, its .index, or a marker
     if one is not None:
         return [one]
     storage = Storage(args.path, args.storage_options)
-    parsed = _read_state(storage)
+    parsed = read_state(storage)
     markers = _markers(storage, storage.list_names())
     if parsed is None and not markers:
         raise CheckpointNotFoundError(
@@ -466,7 +420,7 @@ def _verify_targets(args: argparse.Namespace) -> list[str]:
         )
     names = []
     if parsed is not None:
-        state, _ = parsed
+        state = parsed[0]
         names = list(dict.fromkeys([*state.all_model_checkpoint_paths, state.model_checkpoint_path]))
         names = [checked_name(n) for n in names if n]
     names += [target for _, target in markers if target not in names]
@@ -478,7 +432,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     total = 0
     for path in targets:
         try:
-            total += sum(f["size"] for f in _index_of(path, args.storage_options, verify=False)["files"])
+            total += sum(f["size"] for f in read_index(path, args.storage_options, verify=False)["files"])
         except CheckpointError:
             pass
     progress = None if args.json else _Progress(total, "verify")
@@ -554,7 +508,7 @@ def _select(everything: dict[str, Any], only: str, strip: str) -> dict[str, Any]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    path = _core_resolve_checkpoint(args.path, args.storage_options)
+    path = resolve_checkpoint(args.path, args.storage_options)
     state = load_checkpoint(path, storage_options=args.storage_options, verify=True)
     tensors = _select(_flat_tensors(state), args.only, args.strip_prefix)
     progress = _Progress(len(tensors), f"export {args.to}")

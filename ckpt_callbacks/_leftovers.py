@@ -88,7 +88,7 @@ def _spare_complete_checkpoints(
     """Without any state file, several complete checkpoints are kept: the ``checkpoint`` file was
     lost or not copied, and deleting every checkpoint of the directory for that would be the worst
     possible answer. One complete checkpoint is what a first save interrupted before its state file
-    leaves (SPEC §3.3: a leftover, removed); temp files and incomplete checkpoints always are."""
+    leaves (a leftover, removed); temp files and incomplete checkpoints always are."""
     complete = set()
     for fname in doomed:
         m = own.match(fname)

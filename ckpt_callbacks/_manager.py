@@ -41,14 +41,11 @@ from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointE
 
 logger = logging.getLogger("ckpt_callbacks")
 
-# Re-exported: the CLI and the framework adapters import these from here (the CLI's private names
-# until it imports the public functions of _checkpoint_read / _resolve / _names instead).
-from ._checkpoint_read import load as _load, read_data_file as _read_data_file  # noqa: E402, F401
-from ._checkpoint_read import read_index as _read_index  # noqa: E402, F401
-from ._names import META_SUFFIX, join_url as _join, split_url as _split  # noqa: E402, F401
+# Re-exported for the framework adapters (ckpt_callbacks.keras / .lightning) and their tests, which
+# still import these from here; everything else imports them from their homes (_resolve, _names).
+from ._names import join_url as _join  # noqa: E402, F401
 from ._resolve import POINTER_FORMAT as MARKER_FORMAT, POINTER_VERSION as MARKER_VERSION  # noqa: E402, F401
-from ._resolve import get_checkpoint_state, latest_checkpoint, list_variables  # noqa: E402, F401
-from ._resolve import load_checkpoint, read_index, read_meta, save_checkpoint  # noqa: E402, F401
+from ._resolve import get_checkpoint_state, load_checkpoint, read_meta, save_checkpoint  # noqa: E402, F401
 from ._resolve import pointer_target as marker_target, resolve_checkpoint, resolve_one  # noqa: E402, F401
 
 
@@ -225,7 +222,23 @@ class CheckpointManager(_async.BackgroundSaves):
     ) -> str:
         """Save ``state`` as ``f"{prefix}-{step}"`` and apply retention. Returns the checkpoint path.
 
-        Sync: returns once the checkpoint is committed. Async: returns after the snapshot.
+        Sync: returns once the checkpoint is committed (data, meta, index, then the ``checkpoint``
+        state file) and retention has deleted what it drops. Async: returns after an in-memory snapshot
+        of the tensors; ``state`` may then be changed freely.
+
+        Args:
+            state: a tree of dicts, lists, tuples, numpy arrays, torch tensors, numbers, strings, bytes
+                and ``None`` (see :func:`save_checkpoint`).
+            step: an int >= 0; saving a step again replaces that checkpoint.
+            metrics: JSON-like numbers stored in the ``.meta``; ``metrics[monitor]`` ranks for
+                ``keep_best``.
+            meta: JSON-like values stored in the ``.meta`` under ``"user"``.
+
+        Raises:
+            ValueError: ``step`` is not an int >= 0.
+            TypeError: a leaf the format does not store (naming its key path).
+            CheckpointWriteError: the storage refused a write, or an earlier async save failed.
+            CheckpointError: the manager is closed.
         """
         if self._closed:
             raise CheckpointError("This CheckpointManager is closed; create a new one to save.")
@@ -369,7 +382,7 @@ class CheckpointManager(_async.BackgroundSaves):
         for r in deleted:
             if r.shards is None and not self._written_by_us(r.name + INDEX_SUFFIX):
                 # Listed by a state file another writer (TensorFlow) wrote, in another format: only
-                # files of this format are ever deleted (SPEC §3.3). It just stops being listed.
+                # files of this format are ever deleted. It just stops being listed.
                 logger.info("Not deleting %s: not a ckpt_callbacks checkpoint", storage.url_of(r.name))
                 continue
             _cio.crash_point("before_delete")
@@ -386,7 +399,7 @@ class CheckpointManager(_async.BackgroundSaves):
         )
 
     def _commit_state(self, data: bytes) -> None:
-        """Write the state file: the commit point of a save (SPEC §3.3)."""
+        """Write the state file: the commit point of a save."""
         write_state(self._storage, data)
 
     def _follow_other_writer(self) -> None:
@@ -424,7 +437,11 @@ class CheckpointManager(_async.BackgroundSaves):
         self._wait(raise_error=True)
 
     def close(self) -> None:
-        """Wait for pending saves, then release the background thread."""
+        """Wait for pending saves, then release the background thread and the writer lock.
+
+        Called by ``with CheckpointManager(...) as mgr:`` on exit; re-raises a background failure.
+        Idempotent.
+        """
         if self._closed:
             return
         try:
@@ -463,7 +480,11 @@ class CheckpointManager(_async.BackgroundSaves):
         return self.restore_with_path()[1]
 
     def restore_with_path(self) -> tuple[str | None, Any]:
-        """``(path, state)`` of the newest valid checkpoint, or ``(None, None)``."""
+        """``(path, state)`` of the newest valid checkpoint, or ``(None, None)``.
+
+        Like :meth:`restore` without a path, and also says which checkpoint was read (corrupt newer
+        ones are skipped with a warning). ``resumed_from`` then names it too.
+        """
         self._wait(raise_error=False)
         with self._lock:
             names = [r.name for r in self._records]
@@ -479,7 +500,6 @@ class CheckpointManager(_async.BackgroundSaves):
                     f"Checkpoint {self._storage.url_of(name)!r} is unusable ({e}); falling back to an older one.",
                     stacklevel=2,
                 )
-                logger.warning("Skipping corrupt checkpoint %s: %s", self._storage.url_of(name), e)
                 continue
             self.resumed_from = name
             return self._storage.url_of(name), state

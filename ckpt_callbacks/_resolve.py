@@ -139,8 +139,24 @@ def save_checkpoint(
 ) -> None:
     """Write one checkpoint (``<path>.data-*``, ``<path>.meta``, ``<path>.index``) without a manager.
 
+    No state file is written and no retention applied: the checkpoint is read back by its path. The
+    ``.index`` is written last, so a reader never sees a half-written checkpoint.
+
+    Args:
+        path: the checkpoint path without suffix, local or any fsspec URL (``"runs/a/ckpt-10"``,
+            ``"s3://bucket/run/ckpt-10"``); its directory is created if needed.
+        state: a tree of dicts, lists, tuples, numpy arrays, torch tensors, numbers, strings, bytes and
+            ``None``.
+        meta: JSON-like values stored in the ``.meta`` file under ``"user"``.
+        storage_options: passed to fsspec (credentials, endpoint, ...).
+        allow_pickle: store leaves of other types with pickle (off by default).
+
     The step recorded in the index and meta is the trailing number of the name (``ckpt-1000``), or
-    ``_step``; ``_info`` is the adapters' framework description (see ``CheckpointManager.save``).
+    ``_step``; ``_step`` and ``_info`` (a framework description) are for the framework adapters.
+
+    Raises:
+        TypeError: a leaf of a type the format does not store (naming its key path).
+        CheckpointWriteError: the storage refused a write.
 
     Example:
         >>> save_checkpoint("runs/a/ckpt-10", {"w": np.zeros(3)})
@@ -165,10 +181,28 @@ def load_checkpoint(
 ) -> dict:
     """Load one checkpoint's state tree; with ``verify`` every checksum is checked.
 
-    ``path`` is a checkpoint (``.../ckpt-100``, its ``.index``, or a marker file written by
-    ``FsspecCheckpointIO``) or, like ``tf.train.load_checkpoint``, a directory (its newest valid one).
-    Tensors saved from torch come back as torch tensors when torch is importable, else as numpy arrays.
-    Raises CheckpointNotFoundError, CorruptCheckpointError or IncompatibleCheckpointError.
+    Args:
+        path: a checkpoint (``.../ckpt-100``, its ``.index``, or a pointer file written by
+            ``FsspecCheckpointIO``) or, like ``tf.train.load_checkpoint``, a directory with a
+            ``checkpoint`` state file (its newest valid checkpoint; corrupt newer ones are skipped with
+            a warning). Local path or any fsspec URL.
+        storage_options: passed to fsspec (credentials, endpoint, ...).
+        verify: check every tensor's checksum (and those of the index and meta) while reading.
+        allow_pickle: unpickle leaves saved with ``allow_pickle=True``; refused by default, since
+            unpickling can execute code.
+
+    Returns:
+        The state tree as saved: dicts, lists, tuples, numpy arrays, numbers, strings. Tensors saved
+        from torch come back as torch tensors when torch is importable, else as numpy arrays.
+
+    Raises:
+        CheckpointNotFoundError: nothing at ``path`` (also a ``FileNotFoundError``).
+        CorruptCheckpointError: a checksum, size or structure does not match.
+        IncompatibleCheckpointError: written by a newer, incompatible format version.
+
+    Example:
+        >>> state = load_checkpoint("runs/mnist")         # the newest valid checkpoint of a directory
+        >>> state = load_checkpoint("s3://bucket/run/ckpt-1000", storage_options={"anon": False})
     """
     storage, name = open_checkpoint(resolve_checkpoint(path, storage_options), storage_options)
     return load(storage, name, verify=verify, allow_pickle=allow_pickle)
@@ -177,7 +211,16 @@ def load_checkpoint(
 def list_variables(
     path: str | os.PathLike, storage_options: dict | None = None
 ) -> list[tuple[str, str, tuple]]:
-    """``(name, dtype, shape)`` of every tensor in a checkpoint (or a directory's latest), by name."""
+    """``(name, dtype, shape)`` of every tensor in a checkpoint (or a directory's latest), by name.
+
+    Reads only the index (no tensor data), like ``tf.train.list_variables``. Names are key paths in the
+    state tree joined with ``/``; ``path`` is anything :func:`load_checkpoint` accepts.
+
+    Example:
+        >>> save_checkpoint("runs/a/ckpt-10", {"model": {"w": np.zeros((4, 4), np.float32)}, "epoch": 3})
+        >>> list_variables("runs/a/ckpt-10")
+        [('model/w', 'float32', (4, 4))]
+    """
     path = resolve_checkpoint(path, storage_options, verify=False)
     index = _read_index(*open_checkpoint(path, storage_options))
     return sorted((n, t["dtype"], tuple(t["shape"])) for n, t in index["tensors"].items())
@@ -203,7 +246,17 @@ def read_index(path: str | os.PathLike, storage_options: dict | None = None, ver
 def get_checkpoint_state(
     directory: str | os.PathLike, storage_options: dict | None = None
 ) -> CheckpointState | None:
-    """The directory's ``checkpoint`` state file with paths joined to the directory, or None."""
+    """The directory's ``checkpoint`` state file, like ``tf.train.get_checkpoint_state``; None without one.
+
+    Returns:
+        A :class:`CheckpointState`: ``model_checkpoint_path`` (the newest checkpoint) and
+        ``all_model_checkpoint_paths`` (every kept one, oldest first) joined to the directory, their
+        save times in ``all_model_checkpoint_timestamps`` (POSIX seconds) and
+        ``last_preserved_timestamp``. None when the directory has no state file.
+
+    Raises:
+        CorruptCheckpointError: the file cannot be parsed, or names a path outside the directory.
+    """
     storage = Storage(directory, storage_options)
     found = read_state(storage)
     if found is None:
@@ -220,7 +273,11 @@ def get_checkpoint_state(
 
 
 def latest_checkpoint(directory: str | os.PathLike, storage_options: dict | None = None) -> str | None:
-    """Path of the checkpoint the state file names as newest, or None (like ``tf.train.latest_checkpoint``)."""
+    """Path of the checkpoint the state file names as newest, or None (like ``tf.train.latest_checkpoint``).
+
+    None also when that checkpoint's ``.index`` is missing. Checksums are not checked: to read the
+    newest *valid* checkpoint, pass the directory to :func:`load_checkpoint`.
+    """
     storage = Storage(directory, storage_options)
     found = read_state(storage)
     if found is None or not found[0].model_checkpoint_path:

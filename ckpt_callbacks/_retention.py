@@ -100,7 +100,3 @@ class Retention:
             else:
                 deleted.append(r)
         return Decision(kept, deleted, last_preserved)
-
-
-def kept_because(record: Record) -> str:
-    return {"active": "latest", "hourly": "hourly", "best": "best"}[record.status]

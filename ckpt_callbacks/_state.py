@@ -221,6 +221,6 @@ def read_state(storage: Storage) -> tuple[CheckpointState, list[Record] | None, 
 
 
 def write_state(storage: Storage, data: bytes) -> None:
-    """Write the state file: the commit point of a save (SPEC §3.3)."""
+    """Write the state file: the commit point of a save."""
     storage.write_bytes(STATE_FILE_NAME, data)
     storage.sync_dir()

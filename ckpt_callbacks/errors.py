@@ -9,8 +9,13 @@ Every class also subclasses the builtin a caller would already catch::
     │   └── PickleRefusedError(IncompatibleCheckpointError, TypeError)  # a pickled leaf, no allow_pickle
     └── CheckpointWriteError(CheckpointError, OSError)            # disk full, permission, network
 
-``ArgumentTypeError(TypeError, ValueError)`` is raised for a constructor argument of the wrong type
-(a ``ValueError`` too, for callers that catch bad arguments by that); it is not a checkpoint error.
+Two more are not checkpoint errors (nothing is wrong with a checkpoint)::
+
+    ArgumentTypeError(TypeError, ValueError)      # a constructor argument of the wrong type
+    UnsupportedStorageLibraryError(RuntimeError)  # the installed s3fs / gcsfs / aiohttp lacks an
+                                                  # internal our writers rely on
+
+``ArgumentTypeError`` is a ``ValueError`` too, for callers that catch bad arguments by that.
 
 A failed save never removes the previous checkpoint: after ``CheckpointWriteError`` the
 ``checkpoint`` state file still names the last good one.
@@ -57,3 +62,11 @@ class PickleRefusedError(IncompatibleCheckpointError, TypeError):
 
 class ArgumentTypeError(TypeError, ValueError):
     """A constructor argument of the wrong type."""
+
+
+class UnsupportedStorageLibraryError(RuntimeError):
+    """The installed s3fs / gcsfs / aiohttp lacks an internal our writers rely on.
+
+    Raised instead of falling back to the library's own writer; the message names the installed
+    version and the supported range (the ``s3`` / ``gcs`` extras).
+    """

@@ -1,5 +1,5 @@
 """Fault injection between the object-store client and a real local server, on S3 and GCS alike
-(SPEC §3.3, §6 CheckpointWriteError).
+(the commit protocol of README "On storage"; CheckpointWriteError).
 
 A loopback proxy (faultproxy.py, speaking each store's error format) answers 503 / 502, drops the
 connection before forwarding (a reset the server never saw), or forwards and then drops it (the
@@ -39,7 +39,7 @@ import pytest
 from cloud_helpers import GCS_BUCKET, S3_BUCKET, gcs_options, object_keys, pending_uploads, s3_options
 from faultproxy import DROP, DROP_AFTER, ERROR_502, ERROR_503, FaultProxy
 
-import ckpt_callbacks._manager as manager
+import ckpt_callbacks._checkpoint_io as checkpoint_io
 from ckpt_callbacks import CheckpointManager, CheckpointWriteError, latest_checkpoint
 from ckpt_callbacks._storage import _retry, _s3
 
@@ -539,7 +539,7 @@ def test_a_gcs_save_is_chunked_resumable_uploads(store: str, run: Run) -> None:
 def test_sharded_save(store: str, persistent: bool, run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two data shards uploaded concurrently: a fault in one is retried; a persistent one fails the
     save, and the other shard's finished object is removed again."""
-    monkeypatch.setattr(manager, "_SHARD_BYTES", 5 * MIB)  # 8 MiB: two shards, one big tensor each
+    monkeypatch.setattr(checkpoint_io, "_SHARD_BYTES", 5 * MIB)  # 8 MiB: two shards, one big tensor each
     s = run.store
     shards = (".data-00000-of-00002", ".data-00001-of-00002")
     with run.manager(max_to_keep=1) as mgr:

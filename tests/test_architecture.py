@@ -118,28 +118,44 @@ def test_no_import_cycle_among_package_modules():
             dfs(name)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the storage and framework modules still reach into s3fs / gcsfs / fsspec / Lightning / Keras "
-    "internals outside a _compat.py; their split moves those uses",
-)
-def test_private_names_of_other_packages_are_used_only_in_compat_modules():
-    offenders = []
+# Private uses outside a _compat.py that are known and being moved: the Lightning callback's, which
+# the Lightning adapter's split puts behind lightning/_compat.py. Pinned one by one (file and name,
+# not line), so any other private use, in any module, fails the test below.
+KNOWN_PRIVATE_USES = {
+    "lightning/_callback.py: lightning.fabric.utilities.data ['_set_sampler_epoch']",
+    "lightning/_callback.py: lightning.pytorch.utilities.migration.utils ['_pl_migrate_checkpoint']",
+    "lightning/_callback.py: ._checkpoint_connector",
+}
+
+
+def _private_uses() -> list[tuple[str, int | None, str]]:
+    """(file, line or None, what) for every private name of another package used outside a _compat.py."""
+    found: list[tuple[str, int | None, str]] = []
     for name, path in _modules().items():
         if os.path.basename(path) == "_compat.py":
             continue
+        rel = os.path.relpath(path, PKG)
         for module, names, line in _imports(name, path):
             if module.startswith("ckpt_callbacks") or not module:
                 continue
             private = [p for p in module.split(".")[1:] if p.startswith("_") and not p.startswith("__")]
             private += [n for n in names if n.startswith("_") and not n.startswith("__")]
             if private:
-                offenders.append(f"{os.path.relpath(path, PKG)}:{line}: {module} {private}")
+                found.append((rel, line, f"{module} {private}"))
         text = open(path, encoding="utf-8").read()
         for attr in ("._call_s3", "._call(", "._set_session", "._strip_protocol", "._checkpoint_connector"):
             if attr in text:
-                offenders.append(f"{os.path.relpath(path, PKG)}: {attr}")
-    assert not offenders, "\n".join(offenders)
+                found.append((rel, None, attr))
+    return found
+
+
+def test_private_names_of_other_packages_are_used_only_in_compat_modules():
+    offenders = [
+        f"{rel}:{line or '?'}: {what}"
+        for rel, line, what in _private_uses()
+        if f"{rel}: {what}" not in KNOWN_PRIVATE_USES
+    ]
+    assert not offenders, "private names of other packages outside a _compat.py:\n" + "\n".join(offenders)
 
 
 @pytest.mark.parametrize("module", CORE)

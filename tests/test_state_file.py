@@ -1,4 +1,4 @@
-"""The `checkpoint` state file: TensorFlow's text format, read by TensorFlow itself (SPEC §3.2)."""
+"""The `checkpoint` state file: TensorFlow's text format, read by TensorFlow itself."""
 
 from __future__ import annotations
 

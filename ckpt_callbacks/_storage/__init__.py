@@ -42,6 +42,7 @@ its module globals (``os``, ``fcntl``, ``LEASE_SECONDS``), which a re-exporting 
 
 from __future__ import annotations
 
+from ..errors import UnsupportedStorageLibraryError
 from ._base import (
     STREAMING_PROTOCOLS,
     TEMP_MARK,
@@ -52,7 +53,6 @@ from ._base import (
     temp_name,
     write_error,
 )
-from ._compat import UnsupportedStorageLibraryError
 from ._gcs import GCS_UPLOAD_TOKEN, GCSResumableWriter
 from ._local import LocalWriter
 from ._retry import (

@@ -26,6 +26,9 @@ import importlib.metadata
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+# Defined in errors.py with the rest of the exception tree; importable from here as before.
+from ..errors import UnsupportedStorageLibraryError
+
 T = TypeVar("T")
 
 # The ranges the `s3` / `gcs` extras in pyproject.toml allow; tested: s3fs 2026.9.0, gcsfs 2026.10.1,
@@ -37,10 +40,6 @@ S3FS_NEEDS = ("get_s3", "set_session", "_get_s3_method_kwargs", "split_path", "l
 # What our GCS writer uses of a gcsfs filesystem (``_call``, ``_set_session``, ``_get_headers``
 # are private).
 GCSFS_NEEDS = ("_call", "_set_session", "_get_headers", "split_path", "requests_timeout", "loop")
-
-
-class UnsupportedStorageLibraryError(RuntimeError):
-    """The installed s3fs / gcsfs / aiohttp lacks an internal our writers rely on."""
 
 
 def version_of(lib: str) -> str:

@@ -14,7 +14,8 @@ reads, see ``_compat.register_payload``), and each part's CRC32 is computed on t
 so the one event-loop thread that sends every part does little else than sign and send.
 Peak extra memory is about ``(MAX_INFLIGHT_PARTS + concurrent writers) * PART_BYTES`` plus the
 manager's 4 MiB coalescing buffer per writer — measured 68-85 MiB for a 512 MiB save (one writer)
-and ~120 MiB for a 2 GiB one (4 shards), within SPEC §8 P6 (0.1·S + 64 MiB).
+and ~120 MiB for a 2 GiB one (4 shards), within the sync-save memory budget of 0.1·S + 64 MiB
+(P6 in docs/performance.md).
 
 Visibility: parts are invisible until ``CompleteMultipartUpload``; a failed or aborted save calls
 ``AbortMultipartUpload`` (after draining its in-flight parts, so no late part re-creates storage)
@@ -56,7 +57,8 @@ PART_BYTES = 8 << 20
 MAX_PARTS = 10_000
 PART_GROWTH_EVERY = 1_000
 # Parts being uploaded at once, process-wide (boto3's transfer manager uses 10 threads). Bounded by
-# SPEC §8 P6 at the smallest sharded size (256 MiB: 0.1·S + 64 MiB = 89.6 MiB of extra memory).
+# the sync-save memory budget (0.1·S + 64 MiB, P6 in docs/performance.md) at the smallest sharded size
+# (256 MiB: 89.6 MiB of extra memory).
 MAX_INFLIGHT_PARTS = 6
 # The checksum every part carries (boto3's transfer-manager default), and its field in responses.
 CHECKSUM = "CRC32"
@@ -414,7 +416,7 @@ class S3MultipartWriter(AtomicWriter):
         # A retried create (here or inside botocore, invisible to us) may have left an upload whose
         # response was lost, and a killed earlier save of this file leaves one too. Both are invisible
         # but stored: abort every other pending upload of this exact key, which only this directory's
-        # writer (SPEC: one writer per directory) ever creates. One LIST per multipart file.
+        # writer (one writer per directory: the writer lock) ever creates. One LIST per multipart file.
         self._abort_others()
 
     def _abort_others(self) -> None:

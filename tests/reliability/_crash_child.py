@@ -29,8 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import rel_workload as wl  # noqa: E402
 
-from ckpt_callbacks import _checkpoint_io  # noqa: E402
-from ckpt_callbacks._manager import CheckpointManager  # noqa: E402
+from ckpt_callbacks import CheckpointManager, _checkpoint_io  # noqa: E402
 
 _OS_HOOKS = ("open", "write", "fsync", "replace", "remove", "unlink", "ftruncate", "pwrite")
 

@@ -1,4 +1,4 @@
-"""Hostile checkpoints (SPEC §7): rejected with CorruptCheckpointError, quickly, in bounded memory,
+"""Hostile checkpoints (README, "Guarantees"): rejected with CorruptCheckpointError, quickly, in bounded memory,
 and never reading, writing or deleting outside the checkpoint directory.
 
 The attacker controls every byte, so each hostile index is written *self-consistent*: its own
@@ -31,7 +31,7 @@ from ckpt_callbacks import (
     load_checkpoint,
 )
 from ckpt_callbacks import _format as fmt
-from ckpt_callbacks._manager import read_meta, resolve_checkpoint
+from ckpt_callbacks._resolve import read_meta, resolve_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
 

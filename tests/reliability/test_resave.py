@@ -1,4 +1,4 @@
-"""Re-saving an existing step (SPEC §3.3): the old copy stays listed and whole until the new one commits.
+"""Re-saving an existing step: the old copy stays listed and whole until the new one commits.
 
 The new copy's data files get other names (another shard count) and a failure writes the old .meta and
 .index back, so a failure or a SIGKILL at any step of the commit protocol leaves a loadable ckpt-1:
@@ -25,7 +25,7 @@ from ckpt_callbacks._lock import LOCK_FILE_NAME
 OLD = {"w": np.arange(6, dtype=np.float32), "version": "old"}
 NEW = {"w": np.arange(6, dtype=np.float32) * -1, "b": np.ones(3), "version": "new"}
 BEFORE_COMMIT = ["before_data", "after_data", "after_meta", "after_index", "before_state"]
-# Once the new .index is in place the new copy exists (SPEC §3.1), state file or not.
+# Once the new .index is in place the new copy exists (the .index is written last), state file or not.
 NEW_EXISTS = ["after_index", "before_state", "after_state"]
 
 

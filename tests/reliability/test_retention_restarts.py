@@ -1,6 +1,6 @@
-"""Retention under restarts, crashes, clock jumps and foreign files (SPEC §4), against a reference model.
+"""Retention under restarts, crashes, clock jumps and foreign files, against a reference model.
 
-The reference model is written here from SPEC §4 / TensorFlow ``CheckpointManager`` semantics,
+The reference model is written here from TensorFlow ``CheckpointManager`` semantics,
 independently of ``ckpt_callbacks._retention``: an ordered queue of active checkpoints swept oldest
 first; one leaving the window is preserved forever when its timestamp is >= ``hours`` after
 ``last_preserved`` (which moves to it), else deleted. A restart continues the same queue (our state
@@ -45,7 +45,7 @@ class SimulatedCrash(BaseException):
 
 
 class Reference:
-    """SPEC §4 retention, by the book."""
+    """Retention as TensorFlow's CheckpointManager does it, by the book."""
 
     def __init__(self) -> None:
         self.active: collections.OrderedDict[int, float] = collections.OrderedDict()
@@ -312,7 +312,7 @@ def test_known_divergence_clock_behind_last_preserved_across_a_restart(tmp_path)
     saved at 999400. A restart (max_to_keep=1, hours=2) and a save of ckpt-2 at 1003000 follow.
     TensorFlow's state file does not say which checkpoints are active, so its restart treats ckpt-1
     (timestamp <= last_preserved) as preserved forever. Ours knows ckpt-1 is active and, like one
-    uninterrupted manager (SPEC §4: "same survivors as one uninterrupted manager"), drops it.
+    uninterrupted manager (the same survivors as one uninterrupted manager), drops it.
     """
     clock = [1_000_000.0]
     d = str(tmp_path / "run")

@@ -1,4 +1,4 @@
-"""Write faults (SPEC §3.3, §6): ENOSPC / EIO / EACCES at the k-th write of a save.
+"""Write faults (a CheckpointWriteError, the previous checkpoint intact): ENOSPC / EIO / EACCES at the k-th write of a save.
 
 Local disk: the ``os`` module seen by ``ckpt_callbacks._storage._local`` is replaced by a proxy that fails the
 k-th ``open`` (of a file), ``write``, ``fsync`` (of a file) or ``replace`` with a real ``OSError``
