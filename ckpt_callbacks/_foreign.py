@@ -26,18 +26,28 @@ _LISTED = 5
 def check_not_foreign(storage: Storage, prefix: str, written_by_us: Callable[[str], bool]) -> None:
     """Raise IncompatibleCheckpointError when ``storage`` holds checkpoint files another tool wrote.
 
-    Foreign: a ``<prefix>-<step>.index`` / ``.data-*`` / ``.meta`` file whose content is not this
-    format, or a ``checkpoint`` state file without this library's records line that names a
-    checkpoint whose ``.index`` is not this format (TensorFlow's state file with any prefix). Only file
-    heads are read (64 bytes each); nothing is written.
+    Foreign: a ``checkpoint`` state file without this library's records line that names a checkpoint
+    whose ``.index`` is not this format (TensorFlow's state file, whatever its prefix); or, when the
+    directory has no state file of this library, a ``<prefix>-<step>.index`` / ``.data-*`` / ``.meta``
+    file whose content is not this format. Under this library's own state file such a file is a
+    damaged checkpoint (SPEC §5: reported and skipped by restore, never deleted). Only file heads
+    are read (64 bytes each); nothing is written.
     """
     names = set(storage.list_names())
     if not names:
         return
     own = re.compile(rf"{re.escape(prefix)}-\d+(?:\.data-\d{{5}}-of-\d{{5}}|\.index|\.meta)\Z")
-    found = sorted(n for n in names if own.match(n) and not written_by_us(n))
+    found: list[str] = []
     if STATE_FILE_NAME in names:
-        found += _foreign_state_file(storage, names, written_by_us)
+        evidence = _foreign_state_file(storage, names, written_by_us)
+        if evidence is None:
+            # This library's state file: a checkpoint file under it that is not this format is a
+            # damaged checkpoint of ours (reported, and skipped, by restore), not another tool's.
+            return
+        found += evidence
+    theirs = sorted(n for n in names if own.match(n) and not written_by_us(n))
+    # The state file first, then indexes: what a reader recognises another tool's checkpoints by.
+    found += sorted(theirs, key=lambda n: not n.endswith(_INDEX_SUFFIX))
     if not found:
         return
     shown = ", ".join(found[:_LISTED]) + (f", ... ({len(found)} in all)" if len(found) > _LISTED else "")
@@ -52,11 +62,14 @@ def check_not_foreign(storage: Storage, prefix: str, written_by_us: Callable[[st
     )
 
 
-def _foreign_state_file(storage: Storage, names: set[str], written_by_us: Callable[[str], bool]) -> list[str]:
+def _foreign_state_file(
+    storage: Storage, names: set[str], written_by_us: Callable[[str], bool]
+) -> list[str] | None:
+    """None for this library's state file; else what marks it as another tool's (maybe nothing)."""
     try:
         data = storage.read_bytes(STATE_FILE_NAME, max_bytes=MAX_STATE_FILE_BYTES)
         if _COMMENT_KEY.encode() in data:
-            return []  # this library's state file (its retention records line)
+            return None  # this library's state file (its retention records line)
         state, _ = parse_state(data)
     except CheckpointError:
         return []  # unreadable or corrupt: the manager reports it with its own error

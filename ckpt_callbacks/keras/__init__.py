@@ -33,6 +33,7 @@ def _missing_backend() -> str | None:
                 f"ckpt_callbacks.keras: KERAS_BACKEND={wanted!r} but {wanted!r} is not installed. Install it "
                 f"with pip install {package!r} (or pip install 'ckpt-callbacks[keras,{extra}]'), or set "
                 f"KERAS_BACKEND to an installed backend ({', '.join(_installed()) or 'none installed'})."
+                + ("" if _installed() else f" {_INSTALL_HINT}")
             )
         return None
     if not wanted and not _installed():

@@ -74,8 +74,9 @@ def test_epoch_end_save_carries_validation_metrics_and_epoch(tmp_path):
 def test_save_every_n_seconds_uses_the_clock(tmp_path, fake_clock):
     x, y = data()
     model = sequential()
-    cb = CheckpointCallback(tmp_path, save_every_n_seconds=100, save_on_train_end=False, max_to_keep=None)
-    cb._clock = fake_clock
+    cb = CheckpointCallback(
+        tmp_path, save_every_n_seconds=100, save_on_train_end=False, max_to_keep=None, clock=fake_clock
+    )
 
     class Tick(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
@@ -98,8 +99,9 @@ def test_hourly_retention_with_injected_clock(tmp_path, fake_clock):
     x, y = data()
     model = sequential()
     start = fake_clock.now
-    cb = CheckpointCallback(tmp_path, save_every_n_steps=1, max_to_keep=2, keep_checkpoint_every_n_hours=1)
-    cb._clock = fake_clock
+    cb = CheckpointCallback(
+        tmp_path, save_every_n_steps=1, max_to_keep=2, keep_checkpoint_every_n_hours=1, clock=fake_clock
+    )
 
     class Tick(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
