@@ -280,7 +280,7 @@ def test_counters_persist_in_the_checkpoint(tmp_path):
         ({"max_to_keep": 0}, "max_to_keep must be an int >= 1"),
         ({"keep_checkpoint_every_n_hours": 0}, "keep_checkpoint_every_n_hours must be a positive number"),
         ({"keep_best": 2, "monitor": ""}, "keep_best needs the metric"),
-        ({"mode": "best"}, "mode must be 'min' or 'max'"),
+        ({"mode": "best"}, "mode must be 'auto', 'min' or 'max'"),
         ({"prefix": "a/b"}, "prefix must be a plain file-name prefix"),
         ({"storage_options": "anon"}, "storage_options must be a dict"),
         ({"save_on_train_end": False}, "would never save"),
