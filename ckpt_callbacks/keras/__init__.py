@@ -41,7 +41,29 @@ def _missing_backend() -> str | None:
             "ckpt_callbacks.keras needs Keras 3 and one of its backends, and no backend is installed "
             f"(none of tensorflow, torch, jax). {_INSTALL_HINT}"
         )
+    default = _configured_backend()
+    if not wanted and default in _BACKENDS and not _importable(default):
+        package, extra = _BACKENDS[default]
+        return (
+            f"ckpt_callbacks.keras: Keras' configured backend is {default!r} (KERAS_BACKEND is not set), "
+            f"which is not installed. Set KERAS_BACKEND to an installed one ({', '.join(_installed())}), "
+            f"e.g. KERAS_BACKEND={_installed()[0]}, or install it: pip install {package!r} (extra "
+            f"'ckpt-callbacks[keras,{extra}]')."
+        )
     return None
+
+
+def _configured_backend() -> str:
+    """The backend Keras picks without KERAS_BACKEND: its keras.json, else TensorFlow."""
+    import json
+
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            backend = json.load(f).get("backend")
+    except (OSError, ValueError, AttributeError):
+        backend = None
+    return backend if isinstance(backend, str) else "tensorflow"
 
 
 def _importable(name: str) -> bool:

@@ -232,13 +232,20 @@ BLOCK = "import sys\nfor m in {blocked!r}: sys.modules[m] = None\nimport ckpt_ca
         ),
         # KERAS_BACKEND names a backend that is missing: name it and its extra.
         ("jax", ("jax",), ["KERAS_BACKEND='jax'", "[keras,jax]", "tensorflow"]),
+        # KERAS_BACKEND unset and Keras' default backend (TensorFlow) missing: name an installed one.
+        (
+            "",
+            ("tensorflow",),
+            ["configured backend is 'tensorflow'", "KERAS_BACKEND=torch", "tensorflow-cpu"],
+        ),
         # No Keras: name it.
         ("", ("keras",), ["needs Keras 3", "[keras,tensorflow]"]),
     ],
 )
-def test_import_errors_name_the_missing_piece(backend_env, blocked, expected):
-    # KERAS_BACKEND="" is what an unset variable means to the check.
-    env = {"KERAS_BACKEND": backend_env}
+def test_import_errors_name_the_missing_piece(tmp_path, backend_env, blocked, expected):
+    # KERAS_BACKEND="" is what an unset variable means to the check; an empty KERAS_HOME has no
+    # keras.json, so Keras' default backend is TensorFlow.
+    env = {"KERAS_BACKEND": backend_env, "KERAS_HOME": str(tmp_path)}
     proc = run_python(
         BLOCK.format(blocked=blocked), check=False, env=env, backend=backend_env or "tensorflow"
     )
