@@ -11,7 +11,8 @@ Each entry is something Keras 3 offers no public API for:
   ``"global_seed_generator"``, created by ``keras.src.random.seed_generator.global_seed_generator``):
   the state unseeded ``keras.random`` calls draw from; a bit-exact resume restores it.
 - ``keras.src.trainers.compile_utils.CompileMetrics`` / ``MetricsList`` and ``Metric._direction``: how
-  Keras' ``ModelCheckpoint(mode="auto")`` finds whether a compiled metric is maximised.
+  Keras' ``ModelCheckpoint(mode="auto")`` finds whether a compiled metric is maximised; before the
+  first train step, ``CompileMetrics._user_metrics`` / ``_user_weighted_metrics`` (what compile got).
 - ``keras.src.backend.<backend>.optimizers``: the module a backend-specific optimizer class (the torch
   backend's ``Adam``) is serialized under; another backend cannot import it, so ``load_model`` maps it
   to the public ``keras.optimizers``.
@@ -67,6 +68,11 @@ def metric_direction(model: Any, name: str) -> str | None:
     found = None
     for m in getattr(model, "metrics", None) or []:
         inner = m.metrics if isinstance(m, (compile_utils.CompileMetrics, compile_utils.MetricsList)) else []
+        if isinstance(m, compile_utils.CompileMetrics) and not m.built:
+            # Before the first train step (TensorFlow builds them then) only the metric objects the
+            # user passed to compile() exist; strings become metrics at build time.
+            user = (getattr(m, "_user_metrics", None), getattr(m, "_user_weighted_metrics", None))
+            inner = [x for x in keras.tree.flatten(user) if isinstance(x, keras.metrics.Metric)]
         for metric in inner:
             if getattr(metric, "name", None) == name and hasattr(metric, "_direction"):
                 found = "max" if metric._direction == "up" else "min"

@@ -63,6 +63,9 @@ def test_metric_direction_reads_compiled_metrics():
     x, y = data()
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     model.compile("sgd", "mse", metrics=["mean_absolute_error", keras.metrics.R2Score(name="fit")])
+    # Before the first train step (when on_train_begin resolves mode="auto"): the objects given to compile.
+    assert _compat.metric_direction(model, "fit") == "max"
+    assert _compat.metric_direction(model, "mean_absolute_error") is None  # a string: the name rule decides
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # builds the compiled metrics
     assert _compat.metric_direction(model, "fit") == "max"
     assert _compat.metric_direction(model, "mean_absolute_error") == "min"

@@ -31,9 +31,12 @@ def classifier(metrics) -> keras.Model:
     return model
 
 
-def fit_keep_best(tmp_path, metrics, monitor: str, epochs: int = 6) -> tuple[list[float], list[int]]:
+def fit_keep_best(
+    tmp_path, metrics, monitor: str, epochs: int = 6, expected_mode: str | None = None
+) -> tuple[list[float], list[int]]:
     """Train with keep_best=1, max_to_keep=1 and one save per epoch; returns the monitored values and
-    the steps kept."""
+    the steps kept. The best may be the newest epoch too, so the direction the callback resolved is
+    checked as well."""
     keras.utils.set_random_seed(0)
     x, _ = data(n=64)
     y = (x[:, :1] + 0.3 * x[:, 1:2] > 0).astype("float32")
@@ -43,6 +46,8 @@ def fit_keep_best(tmp_path, metrics, monitor: str, epochs: int = 6) -> tuple[lis
     h = model.fit(
         x, y, batch_size=16, epochs=epochs, validation_data=(xv, yv), shuffle=False, callbacks=[cb], verbose=0
     )
+    if expected_mode is not None:
+        assert cb._resolved_mode == expected_mode
     return [float(v) for v in h.history[monitor]], kept_steps(tmp_path)
 
 
@@ -53,7 +58,7 @@ def best_steps(values: list[float], best, steps_per_epoch: int = 4) -> set[int]:
 
 def test_keep_best_val_accuracy_keeps_the_highest_accuracy(tmp_path):
     """The issue's case: mode defaults to "auto", which maximises an accuracy."""
-    values, kept = fit_keep_best(tmp_path, ["accuracy"], "val_accuracy")
+    values, kept = fit_keep_best(tmp_path, ["accuracy"], "val_accuracy", expected_mode="max")
     assert len(set(values)) > 1, values  # the ranking is not decided by ties
     assert best_steps(values, max) & set(kept), (values, kept)
     assert kept[-1] == 24  # the newest, kept by max_to_keep=1
@@ -61,20 +66,24 @@ def test_keep_best_val_accuracy_keeps_the_highest_accuracy(tmp_path):
 
 def test_auto_follows_the_compiled_metric_objects_direction(tmp_path):
     # Named so that the name rule alone would pick "min"; Keras' AUC metric has direction "up".
-    values, kept = fit_keep_best(tmp_path, [keras.metrics.AUC(name="separation")], "val_separation")
+    values, kept = fit_keep_best(
+        tmp_path, [keras.metrics.AUC(name="separation")], "val_separation", expected_mode="max"
+    )
     assert len(set(values)) > 1, values
     assert best_steps(values, max) & set(kept), (values, kept)
 
 
 def test_auto_minimises_a_metric_whose_direction_is_down_whatever_its_name(tmp_path):
     # Named like a maximised metric; Keras' Hinge metric has direction "down".
-    values, kept = fit_keep_best(tmp_path, [keras.metrics.Hinge(name="recall_like")], "val_recall_like")
+    values, kept = fit_keep_best(
+        tmp_path, [keras.metrics.Hinge(name="recall_like")], "val_recall_like", expected_mode="min"
+    )
     assert len(set(values)) > 1, values
     assert best_steps(values, min) & set(kept), (values, kept)
 
 
 def test_auto_minimises_the_loss(tmp_path):
-    values, kept = fit_keep_best(tmp_path, [], "val_loss")
+    values, kept = fit_keep_best(tmp_path, [], "val_loss", expected_mode="min")
     assert best_steps(values, min) & set(kept), (values, kept)
 
 
