@@ -232,10 +232,10 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.restored_from = None
         self._info = _adapter.framework_info(self.model)
         self._resolved_mode = self._mode_for(self.model)
-        # Fail before the first batch, not at the first save: an unwritable directory, and (when the
-        # manager is constructed below or at the first save) one holding another tool's checkpoints.
+        # Fail before the first batch, not at the first save: an unwritable directory, or one holding
+        # another tool's checkpoints (the manager's constructor refuses it).
         _foreign.check_writable(self.directory, self.storage_options)
-        self.manager  # noqa: B018 - constructing it runs the foreign-directory check
+        self.manager  # noqa: B018 - constructed here, so that check runs before training
         # A model without variables yet (subclassed, or Sequential without an Input) is built by Keras'
         # TensorFlow trainer only when the first train step is traced; building the optimizer now would
         # tie it to an empty variable list. Keras builds the optimizer itself in that case.
@@ -269,7 +269,7 @@ class CheckpointCallback(keras.callbacks.Callback):
                 self.restored_from = path
                 trainer = state.get(_adapter.TRAINER_KEY) or {}
                 logger.info(
-                    "CheckpointCallback resumed from %s: epoch %d, batch %d of that epoch, global step %d",
+                    "CheckpointCallback resumed from %s: epoch %d, %d batch(es) of it already done, global step %d",
                     path,
                     int(trainer.get("epoch", 0)),
                     int(trainer.get("batches_in_epoch", 0)),
