@@ -28,10 +28,11 @@ def check_not_foreign(storage: Storage, prefix: str, written_by_us: Callable[[st
 
     Foreign: a ``checkpoint`` state file without this library's records line that names a checkpoint
     whose ``.index`` is not this format (TensorFlow's state file, whatever its prefix); or, when the
-    directory has no state file of this library, a ``<prefix>-<step>.index`` / ``.data-*`` / ``.meta``
-    file whose content is not this format. Under this library's own state file such a file is a
-    damaged checkpoint (SPEC §5: reported and skipped by restore, never deleted). Only file heads
-    are read (64 bytes each); nothing is written.
+    directory has no state file of this library, a ``<prefix>-<step>.index`` together with a
+    ``<prefix>-<step>.data-*`` file, neither in this format (TensorFlow's checkpoint files, its state
+    file gone). Under this library's own state file such files are a damaged checkpoint (SPEC §5:
+    reported and skipped by restore); a lone file with one of our names is a user's file. Neither
+    is ever deleted. Only file heads are read (64 bytes each); nothing is written.
     """
     names = set(storage.list_names())
     if not names:
@@ -45,9 +46,16 @@ def check_not_foreign(storage: Storage, prefix: str, written_by_us: Callable[[st
             # damaged checkpoint of ours (reported, and skipped, by restore), not another tool's.
             return
         found += evidence
-    theirs = sorted(n for n in names if own.match(n) and not written_by_us(n))
+    # Another tool's checkpoint: an index and its data file(s), neither in this format. A lone file
+    # with one of our names (a user's notes, a backup) is not one: it is left alone, as always.
+    theirs = [n for n in names if own.match(n) and not n.endswith(".meta") and not written_by_us(n)]
+    indexed = {n[: -len(_INDEX_SUFFIX)] for n in theirs if n.endswith(_INDEX_SUFFIX)}
+    with_data = {n.split(".data-")[0] for n in theirs if ".data-" in n}
+    checkpoints = indexed & with_data
     # The state file first, then indexes: what a reader recognises another tool's checkpoints by.
-    found += sorted(theirs, key=lambda n: not n.endswith(_INDEX_SUFFIX))
+    found += sorted(
+        (n for n in theirs if n.split(".")[0] in checkpoints), key=lambda n: not n.endswith(_INDEX_SUFFIX)
+    )
     if not found:
         return
     shown = ", ".join(found[:_LISTED]) + (f", ... ({len(found)} in all)" if len(found) > _LISTED else "")

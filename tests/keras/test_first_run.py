@@ -7,6 +7,7 @@ import logging
 import os
 
 import keras
+import numpy as np
 import pytest
 from keras_helpers import run_python
 from keras_models import data, sequential
@@ -263,3 +264,21 @@ def test_import_errors_name_the_missing_piece(tmp_path, backend_env, blocked, ex
     assert last.startswith("ModuleNotFoundError"), proc.stderr[-2000:]
     for part in expected:
         assert part in last, (part, last)
+
+
+def test_tensorflow_files_without_their_state_file_are_refused_but_a_lone_file_is_not(tmp_path):
+    directory = tmp_path / "tf"
+    tensorflow_directory(directory)
+    os.remove(directory / "checkpoint")
+    before = snapshot(directory)
+    with pytest.raises(IncompatibleCheckpointError, match=r"ckpt-1\.index, ckpt-2\.index"):
+        CheckpointManager(str(directory))
+    assert snapshot(directory) == before
+    # One file with one of our names and other content (a user's backup, notes) is no other tool's
+    # checkpoint: the manager opens, and leaves it alone.
+    other = tmp_path / "user"
+    other.mkdir()
+    (other / "ckpt-7.index").write_bytes(b"my notes\n")
+    with CheckpointManager(str(other)) as mgr:
+        mgr.save({"w": np.zeros(2)}, step=1)
+    assert (other / "ckpt-7.index").read_bytes() == b"my notes\n"
