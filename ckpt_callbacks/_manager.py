@@ -837,10 +837,10 @@ class CheckpointManager:
         self._commit_lock = threading.Lock()
         self.resumed_from: str | None = None
         self._closed = False
+        _foreign.check_not_foreign(self._storage, prefix, self._written_by_us)  # SPEC §7, before any write
         # One writer per directory: the leftovers cleanup below would delete another writer's
         # in-flight files. `_allow_concurrent_writers` (private, for readers such as non-zero DDP
         # ranks) skips the lock and, for the same reason, the cleanup.
-        _foreign.check_not_foreign(self._storage, prefix, self._written_by_us)  # SPEC §7, before any write
         self._writer_lock = None if _allow_concurrent_writers else _lock.acquire(self._storage, self)
         try:
             self._load_state()
