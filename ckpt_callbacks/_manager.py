@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from . import _async, _leftovers, _lock, _validation
+from . import _async, _foreign, _leftovers, _lock, _validation
 from . import _checkpoint_io as _cio
 from . import _format as fmt
 from ._checkpoint_read import files_of, load, written_by_us
 from ._names import INDEX_SUFFIX, checkpoint_name, split_url
+from ._mode import resolve_mode
 from ._retention import BestN, EveryNHours, LatestN, Retention
 from ._state import (
     Record,
@@ -58,7 +59,9 @@ class CheckpointManager(_async.BackgroundSaves):
         prefix: checkpoint names are ``f"{prefix}-{step}"``.
         max_to_keep: the newest N checkpoints are kept; ``None`` keeps all. Must be >= 1.
         keep_checkpoint_every_n_hours: also keep one checkpoint per N hours, forever.
-        keep_best: also keep the best K checkpoints by ``metrics[monitor]`` (``mode`` "min" or "max").
+        keep_best: also keep the best K checkpoints by ``metrics[monitor]`` (``mode`` "min" or "max";
+            "auto", the default, is Keras' rule: "max" for accuracy / AUC / precision / recall / F1-like
+            names, else "min").
         storage_options: passed to fsspec (credentials, endpoint, ...).
         async_save: ``save()`` returns after an in-memory snapshot; writing, committing and rotation
             continue on a background thread. A save requested while one is in flight first waits for it
@@ -87,7 +90,7 @@ class CheckpointManager(_async.BackgroundSaves):
         keep_checkpoint_every_n_hours: float | None = None,
         keep_best: int | None = None,
         monitor: str | None = None,
-        mode: str = "min",
+        mode: str = "auto",
         storage_options: dict | None = None,
         async_save: bool = False,
         allow_pickle: bool = False,
@@ -108,7 +111,7 @@ class CheckpointManager(_async.BackgroundSaves):
         self._hours = keep_checkpoint_every_n_hours
         self._keep_best = keep_best
         self._monitor = monitor
-        self._mode = mode
+        self._mode = resolve_mode(monitor, mode)
         self._async = async_save
         self._allow_pickle = allow_pickle
         self._clock = clock
@@ -122,6 +125,9 @@ class CheckpointManager(_async.BackgroundSaves):
         self._commit_lock = threading.Lock()
         self.resumed_from: str | None = None
         self._closed = False
+        _foreign.check_not_foreign(
+            self._storage, prefix, self._written_by_us
+        )  # before any write: foreign files are never touched
         # One writer per directory: the leftovers cleanup below would delete another writer's
         # in-flight files. `_allow_concurrent_writers` (private, for readers such as non-zero DDP
         # ranks) skips the lock and, for the same reason, the cleanup.
