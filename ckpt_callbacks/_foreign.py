@@ -1,6 +1,6 @@
 """Checks before anything is written: a directory of another tool's checkpoints, an unwritable one.
 
-SPEC §2.2 / §7: files this library did not write are never modified, replaced or deleted. TensorFlow's
+Files this library did not write are never modified, replaced or deleted. TensorFlow's
 ``tf.train.CheckpointManager`` writes the very names this library writes (``checkpoint``,
 ``ckpt-N.index``, ``ckpt-N.data-00000-of-00001``); opening a manager on such a directory would
 overwrite its ``checkpoint`` state file at the first save. :func:`check_not_foreign` refuses it at
@@ -30,7 +30,7 @@ def check_not_foreign(storage: Storage, prefix: str, written_by_us: Callable[[st
     whose ``.index`` is not this format (TensorFlow's state file, whatever its prefix); or, when the
     directory has no state file of this library, a ``<prefix>-<step>.index`` together with a
     ``<prefix>-<step>.data-*`` file, neither in this format (TensorFlow's checkpoint files, its state
-    file gone). Under this library's own state file such files are a damaged checkpoint (SPEC §5:
+    file gone). Under this library's own state file such files are a damaged checkpoint (see "Resume" in the README:
     reported and skipped by restore); a lone file with one of our names is a user's file. Neither
     is ever deleted. Only file heads are read (64 bytes each); nothing is written.
     """

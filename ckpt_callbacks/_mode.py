@@ -3,7 +3,7 @@
 Keras 3's callbacks (``ModelCheckpoint``, ``EarlyStopping``) decide ``"auto"`` as follows: ``loss`` and
 ``val_loss`` are minimised; any other name is looked up among the model's compiled metric objects and
 follows that metric's direction; a name that matches none is an error. The core has no model, so it
-uses the name rule Keras 2 used and SPEC §2.1 states, extended to the metric families Keras 3 marks as
+uses the name rule Keras 2 used (documented on `CheckpointManager`), extended to the metric families Keras 3 marks as
 "up": a name (``val_`` prefix removed) containing one of :data:`MAX_NAME_PARTS` is maximised,
 anything else (losses, errors, distances) minimised. The Keras callback first asks the model's metric
 objects, exactly as Keras does, and falls back to this rule.

@@ -1,4 +1,4 @@
-"""``torch.distributed.checkpoint`` storage writer in this library's format (SPEC §2.5, §3).
+"""``torch.distributed.checkpoint`` storage writer in this library's format (files and commit as in docs/INTERNALS.md).
 
 DCP's own ``FileSystemWriter`` pickles its metadata, ``torch.save``s every item and writes in place,
 so a crash mid-save destroys the previous checkpoint. Here every rank streams its own

@@ -1,4 +1,4 @@
-"""The ``torch.distributed.checkpoint`` storage reader of this library's format (SPEC §2.5, §3).
+"""The ``torch.distributed.checkpoint`` storage reader of this library's format (files and commit as in docs/INTERNALS.md).
 
 DCP's ``Metadata`` is rebuilt from the checkpoint's JSON index (global shapes, each chunk's file /
 offset / checksum, DCP's key names under ``"dcp"``): no pickle is read. Each rank reads only the byte
