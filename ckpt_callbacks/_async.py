@@ -40,6 +40,9 @@ def snapshot(buffers: dict[str, np.ndarray], encoded: fmt.EncodedState) -> dict[
     """
     arrays = {}
     for t in encoded.tensors:
+        if isinstance(t.source, fmt.LazyArray) and t.source.immutable:
+            arrays[t.name] = t.array()  # e.g. a JAX array's buffer: kept as it is, no copy
+            continue
         buf = buffers.get(t.name)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
             buf = np.empty(t.shape, dtype=t.dtype)

@@ -73,11 +73,17 @@ class LazyArray:
 
     Adapters wrap framework variables in it so that a sync save converts one tensor at a time
     instead of copying the whole state up front. Loading gives back a numpy array.
+
+    ``immutable``: what ``materialize()`` returns never changes afterwards, whatever happens to the
+    variable it came from (a read-only view of an immutable buffer, such as a CPU JAX array's, or a
+    fresh copy). An async snapshot then keeps that array as it is, instead of copying it into a host
+    buffer: the bytes written are the ones of the moment of the save, at no copy.
     """
 
     shape: tuple[int, ...]
     dtype: Any
     materialize: Callable[[], Any]
+    immutable: bool = False
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(d) for d in self.shape)

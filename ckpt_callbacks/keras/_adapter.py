@@ -46,6 +46,11 @@ def _host_array(value: Any) -> np.ndarray:
             return np.asarray(memoryview(tensor))
         except (TypeError, ValueError):  # bfloat16 and other dtypes the buffer protocol cannot name
             return np.asarray(tensor.numpy())
+    if backend == "jax":
+        # A read-only view of a CPU array's buffer (a device-to-host copy elsewhere); JAX arrays never
+        # change, and while this view lives the next training step cannot donate (reuse) the buffer.
+        # `convert_to_numpy` would copy.
+        return np.asarray(value)
     if backend == "torch" and value.device.type == "cpu":
         try:
             return value.detach().numpy()
@@ -68,12 +73,17 @@ def _np_dtype(keras_dtype: str) -> np.dtype:
 def variables_to_tree(variables: list) -> dict[str, LazyArray]:
     """``{variable.path: LazyArray}`` in variable order; repeated paths get a ``#n`` suffix."""
     out: dict[str, LazyArray] = {}
+    # JAX replaces a variable's array on every assignment and never writes into one: an async snapshot
+    # may keep the arrays read at save time rather than copy them (LazyArray.immutable).
+    immutable = keras.backend.backend() == "jax"
     for v in variables:
         key, n = v.path, 1
         while key in out:
             key = f"{v.path}#{n}"
             n += 1
-        out[key] = LazyArray(tuple(v.shape), _np_dtype(v.dtype), lambda v=v: _variable_array(v))
+        out[key] = LazyArray(
+            tuple(v.shape), _np_dtype(v.dtype), lambda v=v: _variable_array(v), immutable=immutable
+        )
     return out
 
 
