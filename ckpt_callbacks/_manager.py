@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import _format as fmt
-from . import _lock, _validation
+from . import _lock, _readinto, _validation
 from ._retention import BestN, EveryNHours, LatestN, Retention
 from ._state import (
     MAX_STATE_FILE_BYTES,
@@ -365,11 +365,14 @@ def _read_index(storage: Storage, name: str, verify: bool = True, data: bytes | 
     return index
 
 
-def _load(storage: Storage, name: str, *, verify: bool, allow_pickle: bool) -> dict:
+def _load(storage: Storage, name: str, *, verify: bool, allow_pickle: bool, into: Any = None) -> dict:
     index = _read_index(storage, name, verify=verify)
     by_file: dict[int, list[tuple[str, dict]]] = {}
     for tname, t in index["tensors"].items():
         by_file.setdefault(t["file"], []).append((tname, t))
+    dests = _readinto.plan(index, into) if into is not None else None
+    if dests:  # every mismatch and missing / cut file is found before the first byte lands in `into`
+        _readinto.check_data_files(storage, index, by_file)
     arrays: dict[str, Any] = {}
     for file_no, f in enumerate(index["files"]):
         if f.get("kind") == "meta":
@@ -386,10 +389,13 @@ def _load(storage: Storage, name: str, *, verify: bool, allow_pickle: bool) -> d
                     )
             continue
         _read_data_file(
-            storage, f, sorted(by_file.get(file_no, []), key=lambda x: x[1]["offset"]), arrays, verify
+            storage, f, sorted(by_file.get(file_no, []), key=lambda x: x[1]["offset"]), arrays, verify, dests
         )
     tensors = {}
     for tname, t in index["tensors"].items():
+        if dests and tname in dests:
+            tensors[tname] = dests[tname]
+            continue
         arr = arrays[tname].view(fmt.dtype_from_name(t["dtype"]).newbyteorder("<")).reshape(t["shape"])
         if t.get("byteorder") == ">":  # saved from a big-endian array: given back as one
             arr = arr.astype(arr.dtype.newbyteorder(">"))
@@ -404,84 +410,11 @@ def _load(storage: Storage, name: str, *, verify: bool, allow_pickle: bool) -> d
         raise CorruptCheckpointError("Checkpoint tree is nested too deeply.") from None
 
 
-def _read_data_file(storage: Storage, f: dict, tensors: list, out: dict, verify: bool) -> None:
-    fname = f["name"]
-    actual = storage.size(fname)
-    if actual is None:
-        raise CorruptCheckpointError(f"Data file {storage.url_of(fname)!r} of the checkpoint is missing.")
-    if actual != f["size"]:
-        cut = [t for t, e in tensors if e["offset"] + e["length"] > actual]
-        which = f"; tensor(s) past its end: {', '.join(repr(t) for t in cut[:3])}" if cut else ""
-        which += f" and {len(cut) - 3} more" if len(cut) > 3 else ""
-        raise CorruptCheckpointError(
-            f"Data file {storage.url_of(fname)!r} is {actual} bytes; the index expects {f['size']} "
-            f"(truncated or extended){which}."
-        )
-    header_size = f.get("header_size")
-    if not isinstance(header_size, int) or not 8 <= header_size <= min(actual, fmt.MAX_HEADER_BYTES + 8):
-        raise CorruptCheckpointError(f"Invalid header size for {fname!r} in the checkpoint index.")
-    with storage.open_read(fname) as fh:
-        if verify:
-            header = _read_exact(fh, 0, header_size, fname)
-            if fmt.checksum_bytes(header) != f["checksum"]:
-                raise CorruptCheckpointError(
-                    f"{storage.url_of(fname)!r}: safetensors header checksum mismatch."
-                )
-            if int.from_bytes(header[:8], "little") != header_size - 8:  # still a valid safetensors file
-                raise CorruptCheckpointError(
-                    f"{storage.url_of(fname)!r}: safetensors header length is wrong."
-                )
-        # Big files: tensor N is hashed on a helper thread while tensor N+1 is read (xxhash and
-        # readinto both release the GIL), so verifying costs no wall time. Small ones hash inline.
-        behind = verify and actual >= _HASH_BEHIND_BYTES
-        pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify") if behind else None
-        checks: list[tuple[str, Future]] = []
-        try:
-            for tname, t in tensors:
-                if t["offset"] < header_size:
-                    raise CorruptCheckpointError(f"Tensor {tname!r} overlaps the header of {fname!r}.")
-                buf = np.empty(t["length"], dtype=np.uint8)
-                _read_into(fh, t["offset"], memoryview(buf), fname)
-                if pool is not None:
-                    checks.append((tname, pool.submit(_matches, buf, t["checksum"])))
-                elif verify and not _matches(buf, t["checksum"]):
-                    _raise_mismatch(storage, fname, tname)
-                out[tname] = buf
-            for tname, check in checks:
-                if not check.result():
-                    _raise_mismatch(storage, fname, tname)
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+def _read_data_file(storage: Storage, f: dict, tensors: list, out: dict, verify: bool, dests=None) -> None:
+    _readinto.read_data_file(storage, f, tensors, out, verify, dests)
 
 
 _HASH_BEHIND_BYTES = 32 << 20
-
-
-def _matches(buf: np.ndarray, checksum: str) -> bool:
-    return fmt.checksum_bytes(memoryview(buf)) == checksum
-
-
-def _raise_mismatch(storage: Storage, fname: str, tname: str) -> None:
-    raise CorruptCheckpointError(
-        f"Checksum mismatch for tensor {tname!r} in {storage.url_of(fname)!r}: the file is corrupt."
-    )
-
-
-def _read_exact(fh, offset: int, n: int, fname: str) -> bytes:
-    buf = bytearray(n)
-    _read_into(fh, offset, memoryview(buf), fname)
-    return bytes(buf)
-
-
-def _read_into(fh, offset: int, view: memoryview, fname: str) -> None:
-    fh.seek(offset)
-    got = 0
-    while got < len(view):
-        n = fh.readinto(view[got:])
-        if not n:
-            raise CorruptCheckpointError(f"Data file {fname!r} ends early (truncated).")
-        got += n
 
 
 # ===================================================================== public one-shot functions
@@ -522,8 +455,15 @@ def load_checkpoint(
     storage_options: dict | None = None,
     verify: bool = True,
     allow_pickle: bool = False,
+    into: Any = None,
 ) -> dict:
     """Load one checkpoint's state tree; with ``verify`` every checksum is checked.
+
+    ``into``: a tree of existing numpy arrays / CPU torch tensors (e.g. ``{"state_dict":
+    module.state_dict()}``) to restore in place: each saved tensor at the same key path is read straight
+    into that memory and the same objects are returned in the result; other keys load as usual. A shape
+    or dtype mismatch raises IncompatibleCheckpointError before anything is written; a checksum failure
+    raises CorruptCheckpointError with `into` partly overwritten (see ``_readinto``).
 
     ``path`` is a checkpoint (``.../ckpt-100``, its ``.index``, or a marker file written by
     ``FsspecCheckpointIO``) or, like ``tf.train.load_checkpoint``, a directory (its newest valid one).
@@ -531,7 +471,7 @@ def load_checkpoint(
     """
     directory, name = _split(resolve_checkpoint(path, storage_options))
     storage = Storage(directory, storage_options)
-    return _load(storage, name, verify=verify, allow_pickle=allow_pickle)
+    return _load(storage, name, verify=verify, allow_pickle=allow_pickle, into=into)
 
 
 def list_variables(
@@ -1312,7 +1252,7 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ restore
 
-    def restore(self, path: str | os.PathLike | None = None) -> Any:
+    def restore(self, path: str | os.PathLike | None = None, *, into: Any = None) -> Any:
         """The state of ``path``, or of the newest valid checkpoint (None when there is none).
 
         With a path, missing or corrupt checkpoints raise CheckpointNotFoundError /
@@ -1325,10 +1265,10 @@ class CheckpointManager:
         if path is not None:
             directory, name = _split(os.fspath(path))
             storage = Storage(directory, self._storage_options) if directory != "." else self._storage
-            return _load(storage, name, verify=True, allow_pickle=self._allow_pickle)
-        return self.restore_with_path()[1]
+            return _load(storage, name, verify=True, allow_pickle=self._allow_pickle, into=into)
+        return self.restore_with_path(into=into)[1]
 
-    def restore_with_path(self) -> tuple[str | None, Any]:
+    def restore_with_path(self, *, into: Any = None) -> tuple[str | None, Any]:
         """``(path, state)`` of the newest valid checkpoint, or ``(None, None)``."""
         self._wait(raise_error=False)
         with self._lock:
@@ -1339,7 +1279,7 @@ class CheckpointManager:
                 names = [n for n in names if n != self._latest] + [self._latest]
         for name in reversed(names):
             try:
-                state = _load(self._storage, name, verify=True, allow_pickle=self._allow_pickle)
+                state = _load(self._storage, name, verify=True, allow_pickle=self._allow_pickle, into=into)
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
                 warnings.warn(
                     f"Checkpoint {self._storage.url_of(name)!r} is unusable ({e}); falling back to an older one.",
