@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _buffers, _lock, _readinto, _validation
 from . import _format as fmt
-from . import _lock, _readinto, _validation
 from ._retention import BestN, EveryNHours, LatestN, Retention
 from ._state import (
     MAX_STATE_FILE_BYTES,
@@ -768,7 +768,7 @@ class CheckpointManager:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._error: BaseException | None = None
-        self._buffers: dict[str, np.ndarray] = {}
+        self._buffers = _buffers.SnapshotBuffers()  # async snapshot buffers, kept between saves
         self._waited_saves = 0  # async saves that had to wait for the previous one
         self._warned_unranked = False
         self._commit_lock = threading.Lock()
@@ -1047,6 +1047,7 @@ class CheckpointManager:
 
         Called only when no save is in flight, so the worker never reads a buffer being refilled.
         """
+        self._buffers.wait()
         arrays = {}
         for t in encoded.tensors:
             buf = self._buffers.get(t.name)
@@ -1241,7 +1242,7 @@ class CheckpointManager:
                 self._executor.shutdown(wait=True)
                 self._executor = None
             _ASYNC_MANAGERS.discard(self)
-            self._buffers.clear()
+            self._buffers.close()
             self._release_writer_lock()
 
     def __enter__(self) -> CheckpointManager:
@@ -1288,6 +1289,8 @@ class CheckpointManager:
                 logger.warning("Skipping corrupt checkpoint %s: %s", self._storage.url_of(name), e)
                 continue
             self.resumed_from = name
+            if self._async:  # the first save after a resume then copies into memory already mapped
+                self._buffers.prepare_like(state)
             return self._storage.url_of(name), state
         return None, None
 

@@ -187,3 +187,22 @@ def test_big_tensor_read_in_chunks_with_hashing_behind(tmp_path, monkeypatch):
     _corrupt_tensor(path, "big")
     with pytest.raises(CorruptCheckpointError, match="Checksum mismatch"):
         load_checkpoint(path, into={"big": np.zeros(300_000, np.float32)})
+
+
+def test_async_manager_prepares_snapshot_buffers_on_resume(tmp_path):
+    state = {"w": np.arange(50_000, dtype=np.float32), "t": torch.arange(10, dtype=torch.bfloat16), "e": 1}
+    with CheckpointManager(tmp_path, async_save=True) as mgr:
+        mgr.save(state, step=1)
+    with CheckpointManager(tmp_path, async_save=True) as mgr:
+        path, restored = mgr.restore_with_path()
+        assert path.endswith("ckpt-1")
+        mgr._buffers.wait()
+        prepared = dict(mgr._buffers)
+        assert prepared["w"].shape == (50_000,) and prepared["t"].shape == (10,)
+        restored["w"] += 1
+        mgr.save(restored, step=2)
+        assert mgr._buffers["w"] is prepared["w"]  # the first save copied into the prepared buffer
+        mgr.wait_until_finished()
+        out = mgr.restore()
+    assert np.array_equal(out["w"], state["w"] + 1)
+    assert torch.equal(out["t"], state["t"]) and out["e"] == 1
