@@ -72,8 +72,10 @@ def drop_cache(paths: list[str]) -> None:
 
 def worker(case: str, d: str, layers: int) -> None:
     import numpy as np
+    import safetensors.torch
     import torch
 
+    import ckpt_callbacks._torch  # noqa: F401 - imported before the cache drop, like safetensors
     from ckpt_callbacks import load_checkpoint
 
     model = build_model(layers)
@@ -99,8 +101,6 @@ def worker(case: str, d: str, layers: int) -> None:
     elif case == "ours_fresh":
         model.load_state_dict(load_checkpoint(ckpt)["state_dict"])
     elif case == "safetensors":
-        import safetensors.torch
-
         model.load_state_dict(safetensors.torch.load_file(files[0]))
     elif case == "torch_load":
         model.load_state_dict(torch.load(files[0], weights_only=True))
