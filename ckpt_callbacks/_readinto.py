@@ -231,6 +231,7 @@ def read_data_file(
                 )
         behind = verify and f["size"] >= _HASH_BEHIND_BYTES
         pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify") if behind else None
+        pending: tuple[str, Future] | None = None
         try:
             for tname, t in tensors:
                 if t["offset"] < header_size:
@@ -246,7 +247,17 @@ def read_data_file(
                         f"Tensor {tname!r} in {fname!r} is {t['length']} bytes in the index, which does not "
                         "match its dtype and shape."
                     )
-                if not _read_hashing(fh, t["offset"], view, fname, pool, verify, t["checksum"]):
+                ok = _read_hashing(fh, t["offset"], view, fname, pool, verify, t["checksum"])
+                if pending is not None:  # the previous tensor, hashed while this one was read
+                    if not pending[1].result():
+                        _raise_mismatch(storage, fname, pending[0], in_place=bool(dests))
+                    pending = None
+                if isinstance(ok, Future):
+                    if buf is not None and dest is not None:
+                        ok = ok.result()  # staged: verified before the staging buffer is copied or reused
+                    else:
+                        pending, ok = (tname, ok), True
+                if not ok:
                     _raise_mismatch(storage, fname, tname, in_place=bool(dests))
                 if dest is None:
                     out[tname] = buf
@@ -254,6 +265,8 @@ def read_data_file(
                 if buf is not None:
                     _fill_from(dest, buf, t)
                 out[tname] = dest
+            if pending is not None and not pending[1].result():
+                _raise_mismatch(storage, fname, pending[0], in_place=bool(dests))
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -267,8 +280,14 @@ def _read_hashing(
     pool: ThreadPoolExecutor | None,
     verify: bool,
     checksum: str,
-) -> bool:
-    """Read ``len(view)`` bytes at ``offset`` into ``view`` in large chunks; True when the checksum matches."""
+) -> bool | Future:
+    """Read ``len(view)`` bytes at ``offset`` into ``view`` in large chunks, hashing them.
+
+    Without a pool: True when the checksum matches. With one: chunk N is hashed on the pool while
+    chunk N+1 is read, and the result is a Future of the match, completed after this tensor's last
+    chunk is hashed (the pool runs its one thread's tasks in order) — the caller resolves it while
+    reading the next tensor, so the last chunk's hashing overlaps a read too.
+    """
     hasher = fmt.new_hasher() if verify else None
     hashing: Future | None = None
     fh.seek(offset)
@@ -285,9 +304,11 @@ def _read_hashing(
             else:
                 hasher.update(view[pos:end])
         pos = end
-    if hashing is not None:
-        hashing.result()
-    return hasher is None or fmt.checksum_str(hasher) == checksum
+    if hasher is None:
+        return True
+    if pool is None:
+        return fmt.checksum_str(hasher) == checksum
+    return pool.submit(lambda: fmt.checksum_str(hasher) == checksum)
 
 
 def _fill(fh: Any, view: memoryview, fname: str) -> None:
@@ -308,8 +329,8 @@ def _raise_mismatch(storage: Any, fname: str, tname: str, in_place: bool) -> Non
     msg = f"Checksum mismatch for tensor {tname!r} in {storage.url_of(fname)!r}: the file is corrupt."
     if in_place:
         msg += (
-            " It was being restored in place: the tensors of `into` read before it hold this checkpoint's "
-            "values, this one holds its corrupt bytes (when it is read in place) and the rest are "
-            "unchanged; restore them again from another checkpoint before using them."
+            " It was being restored in place: the tensors of `into` read before it (and possibly the one "
+            "after it) hold this checkpoint's values, this one holds its corrupt bytes (when it is read in "
+            "place) and the rest are unchanged; restore them again from another checkpoint before using them."
         )
     raise CorruptCheckpointError(msg)
