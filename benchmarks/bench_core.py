@@ -1,4 +1,4 @@
-"""SPEC §8 performance figures P1-P7 and P9 for the framework-agnostic core, side by side.
+"""SPEC §8 performance figures P1-P7, P9 and P13 for the framework-agnostic core, side by side.
 
 Every figure is a ratio against a baseline measured in the same run on the same disk, alternating
 ours and the baseline rep by rep (the disk of a VM drifts by 2-5x over minutes; alternation keeps
@@ -18,6 +18,8 @@ each pair under the same conditions). Medians are reported.
       and both allocator modes: benchmarks/bench_restore.py)
   P9  retention work on the training thread per sync save with 100 checkpoints kept (retention
       sweep + state file commit + deletes), and directory listings per save
+  P13 a 1 MiB state saved synchronously (steady state, retention deleting one checkpoint per save):
+      latency per save vs 2x one raw write + fsync of the same bytes + 5 ms
 
 Usage:
   python benchmarks/bench_core.py            # 512 MiB and 2 GiB states (about 10 minutes)
@@ -47,6 +49,7 @@ sys.path.insert(0, ROOT)
 
 from ckpt_callbacks import (  # noqa: E402
     CheckpointManager,
+    _checkpoint_io,  # noqa: E402
     _manager,  # noqa: E402
     load_checkpoint,
     save_checkpoint,
@@ -415,6 +418,20 @@ def bench_p4(scratch, size, reps):
         first_resumed = time.perf_counter() - t0
         mgr.close()
         rm(d)
+        # A fresh run whose callback prepares the buffers at train start from the live state
+        # (CheckpointManager._prepare_snapshot); the first save comes after the preparation ends.
+        d = scratch.new()
+        mgr = CheckpointManager(d, max_to_keep=1, async_save=True)
+        t0 = time.perf_counter()
+        mgr._prepare_snapshot(state)
+        call = time.perf_counter() - t0
+        mgr._buffers.wait()
+        prepare = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        mgr.save(state, step=0)
+        first_prepared = time.perf_counter() - t0
+        mgr.close()
+        rm(d)
         if kind == "numpy":
             bufs = {k: np.empty_like(v) for k, v in state.items()}
 
@@ -462,7 +479,25 @@ def bench_p4(scratch, size, reps):
             statistics.median(base),
             1.5,
         )
-        print(f"      first save() of a fresh run (allocates the reused buffers): {first:.3f}s", flush=True)
+        row(
+            "P4",
+            f"{human(size)} {kind}: first save() of a fresh run vs {base_label}",
+            first,
+            statistics.median(base),
+            1.5,
+        )
+        row(
+            "P4",
+            f"{human(size)} {kind}: first save() after _prepare_snapshot vs {base_label}",
+            first_prepared,
+            statistics.median(base),
+            1.5,
+        )
+        print(
+            f"      _prepare_snapshot(state): returns in {call * 1e3:.1f} ms, buffers ready after "
+            f"{prepare:.3f}s (background, low priority)",
+            flush=True,
+        )
         del state
 
 
@@ -645,6 +680,50 @@ def bench_p7(scratch, size, reps):
     )
 
 
+# ============================================================================ P13 (small saves)
+
+
+def _count_calls(fn):
+    """Run fn() with os.fsync / os.remove / os.unlink counted (the storage layer's module is os)."""
+    counts = {"fsync": 0, "remove": 0}
+    real = {"fsync": os.fsync, "remove": os.remove}
+
+    def counting(name):
+        def call(*a, **k):
+            counts[name] += 1
+            return real[name](*a, **k)
+
+        return call
+
+    os.fsync, os.remove = counting("fsync"), counting("remove")
+    try:
+        fn()
+    finally:
+        os.fsync, os.remove = real["fsync"], real["remove"]
+    return counts
+
+
+def bench_p13(scratch, reps):
+    print("P13 1 MiB state saved synchronously: latency per save vs one raw write + fsync", flush=True)
+    state = numpy_state(1 * MiB, 4)
+    d = scratch.new()
+    mgr = CheckpointManager(d, max_to_keep=2)
+    for step in range(3):  # steady state: each save now also deletes the checkpoint retention drops
+        mgr.save(state, step=step)
+    steps = iter(range(3, 10**9))
+    counts = _count_calls(lambda: mgr.save(state, step=next(steps)))
+    ours = ("ours", lambda: None, lambda ctx: mgr.save(state, step=next(steps)), lambda ctx: None)
+    t = alternate([ours, file_case(scratch, "raw", raw_writer(state.values()))], reps)
+    mgr.close()
+    rm(d)
+    abs_row("P13", "1 MiB sync save, max_to_keep=2 (ms)", t["ours"] * 1e3, (2 * t["raw"] + 0.005) * 1e3, "ms")
+    print(
+        f"      raw write+fsync {t['raw'] * 1e3:.1f} ms; per save: {counts['fsync']} fsync calls, "
+        f"{counts['remove']} removes",
+        flush=True,
+    )
+
+
 # ============================================================================ P9 (retention)
 
 
@@ -682,12 +761,12 @@ def bench_p9(scratch, saves):
         _manager.Retention.apply,
         mgr._commit_state,
         mgr._follow_other_writer,
-        _manager._remove_quietly,
+        _checkpoint_io.remove_quietly,
     )
     _manager.Retention.apply = timed("sweep", real_apply)
     mgr._commit_state = timed("commit", real_commit)
     mgr._follow_other_writer = timed("check", real_check)
-    _manager._remove_quietly = timed("delete", real_remove)
+    _checkpoint_io.remove_quietly = timed("delete", real_remove)
     Storage.list_names = counting_list
     mgr._storage.fs.ls = counting_ls
     per_save, per_listings, parts = [], [], {"check": [], "sweep": [], "commit": [], "delete": []}
@@ -702,7 +781,7 @@ def bench_p9(scratch, saves):
                 parts[k].append(timings.get(k, 0.0))
     finally:
         Storage.list_names = real_list
-        _manager._remove_quietly = real_remove
+        _checkpoint_io.remove_quietly = real_remove
         _manager.Retention.apply = real_apply
         del mgr._storage.fs.ls
     assert len(mgr.checkpoints) == 100
@@ -781,6 +860,8 @@ def main() -> None:
             bench_p7(scratch, sizes[0], reps)
         if want("P9"):
             bench_p9(scratch, 30 if quick else 100)
+        if want("P13"):
+            bench_p13(scratch, 15 if quick else 40)
     finally:
         rm(bench_dir)
     print()

@@ -1,7 +1,7 @@
 """``ckpt-callbacks`` (also ``python -m ckpt_callbacks``): look at, check and export checkpoints.
 
-Exit status: 0 ok, 1 corruption found, 2 usage error or nothing found. Core only: no framework is
-imported except ``torch`` by ``export --to torch``.
+Exit status: 0 ok, 1 corruption found, 2 usage error or nothing found (one line on stderr, no
+traceback). Core only: no framework is imported except ``torch`` by ``export --to torch``.
 """
 
 from __future__ import annotations
@@ -16,24 +16,80 @@ from typing import Any
 
 import numpy as np
 
-from . import _format as fmt
-from ._manager import (
-    INDEX_SUFFIX,
-    CheckpointManager,
-    _load,
-    _read_data_file,
-    _read_index,
-    _split,
-    read_meta,
-    resolve_checkpoint,
-    resolve_one,
-)
-from ._retention import kept_because
-from ._state import MAX_STATE_FILE_BYTES, STATE_FILE_NAME, checked_name, parse_state
+# ---------------------------------------------------------------- what the CLI takes from the core
+# Every name the commands use from the library is imported here and only here: the public API plus a
+# few documented internals (path resolution and the index / meta / pointer readers of _resolve, the
+# state-file reader, the storage handle, and the data-file reader that verifies without keeping
+# tensors).
+from . import CheckpointManager, __version__, load_checkpoint
+from . import _format as _fmt
+from ._checkpoint_read import read_files
+from ._names import INDEX_SUFFIX, STATE_FILE_NAME
+from ._resolve import open_checkpoint, pointer_target, read_index, read_meta, resolve_checkpoint, resolve_one
+from ._state import checked_name, read_state
 from ._storage import Storage
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
 EXIT_OK, EXIT_CORRUPT, EXIT_USAGE = 0, 1, 2
+
+# Which extra brings the fsspec backend of a URL scheme (the message for a missing one names it).
+_BACKEND_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+# Status of a checkpoint in the state file's retention records -> why it is still on storage.
+_KEPT_BECAUSE = {"active": "recent", "hourly": "hourly", "best": "best"}
+
+
+class UsageError(ValueError):
+    """A problem with what was asked (not with a checkpoint): one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (what is wrong, and where the help is), not argparse's usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _meta_of(path: str, options: dict | None) -> dict:
+    try:
+        return read_meta(path, options)
+    except CheckpointError as e:
+        return {"error": str(e)}
+
+
+def _markers(storage: Storage, names: list[str]) -> list[tuple[str, str]]:
+    """(marker, checkpoint) for every marker file ``FsspecCheckpointIO`` wrote in the directory.
+
+    A marker ``last.ckpt`` names ``last.ckpt.<token>``, whose ``.index`` is in the listing, so only
+    names that prefix an index are read (no read per file of a big directory).
+    """
+    indexes = {n[: -len(INDEX_SUFFIX)] for n in names if n.endswith(INDEX_SUFFIX)}
+    candidates = sorted(n for n in set(names) - indexes if any(i.startswith(n + ".") for i in indexes))
+    if storage.is_local:  # ModelCheckpoint(save_last="link"): last.ckpt is a symlink to another marker
+        candidates += sorted(n for n in names if os.path.islink(storage.path(n)))
+    out = []
+    for n in candidates:
+        target = pointer_target(storage, n)
+        if target is not None and target in indexes:
+            out.append((n, target))
+    return out
+
+
+def _verify_checkpoint(path: str, options: dict | None, progress: _Progress | None = None) -> None:
+    """Check every checksum of one checkpoint, keeping no tensor; raises CorruptCheckpointError."""
+    storage, _ = open_checkpoint(path, options)
+    index = read_index(path, options)
+    read_files(storage, index, _Discard(), verify=True, on_file=progress.advance if progress else None)
+
+
+class _Discard(dict):
+    """Verification reads each tensor, checks it, and keeps nothing (bounded memory)."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- helpers
 
 
 def _options(pairs: list[str]) -> dict:
@@ -44,7 +100,7 @@ def _options(pairs: list[str]) -> dict:
     out: dict[str, Any] = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise ValueError(f"--storage-option expects KEY=VALUE. Received: {pair!r}.")
+            raise UsageError(f"--storage-option expects KEY=VALUE, e.g. anon=true. Received: {pair!r}.")
         key, value = pair.split("=", 1)
         try:
             parsed = json.loads(value)
@@ -93,65 +149,100 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- commands
+def _utc(ts: float | None) -> str:
+    if not ts:
+        return "?"
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _metrics_str(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+# ---------------------------------------------------------------- ls
+
+
+def _describe(storage: Storage, name: str, options: dict | None) -> dict:
+    """step, size and metrics of one checkpoint, from its index and meta (no data file is read)."""
+    path = storage.url_of(name)
+    try:
+        index = read_index(path, options, verify=False)
+        size = sum(f["size"] for f in index["files"]) + (storage.size(name + INDEX_SUFFIX) or 0)
+        meta = _meta_of(path, options)
+        return {
+            "step": index.get("step"),
+            "size": size,
+            "metrics": meta.get("metrics") or {},
+            "meta_time": meta.get("time"),
+        }
+    except CheckpointError as e:
+        return {"step": None, "size": None, "metrics": {}, "meta_time": None, "error": str(e)}
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     storage = Storage(args.directory, args.storage_options)
-    try:
-        state, records = parse_state(storage.read_bytes(STATE_FILE_NAME, max_bytes=MAX_STATE_FILE_BYTES))
-    except CheckpointNotFoundError:
-        print(f"No checkpoints in {storage.url} (no '{STATE_FILE_NAME}' state file).", file=sys.stderr)
-        return EXIT_USAGE
-    statuses = {r.name: kept_because(r) for r in records or []}
-    latest = checked_name(state.model_checkpoint_path) if state.model_checkpoint_path else ""
-    rows, doc = [], []
-    for name, ts in zip(
-        state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps or [None] * 10**6
-    ):
-        checked_name(name)
-        size, metrics, step = None, {}, None
-        try:
-            index = _read_index(storage, name, verify=False)
-            size = sum(f["size"] for f in index["files"]) + (storage.size(name + INDEX_SUFFIX) or 0)
-            step = index.get("step")
-            metrics = read_meta(storage.url_of(name), args.storage_options).get("metrics", {})
-        except CheckpointError as e:
-            metrics = {"error": str(e)[:60]}
-        reasons = [statuses.get(name, "latest")]
-        if name == latest and "latest" not in reasons:
-            reasons.insert(0, "latest")
-        entry = {
-            "checkpoint": name,
-            "path": storage.url_of(name),
-            "step": step,
-            "time": ts,
-            "size": size,
-            "kept_because": reasons,
-            "metrics": metrics,
-        }
+    parsed = read_state(storage)
+    markers = _markers(storage, storage.list_names())
+    if parsed is None and not markers:
+        raise CheckpointNotFoundError(
+            f"No checkpoints in {storage.url}: no '{STATE_FILE_NAME}' state file and no marker file "
+            "written by FsspecCheckpointIO."
+        )
+    doc: list[dict] = []
+    latest = ""
+    if parsed is not None:
+        state, records, _ = parsed
+        latest = checked_name(state.model_checkpoint_path) if state.model_checkpoint_path else ""
+        names = [checked_name(n) for n in state.all_model_checkpoint_paths]
+        if records is not None:
+            reasons = {r.name: _KEPT_BECAUSE[r.status] for r in records}
+            stamps = {r.name: r.timestamp for r in records}
+        else:  # a state file TensorFlow wrote: its list is the max_to_keep window, older ones preserved
+            stamps = dict(zip(names, state.all_model_checkpoint_timestamps))
+            reasons = {
+                n: "recent" if stamps.get(n, 0.0) > state.last_preserved_timestamp else "hourly"
+                for n in names
+            }
+        for name in names:
+            entry = {"checkpoint": name, "path": storage.url_of(name), "time": stamps.get(name)}
+            entry.update(_describe(storage, name, args.storage_options))
+            entry["kept_because"] = reasons.get(name, "recent")
+            entry["latest"] = name == latest
+            doc.append(entry)
+    for marker, target in markers:
+        entry = {"checkpoint": marker, "path": storage.url_of(marker), "target": target, "time": None}
+        entry.update(_describe(storage, target, args.storage_options))
+        entry["time"] = entry["meta_time"]  # no state file: the save time the meta recorded
+        entry["kept_because"] = "marker"
+        entry["latest"] = False
         doc.append(entry)
-        when = (
-            datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-            if ts
-            else "?"
+    for e in doc:
+        del e["meta_time"]
+    if args.json:
+        print(json.dumps({"directory": storage.url, "latest": latest or None, "checkpoints": doc}, indent=2))
+        return EXIT_OK
+    rows = []
+    for e in doc:
+        name = (
+            e["checkpoint"] + (" *" if e["latest"] else "") + (f" -> {e['target']}" if "target" in e else "")
         )
         rows.append(
             [
-                str(step if step is not None else "?"),
-                when,
-                _human(size) if size is not None else "?",
-                ",".join(reasons),
-                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
-                name + (" *" if name == latest else ""),
+                str(e["step"] if e["step"] is not None else "?"),
+                _utc(e["time"]),
+                _human(e["size"]) if e["size"] is not None else "?",
+                e["kept_because"],
+                _metrics_str(e["metrics"]) if "error" not in e else f"unreadable: {e['error'][:60]}",
+                name,
             ]
         )
-    if args.json:
-        print(json.dumps({"directory": storage.url, "latest": latest, "checkpoints": doc}, indent=2))
-    else:
-        print(f"{storage.url}  ({len(rows)} checkpoints, * = latest)")
-        print(_table(rows, ["step", "time (UTC)", "size", "kept-because", "metrics", "checkpoint"]))
+    legend = "* = latest; " if latest else ""
+    print(f"{storage.url}  ({len(rows)} checkpoints; {legend}kept-because: see ckpt-callbacks ls --help)")
+    print(_table(rows, ["step", "time (UTC)", "size", "kept-because", "metrics", "checkpoint"]))
     return EXIT_OK
+
+
+# ---------------------------------------------------------------- inspect
 
 
 def _tree_lines(node: Any, tensors: dict, indent: str = "") -> Iterable[str]:
@@ -189,7 +280,7 @@ def _leaf_str(node: Any, tensors: dict) -> str:
         if tag == "f":
             return repr(float(val))
         if tag == "b":
-            return f"<bytes, {len(fmt._b64(val))} B>"
+            return f"<bytes, {len(_fmt._b64(val))} B>"
         if tag == "s":
             return f"<{val[0]} scalar>"
         if tag == "p":
@@ -197,36 +288,108 @@ def _leaf_str(node: Any, tensors: dict) -> str:
     return repr(node)
 
 
+def _tensors_under(node: Any) -> list[str]:
+    if isinstance(node, dict) and len(node) == 1:
+        ((tag, val),) = node.items()
+        if tag == "x":
+            return [val]
+        if tag in ("d", "od"):
+            return [t for _, v in val for t in _tensors_under(v)]
+        if tag in ("l", "t"):
+            return [t for v in val for t in _tensors_under(v)]
+    return []
+
+
+def _top_level(tree: Any, tensors: dict) -> list[dict]:
+    """One summary per top-level entry of the state tree: its kind, tensor count and bytes, or value."""
+    if _is_leaf(tree):
+        pairs: list[tuple[Any, Any]] = [("(root)", tree)]
+    else:
+        ((tag, val),) = tree.items()
+        pairs = list(val) if tag in ("d", "od") else list(enumerate(val))
+    out = []
+    for key, node in pairs:
+        names = _tensors_under(node)
+        item: dict[str, Any] = {"key": key, "tensors": len(names)}
+        item["bytes"] = sum(tensors[n]["length"] for n in names if n in tensors)
+        if _is_leaf(node):
+            item["kind"] = "tensor" if names else "value"
+            text = _leaf_str(node, tensors)
+            item["value"] = text if len(text) <= 60 else text[:57] + "..."
+        else:
+            tag, val = next(iter(node.items()))
+            item["kind"] = {"d": "dict", "od": "dict", "l": "list", "t": "tuple"}[tag]
+            item["entries"] = len(val)
+        out.append(item)
+    return out
+
+
+def _meta_summary(meta: dict) -> dict:
+    model = meta.get("model")
+    if isinstance(model, dict):
+        model = (
+            model.get("class_name") or model.get("class") or "{" + ", ".join(map(str, list(model)[:5])) + "}"
+        )
+    keys = ("framework", "framework_versions", "step", "epoch", "time", "metrics")
+    summary = {k: meta.get(k) for k in keys if meta.get(k) not in (None, {}, [])}
+    if model is not None:
+        summary["model"] = model
+    if "error" in meta:
+        summary["error"] = meta["error"]
+    return summary
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = resolve_checkpoint(args.path, args.storage_options)
-    directory, name = _split(path)
-    storage = Storage(directory, args.storage_options)
-    index = _read_index(storage, name)
-    try:
-        meta = read_meta(path, args.storage_options)
-    except CheckpointError as e:
-        meta = {"error": str(e)}
+    index = read_index(path, args.storage_options)
+    meta = _meta_of(path, args.storage_options)
     tensors = index["tensors"]
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "checkpoint": storage.url_of(name),
-                    "step": index["step"],
-                    "tensors": [
-                        {"name": n, "dtype": t["dtype"], "shape": t["shape"], "bytes": t["length"]}
-                        for n, t in sorted(tensors.items())
-                    ],
-                    "files": index["files"],
-                    "tree": index["tree"],
-                    "meta": meta,
-                },
-                indent=2,
-            )
-        )
-        return EXIT_OK
     total = sum(t["length"] for t in tensors.values())
-    print(f"{storage.url_of(name)}  step {index['step']}  {len(tensors)} tensors, {_human(total)}")
+    top = _top_level(index["tree"], tensors)
+    if args.json:
+        doc: dict[str, Any] = {
+            "checkpoint": path,
+            "step": index["step"],
+            "tensor_count": len(tensors),
+            "total_bytes": total,
+            "top_level": top,
+            "meta": meta if args.full else _meta_summary(meta),
+        }
+        if args.full:
+            doc["tensors"] = [
+                {"name": n, "dtype": t["dtype"], "shape": t["shape"], "bytes": t["length"]}
+                for n, t in sorted(tensors.items())
+            ]
+            doc["files"] = index["files"]
+            doc["tree"] = index["tree"]
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    print(f"{path}  step {index['step']}  {len(tensors)} tensors, {_human(total)}")
+    summary = _meta_summary(meta)
+    for key in ("framework", "model", "epoch", "time", "metrics", "error"):
+        if key not in summary:
+            continue
+        value = summary[key]
+        if key == "framework" and summary.get("framework_versions"):
+            value = f"{value} ({', '.join(f'{k} {v}' for k, v in summary['framework_versions'].items())})"
+        elif key == "time":
+            value = _utc(value) + " UTC"
+        elif key == "metrics":
+            value = _metrics_str(value)
+        print(f"  {key}: {value}")
+    if not args.full:
+        print("\ntop level of the state:")
+        rows = []
+        for item in top:
+            if item["kind"] in ("tensor", "value"):
+                what = item["value"]
+            else:
+                what = f"{item['kind']} of {item['entries']}"
+                what += f", {item['tensors']} tensors, {_human(item['bytes'])}" if item["tensors"] else ""
+            rows.append([f"  {item['key']}", what])
+        print(_table(rows, ["  key", "content"]))
+        print("\n(--full: every tensor, the whole tree and meta; --json: machine-readable)")
+        return EXIT_OK
     print()
     rows = [[n, t["dtype"], str(tuple(t["shape"])), _human(t["length"])] for n, t in sorted(tensors.items())]
     print(_table(rows, ["tensor", "dtype", "shape", "bytes"]))
@@ -238,73 +401,58 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-class _Discard(dict):
-    """Verification reads each tensor, checks it, and keeps nothing (bounded memory)."""
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        pass
+# ---------------------------------------------------------------- verify
 
 
-def _verify_one(storage: Storage, name: str, progress: _Progress | None = None) -> str | None:
-    """None if the checkpoint verifies, else the problem (naming file and tensor)."""
-    try:
-        index = _read_index(storage, name)
-        by_file: dict[int, list] = {}
-        for tname, t in index["tensors"].items():
-            by_file.setdefault(t["file"], []).append((tname, t))
-        for file_no, f in enumerate(index["files"]):
-            if f.get("kind") == "meta":
-                data = storage.read_bytes(f["name"], max_bytes=f["size"] + 1)
-                if len(data) != f["size"] or fmt.checksum_bytes(data) != f["checksum"]:
-                    return f"{storage.url_of(f['name'])}: size or checksum does not match the index"
-                continue
-            tensors = sorted(by_file.get(file_no, []), key=lambda x: x[1]["offset"])
-            _read_data_file(storage, f, tensors, _Discard(), True)
-            if progress:
-                progress.advance(f["size"])
-    except CheckpointError as e:
-        return str(e)
-    return None
+def _verify_targets(args: argparse.Namespace) -> list[str]:
+    one = resolve_one(args.path, args.storage_options)  # a checkpoint, its .index, or a marker
+    if one is not None:
+        return [one]
+    storage = Storage(args.path, args.storage_options)
+    parsed = read_state(storage)
+    markers = _markers(storage, storage.list_names())
+    if parsed is None and not markers:
+        raise CheckpointNotFoundError(
+            f"No checkpoint or checkpoint directory at {args.path!r}: expected a checkpoint path (with a "
+            f"'.index' file), a marker file, or a directory with a '{STATE_FILE_NAME}' state file."
+        )
+    names = []
+    if parsed is not None:
+        state = parsed[0]
+        names = list(dict.fromkeys([*state.all_model_checkpoint_paths, state.model_checkpoint_path]))
+        names = [checked_name(n) for n in names if n]
+    names += [target for _, target in markers if target not in names]
+    return [storage.url_of(n) for n in names]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    one = resolve_one(args.path, args.storage_options)  # a checkpoint, its .index, or a marker file
-    if one is not None:
-        directory, name = _split(one)
-        targets = [(Storage(directory, args.storage_options), name)]
-    else:
-        storage = Storage(args.path, args.storage_options)
-        try:
-            state, _ = parse_state(storage.read_bytes(STATE_FILE_NAME, max_bytes=MAX_STATE_FILE_BYTES))
-        except CheckpointNotFoundError:
-            print(f"No checkpoint or checkpoint directory at {args.path!r}.", file=sys.stderr)
-            return EXIT_USAGE
-        except CorruptCheckpointError as e:
-            print(f"CORRUPT {storage.url_of(STATE_FILE_NAME)}: {e}")
-            return EXIT_CORRUPT
-        names = list(dict.fromkeys([*state.all_model_checkpoint_paths, state.model_checkpoint_path]))
-        try:
-            targets = [(storage, checked_name(n)) for n in names if n]
-        except CorruptCheckpointError as e:
-            print(f"CORRUPT {storage.url_of(STATE_FILE_NAME)}: {e}")
-            return EXIT_CORRUPT
+    targets = _verify_targets(args)
     total = 0
-    for st, n in targets:
+    for path in targets:
         try:
-            total += sum(f["size"] for f in _read_index(st, n, verify=False)["files"])
+            total += sum(f["size"] for f in read_index(path, args.storage_options, verify=False)["files"])
         except CheckpointError:
             pass
-    progress = _Progress(total, "verify")
-    bad = 0
-    for st, n in targets:
-        problem = _verify_one(st, n, progress)
-        if problem:
-            bad += 1
-            print(f"CORRUPT {st.url_of(n)}: {problem}")
-        else:
-            print(f"OK      {st.url_of(n)}")
-    progress.close()
+    progress = None if args.json else _Progress(total, "verify")
+    results = []
+    for path in targets:
+        try:
+            _verify_checkpoint(path, args.storage_options, progress)
+            results.append({"checkpoint": path, "ok": True, "problem": None})
+        except CheckpointError as e:
+            results.append({"checkpoint": path, "ok": False, "problem": str(e)})
+    if progress:
+        progress.close()
+    bad = sum(not r["ok"] for r in results)
+    if args.json:
+        print(json.dumps({"ok": not bad, "corrupt": bad, "checkpoints": results}, indent=2))
+    else:
+        for r in results:
+            print(f"OK      {r['checkpoint']}" if r["ok"] else f"CORRUPT {r['checkpoint']}: {r['problem']}")
     return EXIT_CORRUPT if bad else EXIT_OK
+
+
+# ---------------------------------------------------------------- gc
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -312,18 +460,20 @@ def cmd_gc(args: argparse.Namespace) -> int:
     # A local path that does not exist would be created; object-store "directories" are prefixes,
     # which may hold nothing but a killed save's pending uploads.
     if storage.is_local and not os.path.isdir(storage.root):
-        print(f"No checkpoint directory at {args.directory!r}.", file=sys.stderr)
-        return EXIT_USAGE
+        raise CheckpointNotFoundError(f"No checkpoint directory at {args.directory!r}.")
     mgr = CheckpointManager(
         args.directory, prefix=args.prefix, max_to_keep=None, storage_options=args.storage_options
     )
     mgr.close()
     for name in mgr.removed_leftovers:
-        print(f"removed {mgr._storage.url_of(name)}")
+        print(f"removed {storage.url_of(name)}")
     for name in mgr.aborted_uploads:
-        print(f"aborted pending upload of {mgr._storage.url_of(name)}")
+        print(f"aborted pending upload of {storage.url_of(name)}")
     print(f"{len(mgr.removed_leftovers)} leftover file(s) removed from {mgr.directory}")
     return EXIT_OK
+
+
+# ---------------------------------------------------------------- export
 
 
 def _flat_tensors(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -340,20 +490,34 @@ def _flat_tensors(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _select(everything: dict[str, Any], only: str, strip: str) -> dict[str, Any]:
+    tensors = everything
+    if only:
+        tensors = {k: v for k, v in tensors.items() if k.startswith(only)}
+    if strip:
+        tensors = {k[len(strip) :]: v for k, v in tensors.items() if k.startswith(strip) and k != strip}
+    if not tensors:
+        available = sorted({k.split("/")[0] + "/" for k in everything})[:10]
+        raise UsageError(
+            f"No tensor name starts with {(strip or only)!r}. Top-level prefixes in this checkpoint: "
+            f"{', '.join(available) or 'none'}."
+        )
+    return tensors
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    directory, name = _split(resolve_checkpoint(args.path, args.storage_options))
-    storage = Storage(directory, args.storage_options)
-    state = _load(storage, name, verify=True, allow_pickle=False)
-    tensors = _flat_tensors(state)
-    if args.only:
-        tensors = {k: v for k, v in tensors.items() if k.startswith(args.only)}
+    path = resolve_checkpoint(args.path, args.storage_options)
+    state = load_checkpoint(path, storage_options=args.storage_options, verify=True)
+    tensors = _select(_flat_tensors(state), args.only, args.strip_prefix)
     progress = _Progress(len(tensors), f"export {args.to}")
     if args.to == "torch":
         try:
             import torch
         except ImportError:
-            print("export --to torch needs PyTorch: pip install 'ckpt-callbacks[lightning]'", file=sys.stderr)
-            return EXIT_USAGE
+            raise UsageError(
+                "export --to torch needs PyTorch: pip install torch (or 'ckpt-callbacks[lightning]'); "
+                "--to safetensors or --to npz need nothing more."
+            ) from None
         from . import _torch
 
         out = {
@@ -366,18 +530,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.to == "npz":
             native = {}
             for k, a in arrays.items():
-                if a.dtype.name in fmt._ML_DTYPE_NAMES:  # npz readers know no ml_dtypes: widen losslessly
+                if a.dtype.type.__module__ != "numpy":  # npz readers know no ml_dtypes: widen losslessly
                     print(f"note: {k} ({a.dtype.name}) is stored as float32 in the npz", file=sys.stderr)
                     a = a.astype(np.float32)
                 native[k] = a
             np.savez(args.out, **native)
         else:
-            entries = [fmt.TensorEntry(k, a.dtype, a.shape, a) for k, a in arrays.items()]
-            header, _ = fmt.safetensors_header(entries)
+            entries = [_fmt.TensorEntry(k, a.dtype, a.shape, a) for k, a in arrays.items()]
+            header, _ = _fmt.safetensors_header(entries)
             with open(args.out, "wb") as f:
                 f.write(header)
                 for e in entries:
-                    for chunk in fmt.iter_tensor_bytes(np.ascontiguousarray(e.source)):
+                    for chunk in _fmt.iter_tensor_bytes(np.ascontiguousarray(e.source)):
                         f.write(chunk)
                     progress.advance(1)
     progress.close()
@@ -393,59 +557,224 @@ def _to_numpy(t: Any) -> np.ndarray:
 
 # ---------------------------------------------------------------- entry point
 
+_DESCRIPTION = """\
+Inspect, verify, clean and export ckpt_callbacks checkpoints, on local disk or any fsspec URL
+(s3://, gs://, memory://, ...).
+
+exit status: 0 ok, 1 corruption found, 2 usage error or nothing found
+"""
+
+_EPILOG = """\
+examples:
+  ckpt-callbacks ls runs/mnist
+  ckpt-callbacks inspect runs/mnist                 # the newest checkpoint, in brief
+  ckpt-callbacks verify s3://bucket/run --storage-option anon=true
+  ckpt-callbacks export runs/lit/last.ckpt --to safetensors --strip-prefix state_dict/ model.safetensors
+
+'ckpt-callbacks COMMAND --help' describes each command.
+"""
+
+_STORAGE_HELP = (
+    "fsspec storage option for the URL's filesystem, repeatable. VALUE is parsed as JSON when it can be "
+    "(numbers, true/false, objects), else taken as a string; a dotted KEY nests "
+    "(client_kwargs.endpoint_url=http://127.0.0.1:9000 -> {'client_kwargs': {'endpoint_url': ...}})"
+)
+
+_PATH_HELP = (
+    "a checkpoint: its path without suffix (runs/a/ckpt-100), its .index file, a marker file written by "
+    "FsspecCheckpointIO (runs/lit/last.ckpt), or a directory (its newest valid checkpoint)"
+)
+
+_COMMANDS: dict[str, dict[str, str]] = {
+    "ls": {
+        "help": "list the checkpoints of a directory",
+        "description": """\
+List the checkpoints of a directory: step, save time, size on storage, why it is kept, metrics.
+
+kept-because:
+  recent   among the newest max_to_keep checkpoints (the rotation window)
+  hourly   preserved by keep_checkpoint_every_n_hours (never rotated away)
+  best     out of the window, kept by keep_best as one of the best by the monitored metric
+  marker   named by a marker file of Lightning's ModelCheckpoint saving through FsspecCheckpointIO
+           (shown as 'MARKER -> CHECKPOINT'; ModelCheckpoint decides what it keeps)
+'*' marks the newest checkpoint, the one restore() and load_checkpoint(DIRECTORY) read.
+""",
+        "epilog": """\
+examples:
+  ckpt-callbacks ls runs/mnist
+  ckpt-callbacks ls s3://bucket/run --storage-option profile=training --json
+  ckpt-callbacks ls lightning_logs/version_0/checkpoints     # ModelCheckpoint + FsspecCheckpointIO
+""",
+    },
+    "inspect": {
+        "help": "summary (or, with --full, every tensor, the tree and meta) of one checkpoint",
+        "description": """\
+Show one checkpoint, like TensorFlow's inspect_checkpoint. By default a summary: tensor count and total
+bytes, framework, epoch, step, metrics, and the top level of the state tree. --full lists every tensor
+(name, dtype, shape, bytes), the whole tree and the meta JSON.
+""",
+        "epilog": """\
+examples:
+  ckpt-callbacks inspect runs/mnist                       # the newest checkpoint of a directory
+  ckpt-callbacks inspect runs/mnist/ckpt-1000 --full
+  ckpt-callbacks inspect gs://bucket/run/ckpt-1000 --json --storage-option project=my-project
+""",
+    },
+    "verify": {
+        "help": "check every checksum; exit status 1 on any corruption",
+        "description": """\
+Read every file of one checkpoint, or of every checkpoint of a directory (those its 'checkpoint' state
+file lists and those marker files name), and check every checksum. Each corrupt checkpoint is reported
+with the file and tensor at fault; the exit status is 1 if any is corrupt.
+""",
+        "epilog": """\
+examples:
+  ckpt-callbacks verify runs/mnist
+  ckpt-callbacks verify runs/mnist/ckpt-1000
+  ckpt-callbacks verify s3://bucket/run --json
+""",
+    },
+    "gc": {
+        "help": "remove leftovers of interrupted saves",
+        "description": """\
+Remove what interrupted saves left behind: temporary files, and checkpoint files of PREFIX that no state
+file lists (only files this format wrote, recognised by name and content; nothing else is touched). On S3
+also aborts pending multipart uploads of such files. Do not run it while a run is saving into the
+directory: the writer lock refuses a second writer.
+""",
+        "epilog": """\
+examples:
+  ckpt-callbacks gc runs/mnist
+  ckpt-callbacks gc s3://bucket/run --prefix model
+""",
+    },
+    "export": {
+        "help": "write the tensors as safetensors, torch or npz",
+        "description": """\
+Write the tensors of one checkpoint (its checksums verified) to a single file other tools read:
+safetensors, a torch state dict (torch.save; needs PyTorch) or numpy .npz. Tensors are named by their
+key path in the state tree, '/'-joined: a Lightning checkpoint's weights are 'state_dict/<param>',
+a Keras one's are under 'model/'. Non-tensor leaves (numbers, strings) are not exported.
+
+--only PREFIX keeps the tensors whose name starts with PREFIX, names unchanged.
+--strip-prefix PREFIX keeps the same tensors and removes PREFIX from their names, so that
+  'state_dict/layer.weight' becomes 'layer.weight' and module.load_state_dict() takes the file as is.
+""",
+        "epilog": """\
+examples:
+  ckpt-callbacks export runs/lit/last.ckpt --to torch --strip-prefix state_dict/ weights.pt
+      then: model.load_state_dict(torch.load("weights.pt"))
+  ckpt-callbacks export runs/mnist --to safetensors model.safetensors
+  ckpt-callbacks export runs/mnist/ckpt-1000 --to npz --only model/ arrays.npz
+""",
+    },
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ckpt-callbacks", description="Inspect, verify, clean and export ckpt_callbacks checkpoints."
-    )
-    common = argparse.ArgumentParser(add_help=False)
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog="ckpt-callbacks", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=raw)
+    parser.add_argument("--version", action="version", version=f"ckpt-callbacks {__version__}")
+    common = _Parser(add_help=False)
     common.add_argument(
-        "--storage-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="fsspec storage option (repeatable; dotted keys nest, values may be JSON)",
+        "--storage-option", action="append", default=[], metavar="KEY=VALUE", help=_STORAGE_HELP
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("ls", parents=[common], help="list the checkpoints of a directory")
-    p.add_argument("directory")
-    p.add_argument("--json", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], formatter_class=raw, **_COMMANDS[name])
+
+    p = add("ls")
+    p.add_argument("directory", help="a checkpoint directory: local path or fsspec URL")
+    p.add_argument("--json", action="store_true", help="print a JSON document instead of the table")
     p.set_defaults(func=cmd_ls)
-    p = sub.add_parser("inspect", parents=[common], help="tensors, tree and meta of one checkpoint")
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true")
+
+    p = add("inspect")
+    p.add_argument("path", help=_PATH_HELP)
+    p.add_argument("--full", action="store_true", help="every tensor, the whole state tree and the meta JSON")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON: the summary, or with --full also tensors, files, tree and the whole meta",
+    )
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("verify", parents=[common], help="check every checksum; exit 1 on corruption")
-    p.add_argument("path", help="a checkpoint path or a checkpoint directory")
+
+    p = add("verify")
+    p.add_argument("path", help=_PATH_HELP.replace("(its newest valid checkpoint)", "(all its checkpoints)"))
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"ok", "corrupt", "checkpoints": [{checkpoint, ok, problem}]}',
+    )
     p.set_defaults(func=cmd_verify)
-    p = sub.add_parser("gc", parents=[common], help="remove leftovers of interrupted saves")
-    p.add_argument("directory")
-    p.add_argument("--prefix", default="ckpt")
+
+    p = add("gc")
+    p.add_argument("directory", help="a checkpoint directory: local path or fsspec URL")
+    p.add_argument(
+        "--prefix",
+        default="ckpt",
+        help="checkpoint name prefix the run was saved with (CheckpointManager(prefix=...)); default: ckpt",
+    )
     p.set_defaults(func=cmd_gc)
-    p = sub.add_parser("export", parents=[common], help="write the tensors as safetensors, torch or npz")
-    p.add_argument("path")
-    p.add_argument("--to", choices=["safetensors", "torch", "npz"], required=True)
+
+    p = add("export")
+    p.add_argument("path", help=_PATH_HELP)
+    p.add_argument(
+        "--to", choices=["safetensors", "torch", "npz"], required=True, help="the output file format"
+    )
     p.add_argument("--only", default="", metavar="PREFIX", help="only tensors whose name starts with PREFIX")
-    p.add_argument("out")
+    p.add_argument(
+        "--strip-prefix",
+        default="",
+        metavar="PREFIX",
+        help="only tensors whose name starts with PREFIX, written without it (e.g. state_dict/)",
+    )
+    p.add_argument("out", help="the file to write (local path)")
     p.set_defaults(func=cmd_export)
     return parser
 
 
+def _missing_package(e: ImportError, args: argparse.Namespace) -> str:
+    """One line naming what to install: the extra of a URL's fsspec backend, or the missing module."""
+    url = str(getattr(args, "path", None) or getattr(args, "directory", None) or "")
+    scheme = url.split("://", 1)[0].split("::")[-1] if "://" in url else ""
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if scheme in _BACKEND_EXTRAS and e.name in (None, "s3fs", "gcsfs", "aiobotocore", "botocore"):
+        extra = _BACKEND_EXTRAS[scheme]
+        return (
+            f"error: {scheme}:// URLs need the {extra} extra, which is not installed ({reason}): "
+            f"pip install 'ckpt-callbacks[{extra}]'"
+        )
+    if scheme and e.name is None:  # fsspec's own message for an unknown or uninstalled protocol
+        return f"error: no fsspec backend for {scheme}:// URLs is installed ({reason})"
+    return f"error: a package this needs is not installed ({reason})"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 corruption, 2 usage or not found)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) and usage errors (2, one line from argparse)
+        return int(e.code or 0)
     try:
         args.storage_options = _options(args.storage_option) or None
         return args.func(args)
-    except CheckpointNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
     except CorruptCheckpointError as e:
         print(f"CORRUPT: {e}", file=sys.stderr)
         return EXIT_CORRUPT
-    except (CheckpointError, ValueError, OSError) as e:
+    except BrokenPipeError:  # `ckpt-callbacks ls ... | head`: the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - flushed at exit, which must not raise again
+        return EXIT_OK
+    except ImportError as e:
+        print(_missing_package(e, args), file=sys.stderr)
+        return EXIT_USAGE
+    except (UsageError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

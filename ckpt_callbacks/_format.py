@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import collections
-import functools
 import json
 import math
 import re
@@ -29,11 +28,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import xxhash
 
-from .errors import CorruptCheckpointError, IncompatibleCheckpointError
+from . import _kinds
+from ._dtypes import _ML_DTYPE_NAMES, _parse_dtype, dtype_from_name, dtype_name, dtype_str  # noqa: F401
+from ._names import data_file_name  # noqa: F401 - re-exported: the name of a data shard
+from .errors import CorruptCheckpointError, IncompatibleCheckpointError, PickleRefusedError
 
 FORMAT_NAME = "ckpt_callbacks"
 FORMAT_VERSION = 1
@@ -64,68 +65,6 @@ _SAFETENSORS_DTYPES = {
     "float8_e5m2": "F8_E5M2",
     "complex64": "C64",
 }
-_ML_DTYPE_NAMES = frozenset(
-    name
-    for name in (
-        "bfloat16",
-        "float8_e3m4",
-        "float8_e4m3",
-        "float8_e4m3b11fnuz",
-        "float8_e4m3fn",
-        "float8_e4m3fnuz",
-        "float8_e5m2",
-        "float8_e5m2fnuz",
-        "float8_e8m0fnu",
-        "float6_e2m3fn",
-        "float6_e3m2fn",
-        "float4_e2m1fn",
-        "int2",
-        "int4",
-        "uint2",
-        "uint4",
-    )
-    if hasattr(ml_dtypes, name)
-)
-_NUMERIC_KINDS = frozenset("biufc")
-
-
-def dtype_from_name(name: object) -> np.dtype:
-    """The numpy dtype for a stored dtype name; only numeric dtypes are accepted."""
-    if not isinstance(name, str) or len(name) > 32:
-        raise CorruptCheckpointError(f"Invalid dtype in checkpoint index: {name!r:.80}.")
-    return _dtype_from_str(name)
-
-
-@functools.lru_cache(maxsize=256)  # only valid names are cached: a failure raises
-def _dtype_from_str(name: str) -> np.dtype:
-    if name in _ML_DTYPE_NAMES:
-        return np.dtype(getattr(ml_dtypes, name))
-    try:
-        dtype = np.dtype(name)
-    except TypeError:
-        raise CorruptCheckpointError(
-            f"Unknown dtype {name!r} in checkpoint index. Expected a numeric numpy or ml_dtypes dtype."
-        ) from None
-    if dtype.kind not in _NUMERIC_KINDS or dtype.name != name:
-        raise CorruptCheckpointError(
-            f"Non-numeric dtype {name!r} in checkpoint index. Expected a numeric numpy or ml_dtypes dtype."
-        )
-    return dtype
-
-
-@functools.lru_cache(maxsize=1024)
-def dtype_str(dtype: np.dtype) -> str:
-    """``dtype.name``, cached: numpy computes it in Python (~5 us), once per tensor per use adds up
-    for states of thousands of small tensors."""
-    return dtype.name
-
-
-def dtype_name(dtype: np.dtype) -> str:
-    """The stored name of a numeric dtype; raises TypeError for anything else."""
-    name = dtype_str(dtype)
-    if name in _ML_DTYPE_NAMES or (dtype.kind in _NUMERIC_KINDS and dtype.fields is None):
-        return name
-    raise TypeError(f"dtype {dtype!r} is not numeric")
 
 
 @dataclass
@@ -145,12 +84,6 @@ class LazyArray:
         self.dtype = np.dtype(self.dtype) if not isinstance(self.dtype, str) else _parse_dtype(self.dtype)
 
 
-def _parse_dtype(name: str) -> np.dtype:
-    if name in _ML_DTYPE_NAMES:
-        return np.dtype(getattr(ml_dtypes, name))
-    return np.dtype(name)
-
-
 @dataclass
 class TensorEntry:
     """One tensor leaf of a state being saved."""
@@ -158,8 +91,8 @@ class TensorEntry:
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
-    source: Any  # np.ndarray, LazyArray or a torch tensor
-    kind: str = "numpy"  # "numpy" or "torch": what loading gives back
+    source: Any  # np.ndarray, LazyArray or a framework tensor of a registered kind
+    kind: str = "numpy"  # "numpy" or a registered kind's name (:mod:`._kinds`): what loading gives back
     # ">" for a big-endian numpy array: stored little-endian (safetensors is), given back big-endian.
     byteorder: str = "<"
 
@@ -174,10 +107,8 @@ class TensorEntry:
             arr = np.asarray(src.materialize())
             if arr.shape != self.shape or arr.dtype != self.dtype:
                 arr = arr.astype(self.dtype, copy=False).reshape(self.shape)
-        elif self.kind == "torch":
-            from . import _torch
-
-            arr = _torch.to_numpy(src)
+        elif self.kind != _kinds.NUMPY:
+            arr = _kinds.get(self.kind).to_numpy(src)
         else:
             arr = src
         if not arr.flags.c_contiguous or arr.dtype.byteorder == ">":
@@ -200,19 +131,29 @@ def encode_tree(state: Any, *, allow_pickle: bool = False) -> EncodedState:
 
     Raises TypeError naming the key path of the first leaf that cannot be stored.
     """
-    out = EncodedState(tree=None)
-    used: set[str] = set()
+    encoder = _Encoder(allow_pickle)
+    encoder.out.tree = encoder.enc(state, (), 0)
+    return encoder.out
 
-    def tensor_name(path: tuple) -> str:
+
+class _Encoder:
+    """One encode_tree pass: the tensors found so far and the names they took."""
+
+    def __init__(self, allow_pickle: bool) -> None:
+        self.allow_pickle = allow_pickle
+        self.out = EncodedState(tree=None)
+        self.used: set[str] = set()
+
+    def tensor_name(self, path: tuple) -> str:
         base = "/".join(str(k) for k in path) or "tensor"
         name, n = base, 1
-        while name in used:
+        while name in self.used:
             name = f"{base}#{n}"
             n += 1
-        used.add(name)
+        self.used.add(name)
         return name
 
-    def enc(obj: Any, path: tuple, depth: int) -> Any:
+    def enc(self, obj: Any, path: tuple, depth: int) -> Any:
         if depth > MAX_TREE_DEPTH:
             raise ValueError(
                 f"State tree is nested deeper than {MAX_TREE_DEPTH} levels at {_path_str(path)}."
@@ -225,25 +166,20 @@ def encode_tree(state: Any, *, allow_pickle: bool = False) -> EncodedState:
         if t is float:
             return {"f": obj if math.isfinite(obj) else repr(obj)}
         if t is dict or t is collections.OrderedDict:
-            items = []
-            for k, v in obj.items():
-                if type(k) not in (str, int):
-                    raise TypeError(
-                        f"Cannot save dict key {k!r} of type {type(k).__name__} at {_path_str(path)}: "
-                        "keys must be str or int."
-                    )
-                items.append([k, enc(v, (*path, k), depth + 1)])
-            return {"od" if t is collections.OrderedDict else "d": items}
+            return self.enc_dict(obj, path, depth)
         if t is list or t is tuple:
-            items = [enc(v, (*path, i), depth + 1) for i, v in enumerate(obj)]
+            items = [self.enc(v, (*path, i), depth + 1) for i, v in enumerate(obj)]
             return {"l" if t is list else "t": items}
         if t is bytes:
             return {"b": base64.b64encode(obj).decode("ascii")}
-        if t is np.ndarray or t is LazyArray or _is_torch_tensor(obj):
-            return {"x": add_tensor(obj, path)}
+        if t is np.ndarray or t is LazyArray:
+            return {"x": self.add_tensor(obj, path, None)}
+        kind = _kinds.kind_of(obj)
+        if kind is not None:
+            return {"x": self.add_tensor(obj, path, kind)}
         if isinstance(obj, np.generic) and _numeric(obj.dtype):
             return {"s": [dtype_name(obj.dtype), base64.b64encode(obj.tobytes()).decode("ascii")]}
-        if allow_pickle:
+        if self.allow_pickle:
             import pickle
 
             return {"p": base64.b64encode(pickle.dumps(obj)).decode("ascii")}
@@ -253,15 +189,22 @@ def encode_tree(state: Any, *, allow_pickle: bool = False) -> EncodedState:
             "pickle. Convert it to one of those, or pass allow_pickle=True to both save and load."
         )
 
-    def add_tensor(obj: Any, path: tuple) -> str:
-        if isinstance(obj, LazyArray):
-            dtype, shape, kind = obj.dtype, obj.shape, "numpy"
-        elif isinstance(obj, np.ndarray):
-            dtype, shape, kind = obj.dtype, obj.shape, "numpy"
-        else:
-            from . import _torch
+    def enc_dict(self, obj: dict, path: tuple, depth: int) -> dict:
+        items = []
+        for k, v in obj.items():
+            if type(k) not in (str, int):
+                raise TypeError(
+                    f"Cannot save dict key {k!r} of type {type(k).__name__} at {_path_str(path)}: "
+                    "keys must be str or int."
+                )
+            items.append([k, self.enc(v, (*path, k), depth + 1)])
+        return {"od" if type(obj) is collections.OrderedDict else "d": items}
 
-            dtype, shape, kind = _torch.numpy_dtype(obj), tuple(obj.shape), "torch"
+    def add_tensor(self, obj: Any, path: tuple, tensor_kind: Any) -> str:
+        if tensor_kind is None:  # a numpy array or LazyArray
+            dtype, shape, kind = obj.dtype, obj.shape, _kinds.NUMPY
+        else:
+            dtype, shape, kind = tensor_kind.numpy_dtype(obj), tuple(obj.shape), tensor_kind.name
         if not _numeric(dtype):
             raise TypeError(
                 f"Cannot save {_path_str(path)}: arrays of dtype {dtype!r} are not numeric. Only numeric "
@@ -272,14 +215,11 @@ def encode_tree(state: Any, *, allow_pickle: bool = False) -> EncodedState:
         big = kind == "numpy" and (
             dtype.byteorder == ">" or (dtype.byteorder == "=" and sys.byteorder == "big")
         )
-        entry = TensorEntry(tensor_name(path), dtype.newbyteorder("<"), tuple(shape), obj, kind)
+        entry = TensorEntry(self.tensor_name(path), dtype.newbyteorder("<"), tuple(shape), obj, kind)
         if big and dtype.itemsize > 1:
             entry.byteorder = ">"
-        out.tensors.append(entry)
+        self.out.tensors.append(entry)
         return entry.name
-
-    out.tree = enc(state, (), 0)
-    return out
 
 
 def _numeric(dtype: np.dtype) -> bool:
@@ -288,19 +228,6 @@ def _numeric(dtype: np.dtype) -> bool:
     except TypeError:
         return False
     return True
-
-
-def _is_torch_tensor(obj: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.Tensor)
-
-
-class PickleRefusedError(IncompatibleCheckpointError, TypeError):
-    """A valid checkpoint holding a pickled leaf, loaded without ``allow_pickle=True``.
-
-    Not corruption (its checksums match), so ``restore()`` does not skip it for an older one; a
-    ``TypeError`` too, like the refusal to save such a leaf without the opt-in.
-    """
 
 
 def _key_path(path: tuple) -> str:
@@ -368,10 +295,6 @@ def _b64(s: str) -> bytes:
 
 
 # ---------------------------------------------------------------- safetensors data files
-
-
-def data_file_name(prefix_step: str, shard: int, num_shards: int) -> str:
-    return f"{prefix_step}.data-{shard:05d}-of-{num_shards:05d}"
 
 
 def plan_shards(tensors: list[TensorEntry], num_shards: int) -> list[list[TensorEntry]]:
@@ -523,7 +446,7 @@ def validate_index(index: Any) -> None:
                 f"{sizes[fi]}-byte data file."
             )
         if (
-            t.get("kind", "numpy") not in ("numpy", "torch")
+            t.get("kind", "numpy") not in _kinds.known_kinds()
             or t.get("byteorder", "<") not in ("<", ">")
             or not isinstance(t.get("checksum"), str)
         ):

@@ -1,6 +1,6 @@
 """Retention: which checkpoints survive a save. Pure functions of records; no I/O.
 
-The rules (SPEC §4) are TensorFlow ``CheckpointManager``'s, plus ``keep_best``:
+The rules (README, "Retention") are TensorFlow ``CheckpointManager``'s, plus ``keep_best``:
 
 - ``LatestN``: the newest N "active" checkpoints form the window.
 - A checkpoint that leaves the window is offered, once, to ``EveryNHours``: preserved forever if its
@@ -100,7 +100,3 @@ class Retention:
             else:
                 deleted.append(r)
         return Decision(kept, deleted, last_preserved)
-
-
-def kept_because(record: Record) -> str:
-    return {"active": "latest", "hourly": "hourly", "best": "best"}[record.status]

@@ -1,5 +1,6 @@
 """The ``checkpoint`` state file, in TensorFlow's ``CheckpointState`` text format.
 
+One reader (:func:`read_state`) and one writer (:func:`write_state`) for the whole package.
 Only the four TF field names appear as fields, so ``tf.train.get_checkpoint_state`` parses it. The
 retention bookkeeping TensorFlow keeps in memory (which checkpoints are preserved hourly or as best,
 their metrics and shard counts) rides along in one ``#`` comment line, which text-format parsers
@@ -11,12 +12,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from ._checkpoint_read import read_bounded
 from ._format import check_name
-from .errors import CorruptCheckpointError
+from ._names import STATE_FILE_NAME, step_of
+from ._storage import Storage
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
-STATE_FILE_NAME = "checkpoint"
 MAX_STATE_FILE_BYTES = 16 * 1024 * 1024
 _COMMENT_KEY = "# ckpt_callbacks: "
 _FIELD = re.compile(r'\s*([a-z_]+)\s*:\s*(".*"|[-+0-9.eEinfINFa]+)\s*\Z')
@@ -145,6 +148,21 @@ def _parse_records(extra: str, state: CheckpointState) -> list[Record] | None:
     return records
 
 
+def restart_records(
+    state: CheckpointState, records: list[Record] | None, now: float, last_preserved: float
+) -> list[Record]:
+    """The records a manager starts from. Timestamps in the future are clamped to ``now``. A state
+    file TensorFlow (or an older writer) wrote has no records: TF's restart rule then makes
+    checkpoints newer than ``last_preserved`` "active" and older ones preserved ("hourly")."""
+    if records is not None:
+        return [replace(r, timestamp=min(r.timestamp, now)) for r in records]
+    stamps = state.all_model_checkpoint_timestamps or [last_preserved] * len(state.all_model_checkpoint_paths)
+    return [
+        Record(n, step_of(n), min(ts, now), "active" if min(ts, now) > last_preserved else "hourly")
+        for n, ts in zip(state.all_model_checkpoint_paths, stamps)
+    ]
+
+
 def dump_state(latest: str, records: list[Record], last_preserved: float) -> bytes:
     lines = [f"model_checkpoint_path: {_quote(latest)}"]
     lines += [f"all_model_checkpoint_paths: {_quote(r.name)}" for r in records]
@@ -175,10 +193,34 @@ def _fmt(x: float) -> str:
 def checked_name(path: str) -> str:
     """A state-file path as a plain name inside the directory, or CorruptCheckpointError.
 
-    Absolute paths, ``..``, separators and other schemes are refused (SPEC §7).
+    Absolute paths, ``..``, separators and other schemes are refused (a hostile state file).
     """
     if not isinstance(path, str) or "/" in path or "\\" in path or ":" in path:
         raise CorruptCheckpointError(
             f"Checkpoint state file names {path!r:.200}, which is not a checkpoint inside its directory."
         )
     return check_name(path)
+
+
+def read_state_bytes(storage: Storage) -> bytes | None:
+    """The directory's state file as stored; None when there is none."""
+    try:
+        return read_bounded(storage, STATE_FILE_NAME, MAX_STATE_FILE_BYTES)
+    except CheckpointNotFoundError:
+        return None
+
+
+def read_state(storage: Storage) -> tuple[CheckpointState, list[Record] | None, bytes] | None:
+    """The parsed state file of a directory (its fields, this library's records, its bytes), or None
+    when there is none. Raises CorruptCheckpointError for one that does not parse."""
+    data = read_state_bytes(storage)
+    if data is None:
+        return None
+    state, records = parse_state(data)
+    return state, records, data
+
+
+def write_state(storage: Storage, data: bytes) -> None:
+    """Write the state file: the commit point of a save."""
+    storage.write_bytes(STATE_FILE_NAME, data)
+    storage.sync_dir()

@@ -1,8 +1,8 @@
-"""Constructor argument checks shared by CheckpointManager and both callbacks (SPEC §6).
+"""Constructor argument checks shared by CheckpointManager and both callbacks.
 
 Every message says what is wrong, what was expected, the value received and how to fix it. A value
 of the wrong type raises :class:`ArgumentTypeError`, which is both a ``TypeError`` and a
-``ValueError``: callers catching either (SPEC: "Bad arguments raise ValueError / TypeError") see it.
+``ValueError``: callers catching either (bad arguments raise ValueError / TypeError) see it.
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ import os
 import re
 from typing import Any
 
+from .errors import ArgumentTypeError
+
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*\Z")
-
-
-class ArgumentTypeError(TypeError, ValueError):
-    """A constructor argument of the wrong type."""
 
 
 def _fail(name: str, value: Any, expected: str, fix: str, wrong_type: bool = False) -> None:

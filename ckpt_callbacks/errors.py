@@ -6,7 +6,16 @@ Every class also subclasses the builtin a caller would already catch::
     ├── CheckpointNotFoundError(CheckpointError, FileNotFoundError)
     ├── CorruptCheckpointError(CheckpointError, ValueError)      # checksum / header / offsets / truncated
     ├── IncompatibleCheckpointError(CheckpointError, ValueError)  # names, shapes or dtypes don't fit; newer format
+    │   └── PickleRefusedError(IncompatibleCheckpointError, TypeError)  # a pickled leaf, no allow_pickle
     └── CheckpointWriteError(CheckpointError, OSError)            # disk full, permission, network
+
+Two more are not checkpoint errors (nothing is wrong with a checkpoint)::
+
+    ArgumentTypeError(TypeError, ValueError)      # a constructor argument of the wrong type
+    UnsupportedStorageLibraryError(RuntimeError)  # the installed s3fs / gcsfs / aiohttp lacks an
+                                                  # internal our writers rely on
+
+``ArgumentTypeError`` is a ``ValueError`` too, for callers that catch bad arguments by that.
 
 A failed save never removes the previous checkpoint: after ``CheckpointWriteError`` the
 ``checkpoint`` state file still names the last good one.
@@ -41,3 +50,23 @@ class IncompatibleCheckpointError(CheckpointError, ValueError):
 
 class CheckpointWriteError(CheckpointError, OSError):
     """Writing a checkpoint failed (disk full, permission, network); the previous one is intact."""
+
+
+class PickleRefusedError(IncompatibleCheckpointError, TypeError):
+    """A valid checkpoint holding a pickled leaf, loaded without ``allow_pickle=True``.
+
+    Not corruption (its checksums match), so ``restore()`` does not skip it for an older one; a
+    ``TypeError`` too, like the refusal to save such a leaf without the opt-in.
+    """
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """A constructor argument of the wrong type."""
+
+
+class UnsupportedStorageLibraryError(RuntimeError):
+    """The installed s3fs / gcsfs / aiohttp lacks an internal our writers rely on.
+
+    Raised instead of falling back to the library's own writer; the message names the installed
+    version and the supported range (the ``s3`` / ``gcs`` extras).
+    """

@@ -6,7 +6,7 @@ it stands in front of: S3's XML ``<Error>``, or the GCS JSON API's ``{"error": {
 connection before forwarding (a reset the server never saw), or forwards the request and then drops
 the connection (the server acted, the client never hears: the ambiguous case).
 
-Used by the fault-injection tests (integration/test_s3_faults.py, integration/test_gcs_faults.py) to
+Used by the fault-injection tests (integration/test_store_faults.py, on S3 and GCS alike) to
 check that a save either succeeds after retries or fails cleanly: previous checkpoint still latest,
 nothing new visible, no pending multipart upload.
 """

@@ -1,4 +1,4 @@
-"""Keras ``model.fit`` and Lightning ``Trainer.fit`` save to and resume from s3:// and gs:// (SPEC §2.2, §2.3, §5).
+"""Keras ``model.fit`` and Lightning ``Trainer.fit`` save to and resume from s3:// and gs://.
 
 Each case trains in a fresh process against the real local S3 server or GCS emulator, SIGKILLs it
 (from this parent) after a mid-epoch checkpoint committed, reruns the same command, and compares the

@@ -1,6 +1,6 @@
 """A save killed in the middle of an S3 multipart upload leaves that upload pending (invisible, but
-stored and billed); the next manager start aborts it (SPEC §3.3: leftovers of an interrupted save are
-removed on the next manager start). Only pending uploads of this format's names directly in the
+stored and billed); the next manager start aborts it (leftovers of an interrupted save are
+removed on the next manager start: README, "On storage"). Only pending uploads of this format's names directly in the
 directory are touched: a foreign upload, or one in a sub-directory, stays.
 """
 
@@ -24,7 +24,7 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import json, os, signal, sys
     import numpy as np
-    import ckpt_callbacks._cloud as cloud
+    import ckpt_callbacks._storage._s3 as cloud
     from ckpt_callbacks import CheckpointManager
 
     url, so = sys.argv[1], json.loads(sys.argv[2])

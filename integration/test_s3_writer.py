@@ -1,4 +1,4 @@
-"""The parallel S3 multipart writer (ckpt_callbacks._cloud) against the real local S3 server.
+"""The parallel S3 multipart writer (ckpt_callbacks._storage._s3) against the real local S3 server.
 
 The conformance suite covers what users see; these pin the writer's own promises: parts really go
 up concurrently within the process-wide bound, a failed stream is aborted (nothing visible, nothing
@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from cloud_helpers import S3_BUCKET, object_keys, pending_uploads
 
-import ckpt_callbacks._cloud as cloud
+import ckpt_callbacks._storage._s3 as cloud
 from ckpt_callbacks import CheckpointWriteError
-from ckpt_callbacks._storage import Storage
+from ckpt_callbacks._storage import Storage, is_transient
 
 MiB = 1 << 20
 
@@ -145,7 +145,7 @@ def test_orphaned_upload_of_same_key_is_aborted(s3_dir: tuple[str, dict, str], s
     ],
 )
 def test_is_transient_builtin(exc: BaseException, transient: bool) -> None:
-    assert cloud.is_transient(exc) is transient
+    assert is_transient(exc) is transient
 
 
 @pytest.mark.parametrize(
@@ -168,8 +168,8 @@ def test_is_transient_botocore(code: str, status: int, transient: bool) -> None:
     )
     wrapped = OSError(5, "translated by s3fs")
     wrapped.__cause__ = err
-    assert cloud.is_transient(err) is transient
-    assert cloud.is_transient(wrapped) is transient
+    assert is_transient(err) is transient
+    assert is_transient(wrapped) is transient
 
 
 def test_part_size_grows_to_fit_the_part_limit() -> None:

@@ -1,4 +1,7 @@
-"""The command line (SPEC §2.4): every command and its exit status, through the real entry point."""
+"""The command line: every command, its help and its exit status, through the real entry point.
+
+Exit status: 0 ok, 1 corruption, 2 usage error or nothing found (one line on stderr, no traceback).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+import ckpt_callbacks
 from ckpt_callbacks import CheckpointManager
 from ckpt_callbacks._cli import _options, main
+
+COMMANDS = ["ls", "inspect", "verify", "gc", "export"]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -37,22 +43,52 @@ def run_dir(tmp_path):
 def test_ls_table_and_json(run_dir):
     out = cli("ls", str(run_dir))
     assert out.returncode == 0, out.stderr
-    assert "kept-because" in out.stdout and "hourly" in out.stdout and "ckpt-600 *" in out.stdout
+    assert "kept-because" in out.stdout and "ckpt-600 *" in out.stdout
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:]}
+    assert rows["600"][5] == "recent" and rows["500"][5] == "recent"
+    assert rows["200"][5] == "hourly" and rows["100"][5] == "best"
     doc = json.loads(cli("ls", str(run_dir), "--json").stdout)
     assert doc["latest"] == "ckpt-600"
     reasons = {c["step"]: c["kept_because"] for c in doc["checkpoints"]}
-    assert reasons[600] == ["latest"] and reasons[500] == ["latest"]
-    assert "best" in reasons[100] or "hourly" in reasons[100]
+    # Every checkpoint once: 100 (loss 0.5) is the best; 200 and 400 were preserved an hour apart
+    # (1800 s saves); 500 and 600 are the max_to_keep=2 window; 300 was rotated away.
+    assert reasons == {100: "best", 200: "hourly", 400: "hourly", 500: "recent", 600: "recent"}
+    assert [c["step"] for c in doc["checkpoints"] if c["latest"]] == [600]
     assert all(c["size"] > 0 and "loss" in c["metrics"] for c in doc["checkpoints"])
 
 
-def test_inspect(run_dir):
+def test_ls_of_a_state_file_tensorflow_wrote(run_dir):
+    """Without our retention comment line: the TF fields alone (older than last_preserved = hourly)."""
+    state = run_dir / "checkpoint"
+    lines = [line for line in state.read_text().splitlines() if not line.startswith("#")]
+    state.write_text("\n".join(lines) + "\n")
+    assert main(["ls", str(run_dir)]) == 0
+    doc = json.loads(cli("ls", str(run_dir), "--json").stdout)
+    reasons = {c["step"]: c["kept_because"] for c in doc["checkpoints"]}
+    assert reasons[600] == "recent" and reasons[500] == "recent" and reasons[400] == "hourly"
+
+
+def test_inspect_is_compact_by_default(run_dir):
     out = cli("inspect", str(run_dir / "ckpt-600"))
-    assert out.returncode == 0
-    assert "model/w  float32  (4, 4)  64 B" in out.stdout and "'epoch': 6" in out.stdout
+    assert out.returncode == 0, out.stderr
+    assert "2 tensors, 88 B" in out.stdout and "metrics: loss=5" in out.stdout
+    assert "model  dict of 2, 2 tensors, 88 B" in out.stdout and "epoch  6" in out.stdout
+    assert "model/w" not in out.stdout  # the per-tensor table is --full's
+    full = cli("inspect", str(run_dir / "ckpt-600"), "--full")
+    assert "model/w  float32  (4, 4)  64 B" in full.stdout and "'epoch': 6" in full.stdout
+    assert '"format_version"' in full.stdout
+    assert cli("inspect", str(run_dir)).stdout.splitlines()[0] == out.stdout.splitlines()[0]
+
+
+def test_inspect_json(run_dir):
     doc = json.loads(cli("inspect", str(run_dir / "ckpt-600"), "--json").stdout)
-    assert {t["name"]: t["shape"] for t in doc["tensors"]} == {"model/b": [3], "model/w": [4, 4]}
-    assert doc["meta"]["metrics"] == {"loss": 5.0}
+    assert doc["tensor_count"] == 2 and doc["total_bytes"] == 88 and doc["step"] == 600
+    assert doc["meta"]["metrics"] == {"loss": 5.0} and "library" not in doc["meta"]
+    assert {t["key"]: t["tensors"] for t in doc["top_level"]} == {"model": 2, "epoch": 0}
+    assert "tensors" not in doc
+    full = json.loads(cli("inspect", str(run_dir / "ckpt-600"), "--json", "--full").stdout)
+    assert {t["name"]: t["shape"] for t in full["tensors"]} == {"model/b": [3], "model/w": [4, 4]}
+    assert full["meta"]["library"]["ckpt_callbacks"] == ckpt_callbacks.__version__ and "tree" in full
 
 
 def test_verify_ok_then_corrupt_names_file_and_tensor(run_dir):
@@ -70,12 +106,86 @@ def test_verify_ok_then_corrupt_names_file_and_tensor(run_dir):
     assert cli("verify", str(run_dir / "ckpt-600")).returncode == 1
 
 
-def test_usage_and_not_found_exit_2(tmp_path):
-    assert cli("ls", str(tmp_path / "nothing")).returncode == 2
-    assert cli("verify", str(tmp_path / "nothing")).returncode == 2
-    assert cli("inspect", str(tmp_path / "ckpt-1")).returncode == 2
-    assert cli("bogus").returncode == 2
-    assert cli("ls", str(tmp_path), "--storage-option", "novalue").returncode == 2
+def test_verify_json(run_dir):
+    out = cli("verify", str(run_dir), "--json")
+    doc = json.loads(out.stdout)
+    assert out.returncode == 0 and doc["ok"] and doc["corrupt"] == 0 and len(doc["checkpoints"]) == 5
+    data = run_dir / "ckpt-500.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:-1] + bytes([data.read_bytes()[-1] ^ 1]))
+    out = cli("verify", str(run_dir), "--json")
+    doc = json.loads(out.stdout)
+    assert out.returncode == 1 and not doc["ok"] and doc["corrupt"] == 1
+    (bad,) = [c for c in doc["checkpoints"] if not c["ok"]]
+    assert bad["checkpoint"].endswith("ckpt-500") and "model/b" in bad["problem"]
+
+
+def one_line_error(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    return out.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ls", "{tmp}/nothing"],
+        ["verify", "{tmp}/nothing"],
+        ["inspect", "{tmp}/ckpt-1"],
+        ["export", "{tmp}/ckpt-1", "--to", "npz", "{tmp}/o.npz"],
+        ["gc", "{tmp}/nothing"],
+        ["bogus"],
+        [],
+        ["ls"],
+        ["export", "{tmp}", "--to", "hdf5", "o"],
+        ["ls", "{tmp}", "--storage-option", "novalue"],
+    ],
+)
+def test_usage_and_not_found_exit_2_with_one_line(tmp_path, argv):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    one_line_error(cli(*argv))
+    assert main(argv) == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "module", "extra"), [("s3://bucket/run", "s3fs", "s3"), ("gs://b/run", "gcsfs", "gcs")]
+)
+def test_missing_fsspec_backend_names_the_extra(url, module, extra):
+    """A process where the backend cannot be imported, as on a machine without it installed."""
+    code = (
+        f"import sys; sys.modules[{module!r}] = None\n"
+        "from ckpt_callbacks._cli import main\n"
+        f"sys.exit(main(['ls', {url!r}]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert f"pip install 'ckpt-callbacks[{extra}]'" in one_line_error(out)
+
+
+def test_version():
+    out = cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"ckpt-callbacks {ckpt_callbacks.__version__}"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_command_describes_arguments_with_examples(command, capsys):
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and f"ckpt-callbacks {command} " in text.split("examples:")[1]
+    assert "--storage-option KEY=VALUE" in text and "dotted KEY nests" in text
+    for option in {
+        "ls": ["--json"],
+        "inspect": ["--full", "--json"],
+        "verify": ["--json"],
+        "gc": ["--prefix"],
+        "export": ["--to", "--only", "--strip-prefix"],
+    }[command]:
+        line = next(line for line in text.splitlines() if line.strip().startswith(option))
+        assert len(line.split()) > 1 or option == "--to", line  # the option is described
+
+
+def test_top_level_help_lists_commands_and_exit_status():
+    out = cli("--help")
+    assert out.returncode == 0
+    assert all(c in out.stdout for c in COMMANDS) and "exit status: 0 ok, 1 corruption" in out.stdout
 
 
 def test_gc_removes_only_leftovers(run_dir):
@@ -122,6 +232,20 @@ def test_export(run_dir, tmp_path, to):
     np.testing.assert_array_equal(loaded["model/w"], np.full((4, 4), 6, np.float32))
 
 
+@pytest.mark.parametrize("to", ["safetensors", "npz"])
+def test_export_only_keeps_names_and_strip_prefix_removes_the_prefix(run_dir, tmp_path, to):
+    def exported(*flags: str) -> dict:
+        out_file = tmp_path / f"w.{to}"
+        assert main(["export", str(run_dir), "--to", to, *flags, str(out_file)]) == 0
+        return load_file(str(out_file)) if to == "safetensors" else dict(np.load(str(out_file)))
+
+    assert set(exported("--only", "model/")) == {"model/w", "model/b"}
+    stripped = exported("--strip-prefix", "model/")
+    assert set(stripped) == {"w", "b"}
+    np.testing.assert_array_equal(stripped["b"], np.arange(3))
+    assert "model/" in one_line_error(cli("export", str(run_dir), "--to", to, "--strip-prefix", "x/", "o"))
+
+
 def test_storage_options_parse():
     assert _options(["anon=false", "client_kwargs.endpoint_url=http://127.0.0.1:9000", "key=abc"]) == {
         "anon": False,
@@ -135,3 +259,80 @@ def test_state_file_naming_outside_paths_is_corruption(tmp_path, field):
     (tmp_path / "checkpoint").write_text(f'{field}: "../victim"\n')
     assert cli("ls", str(tmp_path)).returncode == 1
     assert cli("verify", str(tmp_path)).returncode == 1
+
+
+def test_lightning_model_checkpoint_directory(tmp_path):
+    """A directory Lightning's ModelCheckpoint wrote through FsspecCheckpointIO: marker files, no
+    state file. ls lists them by marker name, verify checks them, export feeds load_state_dict."""
+    pytest.importorskip("lightning")
+    import warnings
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ckpt_callbacks.lightning import FsspecCheckpointIO
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    base = tmp_path / "lit"
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(
+        TensorDataset(torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)), batch_size=8
+    )
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[FsspecCheckpointIO()],
+        callbacks=[ModelCheckpoint(dirpath=str(base), save_top_k=-1, save_last=True)],
+    )
+    model = Tiny()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, data)
+
+    doc = json.loads(cli("ls", str(base), "--json").stdout)
+    markers = {c["checkpoint"]: c for c in doc["checkpoints"]}
+    assert set(markers) == {"epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt", "last.ckpt"}
+    assert markers["last.ckpt"]["step"] == 4 and markers["last.ckpt"]["target"].startswith("last.ckpt.")
+    assert all(c["kept_because"] == "marker" and c["size"] > 0 and c["time"] for c in doc["checkpoints"])
+    table = cli("ls", str(base)).stdout
+    assert "epoch=1-step=4.ckpt -> epoch=1-step=4.ckpt." in table
+
+    verified = cli("verify", str(base))
+    assert verified.returncode == 0 and verified.stdout.count("OK") == 3
+    summary = cli("inspect", str(base / "last.ckpt")).stdout
+    assert "framework: lightning" in summary and "state_dict" in summary and "epoch: 1" in summary
+
+    out_file = tmp_path / "weights.pt"
+    assert (
+        main(
+            [
+                "export",
+                str(base / "last.ckpt"),
+                "--to",
+                "torch",
+                "--strip-prefix",
+                "state_dict/",
+                str(out_file),
+            ]
+        )
+        == 0
+    )
+    fresh = Tiny()
+    fresh.load_state_dict(torch.load(str(out_file), weights_only=True))  # strict: every key matches
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[k], v)

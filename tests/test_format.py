@@ -1,4 +1,4 @@
-"""Round trips of the state tree and the on-storage format (SPEC §2.1, §3.1)."""
+"""Round trips of the state tree and the on-storage format (README, "On storage")."""
 
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def test_index_checksum_covers_every_byte():
 
 @pytest.mark.parametrize("rewrite", ["reserialized", "edited in place"])
 def test_newer_format_version_is_incompatible_not_corrupt(tmp_path, rewrite):
-    """A later version may change anything after the version, its checksum included (SPEC §6)."""
+    """A later version may change anything after the version, its checksum included: IncompatibleCheckpointError."""
     path = str(tmp_path / "ckpt-1")
     save_checkpoint(path, {"w": np.ones(2, np.float32)})
     index_file = tmp_path / "ckpt-1.index"

@@ -1,4 +1,4 @@
-"""The public surface: exported names, framework-free import, the error tree (SPEC §2, §6)."""
+"""The public surface: exported names, framework-free import, the error tree."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def test_constructor_validates(tmp_path, kwargs, match):
     ],
 )
 def test_constructor_errors_say_what_expected_received_and_fix(tmp_path, directory, kwargs, received):
-    """SPEC §6: what happened, what was expected, the received value, how to fix it; nothing created."""
+    """Bad input: what happened, what was expected, the received value, how to fix it; nothing created."""
     where = None if directory is None else ("" if directory == "" else str(tmp_path / directory))
     with pytest.raises((ValueError, TypeError)) as info:
         ckpt_callbacks.CheckpointManager(where, **kwargs)
@@ -89,3 +89,13 @@ def test_constructor_errors_say_what_expected_received_and_fix(tmp_path, directo
     }:
         assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
     assert not (tmp_path / "d").exists()
+
+
+def test_unsupported_storage_library_error_lives_in_the_tree_and_where_it_was():
+    from ckpt_callbacks._storage import UnsupportedStorageLibraryError as from_storage
+    from ckpt_callbacks._storage._compat import UnsupportedStorageLibraryError as from_compat
+
+    cls = errors.UnsupportedStorageLibraryError
+    assert from_storage is cls and from_compat is cls
+    assert issubclass(cls, RuntimeError) and not issubclass(cls, errors.CheckpointError)
+    assert "UnsupportedStorageLibraryError(RuntimeError)" in errors.__doc__

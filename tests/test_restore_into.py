@@ -14,7 +14,7 @@ from ckpt_callbacks import (
     load_checkpoint,
     save_checkpoint,
 )
-from ckpt_callbacks._manager import read_index
+from ckpt_callbacks._resolve import read_index
 
 
 def _state():
@@ -173,10 +173,10 @@ def test_manager_restore_into_falls_back_past_a_corrupt_checkpoint(tmp_path):
 
 
 def test_big_tensor_read_in_chunks_with_hashing_behind(tmp_path, monkeypatch):
-    from ckpt_callbacks import _readinto
+    from ckpt_callbacks import _checkpoint_read
 
-    monkeypatch.setattr(_readinto, "_READ_CHUNK", 1 << 16)
-    monkeypatch.setattr(_readinto, "_HASH_BEHIND_BYTES", 1 << 10)
+    monkeypatch.setattr(_checkpoint_read, "READ_CHUNK", 1 << 16)
+    monkeypatch.setattr(_checkpoint_read, "HASH_BEHIND_BYTES", 1 << 10)
     state = {"big": np.random.default_rng(1).standard_normal(300_000).astype(np.float32), "s": np.ones(3)}
     path = str(tmp_path / "ckpt-1")
     save_checkpoint(path, state)
@@ -206,3 +206,33 @@ def test_async_manager_prepares_snapshot_buffers_on_resume(tmp_path):
         out = mgr.restore()
     assert np.array_equal(out["w"], state["w"] + 1)
     assert torch.equal(out["t"], state["t"]) and out["e"] == 1
+
+
+def test_into_tensor_without_a_saved_one_names_the_key_and_the_fix(tmp_path):
+    path = str(tmp_path / "ckpt-1")
+    save_checkpoint(path, {"model": {"w": np.ones(3, np.float32)}, "epoch": 1})
+    w = np.zeros(3, np.float32)
+    with pytest.raises(IncompatibleCheckpointError) as e:
+        load_checkpoint(path, into={"model": {"w": w, "extra": np.zeros(2)}})
+    msg = str(e.value)
+    assert "into['model']['extra']" in msg and "'model/w'" in msg  # what is missing, what is saved
+    assert "Leave those keys out of `into`" in msg and "Nothing was written" in msg
+    assert not w.any()
+
+
+def test_prepare_snapshot_at_train_start_maps_the_buffers_the_first_save_uses(tmp_path):
+    state = {"w": np.arange(50_000, dtype=np.float32), "t": torch.arange(10, dtype=torch.bfloat16), "e": 1}
+    with CheckpointManager(tmp_path / "sync") as sync:
+        assert sync._prepare_snapshot(state) is False
+    with CheckpointManager(tmp_path / "a", async_save=True) as mgr:
+        assert mgr._prepare_snapshot(state) is True
+        mgr._buffers.wait()
+        prepared = dict(mgr._buffers)
+        assert prepared["w"].shape == (50_000,) and prepared["t"].shape == (10,)
+        mgr.save(state, step=1)
+        assert mgr._buffers["w"] is prepared["w"] and mgr._buffers["t"] is prepared["t"]
+        assert mgr._prepare_snapshot({"w": np.zeros(3)}) is True  # a save right after: stops it
+        mgr.save(state, step=2)
+        mgr.wait_until_finished()
+        out = mgr.restore()
+    assert np.array_equal(out["w"], state["w"]) and torch.equal(out["t"], state["t"]) and out["e"] == 1

@@ -1,4 +1,4 @@
-"""Retention policies as tables (SPEC §4): pure functions of records."""
+"""Retention policies as tables (README, "Retention, with a worked example"): pure functions of records."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `checkpoint` state file: TensorFlow's text format, read by TensorFlow itself (SPEC §3.2)."""
+"""The `checkpoint` state file: TensorFlow's text format, read by TensorFlow itself."""
 
 from __future__ import annotations
 
@@ -12,17 +12,9 @@ from ckpt_callbacks._state import CheckpointState, parse_state
 from ckpt_callbacks.errors import CorruptCheckpointError
 
 
-class FakeClock:
-    def __init__(self, t: float = 1_764_086_400.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def test_tensorflow_parses_the_state_file(tmp_path):
+def test_tensorflow_parses_the_state_file(tmp_path, fake_clock):
     tf = pytest.importorskip("tensorflow", reason="tensorflow-cpu is a test dependency")
-    clock = FakeClock()
+    clock = fake_clock
     with CheckpointManager(str(tmp_path), max_to_keep=2, keep_checkpoint_every_n_hours=1, clock=clock) as mgr:
         for step in range(100, 1100, 100):
             clock.t += 1800.5
@@ -40,8 +32,8 @@ def test_tensorflow_parses_the_state_file(tmp_path):
     )
 
 
-def test_exact_text(tmp_path):
-    clock = FakeClock(1000.0)
+def test_exact_text(tmp_path, fake_clock_cls):
+    clock = fake_clock_cls(1000.0)
     with CheckpointManager(str(tmp_path), max_to_keep=2, clock=clock) as mgr:
         for step in (600, 800, 1000):
             clock.t += 100.5

@@ -1,24 +1,30 @@
-"""PyTorch Lightning integration: ``CheckpointCallback`` and ``FsspecCheckpointIO``.
+"""PyTorch Lightning integration: ``CheckpointCallback``, ``FsspecCheckpointIO``, ``load_from_checkpoint``.
+
+Works with both package names, ``lightning`` (``lightning.pytorch``) and ``pytorch_lightning``:
+a callback or plugin is bound to the Lightning package(s) imported when it is created.
 
 Example:
-    >>> from ckpt_callbacks.lightning import CheckpointCallback, FsspecCheckpointIO
+    >>> from ckpt_callbacks.lightning import CheckpointCallback, FsspecCheckpointIO, load_from_checkpoint
     >>> trainer = Trainer(callbacks=[CheckpointCallback("s3://bucket/run", save_every_n_steps=100)])
     >>> trainer.fit(model)                                   # resumes from the newest valid checkpoint
     >>> trainer = Trainer(plugins=[FsspecCheckpointIO()])    # Lightning's ModelCheckpoint, our format
+    >>> model = load_from_checkpoint(MyModule, "s3://bucket/run")  # MyModule.load_from_checkpoint's semantics
 """
 
 from __future__ import annotations
 
-try:
-    import lightning  # noqa: F401
-    import torch  # noqa: F401
-except ImportError as e:  # pragma: no cover - depends on the environment
+import importlib.util
+
+if importlib.util.find_spec("torch") is None or not any(
+    importlib.util.find_spec(ns) is not None for ns in ("lightning", "pytorch_lightning")
+):  # pragma: no cover - depends on the environment
     raise ImportError(
-        f"ckpt_callbacks.lightning needs PyTorch Lightning and torch ({e}). "
+        "ckpt_callbacks.lightning needs torch and PyTorch Lightning ('lightning' or 'pytorch_lightning'). "
         "Install them with: pip install 'ckpt-callbacks[lightning]'"
-    ) from e
+    )
 
 from ._callback import CheckpointCallback
 from ._io import FsspecCheckpointIO
+from ._load import load_from_checkpoint
 
-__all__ = ["CheckpointCallback", "FsspecCheckpointIO"]
+__all__ = ["CheckpointCallback", "FsspecCheckpointIO", "load_from_checkpoint"]

@@ -4,10 +4,11 @@ Thin and stateful: it decides "save now?" from ``trainer.global_step`` and an in
 asks Lightning for its full checkpoint dict (``dump_checkpoint``, the same dict
 ``trainer.save_checkpoint`` writes), adds the RNG states, and hands it to the core manager.
 
-It subclasses ``ModelCheckpoint`` for one reason: that is the only kind of callback Lightning asks
-to resolve ``trainer.fit(ckpt_path="last")`` (``_CheckpointConnector._parse_ckpt_path`` calls
+Its instances are ``ModelCheckpoint`` subclasses (of ``lightning`` and / or ``pytorch_lightning``,
+see ``_compat.bound_class``) for one reason: that is the only kind of callback Lightning asks to
+resolve ``trainer.fit(ckpt_path="last")`` (``_CheckpointConnector._parse_ckpt_path`` calls
 ``ModelCheckpoint._find_last_checkpoints``). Every ``ModelCheckpoint`` hook is overridden; none of
-its own saving runs.
+its own saving runs. Strategies it cannot restore exactly are refused at setup (:func:`check_strategy`).
 """
 
 from __future__ import annotations
@@ -20,20 +21,16 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import lightning
 import torch
-from lightning.fabric.utilities.data import _set_sampler_epoch
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from .. import _validation
-from .._manager import CheckpointManager, get_checkpoint_state
+from .._manager import CheckpointManager, _join, get_checkpoint_state
 from .._manager import load_checkpoint as _core_load
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError
-from . import _convert, _rng
+from . import _compat, _convert, _rng
 from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO, _jsonable
+
+Trainer = LightningModule = Any  # either namespace's (see _compat)
 
 _STATE_VERSION = 1
 _NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
@@ -47,7 +44,7 @@ _REMOTE_ERRORS: dict[str, type[BaseException]] = {
 }
 
 
-class CheckpointCallback(ModelCheckpoint):
+class CheckpointCallback(_compat.Bound):
     """Saves the whole training state every N steps / seconds / epochs and resumes from the newest.
 
     A checkpoint carries everything Lightning's own checkpoint dict carries (``state_dict``,
@@ -91,6 +88,7 @@ class CheckpointCallback(ModelCheckpoint):
         >>> trainer.fit(model, ckpt_path="last")  # the Lightning idiom resolves to the same checkpoint
     """
 
+    _role = "callback"
     # Tests switch this off to show that without the RNG restore a resumed run diverges.
     _restore_rng = True
 
@@ -160,6 +158,7 @@ class CheckpointCallback(ModelCheckpoint):
         self._deferred_to_epoch_end = False
         self._warning_filter: Any = None
         self._preloaded: tuple[str, Any] | None = None
+        self._warned_hparams: set[str] = set()  # hparams left out of the checkpoints, warned once
 
     def __getstate__(self) -> dict[str, Any]:
         # Picklable for ddp_spawn and for Trainer copies: live resources stay with this process.
@@ -190,6 +189,7 @@ class CheckpointCallback(ModelCheckpoint):
             "batches_consumed": consumed,
             "rng": self._rng_for_save if self._rng_for_save is not None else [self._local_rng()],
             "best_model_path": self.best_model_path,
+            "best_model_score": self._best_metric,
             "last_model_path": self.last_model_path,
         }
 
@@ -199,6 +199,10 @@ class CheckpointCallback(ModelCheckpoint):
         self._num_saves = int(state_dict.get("num_saves") or 0)
         self.best_model_path = state_dict.get("best_model_path") or self.best_model_path
         self.last_model_path = state_dict.get("last_model_path") or self.last_model_path
+        score = state_dict.get("best_model_score")
+        if isinstance(score, (int, float)) and self.keep_best:
+            self._best_metric = float(score)
+            self.best_model_score = torch.tensor(float(score))
         rngs = state_dict.get("rng") or []
         self._resume_rng = None
         self._resume_consumed = 0
@@ -243,10 +247,12 @@ class CheckpointCallback(ModelCheckpoint):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        ns = self._check_namespace(trainer)
+        check_strategy(trainer.strategy)
         self._trainer_ref = weakref.ref(trainer)
         self._global_rank = trainer.global_rank
-        self._install_io(trainer)
-        if stage == TrainerFn.FITTING.value and trainer.is_global_zero and self._mgr is None:
+        self._install_io(trainer, ns)
+        if stage == "fit" and trainer.is_global_zero and self._mgr is None:
             self._mgr = CheckpointManager(
                 self.directory,
                 prefix=self.prefix,
@@ -264,7 +270,7 @@ class CheckpointCallback(ModelCheckpoint):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.resume and trainer.ckpt_path is None and not trainer.fast_dev_run:
             self._auto_resume(trainer)
-        # Exact resume (SPEC §5). Lightning makes the train data iterator (drawing the shuffling
+        # Exact resume. Lightning makes the train data iterator (drawing the shuffling
         # seed from the global RNG) right after this hook; the sanity check runs in isolate_rng.
         # - Saved at an epoch boundary: restore the RNGs of the save now; the next epoch's iterator
         #   and dropout then draw exactly what the uninterrupted run drew.
@@ -288,7 +294,7 @@ class CheckpointCallback(ModelCheckpoint):
     ) -> None:
         # A checkpoint saved with save_optimizer=False: keep the optimizers as configured instead of
         # letting Lightning fail on the missing key.
-        if "optimizer_states" not in checkpoint and trainer.state.fn == TrainerFn.FITTING:
+        if "optimizer_states" not in checkpoint and _fn(trainer) == "fit":
             checkpoint["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
             checkpoint.setdefault(
                 "lr_schedulers", [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]
@@ -390,17 +396,17 @@ class CheckpointCallback(ModelCheckpoint):
             try:
                 mgr.close()
             except Exception as e:  # noqa: BLE001 - already raised in on_train_end unless fit failed
-                rank_zero_warn(f"CheckpointCallback: a background save had failed: {e}")
+                _rank_zero(trainer, f"CheckpointCallback: a background save had failed: {e}", warn=True)
 
     # ------------------------------------------------------------------ internals
 
     def _skip(self, trainer: Trainer) -> bool:
-        return bool(trainer.fast_dev_run) or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING
+        return bool(trainer.fast_dev_run) or trainer.sanity_checking or _fn(trainer) != "fit"
 
     def _position(self) -> tuple[bool, int]:
         """(saved between two batches of an epoch?, batches of that epoch already trained on)."""
         trainer = self._trainer_ref()
-        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+        if trainer is None or _fn(trainer) != "fit":
             return False, 0
         epoch = trainer.fit_loop.epoch_progress.current
         progress = trainer.fit_loop.epoch_loop.batch_progress
@@ -422,16 +428,15 @@ class CheckpointCallback(ModelCheckpoint):
             due = bool(trainer.strategy.broadcast(due, src=0))
         return due
 
-    def _install_io(self, trainer: Trainer) -> None:
+    def _install_io(self, trainer: Trainer, ns: str) -> None:
         """Let the strategy load our checkpoints (``ckpt_path="last"``, a checkpoint path) with any plugin."""
         strategy = trainer.strategy
         current = strategy.checkpoint_io
         if isinstance(current, (FsspecCheckpointIO, _DispatchingCheckpointIO)):
             return
         try:
-            strategy.checkpoint_io = _DispatchingCheckpointIO(
-                current, self.storage_options, self.allow_pickle
-            )
+            io_class = _compat.bound_class(_DispatchingCheckpointIO, "checkpoint_io", (ns,))
+            strategy.checkpoint_io = io_class(current, self.storage_options, self.allow_pickle)
         except (TypeError, ValueError, AssertionError):
             # Strategies that accept only their own IO (XLA): resume=True still works; loading a
             # path of this format through ckpt_path then needs FsspecCheckpointIO as the plugin.
@@ -454,18 +459,10 @@ class CheckpointCallback(ModelCheckpoint):
         if state is None:
             state = _core_load(path, storage_options=self.storage_options, allow_pickle=self.allow_pickle)
         checkpoint = _convert.from_tree(state)
-        from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
-
-        connector = trainer._checkpoint_connector
-        connector._ckpt_path = path
-        connector._loaded_checkpoint = _pl_migrate_checkpoint(checkpoint, path)
-        # What Lightning's own restore does before strategy.setup; Lightning then restores the
-        # precision plugin, loops, optimizers and schedulers right after on_fit_start.
-        connector.restore_model()
-        connector.restore_datamodule()
-        connector.restore_callbacks()
-        rank_zero_info(
-            f"CheckpointCallback: resuming from {path} (global step {checkpoint.get('global_step')})."
+        _compat.restore_before_setup(trainer, path, checkpoint)
+        _rank_zero(
+            trainer,
+            f"CheckpointCallback: resuming from {path} (global step {checkpoint.get('global_step')}).",
         )
 
     def _save(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -474,8 +471,12 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_save_time = float(self._clock())
         self._num_saves += 1
         self._rng_for_save = _gather(trainer, self._local_rng())
+        metrics = _metrics(trainer)
+        # Tracked before the dump, so that the checkpoint's own callback state names the paths that
+        # are right once it is committed (a resume from it then reports existing checkpoints).
+        self._track_paths(_join(self.directory, f"{self.prefix}-{step}"), metrics)
         try:
-            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            checkpoint = _compat.dump_checkpoint(trainer)
         finally:
             self._rng_for_save = None
         if not self.save_optimizer:
@@ -484,11 +485,13 @@ class CheckpointCallback(ModelCheckpoint):
         if trainer.is_global_zero:
             try:
                 assert self._mgr is not None
-                metrics = _metrics(trainer)
                 path = self._mgr.save(
-                    _convert.to_tree(checkpoint), step=step, metrics=metrics, _info=_info(trainer, pl_module)
+                    _convert.to_tree(checkpoint, allow_pickle=self.allow_pickle, warned=self._warned_hparams),
+                    step=step,
+                    metrics=metrics,
+                    _info=_info(trainer, pl_module),
                 )
-                self._track_paths(path, metrics)
+                self.last_model_path = path
             except Exception as e:  # noqa: BLE001 - broadcast, then raised on every rank
                 error = e
         self._raise_everywhere(trainer, error, f"Saving the checkpoint of step {step}")
@@ -510,6 +513,7 @@ class CheckpointCallback(ModelCheckpoint):
         if better:
             self._best_metric = value
             self.best_model_path = path
+            self.best_model_score = torch.tensor(value)
 
     def _raise_everywhere(self, trainer: Trainer, error: BaseException | None, what: str) -> None:
         """Rank zero's outcome, broadcast: every rank raises, or none does (no rank waits forever)."""
@@ -536,19 +540,21 @@ def _fast_forward(trainer: Trainer, consumed: int) -> bool:
     first batch (unless the loader is stateful: then Lightning restores its position itself).
     """
     fit_loop = trainer.fit_loop
-    loader, fetcher = fit_loop._combined_loader, fit_loop._data_fetcher
-    if loader is None or fetcher is None or loader._state_dicts():
+    loader, fetcher, stateful = _compat.fit_data(trainer)
+    if loader is None or fetcher is None or stateful:
         return False
     if getattr(fetcher, "batches", None) or getattr(fetcher, "iterator", None) is None:
-        rank_zero_warn(
+        _rank_zero(
+            trainer,
             "CheckpointCallback: cannot skip the already-trained batches of the interrupted epoch "
-            "(the train data iterator has no length, so Lightning pre-fetched from it); the epoch is replayed."
+            "(the train data iterator has no length, so Lightning pre-fetched from it); the epoch is replayed.",
+            warn=True,
         )
         return False
     # Lightning sets the samplers' epoch (DistributedSampler's shuffling seed) only later, in
     # on_advance_start; the skipped batches must come from this epoch's order.
     for dl in loader.flattened:
-        _set_sampler_epoch(dl, fit_loop.epoch_progress.current.processed)
+        _compat.set_sampler_epoch(trainer, dl, fit_loop.epoch_progress.current.processed)
     for _ in range(consumed):
         try:
             next(fetcher.iterator)
@@ -578,9 +584,10 @@ def _metrics(trainer: Trainer) -> dict[str, float]:
 
 def _info(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
     cls = type(pl_module)
+    ns = _compat.namespace_of(trainer)
     return {
         "framework": "lightning",
-        "framework_versions": {"lightning": lightning.__version__, "torch": torch.__version__},
+        "framework_versions": {ns: _compat.version(ns), "torch": torch.__version__},
         "model": {
             "class_path": f"{cls.__module__}.{cls.__qualname__}",
             "hparams": _jsonable(dict(pl_module.hparams)),
@@ -609,3 +616,41 @@ def _validate(
     _validation.check_triggers(steps, seconds, flags["save_on_epoch_end"], flags["save_on_train_end"])
     _validation.check_storage_options(storage_options)
     _validation.check_manager_args(prefix, max_to_keep, hours, keep_best, monitor, mode, clock)
+
+
+def _fn(trainer: Trainer) -> str:
+    """The running stage ("fit", "validate", ...) as a string, whichever namespace's enum holds it."""
+    fn = trainer.state.fn
+    return str(getattr(fn, "value", fn))
+
+
+def _rank_zero(trainer: Trainer, message: str, warn: bool = False) -> None:
+    rank_zero = _compat.submodule(_compat.namespace_of(trainer), "pytorch", "utilities.rank_zero")
+    (rank_zero.rank_zero_warn if warn else rank_zero.rank_zero_info)(message)
+
+
+# Strategies whose model state Lightning gathers in full on rank zero (``lightning_module_state_dict``)
+# and loads back whole (``load_model_state_dict``): the only ones a resume restores exactly today.
+_EXACT_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+# Subclasses of those that shard state (or keep it outside the module's state_dict).
+_SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+
+
+def check_strategy(strategy: Any, sharded: bool = False) -> None:
+    """Refuse a strategy whose state this library cannot save and restore exactly.
+
+    ``sharded=True`` is for a save path that writes each rank's shards (SPEC §2.5): it then accepts
+    the sharded strategies too.
+    """
+    names = [c.__name__ for c in type(strategy).__mro__]
+    refused = [n for n in _SHARDED_STRATEGIES if n in names]
+    if sharded and refused:
+        return
+    if refused or not any(n in names for n in _EXACT_STRATEGIES):
+        raise ValueError(
+            f"CheckpointCallback cannot save and restore the state of {type(strategy).__name__} exactly: "
+            "its model or optimizer state is sharded across ranks (or held outside the module's state_dict), "
+            "so a resume would restore the step but not the weights. Expected a single-device or DDP "
+            f"strategy. Received: strategy={type(strategy).__name__}. Use strategy='ddp' (or a single "
+            "device), or Lightning's own ModelCheckpoint for this strategy."
+        )

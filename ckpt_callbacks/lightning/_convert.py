@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import enum
+import importlib
 import pathlib
 import sys
 import warnings
@@ -27,19 +29,67 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.fabric.utilities.data import AttributeDict as _FabricAttributeDict
-from lightning.pytorch.utilities.parsing import AttributeDict as _AttributeDict
 
 from ..errors import CorruptCheckpointError
 
 RESERVED_KEY = "__ckpt_callbacks__"
 _CONVERTER_VERSION = 1
 
+# Lightning's AttributeDict (hparams), per tag: the module holding it in each namespace. The tag is
+# namespace-neutral; it decodes to the class of the namespace doing the load.
 _ATTRIBUTE_DICTS = {
-    "AttributeDict": _AttributeDict,
-    "fabric.AttributeDict": _FabricAttributeDict,
+    "AttributeDict": {
+        "lightning": "lightning.pytorch.utilities.parsing",
+        "pytorch_lightning": "pytorch_lightning.utilities.parsing",
+    },
+    "fabric.AttributeDict": {
+        "lightning": "lightning.fabric.utilities.data",
+        "pytorch_lightning": "lightning_fabric.utilities.data",
+    },
 }
 _SCALAR_TYPES = (type(None), bool, int, float, str, bytes)
+# Top-level keys whose unrepresentable leaves are dropped (with a warning) instead of failing the save:
+# stock Lightning saves any object there, and a model in the hparams must not stop training.
+_HPARAMS_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
+_DROP = object()
+
+
+class _Ctx:
+    def __init__(self, allow_pickle: bool) -> None:
+        self.table: list[list[Any]] = []
+        self.seen: set[int] = set()
+        self.allow_pickle = allow_pickle
+        self.dropped: list[tuple[str, str]] = []
+
+
+def _attribute_dict_tag(t: type) -> str | None:
+    if t.__name__ != "AttributeDict":
+        return None
+    for tag, modules in _ATTRIBUTE_DICTS.items():
+        if t.__module__ in modules.values():
+            return tag
+    return None
+
+
+def _attribute_dict_class(tag: str, ns: str | None) -> type:
+    modules = _ATTRIBUTE_DICTS[tag]
+    order = [ns] if ns in modules else []
+    order += [n for n in modules if n not in order]
+    for n in order:
+        module = sys.modules.get(modules[n])
+        if module is not None:
+            return module.AttributeDict
+    for n in order:  # neither imported yet: import the first installed (a fixed, known module)
+        try:
+            return importlib.import_module(modules[n]).AttributeDict
+        except ImportError:
+            continue
+    return dict  # pragma: no cover - Lightning absent
+
+
+def _omegaconf() -> Any:
+    """The omegaconf module if the process uses it (it is never imported just to check)."""
+    return sys.modules.get("omegaconf")
 
 
 def class_path(cls: type) -> str:
@@ -63,12 +113,16 @@ def resolve_class(path: str) -> type | None:
     return obj if isinstance(obj, type) else None
 
 
-def to_tree(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+def to_tree(
+    checkpoint: Mapping[str, Any], allow_pickle: bool = False, warned: set[str] | None = None
+) -> dict[str, Any]:
     """A Lightning checkpoint dict as a core state tree (plus the type table under ``RESERVED_KEY``).
 
     Tensors are not copied. Leaves the core cannot store are left in place so that the core raises
-    its ``TypeError`` naming the key path (``state['hyper_parameters']['cfg']``) with the
-    ``allow_pickle`` hint.
+    its ``TypeError`` naming the key path with the ``allow_pickle`` hint, except under the hparams
+    keys: there (unless ``allow_pickle``) such a value is left out of the checkpoint with one
+    warning naming its key path, and recorded, so that a load that needs it says what is missing.
+    ``warned``: key paths already warned about (a callback passes its own set: one warning per run).
 
     Example:
         >>> tree = to_tree({"state_dict": model.state_dict(), "hyper_parameters": model.hparams})
@@ -85,17 +139,45 @@ def to_tree(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
             f"The checkpoint dict already has the reserved key {RESERVED_KEY!r}; it is used by "
             "ckpt_callbacks to record container types. Rename that key."
         )
-    table: list[list[Any]] = []
-    tree = _encode(checkpoint, (), table, seen=set())
+    ctx = _Ctx(allow_pickle)
+    tree = _encode(checkpoint, (), ctx)
     tree = dict(tree) if not isinstance(tree, dict) else tree
-    tree[RESERVED_KEY] = {"version": _CONVERTER_VERSION, "types": table}
+    tree[RESERVED_KEY] = {"version": _CONVERTER_VERSION, "types": ctx.table}
+    if ctx.dropped:
+        tree[RESERVED_KEY]["dropped"] = [[p, kind] for p, kind in ctx.dropped]
+        _warn_dropped(ctx.dropped, set() if warned is None else warned)
     return tree
 
 
-def _encode(obj: Any, path: tuple, table: list, seen: set[int]) -> Any:
+def _warn_dropped(dropped: list[tuple[str, str]], warned: set[str]) -> None:
+    new = [f"{p} ({kind})" for p, kind in dropped if p not in warned]
+    if not new:
+        return
+    warned.update(p for p, _ in dropped)
+    warnings.warn(
+        f"Hyper-parameters that cannot be saved without pickle are left out of the checkpoint: "
+        f"{', '.join(new)}. Training goes on; loading the model from the checkpoint will need them as "
+        "keyword arguments. Fix: save_hyperparameters(ignore=[...]) with their names, or "
+        "allow_pickle=True on both the saving and the loading side.",
+        stacklevel=4,
+    )
+
+
+def _encode(obj: Any, path: tuple, ctx: _Ctx) -> Any:
+    table, seen = ctx.table, ctx.seen
     t = type(obj)
     if t in _SCALAR_TYPES or isinstance(obj, torch.Tensor):
         return obj
+    oc = _omegaconf()
+    if oc is not None and isinstance(obj, (oc.DictConfig, oc.ListConfig)):
+        # Kept as Lightning keeps them (torch.save pickles the config): interpolations unresolved.
+        tag = "DictConfig" if isinstance(obj, oc.DictConfig) else "ListConfig"
+        container = oc.OmegaConf.to_container(obj, resolve=False, enum_to_str=False)
+        table.append([list(path), tag, None])
+        return _encode(container, path, ctx)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        table.append([list(path), "dataclass", class_path(t)])
+        return {f.name: _encode(getattr(obj, f.name), (*path, f.name), ctx) for f in dataclasses.fields(obj)}
     if t is dict or t is collections.OrderedDict or isinstance(obj, Mapping):
         if id(obj) in seen:
             raise ValueError(f"The checkpoint contains a reference cycle at {_path_str(path)}.")
@@ -109,7 +191,9 @@ def _encode(obj: Any, path: tuple, table: list, seen: set[int]) -> Any:
                 type_keys.append(key)
             elif type(k) is not str and isinstance(k, str):
                 key = str(k)
-            out[key] = _encode(v, (*path, key), table, seen)
+            value = _encode(v, (*path, key), ctx)
+            if value is not _DROP:
+                out[key] = value
         seen.discard(id(obj))
         if type_keys:
             table.append([list(path), "typekeys", type_keys])
@@ -117,20 +201,27 @@ def _encode(obj: Any, path: tuple, table: list, seen: set[int]) -> Any:
         if t is collections.OrderedDict and isinstance(metadata, dict):
             # nn.Module.state_dict() carries per-submodule versions used by _load_from_state_dict.
             table.append(
-                [list(path), "state_dict_metadata", _encode(metadata, (*path, "_metadata"), [], set())]
+                [list(path), "state_dict_metadata", _encode(metadata, (*path, "_metadata"), _Ctx(False))]
             )
-        for tag, cls in _ATTRIBUTE_DICTS.items():
-            if t is cls:
-                table.append([list(path), tag, None])
+        attr_tag = _attribute_dict_tag(t)
+        if attr_tag is not None:
+            table.append([list(path), attr_tag, None])
+        elif isinstance(obj, collections.Counter):
+            table.append([list(path), "Counter", None])
+        elif isinstance(obj, collections.defaultdict):
+            factory = obj.default_factory
+            table.append(
+                [list(path), "defaultdict", class_path(factory) if isinstance(factory, type) else None]
+            )
         return out
     if isinstance(obj, argparse.Namespace):
         table.append([list(path), "Namespace", None])
-        return {k: _encode(v, (*path, k), table, seen) for k, v in vars(obj).items()}
+        return {k: _encode(v, (*path, k), ctx) for k, v in vars(obj).items()}
     if t is list or t is tuple:
         if id(obj) in seen:
             raise ValueError(f"The checkpoint contains a reference cycle at {_path_str(path)}.")
         seen.add(id(obj))
-        out_seq = t(_encode(v, (*path, i), table, seen) for i, v in enumerate(obj))
+        out_seq = t(_keep(_encode(v, (*path, i), ctx)) for i, v in enumerate(obj))
         seen.discard(id(obj))
         return out_seq
     if isinstance(obj, torch.Size):
@@ -138,7 +229,7 @@ def _encode(obj: Any, path: tuple, table: list, seen: set[int]) -> Any:
         return tuple(int(d) for d in obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         table.append([list(path), "namedtuple", class_path(t)])
-        return tuple(_encode(v, (*path, i), table, seen) for i, v in enumerate(obj))
+        return tuple(_keep(_encode(v, (*path, i), ctx)) for i, v in enumerate(obj))
     if isinstance(obj, (set, frozenset)):
         table.append([list(path), "frozenset" if isinstance(obj, frozenset) else "set", None])
         items = list(obj)
@@ -146,11 +237,11 @@ def _encode(obj: Any, path: tuple, table: list, seen: set[int]) -> Any:
             items.sort()
         except TypeError:
             pass
-        return [_encode(v, (*path, i), table, seen) for i, v in enumerate(items)]
+        return [_keep(_encode(v, (*path, i), ctx)) for i, v in enumerate(items)]
     if isinstance(obj, list):
-        return [_encode(v, (*path, i), table, seen) for i, v in enumerate(obj)]
+        return [_keep(_encode(v, (*path, i), ctx)) for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
-        return tuple(_encode(v, (*path, i), table, seen) for i, v in enumerate(obj))
+        return tuple(_keep(_encode(v, (*path, i), ctx)) for i, v in enumerate(obj))
     if isinstance(obj, torch.dtype):
         table.append([list(path), "torch.dtype", None])
         return str(obj).removeprefix("torch.")
@@ -162,22 +253,31 @@ def _encode(obj: Any, path: tuple, table: list, seen: set[int]) -> Any:
         return str(obj)
     if isinstance(obj, enum.Enum):
         table.append([list(path), "enum", class_path(t)])
-        return _encode(obj.value, path, table, seen)
+        return _encode(obj.value, path, ctx)
     if isinstance(obj, type):
         table.append([list(path), "type", None])
         return class_path(obj)
-    if isinstance(obj, np.generic):
+    if isinstance(obj, (np.generic, np.ndarray)):
         return obj
     for base in (int, float, str, bytes):  # subclasses of plain scalars (not numpy, not enums)
         if isinstance(obj, base):
             return base(obj)
-    return obj  # numpy arrays/scalars and unknown leaves: the core stores or rejects them
+    if path and path[0] in _HPARAMS_KEYS and not ctx.allow_pickle:
+        ctx.dropped.append((_path_str(path), f"{t.__module__}.{t.__qualname__}"))
+        return _DROP
+    return obj  # unknown leaves: the core stores them with allow_pickle or raises TypeError naming them
 
 
-def from_tree(tree: Any) -> dict[str, Any]:
+def _keep(value: Any) -> Any:
+    return None if value is _DROP else value  # a dropped list item keeps the positions of the others
+
+
+def from_tree(tree: Any, dropped: list | None = None, ns: str | None = None) -> dict[str, Any]:
     """The Lightning checkpoint dict of a tree written by :func:`to_tree` (types restored).
 
-    A tree without the reserved key (a plain core checkpoint) is returned as is.
+    A tree without the reserved key (a plain core checkpoint) is returned as is. ``dropped``, if
+    given, receives ``(key path, type name)`` of the hparams values the save had to leave out;
+    ``ns`` picks the Lightning namespace of the restored ``AttributeDict`` objects.
     """
     if not isinstance(tree, dict):
         raise CorruptCheckpointError(
@@ -193,6 +293,10 @@ def from_tree(tree: Any) -> dict[str, Any]:
             f"The checkpoint was written by a newer ckpt_callbacks (Lightning converter version "
             f"{info.get('version')}); some container types may come back as plain dicts or lists.",
             stacklevel=2,
+        )
+    if dropped is not None:
+        dropped.extend(
+            tuple(row) for row in info.get("dropped") or [] if isinstance(row, list) and len(row) == 2
         )
     rows = info["types"]
     tags: dict[tuple, list[tuple[str, Any]]] = {}
@@ -219,7 +323,7 @@ def from_tree(tree: Any) -> dict[str, Any]:
             node = type(node)(rebuild(v, (*path, i)) for i, v in enumerate(node))
         for tag, extra in tags.get(path, ()):
             found.add(path)
-            node = _decode_node(node, tag, extra)
+            node = _decode_node(node, tag, extra, ns)
         return node
 
     out = rebuild(tree, ())
@@ -231,9 +335,27 @@ def from_tree(tree: Any) -> dict[str, Any]:
     return out
 
 
-def _decode_node(node: Any, tag: str, extra: Any) -> Any:
+def _decode_node(node: Any, tag: str, extra: Any, ns: str | None = None) -> Any:
     if tag in _ATTRIBUTE_DICTS and isinstance(node, dict):
-        return _ATTRIBUTE_DICTS[tag](node)
+        return _attribute_dict_class(tag, ns)(node)
+    if tag in ("DictConfig", "ListConfig") and isinstance(node, (dict, list)):
+        import omegaconf  # a fixed library, never a module named by the checkpoint
+
+        return omegaconf.OmegaConf.create(node)
+    if tag == "Counter" and isinstance(node, dict):
+        return collections.Counter(node)
+    if tag == "defaultdict" and isinstance(node, dict):
+        factory = resolve_class(extra) if extra is not None else None
+        return collections.defaultdict(factory, node)
+    if tag == "dataclass" and isinstance(node, dict):
+        cls = resolve_class(extra)
+        if cls is None or not dataclasses.is_dataclass(cls):
+            warnings.warn(f"Dataclass {extra!r} is not imported; keeping its fields as a dict.", stacklevel=3)
+            return node
+        obj = object.__new__(cls)  # no __init__ / __post_init__: the fields are the saved ones
+        for k, v in node.items():
+            object.__setattr__(obj, k, v)
+        return obj
     if tag == "Namespace" and isinstance(node, dict):
         return argparse.Namespace(**{str(k): v for k, v in node.items()})
     if tag == "state_dict_metadata" and isinstance(node, collections.OrderedDict):
@@ -276,6 +398,8 @@ def _decode_node(node: Any, tag: str, extra: Any) -> Any:
         warnings.warn(f"Enum class {extra!r} is not imported; keeping the raw value {node!r}.", stacklevel=3)
         return node
     if tag == "type" and isinstance(node, str):
+        if node.startswith("omegaconf.") and "omegaconf" not in sys.modules:
+            import omegaconf  # noqa: F401 - the hparams type of a Hydra config
         cls = resolve_class(node)
         if cls is None:
             warnings.warn(

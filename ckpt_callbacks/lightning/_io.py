@@ -11,6 +11,9 @@ names the checkpoint files next to it::
     epoch=0-step=10.ckpt.3f9a0c1e.meta
     epoch=0-step=10.ckpt.3f9a0c1e.index
 
+A marker name containing ``ckpt_`` (``hpc_ckpt_3.ckpt``) has its files spelled ``ckpt+_``
+(:func:`side_name`): Lightning's SLURM requeue reads digits after ``ckpt_`` in every file name.
+
 Each save writes under a fresh 8-hex token and replaces the marker atomically, so re-saving
 ``last.ckpt`` never leaves a half-overwritten checkpoint: a crash leaves the previous marker naming
 the previous, complete files. The files of the replaced token are deleted after the new marker is
@@ -20,18 +23,19 @@ or removal of that path. Only files matching this naming are ever deleted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import posixpath
 import re
+import shutil
+import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import lightning
 import torch
-from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from .. import _storage
 from .._manager import MARKER_FORMAT, MARKER_VERSION, _join, resolve_checkpoint, resolve_one
@@ -43,7 +47,7 @@ from ..errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
 )
-from . import _convert
+from . import _compat, _convert
 
 INDEX_SUFFIX = ".index"
 STATE_FILE_NAME = "checkpoint"
@@ -86,12 +90,18 @@ def resolve_ours(path: str | os.PathLike, storage_options: dict | None = None) -
     """The core checkpoint path behind ``path`` if it is in this library's format, else None.
 
     Accepted: a marker file written by :class:`FsspecCheckpointIO`; a checkpoint prefix
-    (``.../ckpt-100``, has a ``.index``); its ``.index`` file; a directory with a ``checkpoint`` state
-    file (its newest valid checkpoint).
+    (``.../ckpt-100``, has a ``.index``); its ``.index``, ``.meta`` or data file; a directory with a
+    ``checkpoint`` state file (its newest valid checkpoint).
     """
     one = resolve_one(path, storage_options)
     if one is not None:
         return one
+    # One of a checkpoint's other files (a directory listing hands those out too): its checkpoint.
+    side = re.fullmatch(r"(?P<prefix>.+)(?:\.meta|\.data-\d{5}-of-\d{5})", os.fspath(path))
+    if side is not None:
+        one = resolve_one(side.group("prefix"), storage_options)
+        if one is not None:
+            return one
     sub = _storage.Storage(os.fspath(path), storage_options)
     if sub.exists(STATE_FILE_NAME):
         return resolve_checkpoint(os.fspath(path), storage_options)
@@ -120,6 +130,101 @@ def load_lightning_checkpoint(
     return _to_map_location(_convert.from_tree(state), map_location)
 
 
+def is_http(path: Any) -> bool:
+    return isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(("http://", "https://"))
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.=+-]+")
+
+
+@contextlib.contextmanager
+def fetched_over_http(url: str, storage_options: dict | None = None) -> Iterator[str]:
+    """A local copy of the checkpoint an http(s) URL names, read with whole-file GETs.
+
+    Plain web servers often ignore byte ranges, which every other read path uses; Lightning's own
+    ``ckpt_path="https://..."`` downloads the whole file too. Accepts the forms of
+    :func:`resolve_ours` (prefix, ``.index``, marker, directory = its newest checkpoint).
+    """
+    import fsspec
+
+    fs = fsspec.filesystem(url.split("://", 1)[0], **(storage_options or {}))
+
+    def get(u: str) -> bytes | None:
+        try:
+            return fs.cat_file(u)
+        except FileNotFoundError:
+            return None
+
+    url = url.rstrip("/")
+    directory = url.rsplit("/", 1)[0]
+    prefix, index = url, get(url + INDEX_SUFFIX)
+    if index is None:
+        body = get(url)
+        if body is not None and body.startswith(b'{"format":"' + MARKER_FORMAT.encode()):
+            prefix = f"{directory}/{_checked(json.loads(body).get('checkpoint'), url)}"
+        elif body is not None and url.endswith(INDEX_SUFFIX):
+            prefix, index = url[: -len(INDEX_SUFFIX)], body
+        else:
+            from .._state import parse_state
+
+            state_file = get(f"{url}/{STATE_FILE_NAME}")
+            if state_file is None:
+                raise CheckpointNotFoundError(
+                    f"No checkpoint at {url!r}: expected a checkpoint path (with a '.index' file), its "
+                    "'.index' file, a marker file, or a directory with a 'checkpoint' state file."
+                )
+            prefix = f"{url}/{_checked(parse_state(state_file)[0].model_checkpoint_path, url)}"
+        index = index if index is not None else get(prefix + INDEX_SUFFIX)
+        if index is None:
+            raise CheckpointNotFoundError(f"No file {prefix + INDEX_SUFFIX!r}.")
+    try:
+        files = [_checked(f.get("name"), prefix) for f in json.loads(index).get("files") or []]
+    except (ValueError, AttributeError):
+        raise CorruptCheckpointError(f"Checkpoint index {prefix + INDEX_SUFFIX!r} is not valid.") from None
+    local = tempfile.mkdtemp(prefix="ckpt-http-")
+    try:
+        name = _checked(prefix.rsplit("/", 1)[-1], prefix)
+        base = prefix.rsplit("/", 1)[0]
+        with open(os.path.join(local, name + INDEX_SUFFIX), "wb") as f:
+            f.write(index)
+        for fname in files:
+            data = get(f"{base}/{fname}")
+            if data is None:
+                raise CheckpointNotFoundError(
+                    f"No file {base}/{fname!r} (named by {prefix + INDEX_SUFFIX!r})."
+                )
+            with open(os.path.join(local, fname), "wb") as f:
+                f.write(data)
+        yield os.path.join(local, name)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _checked(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise CorruptCheckpointError(f"{where!r} names an invalid checkpoint file {str(name)[:80]!r}.")
+    return name
+
+
+def load_any(
+    path: Any,
+    storage_options: dict | None,
+    allow_pickle: bool,
+    dropped: list | None = None,
+    ns: str | None = None,
+) -> tuple[str, dict[str, Any]] | None:
+    """(checkpoint path, Lightning checkpoint dict) for any path form this format accepts, else None."""
+    if is_http(path):
+        with fetched_over_http(os.fspath(path), storage_options) as local:
+            state = _core_load(local, allow_pickle=allow_pickle)
+        return os.fspath(path), _convert.from_tree(state, dropped=dropped, ns=ns)
+    target = resolve_ours(path, storage_options)
+    if target is None:
+        return None
+    state = _core_load(target, storage_options=storage_options, allow_pickle=allow_pickle)
+    return target, _convert.from_tree(state, dropped=dropped, ns=ns)
+
+
 def _to_map_location(checkpoint: dict[str, Any], map_location: Any) -> dict[str, Any]:
     if isinstance(map_location, (str, torch.device)):
         device = torch.device(map_location)
@@ -128,7 +233,18 @@ def _to_map_location(checkpoint: dict[str, Any], map_location: Any) -> dict[str,
     return checkpoint
 
 
-class FsspecCheckpointIO(CheckpointIO):
+def side_name(marker: str) -> str:
+    """The name the checkpoint files of ``marker`` start with (before ``.<token>``).
+
+    Lightning's SLURM requeue reads the digits after every ``ckpt_`` in the folder's file names as
+    version numbers (``hpc_ckpt_3.ckpt`` -> 3), so our files next to ``hpc_ckpt_3.ckpt`` must not
+    contain ``ckpt_``. Escaping ``+`` first keeps the mapping one-to-one: two markers never share
+    a side name, so removing one marker's files never touches another's.
+    """
+    return marker.replace("+", "++").replace(_compat.HPC_NAME_KEY, "ckpt+_")
+
+
+class FsspecCheckpointIO(_compat.Bound):
     """A Lightning ``CheckpointIO`` that writes ckpt_callbacks checkpoints to any fsspec URL, pickle-free.
 
     With it, Lightning's own ``ModelCheckpoint`` (``save_top_k``, ``save_last``, ``every_n_train_steps``,
@@ -154,6 +270,8 @@ class FsspecCheckpointIO(CheckpointIO):
         >>> trainer.fit(model, ckpt_path="last")   # resumes from s3://bucket/run/last.ckpt
     """
 
+    _role = "checkpoint_io"
+
     def __init__(self, storage_options: dict | None = None, allow_pickle: bool = False) -> None:
         if storage_options is not None and not isinstance(storage_options, dict):
             raise TypeError(
@@ -164,6 +282,7 @@ class FsspecCheckpointIO(CheckpointIO):
             raise TypeError(f"allow_pickle must be a bool. Received: allow_pickle={allow_pickle!r}.")
         self.storage_options = dict(storage_options or {})
         self.allow_pickle = allow_pickle
+        self._warned_hparams: set[str] = set()  # hparams left out of the checkpoints, warned once
 
     def _options(self, extra: Any = None) -> dict | None:
         if extra is not None and not isinstance(extra, dict):
@@ -180,12 +299,13 @@ class FsspecCheckpointIO(CheckpointIO):
         storage = _storage.Storage(directory, options)
         storage.makedirs()
         previous = _read_marker_quietly(storage, name)
-        target = f"{name}.{uuid.uuid4().hex[:8]}"
-        tree = _convert.to_tree(checkpoint)
+        target = f"{side_name(name)}.{uuid.uuid4().hex[:8]}"
+        tree = _convert.to_tree(checkpoint, allow_pickle=self.allow_pickle, warned=self._warned_hparams)
         step = checkpoint.get("global_step")
+        ns = self._namespaces[0]
         info = {
             "framework": "lightning",
-            "framework_versions": {"lightning": lightning.__version__, "torch": torch.__version__},
+            "framework_versions": {ns: _compat.version(ns), "torch": torch.__version__},
             "model": {"hparams": _jsonable(dict(checkpoint.get("hyper_parameters") or {}))},
             "epoch": checkpoint.get("epoch"),
             "lightning": {"path": name},
@@ -206,11 +326,10 @@ class FsspecCheckpointIO(CheckpointIO):
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         """Lightning's checkpoint dict from ``path`` (never unpickles unless ``allow_pickle=True``)."""
-        options = self._options()
-        target = resolve_ours(path, options)
-        if target is None:
+        found = load_any(path, self._options(), self.allow_pickle)
+        if found is None:
             return self._load_foreign(path, map_location, weights_only)
-        return load_lightning_checkpoint(target, options, self.allow_pickle, map_location)
+        return _to_map_location(found[1], map_location)
 
     def _load_foreign(self, path: Any, map_location: Any, weights_only: bool | None) -> dict[str, Any]:
         directory, name = split_path(path)
@@ -221,9 +340,8 @@ class FsspecCheckpointIO(CheckpointIO):
                 "file, or a directory with a 'checkpoint' state file)."
             )
         if self.allow_pickle:
-            from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-
-            return TorchCheckpointIO().load_checkpoint(
+            torch_io = _compat.submodule(self._namespaces[0], "fabric", "plugins.io.torch_io")
+            return torch_io.TorchCheckpointIO().load_checkpoint(
                 path, map_location=map_location, weights_only=weights_only
             )
         raise IncompatibleCheckpointError(
@@ -263,7 +381,7 @@ def _remove_unreferenced(
     """Remove checkpoint files of ``also`` and unreferenced ``<marker>.<token>.*`` files (index first)."""
     patterns = []
     if marker is not None:
-        m = re.escape(marker)
+        m = re.escape(side_name(marker))
         patterns.append(re.compile(rf"(?P<ckpt>{m}\.{_TOKEN_RE}){_FILE_KINDS}\Z"))
         patterns.append(
             re.compile(
@@ -284,7 +402,7 @@ def _remove_unreferenced(
     storage.remove(doomed)
 
 
-class _DispatchingCheckpointIO(CheckpointIO):
+class _DispatchingCheckpointIO(_compat.Bound):
     """Installed by ``CheckpointCallback`` so that Lightning can load our checkpoints with any plugin.
 
     Loads of this library's checkpoints (``ckpt_path="last"`` resolved by the callback, a checkpoint
@@ -292,15 +410,19 @@ class _DispatchingCheckpointIO(CheckpointIO):
     other files — goes to the strategy's own checkpoint IO, unchanged.
     """
 
+    _role = "checkpoint_io"
+
     def __init__(
         self,
-        inner: CheckpointIO,
+        inner: Any,
         storage_options: dict | None,
         allow_pickle: bool,
         preloaded: Callable[[str], Any] | None = None,
     ) -> None:
         self.inner = inner
-        self.ours = FsspecCheckpointIO(storage_options, allow_pickle)
+        self.ours = _compat.bound_class(FsspecCheckpointIO, self._role, self._namespaces)(
+            storage_options, allow_pickle
+        )
         self.preloaded = preloaded
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
@@ -312,6 +434,8 @@ class _DispatchingCheckpointIO(CheckpointIO):
         state = self.preloaded(os.fspath(path)) if self.preloaded is not None else None
         if state is not None:
             return _to_map_location(_convert.from_tree(state), map_location)
+        if is_http(path):
+            return self.ours.load_checkpoint(path, map_location=map_location)
         try:
             target = resolve_ours(path, self.ours._options())
         except (CheckpointNotFoundError, ValueError):

@@ -1,4 +1,4 @@
-"""Storage conformance suite for the CheckpointManager, written once for every backend (SPEC §2.1, §3, §4, §6).
+"""Storage conformance suite for the CheckpointManager, written once for every backend.
 
 Modelled on fsspec's ``tests/abstract``: :class:`ManagerConformance` holds the tests and needs one
 fixture, ``backend``, giving a fresh, empty directory URL and its ``storage_options``. Subclasses bind
@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import ckpt_callbacks._manager as manager_module
+import ckpt_callbacks._checkpoint_io as checkpoint_io
 from ckpt_callbacks import (
     CheckpointError,
     CheckpointManager,
@@ -38,6 +38,7 @@ from ckpt_callbacks import (
 )
 from ckpt_callbacks._format import LazyArray
 from ckpt_callbacks._lock import LOCK_FILE_NAME
+from ckpt_callbacks._resolve import read_meta
 
 DTYPES = [
     np.bool_,
@@ -210,7 +211,7 @@ class ManagerConformance:
         }
 
     def test_meta_has_every_field(self, backend: Backend) -> None:
-        """SPEC §3.1 .meta: framework and versions, model, step, epoch, time, metrics, user meta."""
+        """.meta: framework and versions, model, step, epoch, time, metrics, user meta."""
         clock = FakeClock(T0 + 0.25)
         with CheckpointManager(backend.url, storage_options=backend.so, clock=clock) as mgr:
             mgr.save(small(10), step=10, metrics={"loss": 0.5}, meta={"epoch": 3, "note": "x"})
@@ -233,8 +234,8 @@ class ManagerConformance:
     ) -> None:
         # Force the object-store sharding threshold down so a 24 MiB state takes the parallel path:
         # several data shards written concurrently, each bigger than one 8 MiB S3 part.
-        monkeypatch.setattr(manager_module, "_SHARD_BYTES", 10 << 20)
-        monkeypatch.setattr(manager_module, "_SHARD_BYTES_PARALLEL_PARTS", 10 << 20)
+        monkeypatch.setattr(checkpoint_io, "_SHARD_BYTES", 10 << 20)
+        monkeypatch.setattr(checkpoint_io, "_SHARD_BYTES_PARALLEL_PARTS", 10 << 20)
         rng = np.random.default_rng(7)
         state = {
             f"t{i}": rng.standard_normal((1 << 20,)).astype(np.float32).reshape(1024, 1024) for i in range(6)
@@ -328,7 +329,7 @@ class ManagerConformance:
             assert mgr.restore()["step"] == 7
 
     def test_resumed_checkpoint_protected_only_until_a_newer_commit(self, backend: Backend) -> None:
-        """SPEC §4: a restarted run keeps the same survivors as one uninterrupted manager."""
+        """Retention: a restarted run keeps the same survivors as one uninterrupted manager."""
         with CheckpointManager(backend.url, storage_options=backend.so, max_to_keep=1) as mgr:
             for step in (1, 2, 3):
                 mgr.save(small(step), step=step)
@@ -466,7 +467,7 @@ class ManagerConformance:
             load_checkpoint(backend.join("ckpt-2"), storage_options=backend.so)
 
     def test_failed_save_leaves_previous_checkpoint(self, backend: Backend) -> None:
-        """A save that dies half-way through a data file leaves nothing visible (SPEC §3.3)."""
+        """A save that dies half-way through a data file leaves nothing visible."""
         with CheckpointManager(backend.url, storage_options=backend.so) as mgr:
             mgr.save(small(1), step=1)
             before = backend.names() - {LOCK_FILE_NAME}
@@ -497,7 +498,7 @@ class ManagerConformance:
         assert_same_tree(load_checkpoint(path, storage_options=backend.so, verify=False), state)
         variables = list_variables(path, storage_options=backend.so)
         assert variables == [("dense/bias", "bfloat16", (2,)), ("dense/kernel", "float32", (3, 2))]
-        assert manager_module.read_meta(path, storage_options=backend.so)["user"] == {"note": "hi"}
+        assert read_meta(path, storage_options=backend.so)["user"] == {"note": "hi"}
 
     def test_path_forms_load_and_list(self, backend: Backend) -> None:
         """Like tf.train.load_checkpoint: a checkpoint, its .index file, or a directory (its newest)."""
@@ -508,7 +509,7 @@ class ManagerConformance:
         assert load_checkpoint(backend.url, storage_options=so)["step"] == 2
         assert load_checkpoint(backend.join("ckpt-1.index"), storage_options=so)["step"] == 1
         assert list_variables(backend.join("ckpt-1.index"), storage_options=so) == [("w", "float32", (4, 4))]
-        assert manager_module.read_meta(backend.join("ckpt-1.index"), storage_options=so)["step"] == 1
+        assert read_meta(backend.join("ckpt-1.index"), storage_options=so)["step"] == 1
         with pytest.raises(CheckpointNotFoundError):
             load_checkpoint(backend.join("ckpt-3"), storage_options=so)
 
@@ -542,7 +543,7 @@ class ManagerConformance:
         with CheckpointManager(backend.url, storage_options=backend.so, async_save=True) as mgr:
             mgr.save(small(1), step=1)
             mgr.wait_until_finished()
-            monkeypatch.setattr(manager_module, "_crash_point", fail_in_background)
+            monkeypatch.setattr(checkpoint_io, "_crash_point", fail_in_background)
             mgr.save(small(2), step=2)
             assert mgr.restore()["step"] == 1  # the committed checkpoint, not the background error
             with pytest.raises(OSError, match="injected"):

@@ -21,7 +21,7 @@ N_SAMPLES = 48
 BATCH = 8  # 6 batches per epoch
 
 
-class TinyModel(L.LightningModule):
+class _TinyModel:
     """Linear-ReLU-Dropout-Linear regressor with Adam and a StepLR schedule."""
 
     def __init__(self, dropout: float = 0.0, lr: float = 0.05) -> None:
@@ -53,6 +53,23 @@ class TinyModel(L.LightningModule):
         }
 
 
+TinyModel = type("TinyModel", (_TinyModel, L.LightningModule), {"__module__": __name__})
+_MODELS: dict = {}
+
+
+def model_class(pl, mixin: type = _TinyModel) -> type:
+    """``mixin`` (TinyModel by default) as a LightningModule of namespace ``pl`` (cached)."""
+    key = (pl.__name__, mixin)
+    if key not in _MODELS:
+        if mixin is _TinyModel and pl.LightningModule is L.LightningModule:
+            _MODELS[key] = TinyModel
+        else:
+            _MODELS[key] = type(
+                mixin.__name__.lstrip("_"), (mixin, pl.LightningModule), {"__module__": __name__}
+            )
+    return _MODELS[key]
+
+
 def make_loader(shuffle: bool = False) -> DataLoader:
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(N_SAMPLES, 4, generator=g)
@@ -60,7 +77,7 @@ def make_loader(shuffle: bool = False) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=shuffle)
 
 
-def make_trainer(root: str, callbacks: list, **kwargs) -> L.Trainer:
+def make_trainer(root: str, callbacks: list, pl=None, **kwargs) -> L.Trainer:
     options = dict(
         accelerator="cpu",
         devices=1,
@@ -71,7 +88,7 @@ def make_trainer(root: str, callbacks: list, **kwargs) -> L.Trainer:
         num_sanity_val_steps=0,
     )
     options.update(kwargs)
-    return L.Trainer(callbacks=callbacks, **options)
+    return (pl or L).Trainer(callbacks=callbacks, **options)
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -214,10 +214,23 @@ class ConfiguredModel(TinyModel):
         self.loaded_extra = checkpoint["extra"]
 
 
-def test_unencodable_hparams_raise_type_error_naming_the_key(tmp_path):
+def test_unencodable_hparams_are_left_out_with_one_warning(tmp_path):
     cb = CheckpointCallback(str(tmp_path / "run"), save_every_n_steps=2)
-    with pytest.raises(TypeError, match=r"state\['hyper_parameters'\]\['cfg'\].*allow_pickle=True"):
+    with pytest.warns(UserWarning, match=r"state\['hyper_parameters'\]\['cfg'\].*ignore=.*allow_pickle=True"):
         run(tmp_path, cb, model=ConfiguredModel(cfg=Opaque(1)), max_epochs=1)
+    state = load_checkpoint(get_checkpoint_state(str(tmp_path / "run")).model_checkpoint_path)
+    assert "cfg" not in state["hyper_parameters"] and state["global_step"] == 6
+
+
+class OpaqueState(TinyModel):
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["extra"] = Opaque(1)
+
+
+def test_unencodable_state_outside_hparams_raises_type_error_naming_the_key(tmp_path):
+    cb = CheckpointCallback(str(tmp_path / "run"), save_every_n_steps=2)
+    with pytest.raises(TypeError, match=r"state\['extra'\].*allow_pickle=True"):
+        run(tmp_path, cb, model=OpaqueState(), max_epochs=1)
     assert get_checkpoint_state(str(tmp_path / "run")) is None
 
 

@@ -130,9 +130,25 @@ def test_lightning_containers_round_trip(tmp_path):
 
 
 def test_unencodable_leaf_names_key_path_and_pickle_hint(tmp_path):
-    ckpt = {"hyper_parameters": {"cfg": Opaque()}}
-    with pytest.raises(TypeError, match=r"state\['hyper_parameters'\]\['cfg'\].*allow_pickle=True"):
+    ckpt = {"callbacks": {"cfg": Opaque()}}
+    with pytest.raises(TypeError, match=r"state\['callbacks'\]\['cfg'\].*allow_pickle=True"):
         save_checkpoint(tmp_path / "ckpt-1", to_tree(ckpt))
+
+
+def test_unencodable_hparams_are_dropped_and_recorded(tmp_path):
+    ckpt = {"hyper_parameters": {"cfg": Opaque(), "items": [1, Opaque()], "lr": 0.1}}
+    with pytest.warns(UserWarning, match=r"state\['hyper_parameters'\]\['cfg'\].*ignore=.*allow_pickle=True"):
+        tree = to_tree(ckpt)
+    save_checkpoint(tmp_path / "ckpt-1", tree)
+    dropped: list = []
+    out = from_tree(load_checkpoint(tmp_path / "ckpt-1"), dropped=dropped)
+    assert out["hyper_parameters"] == {"items": [1, None], "lr": 0.1}
+    assert [p for p, _ in dropped] == [
+        "state['hyper_parameters']['cfg']",
+        "state['hyper_parameters']['items'][1]",
+    ]
+    kept = to_tree(ckpt, allow_pickle=True)["hyper_parameters"]["cfg"]  # with pickle: stored as is
+    assert isinstance(kept, Opaque)
 
 
 def test_allow_pickle_stores_unknown_leaves_both_sides(tmp_path):

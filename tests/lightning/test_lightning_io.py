@@ -185,3 +185,11 @@ def test_async_checkpoint_io_wrapper(tmp_path):
     markers = sorted(f for f in os.listdir(base) if f.endswith(".ckpt"))
     assert markers == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt"]
     assert FsspecCheckpointIO().load_checkpoint(os.path.join(base, markers[-1]))["global_step"] == 6
+
+
+def test_any_file_of_a_checkpoint_loads_it(base):
+    """A directory listing hands out every file; each one of a checkpoint's files names that checkpoint."""
+    io = FsspecCheckpointIO()
+    io.save_checkpoint(sample_checkpoint(step=7), f"{base}/epoch=0-step=7.ckpt")
+    for name in names(base):
+        assert io.load_checkpoint(f"{base}/{name}")["global_step"] == 7, name

@@ -1,4 +1,4 @@
-"""async_save (SPEC §2.1, §3.3): crash consistency, commit order, failures, snapshot buffers.
+"""async_save: crash consistency, commit order, failures, snapshot buffers.
 
 Nothing here is timed: blocking and ordering are observed through instrumented storage writers
 (events, not sleeps), crashes through SIGKILL of a real child process.

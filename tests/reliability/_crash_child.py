@@ -29,14 +29,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import rel_workload as wl  # noqa: E402
 
-from ckpt_callbacks import _manager  # noqa: E402
-from ckpt_callbacks._manager import CheckpointManager  # noqa: E402
+from ckpt_callbacks import CheckpointManager, _checkpoint_io  # noqa: E402
 
 _OS_HOOKS = ("open", "write", "fsync", "replace", "remove", "unlink", "ftruncate", "pwrite")
 
 
 def _install_hooks(on_event) -> None:
-    _manager._crash_point = lambda name: on_event(f"point:{name}")
+    _checkpoint_io._crash_point = lambda name: on_event(f"point:{name}")
     for fn_name in _OS_HOOKS:
         real = getattr(os, fn_name)
 

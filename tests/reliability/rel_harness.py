@@ -70,7 +70,7 @@ def _step(name: str) -> int:
 
 
 def verify_after_crash(directory: str, min_latest: int, max_latest: int) -> dict:
-    """Check every after-crash invariant of SPEC §3.3 on ``directory``; then start a manager on it.
+    """Check every after-crash invariant of the commit protocol on ``directory``; then start a manager on it.
 
     - the state file parses (also as TensorFlow would) and names a latest checkpoint in
       [min_latest, max_latest] (0: none); every checkpoint it lists loads, verifies, and is

@@ -1,4 +1,4 @@
-"""Crash consistency (SPEC §3.3): real processes SIGKILLed at random moments and at every step.
+"""Crash consistency (README, "Guarantees"): real processes SIGKILLed at random moments and at every step.
 
 A zygote child imports the library once and forks a worker per trial (see ``_crash_child.py``), so a
 trial costs a fork, not an interpreter start. After each kill ``verify_after_crash`` checks the state

@@ -1,4 +1,4 @@
-"""Hostile checkpoints (SPEC §7): rejected with CorruptCheckpointError, quickly, in bounded memory,
+"""Hostile checkpoints (README, "Guarantees"): rejected with CorruptCheckpointError, quickly, in bounded memory,
 and never reading, writing or deleting outside the checkpoint directory.
 
 The attacker controls every byte, so each hostile index is written *self-consistent*: its own
@@ -31,12 +31,11 @@ from ckpt_callbacks import (
     load_checkpoint,
 )
 from ckpt_callbacks import _format as fmt
-from ckpt_callbacks._manager import read_meta, resolve_checkpoint
+from ckpt_callbacks._resolve import read_meta, resolve_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
 
 MEMORY_BOUND = 32 << 20  # bytes of peak traced allocation allowed while rejecting one input
-COUNTS = {"hostile inputs": 0}
 
 
 def _state():
@@ -85,7 +84,6 @@ def _write_index(d, index: dict) -> None:
 
 def _rejected(fn, exc=CorruptCheckpointError):
     """fn() raises ``exc`` with a bounded peak of traced memory."""
-    COUNTS["hostile inputs"] += 1
     tracemalloc.start()
     try:
         with warnings.catch_warnings():
@@ -313,7 +311,6 @@ def test_sparse_data_file_claiming_huge_tensor(ckpt):
     f["size"] = huge
     t.update(offset=huge - (1 << 39), length=1 << 39, shape=[1 << 37], dtype="float32")
     _write_index(ckpt, index)
-    COUNTS["hostile inputs"] += 1
     with pytest.raises((CorruptCheckpointError, MemoryError)):
         load_checkpoint(str(ckpt / "ckpt-1"))
 
@@ -379,7 +376,6 @@ def test_state_file_paths_outside_the_directory(ckpt, tmp_path, where, bad):
     except ImportError:
         return
     for cmd in (["verify", d], ["gc", d]):
-        COUNTS["hostile inputs"] += 1
         assert main(cmd) != 0
     assert _outside(tmp_path) == before
     assert sorted(os.listdir(ckpt)) == inside
@@ -414,7 +410,6 @@ def test_state_file_retention_comment_is_untrusted(ckpt, tmp_path, comment):
     text = [ln for ln in text if not ln.startswith("# ckpt_callbacks:")] + ["# ckpt_callbacks: " + comment]
     (ckpt / "checkpoint").write_text("\n".join(text) + "\n")
     before = _outside(tmp_path)
-    COUNTS["hostile inputs"] += 1
     with CheckpointManager(str(ckpt), max_to_keep=1) as mgr:
         assert [os.path.basename(p) for p in mgr.checkpoints] == ["ckpt-1"]
         mgr.save(_state(), step=2)
@@ -433,7 +428,3 @@ def test_state_file_too_big_or_binary(ckpt):
         f.truncate(1 << 31)
     _rejected(lambda: get_checkpoint_state(str(ckpt)))
     _rejected(lambda: CheckpointManager(str(ckpt)))
-
-
-def test_report_counts():
-    print(f"hostile inputs tried: {COUNTS['hostile inputs']}")

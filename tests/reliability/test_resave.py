@@ -1,4 +1,4 @@
-"""Re-saving an existing step (SPEC §3.3): the old copy stays listed and whole until the new one commits.
+"""Re-saving an existing step: the old copy stays listed and whole until the new one commits.
 
 The new copy's data files get other names (another shard count) and a failure writes the old .meta and
 .index back, so a failure or a SIGKILL at any step of the commit protocol leaves a loadable ckpt-1:
@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 from ckpt_callbacks import CheckpointManager, CorruptCheckpointError, load_checkpoint
-from ckpt_callbacks import _manager as manager_module
+from ckpt_callbacks import _checkpoint_io as checkpoint_io
 from ckpt_callbacks._lock import LOCK_FILE_NAME
 
 OLD = {"w": np.arange(6, dtype=np.float32), "version": "old"}
 NEW = {"w": np.arange(6, dtype=np.float32) * -1, "b": np.ones(3), "version": "new"}
 BEFORE_COMMIT = ["before_data", "after_data", "after_meta", "after_index", "before_state"]
-# Once the new .index is in place the new copy exists (SPEC §3.1), state file or not.
+# Once the new .index is in place the new copy exists (the .index is written last), state file or not.
 NEW_EXISTS = ["after_index", "before_state", "after_state"]
 
 
@@ -49,7 +49,7 @@ def test_failure_at_any_step_keeps_the_old_copy(tmp_path, monkeypatch, point):
             if name == point:
                 raise OSError(f"injected failure at {name}")
 
-        monkeypatch.setattr(manager_module, "_crash_point", fail)
+        monkeypatch.setattr(checkpoint_io, "_crash_point", fail)
         with pytest.raises(OSError, match="injected"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mgr.save(NEW, step=1)
@@ -63,7 +63,7 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, warnings
     import numpy as np
-    from ckpt_callbacks import CheckpointManager, _manager
+    from ckpt_callbacks import CheckpointManager, _checkpoint_io
 
     directory, point = sys.argv[1], sys.argv[2]
     new = {"w": np.arange(6, dtype=np.float32) * -1, "b": np.ones(3), "version": "new"}
@@ -74,7 +74,7 @@ KILL_SCRIPT = textwrap.dedent(
 
     warnings.simplefilter("ignore")
     mgr = CheckpointManager(directory, max_to_keep=1)
-    _manager._crash_point = die
+    _checkpoint_io._crash_point = die
     mgr.save(new, step=1)
     """
 )
@@ -133,7 +133,7 @@ def test_state_file_write_reported_failed_but_committed_is_a_success(tmp_path, m
             if name == "after_state":
                 raise OSError("injected failure after the state file was written")
 
-        monkeypatch.setattr(manager_module, "_crash_point", fail_after_commit)
+        monkeypatch.setattr(checkpoint_io, "_crash_point", fail_after_commit)
         path = mgr.save(NEW, step=2)
         assert "the save succeeded" in caplog.text
         assert [os.path.basename(p) for p in mgr.checkpoints] == ["ckpt-2"] and path == mgr.latest_checkpoint
@@ -152,7 +152,7 @@ def test_state_file_unreadable_after_a_failed_write_removes_nothing(tmp_path, mo
             if name == "after_state":
                 raise OSError("injected failure after the state file was written")
 
-        monkeypatch.setattr(manager_module, "_crash_point", fail)
+        monkeypatch.setattr(checkpoint_io, "_crash_point", fail)
         monkeypatch.setattr(mgr, "_state_file_is", lambda data: None)
         with pytest.raises(OSError, match="injected"):
             mgr.save(NEW, step=2)

@@ -1,6 +1,6 @@
-"""Retention under restarts, crashes, clock jumps and foreign files (SPEC §4), against a reference model.
+"""Retention under restarts, crashes, clock jumps and foreign files, against a reference model.
 
-The reference model is written here from SPEC §4 / TensorFlow ``CheckpointManager`` semantics,
+The reference model is written here from TensorFlow ``CheckpointManager`` semantics,
 independently of ``ckpt_callbacks._retention``: an ordered queue of active checkpoints swept oldest
 first; one leaving the window is preserved forever when its timestamp is >= ``hours`` after
 ``last_preserved`` (which moves to it), else deleted. A restart continues the same queue (our state
@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from ckpt_callbacks import CheckpointManager, _manager
+from ckpt_callbacks import CheckpointManager, _checkpoint_io
 from ckpt_callbacks._lock import LOCK_FILE_NAME
 from ckpt_callbacks._state import STATE_FILE_NAME, parse_state
 
@@ -40,15 +40,12 @@ FOREIGN = {
 }
 
 
-TOTALS = collections.Counter()
-
-
 class SimulatedCrash(BaseException):
     """Raised at a crash point; BaseException so no library handler treats it as a save failure."""
 
 
 class Reference:
-    """SPEC §4 retention, by the book."""
+    """Retention as TensorFlow's CheckpointManager does it, by the book."""
 
     def __init__(self) -> None:
         self.active: collections.OrderedDict[int, float] = collections.OrderedDict()
@@ -128,8 +125,8 @@ class RetentionMachine(RuleBasedStateMachine):
         self.next_step = 1
         self.foreign: dict[str, bytes] = {}
         self.saves = self.restarts = self.crashes = 0
-        self._real_point = _manager._crash_point
-        _manager._crash_point = self._point
+        self._real_point = _checkpoint_io._crash_point
+        _checkpoint_io._crash_point = self._point
 
     def _point(self, name: str) -> None:
         if name == self.crash_at:
@@ -229,10 +226,7 @@ class RetentionMachine(RuleBasedStateMachine):
             assert {int(f.split(".")[0][5:]) for f in own} == self.model.survivors
 
     def teardown(self):
-        TOTALS.update(
-            saves=self.saves, restarts=self.restarts, crashes=self.crashes, runs=1, foreign=len(self.foreign)
-        )
-        _manager._crash_point = self._real_point
+        _checkpoint_io._crash_point = self._real_point
         if self.mgr is not None:
             self.mgr.close()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -245,10 +239,6 @@ RetentionMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestRetentionUnderRestarts = pytest.mark.timeout(600)(RetentionMachine.TestCase)
-
-
-def test_report_stateful_totals():
-    print(f"retention state machine: {dict(TOTALS)}")
 
 
 # ---------------------------------------------------------------- parity with real TensorFlow
@@ -322,7 +312,7 @@ def test_known_divergence_clock_behind_last_preserved_across_a_restart(tmp_path)
     saved at 999400. A restart (max_to_keep=1, hours=2) and a save of ckpt-2 at 1003000 follow.
     TensorFlow's state file does not say which checkpoints are active, so its restart treats ckpt-1
     (timestamp <= last_preserved) as preserved forever. Ours knows ckpt-1 is active and, like one
-    uninterrupted manager (SPEC §4: "same survivors as one uninterrupted manager"), drops it.
+    uninterrupted manager (the same survivors as one uninterrupted manager), drops it.
     """
     clock = [1_000_000.0]
     d = str(tmp_path / "run")

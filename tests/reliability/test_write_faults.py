@@ -1,6 +1,6 @@
-"""Write faults (SPEC §3.3, §6): ENOSPC / EIO / EACCES at the k-th write of a save.
+"""Write faults (a CheckpointWriteError, the previous checkpoint intact): ENOSPC / EIO / EACCES at the k-th write of a save.
 
-Local disk: the ``os`` module seen by ``ckpt_callbacks._storage`` is replaced by a proxy that fails the
+Local disk: the ``os`` module seen by ``ckpt_callbacks._storage._local`` is replaced by a proxy that fails the
 k-th ``open`` (of a file), ``write``, ``fsync`` (of a file) or ``replace`` with a real ``OSError``
 errno. This reaches exactly the calls a full or failing disk fails (the tests run as root, for whom a
 read-only directory is not read-only, and no tiny tmpfs can be mounted here). Directory fsyncs are
@@ -27,8 +27,9 @@ import pytest
 import rel_workload as wl
 from fsspec.implementations.memory import MemoryFileSystem
 
-from ckpt_callbacks import CheckpointManager, CheckpointWriteError, _storage, load_checkpoint
+from ckpt_callbacks import CheckpointManager, CheckpointWriteError, load_checkpoint
 from ckpt_callbacks._lock import LOCK_FILE_NAME
+from ckpt_callbacks._storage import _local
 
 ERRNOS = [errno.ENOSPC, errno.EIO, errno.EACCES]
 OPS = ["open", "write", "fsync", "replace"]
@@ -115,12 +116,12 @@ def _counts_for_one_save(tmp_path) -> dict[str, int]:
     d = _prepared(tmp_path, "count")
     proxy = FaultyOS()
     mgr, box = _manager(d)
-    _storage.os = proxy
+    _local.os = proxy
     try:
         box[0] = 4
         mgr.save(wl.state_for(4), step=4)
     finally:
-        _storage.os = os
+        _local.os = os
     mgr.close()
     return proxy.counts
 
@@ -139,11 +140,11 @@ def test_every_kth_write_fault_leaves_the_previous_checkpoint_intact(tmp_path, m
                 before = _sha_tree(d)
                 mgr, box = _manager(d)
                 proxy = FaultyOS(op, k, err)
-                monkeypatch.setattr(_storage, "os", proxy)
+                monkeypatch.setattr(_local, "os", proxy)
                 box[0] = 4
                 with pytest.raises(CheckpointWriteError) as info:
                     mgr.save(wl.state_for(4), step=4)
-                monkeypatch.setattr(_storage, "os", os)
+                monkeypatch.setattr(_local, "os", os)
                 assert proxy.injected == 1
                 faults += 1
                 assert info.value.errno == err, (op, k, err, info.value)
@@ -166,11 +167,11 @@ def test_every_kth_write_fault_leaves_the_previous_checkpoint_intact(tmp_path, m
 def test_failed_deletion_is_logged_and_cleaned_up_at_next_start(tmp_path, monkeypatch, caplog, err):
     d = _prepared(tmp_path)
     mgr, box = _manager(d)
-    monkeypatch.setattr(_storage, "os", FaultyOS("remove", 0, err))
+    monkeypatch.setattr(_local, "os", FaultyOS("remove", 0, err))
     box[0] = 4
     with caplog.at_level(logging.WARNING, logger="ckpt_callbacks"):
         mgr.save(wl.state_for(4), step=4)  # committed: a failed deletion does not fail the save
-    monkeypatch.setattr(_storage, "os", os)
+    monkeypatch.setattr(_local, "os", os)
     assert "Could not remove" in caplog.text
     mgr.close()
     assert os.path.exists(os.path.join(d, "ckpt-1.data-00000-of-00001"))  # dropped, not yet deleted
@@ -185,12 +186,12 @@ def test_async_save_fault_is_raised_by_wait_and_previous_stays(tmp_path, monkeyp
     d = _prepared(tmp_path)
     before = _sha_tree(d)
     mgr, box = _manager(d, async_save=True)
-    monkeypatch.setattr(_storage, "os", FaultyOS("write", 0, errno.ENOSPC))
+    monkeypatch.setattr(_local, "os", FaultyOS("write", 0, errno.ENOSPC))
     box[0] = 4
     mgr.save(wl.state_for(4), step=4)
     with pytest.raises(CheckpointWriteError) as info:
         mgr.wait_until_finished()
-    monkeypatch.setattr(_storage, "os", os)
+    monkeypatch.setattr(_local, "os", os)
     assert info.value.errno == errno.ENOSPC
     assert _sha_tree(d) == before
     mgr.save(wl.state_for(4), step=4)

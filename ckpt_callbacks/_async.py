@@ -1,0 +1,256 @@
+"""Background saves: the host snapshot an async save blocks on (and its buffers, mapped ahead of the
+first save when the state's layout is known), the worker thread's priority, and the exit hook that
+reports a background failure nobody waited for.
+
+The manager owns the worker (one thread, one save in flight); this module holds what does not need
+the manager's state.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from . import _format as fmt
+from . import _kinds
+from .errors import CheckpointError, CheckpointWriteError
+
+logger = logging.getLogger("ckpt_callbacks")
+
+_WORKER_NICENESS = 10
+
+# Managers with a background worker. Python joins the worker threads at exit, so a pending save
+# still completes after `fit` returns; the exit hook then reports a failure that nobody waited for.
+ASYNC_MANAGERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+# Pages are touched this many bytes at a time, so a preparation stops soon after it is told to.
+_TOUCH_CHUNK = 64 << 20
+_PAGE = 4096
+
+
+class SnapshotBuffers(dict):
+    """Tensor name -> host buffer of the async snapshots, kept between saves.
+
+    The first save would map its buffers fresh, and on a VM every freshly mapped page costs a host
+    fault (1-2 s per GiB, often more than the copy itself). When the state's layout is known before
+    the first save (a resumed run restored it, or a callback passes the live state at train start),
+    :meth:`prepare_like` allocates and touches them on a low-priority background thread, so the
+    first save copies into memory the process already has.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def prepare_like(self, state: Any) -> bool:
+        """Start preparing buffers for a state shaped like ``state``; True when a preparation started.
+
+        Never raises: this only saves time, and the first save allocates whatever is missing.
+        """
+        try:
+            self.finish()
+            specs = [(t.name, t.shape, t.dtype) for t in fmt.encode_tree(state, allow_pickle=True).tensors]
+        except Exception as e:  # noqa: BLE001 - an optimisation; the save allocates instead
+            logger.debug("Not preparing snapshot buffers: %s", e)
+            return False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._fill, args=(specs, self._stop), name="ckpt-prepare", daemon=True
+        )
+        self._thread.start()
+        return True
+
+    def _fill(self, specs: list[tuple[str, tuple, np.dtype]], stop: threading.Event) -> None:
+        try:
+            lower_thread_priority()
+            for name, shape, dtype in specs:
+                buf = self.get(name)
+                if buf is not None and buf.shape == shape and buf.dtype == dtype:
+                    continue
+                buf = np.empty(shape, dtype)
+                self[name] = buf
+                flat = buf.reshape(-1).view(np.uint8)
+                for start in range(0, flat.size, _TOUCH_CHUNK):
+                    if stop.is_set():
+                        return
+                    flat[start : start + _TOUCH_CHUNK : _PAGE] = 0  # one write per page maps it now
+        except Exception as e:  # noqa: BLE001 - e.g. MemoryError: the first save allocates instead
+            logger.debug("Preparing snapshot buffers stopped: %s", e)
+
+    def wait(self) -> None:
+        """Join a preparation in flight (it runs to its end)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+    def finish(self) -> None:
+        """Stop a preparation in flight, keeping what it made: a snapshot never fills a buffer the
+        preparation is still touching, and never waits for the rest of it."""
+        self._stop.set()
+        self.wait()
+
+    def close(self) -> None:
+        """Stop a preparation in flight and drop every buffer."""
+        self.finish()
+        self.clear()
+
+
+def snapshot(buffers: SnapshotBuffers, encoded: fmt.EncodedState) -> dict[str, np.ndarray]:
+    """Copy every tensor into host ``buffers`` reused between saves (the only work async blocks on).
+
+    Called only when no save is in flight, so the worker never reads a buffer being refilled.
+    Buffers of tensors the state no longer has are dropped.
+    """
+    buffers.finish()
+    arrays = {}
+    for t in encoded.tensors:
+        buf = buffers.get(t.name)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = np.empty(t.shape, dtype=t.dtype)
+            buffers[t.name] = buf
+        if t.kind == _kinds.NUMPY or not _kinds.get(t.kind).copy_into(buf, t.source):
+            src = t.array()
+            if src.shape != buf.shape or src.dtype != buf.dtype:
+                raise ValueError(
+                    f"Tensor {t.name!r} changed while saving: expected {t.dtype} {t.shape}, "
+                    f"got {src.dtype} {src.shape}."
+                )
+            np.copyto(buf, src, casting="no")
+        arrays[t.name] = buf
+    for stale in set(buffers) - set(arrays):
+        del buffers[stale]
+    return arrays
+
+
+def lower_thread_priority() -> None:
+    """Run the calling (worker) thread at a lower CPU priority than the training threads.
+
+    Writing a checkpoint is memcpy into the page cache plus hashing, about one core's worth; on a
+    machine whose cores the training step keeps busy it would otherwise slow every step (P5 in
+    docs/performance.md). The kernel's own write-back is unaffected, so the disk stays as busy as
+    before. Linux applies setpriority(PRIO_PROCESS, tid) to that one thread; elsewhere this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < _WORKER_NICENESS:
+            os.setpriority(os.PRIO_PROCESS, tid, _WORKER_NICENESS)
+    except (AttributeError, OSError):  # pragma: no cover - no permission / no such call
+        pass
+
+
+class BackgroundSaves:
+    """The background-save half of :class:`CheckpointManager` (a mixin: it uses the manager's
+    ``_lock``, ``_closed``, ``_storage`` and ``_save_now``). One worker thread, one save in flight;
+    ``_pending`` is its future, ``_error`` a failure not yet raised, ``_waited_saves`` the count of
+    saves that had to wait for the previous one."""
+
+    _executor: ThreadPoolExecutor | None = None
+    _pending: Future | None = None
+    _error: BaseException | None = None
+    _waited_saves = 0
+
+    def _prepare_snapshot(self, state: Any) -> bool:
+        """Map the host buffers of an async manager's snapshots for a state shaped like ``state``, on
+        a low-priority background thread, so the first ``save`` copies into memory already mapped.
+
+        For the framework callbacks at train start (``state``: the live state they will save; only its
+        tensors' shapes and dtypes are read, nothing is copied). Returns at once; True when a
+        preparation started (False for a sync or closed manager, or a state that cannot be saved).
+        Restoring with an async manager prepares from the restored state by itself.
+        """
+        if not self._async or self._closed:
+            return False
+        return self._buffers.prepare_like(state)
+
+    def _submit(self, args: tuple) -> None:
+        """Hand a snapshotted save to the worker thread (started on first use)."""
+        with self._lock:
+            if self._closed:
+                raise CheckpointError("This CheckpointManager is closed; create a new one to save.")
+            try:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckpt-save")
+                    ASYNC_MANAGERS.add(self)
+                self._pending = self._executor.submit(self._save_background, *args)
+            except RuntimeError:
+                # The interpreter is shutting down (e.g. save() from an atexit handler) and
+                # refuses new threads: write it here rather than lose the save.
+                self._pending = None
+                self._save_now(*args)
+
+    def _wait_previous(self, name: str) -> None:
+        """A save requested while one is in flight waits for it: never coalesced, every step is written.
+
+        Each such wait is counted and logged, so a save interval shorter than the write time shows up.
+        """
+        pending = self._pending
+        if pending is not None and not pending.done():
+            t0 = time.perf_counter()
+            self._wait(raise_error=True)
+            self._waited_saves += 1
+            logger.info(
+                "Async save of %s waited %.3f s for the previous save to finish (%d such wait(s) so far); "
+                "save less often or to faster storage to avoid blocking training.",
+                self._storage.url_of(name),
+                time.perf_counter() - t0,
+                self._waited_saves,
+            )
+        else:
+            self._wait(raise_error=True)
+
+    def _save_background(self, *args: Any) -> None:
+        """The worker's job: write, commit, rotate. A failure is kept for the next save / wait / close
+        and logged at once, so it is seen even if the program never calls the manager again."""
+        lower_thread_priority()
+        try:
+            self._save_now(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
+            logger.error(
+                "Background save of %s failed: %s: %s", self._storage.url_of(args[0]), type(e).__name__, e
+            )
+            with self._lock:
+                self._error = self._error or e
+
+    def _wait(self, raise_error: bool) -> None:
+        # Never wait while holding self._lock: the worker takes it to commit.
+        pending = self._pending
+        if pending is not None:
+            pending.result()  # _save_background never raises
+            with self._lock:
+                if self._pending is pending:
+                    self._pending = None
+        if raise_error:
+            self._raise_pending_error()
+
+    def _raise_pending_error(self) -> None:
+        with self._lock:
+            err, self._error = self._error, None
+        if err is not None:
+            if isinstance(err, CheckpointError):
+                raise err
+            raise CheckpointWriteError(f"A background save failed: {type(err).__name__}: {err}") from err
+
+
+@atexit.register
+def _finish_pending_saves() -> None:
+    for mgr in list(ASYNC_MANAGERS):
+        try:
+            mgr._wait(raise_error=True)
+        except BaseException as e:  # noqa: BLE001 - nobody is left to raise to
+            logger.error("A background checkpoint save in %s failed before exit: %s", mgr.directory, e)
+            print(
+                f"ckpt_callbacks: background save in {mgr.directory} failed before exit: {e}", file=sys.stderr
+            )

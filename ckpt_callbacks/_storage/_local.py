@@ -1,0 +1,98 @@
+"""Local disk: a temp file in the same directory, fsync, ``os.replace``, fsync of the directory.
+
+Every local file operation of :class:`~ckpt_callbacks._storage.Storage` is here, so that the
+write-fault tests reach all of them by replacing this module's ``os``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from ._base import AtomicWriter, temp_name, write_error
+
+if TYPE_CHECKING:
+    from ._store import Storage
+
+
+class LocalWriter(AtomicWriter):
+    def __init__(self, storage: Storage, name: str) -> None:
+        super().__init__(storage, name)
+        self.tmp = os.path.join(storage.root, temp_name(name))
+        try:
+            self.fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            raise write_error(storage, name, e) from e
+
+    def _write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    def _commit(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        os.replace(self.tmp, self.storage.path(self.name))
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        try:
+            os.remove(self.tmp)
+        except OSError:
+            pass
+
+
+def sync_dir(path: str) -> None:
+    """Make renames in the directory durable; filesystems that cannot fsync a directory are tolerated."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def free_bytes(path: str) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def remove(path: str) -> None:
+    os.remove(path)
+
+
+def list_names(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def read_bytes(path: str, max_bytes: int | None) -> bytes:
+    with open(path, "rb") as f:
+        if max_bytes is None:
+            return f.read()
+        # read(n) allocates n bytes up front: never ask for more than the file holds.
+        return f.read(min(os.fstat(f.fileno()).st_size, max_bytes) + 1)
+
+
+def size(path: str) -> int:
+    return os.stat(path).st_size
+
+
+def open_read(path: str) -> Any:
+    return open(path, "rb", buffering=0)

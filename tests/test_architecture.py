@@ -1,0 +1,172 @@
+"""The package's shape, checked: no import cycle, no private import of another package outside a
+compat module, and core modules of a size a reader takes in at once."""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ckpt_callbacks")
+
+# Core modules held to the size limits (the storage package and the framework adapters have their own).
+CORE = [
+    "__init__.py",
+    "errors.py",
+    "_names.py",
+    "_dtypes.py",
+    "_format.py",
+    "_kinds.py",
+    "_torch.py",
+    "_retention.py",
+    "_trigger.py",
+    "_state.py",
+    "_checkpoint_io.py",
+    "_checkpoint_read.py",
+    "_readinto.py",
+    "_resolve.py",
+    "_leftovers.py",
+    "_async.py",
+    "_manager.py",
+    "_validation.py",
+]
+MAX_MODULE_LINES = 520
+MAX_FUNCTION_LINES = 60
+
+
+def _modules() -> dict[str, str]:
+    """Dotted module name -> file path, for every module of the package."""
+    out = {}
+    for root, _, files in os.walk(PKG):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(root, f), os.path.dirname(PKG))[:-3].replace(os.sep, ".")
+                out[rel.removesuffix(".__init__")] = os.path.join(root, f)
+    return out
+
+
+def _imports(name: str, path: str) -> list[tuple[str, list[str], int]]:
+    """(absolute module imported, names imported from it, line) for every import in the file."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[: len(parts) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            out.append((base, [a.name for a in node.names], node.lineno))
+    return out
+
+
+def _top_level_imports(name: str, path: str) -> set[str]:
+    """Package modules imported when the module is (module level and class bodies, not functions)."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    mods = _modules()
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    found = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.ImportFrom) and child.level:
+                parts = package.split(".")
+                base = ".".join(
+                    parts[: len(parts) - child.level + 1] + ([child.module] if child.module else [])
+                )
+                for a in child.names:
+                    sub = f"{base}.{a.name}"
+                    found.add(sub if sub in mods else base)
+            elif isinstance(child, ast.ImportFrom) and (child.module or "").startswith("ckpt_callbacks"):
+                found.add(child.module)
+            visit(child)
+
+    visit(tree)
+    return {m for m in found if m in mods and m != name}
+
+
+def test_no_import_cycle_among_package_modules():
+    graph = {name: _top_level_imports(name, path) for name, path in _modules().items()}
+    # A package's __init__ importing its own submodules is no cycle: drop edges parent -> child.
+    for name, deps in graph.items():
+        graph[name] = {d for d in deps if not d.startswith(name + ".")}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                cycle = stack[stack.index(dep) :] + [dep]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                dfs(dep)
+        stack.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            dfs(name)
+
+
+# Private uses outside a _compat.py that are known and being moved: the Lightning callback's, which
+# the Lightning adapter's split puts behind lightning/_compat.py. Pinned one by one (file and name,
+# not line), so any other private use, in any module, fails the test below.
+KNOWN_PRIVATE_USES = {
+    "lightning/_callback.py: lightning.fabric.utilities.data ['_set_sampler_epoch']",
+    "lightning/_callback.py: lightning.pytorch.utilities.migration.utils ['_pl_migrate_checkpoint']",
+    "lightning/_callback.py: ._checkpoint_connector",
+}
+
+
+def _private_uses() -> list[tuple[str, int | None, str]]:
+    """(file, line or None, what) for every private name of another package used outside a _compat.py."""
+    found: list[tuple[str, int | None, str]] = []
+    for name, path in _modules().items():
+        if os.path.basename(path) == "_compat.py":
+            continue
+        rel = os.path.relpath(path, PKG)
+        for module, names, line in _imports(name, path):
+            if module.startswith("ckpt_callbacks") or not module:
+                continue
+            private = [p for p in module.split(".")[1:] if p.startswith("_") and not p.startswith("__")]
+            private += [n for n in names if n.startswith("_") and not n.startswith("__")]
+            if private:
+                found.append((rel, line, f"{module} {private}"))
+        text = open(path, encoding="utf-8").read()
+        for attr in ("._call_s3", "._call(", "._set_session", "._strip_protocol", "._checkpoint_connector"):
+            if attr in text:
+                found.append((rel, None, attr))
+    return found
+
+
+def test_private_names_of_other_packages_are_used_only_in_compat_modules():
+    offenders = [
+        f"{rel}:{line or '?'}: {what}"
+        for rel, line, what in _private_uses()
+        if f"{rel}: {what}" not in KNOWN_PRIVATE_USES
+    ]
+    assert not offenders, "private names of other packages outside a _compat.py:\n" + "\n".join(offenders)
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_module_and_function_sizes(module):
+    path = os.path.join(PKG, module)
+    source = open(path, encoding="utf-8").read()
+    assert source.count("\n") <= MAX_MODULE_LINES, f"{module} has {source.count(chr(10))} lines"
+    long = [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, f"{module}: functions over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"
