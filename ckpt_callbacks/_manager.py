@@ -286,7 +286,10 @@ class CheckpointManager(_async.BackgroundSaves):
         t0 = time.perf_counter()
         self._storage.makedirs()
         replacing = self._replacing(name)
-        shards = _cio.write_checkpoint(self._storage, name, encoded, step, meta_doc, arrays, replacing)
+        # defer_sync: the index's directory fsync overlaps the state file's temp write (which waits for it).
+        shards = _cio.write_checkpoint(
+            self._storage, name, encoded, step, meta_doc, arrays, replacing, defer_sync=True
+        )
         record = Record(name, step, timestamp, "active", metric, shards)
         decision = self._commit(record, replacing)
         if replacing is not None:  # the replaced copy's data files (its .meta and .index were overwritten)
