@@ -175,6 +175,11 @@ class BackgroundSaves:
             return False
         return self._buffers.prepare_like(state)
 
+    def _prepared(self, state: Any) -> Any:
+        """``state``, after starting :meth:`_prepare_snapshot` for it (a restored state)."""
+        self._prepare_snapshot(state)
+        return state
+
     def _submit(self, args: tuple) -> None:
         """Hand a snapshotted save to the worker thread (started on first use)."""
         with self._lock:

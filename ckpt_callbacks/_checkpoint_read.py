@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _chunks, _kinds, _readinto
 from . import _format as fmt
-from . import _kinds, _readinto
 from ._names import INDEX_SUFFIX, META_SUFFIX
 from ._storage import Storage
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
@@ -92,10 +92,11 @@ def _check_placement(index: dict) -> None:
                 )
             header_sizes[i] = hs
     for tname, t in index["tensors"].items():
-        if t["file"] not in header_sizes or t["offset"] < header_sizes[t["file"]]:
-            raise CorruptCheckpointError(
-                f"Tensor {tname!r:.120} is not inside the data section of a data file."
-            )
+        for loc in t["chunks"] if _chunks.is_chunked(t) else [t]:  # a sharded save's pieces: each
+            if loc["file"] not in header_sizes or loc["offset"] < header_sizes[loc["file"]]:
+                raise CorruptCheckpointError(
+                    f"Tensor {tname!r:.120} is not inside the data section of a data file."
+                )
 
 
 def read_meta_file(storage: Storage, f: dict) -> None:
@@ -125,7 +126,11 @@ def read_files(
     ``verify`` the ``.meta`` and every checksum are checked too. ``on_file(size)`` follows each data
     file. An ``out`` that drops what it is given verifies a checkpoint in bounded memory. Tensors
     named in ``dests`` (see :func:`._readinto.plan`) are read into that destination, which ``out``
-    then holds."""
+    then holds.
+
+    A sharded save's chunked tensors (:mod:`._chunks`) are read chunk by chunk, each as a plain
+    entry of its own: ``index`` is changed in place by that (:func:`read_tensors` joins them)."""
+    _chunks.split(index)
     by_file: dict[int, list[tuple[str, dict]]] = {}
     for tname, t in index["tensors"].items():
         by_file.setdefault(t["file"], []).append((tname, t))
@@ -147,7 +152,9 @@ def read_files(
 
 def read_tensors(storage: Storage, index: dict, *, verify: bool, dests: dict | None = None) -> dict[str, Any]:
     """Every tensor of a checked index by name, as stored (numpy) or as its recorded kind; those in
-    ``dests`` are read into (and given back as) their destination."""
+    ``dests`` are read into (and given back as) their destination (a chunked one is assembled,
+    then copied in)."""
+    chunked = _chunks.split(index)
     raw: dict[str, Any] = {}
     read_files(storage, index, raw, verify=verify, dests=dests)
     tensors = {}
@@ -159,6 +166,9 @@ def read_tensors(storage: Storage, index: dict, *, verify: bool, dests: dict | N
         if t.get("byteorder") == ">":  # saved from a big-endian array: given back as one
             arr = arr.astype(arr.dtype.newbyteorder(">"))
         tensors[tname] = _kinds.from_numpy(t.get("kind", "numpy"), arr)
+    _chunks.assemble(index, chunked, tensors)
+    for tname in chunked.keys() & (dests or {}).keys():  # pieces of several files: assembled, then copied in
+        tensors[tname] = _readinto.copy_into(dests[tname], tensors[tname])
     return tensors
 
 

@@ -21,7 +21,7 @@ import numpy as np
 # few documented internals (path resolution and the index / meta / pointer readers of _resolve, the
 # state-file reader, the storage handle, and the data-file reader that verifies without keeping
 # tensors).
-from . import CheckpointManager, __version__, load_checkpoint
+from . import CheckpointManager, __version__, _chunks, load_checkpoint
 from . import _format as _fmt
 from ._checkpoint_read import read_files
 from ._names import INDEX_SUFFIX, STATE_FILE_NAME
@@ -311,7 +311,7 @@ def _top_level(tree: Any, tensors: dict) -> list[dict]:
     for key, node in pairs:
         names = _tensors_under(node)
         item: dict[str, Any] = {"key": key, "tensors": len(names)}
-        item["bytes"] = sum(tensors[n]["length"] for n in names if n in tensors)
+        item["bytes"] = sum(_chunks.nbytes(tensors[n]) for n in names if n in tensors)
         if _is_leaf(node):
             item["kind"] = "tensor" if names else "value"
             text = _leaf_str(node, tensors)
@@ -344,7 +344,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     index = read_index(path, args.storage_options)
     meta = _meta_of(path, args.storage_options)
     tensors = index["tensors"]
-    total = sum(t["length"] for t in tensors.values())
+    total = sum(_chunks.nbytes(t) for t in tensors.values())
     top = _top_level(index["tree"], tensors)
     if args.json:
         doc: dict[str, Any] = {
@@ -357,7 +357,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         }
         if args.full:
             doc["tensors"] = [
-                {"name": n, "dtype": t["dtype"], "shape": t["shape"], "bytes": t["length"]}
+                {"name": n, "dtype": t["dtype"], "shape": t["shape"], "bytes": _chunks.nbytes(t)}
                 for n, t in sorted(tensors.items())
             ]
             doc["files"] = index["files"]
@@ -391,7 +391,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print("\n(--full: every tensor, the whole tree and meta; --json: machine-readable)")
         return EXIT_OK
     print()
-    rows = [[n, t["dtype"], str(tuple(t["shape"])), _human(t["length"])] for n, t in sorted(tensors.items())]
+    rows = [
+        [n, t["dtype"], str(tuple(t["shape"])), _human(_chunks.nbytes(t))] for n, t in sorted(tensors.items())
+    ]
     print(_table(rows, ["tensor", "dtype", "shape", "bytes"]))
     print("\ntree:")
     for line in _tree_lines(index["tree"], tensors, "  "):

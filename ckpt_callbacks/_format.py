@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from . import _kinds
+from . import _chunks, _kinds
 from ._dtypes import _ML_DTYPE_NAMES, _parse_dtype, dtype_from_name, dtype_name, dtype_str  # noqa: F401
 from ._names import data_file_name  # noqa: F401 - re-exported: the name of a data shard
 from .errors import CorruptCheckpointError, IncompatibleCheckpointError, PickleRefusedError
@@ -437,26 +437,34 @@ def validate_index(index: Any) -> None:
             nbytes *= d
             if nbytes > 1 << 62:
                 raise CorruptCheckpointError(f"Shape of tensor {name!r} overflows: {shape}.")
-        fi, off, length = t.get("file"), t.get("offset"), t.get("length")
-        if not (_nonneg_int(fi) and fi < len(sizes) and _nonneg_int(off) and _nonneg_int(length)):
-            raise CorruptCheckpointError(f"Invalid location for tensor {name!r} in checkpoint index.")
-        if length != nbytes or off + length > sizes[fi]:
-            raise CorruptCheckpointError(
-                f"Tensor {name!r} is {length} bytes at offset {off}; expected {nbytes} bytes inside its "
-                f"{sizes[fi]}-byte data file."
-            )
+        locs = _chunks.validate(name, t, dtype.itemsize) if _chunks.is_chunked(t) else [t]
+        for loc in locs:  # a sharded save's tensor has several (see _chunks), a plain one itself
+            _check_location(name, loc, nbytes if loc is t else loc["length"], sizes, ranges)
         if (
             t.get("kind", "numpy") not in _kinds.known_kinds()
             or t.get("byteorder", "<") not in ("<", ">")
-            or not isinstance(t.get("checksum"), str)
+            or not all(isinstance(loc.get("checksum"), str) for loc in locs)
         ):
             raise CorruptCheckpointError(f"Invalid tensor entry {name!r} in checkpoint index.")
-        ranges.setdefault(fi, []).append((off, off + length, name))
     for spans in ranges.values():
         spans.sort()
         for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
             if start < end:
                 raise CorruptCheckpointError(f"Tensors {a!r} and {b!r} overlap in the data file.")
+
+
+def _check_location(name: str, loc: dict, nbytes: int, sizes: list[int], ranges: dict) -> None:
+    """``loc`` (a tensor entry or a chunk) holds ``nbytes`` bytes inside its data file; its byte range
+    is added to ``ranges`` for the overlap check."""
+    fi, off, length = loc.get("file"), loc.get("offset"), loc.get("length")
+    if not (_nonneg_int(fi) and fi < len(sizes) and _nonneg_int(off) and _nonneg_int(length)):
+        raise CorruptCheckpointError(f"Invalid location for tensor {name!r} in checkpoint index.")
+    if length != nbytes or off + length > sizes[fi]:
+        raise CorruptCheckpointError(
+            f"Tensor {name!r} is {length} bytes at offset {off}; expected {nbytes} bytes inside its "
+            f"{sizes[fi]}-byte data file."
+        )
+    ranges.setdefault(fi, []).append((off, off + length, name))
 
 
 def _nonneg_int(x: Any) -> bool:

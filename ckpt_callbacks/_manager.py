@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from . import _async, _leftovers, _lock, _validation
+from . import _async, _foreign, _leftovers, _lock, _validation
 from . import _checkpoint_io as _cio
 from . import _format as fmt
 from ._checkpoint_read import files_of, load, written_by_us
 from ._names import INDEX_SUFFIX, checkpoint_name, split_url
+from ._mode import resolve_mode
 from ._retention import BestN, EveryNHours, LatestN, Retention
 from ._state import (
     Record,
@@ -58,7 +59,9 @@ class CheckpointManager(_async.BackgroundSaves):
         prefix: checkpoint names are ``f"{prefix}-{step}"``.
         max_to_keep: the newest N checkpoints are kept; ``None`` keeps all. Must be >= 1.
         keep_checkpoint_every_n_hours: also keep one checkpoint per N hours, forever.
-        keep_best: also keep the best K checkpoints by ``metrics[monitor]`` (``mode`` "min" or "max").
+        keep_best: also keep the best K checkpoints by ``metrics[monitor]`` (``mode`` "min" or "max";
+            "auto", the default, is Keras' rule: "max" for accuracy / AUC / precision / recall / F1-like
+            names, else "min").
         storage_options: passed to fsspec (credentials, endpoint, ...).
         async_save: ``save()`` returns after an in-memory snapshot; writing, committing and rotation
             continue on a background thread. A save requested while one is in flight first waits for it
@@ -87,7 +90,7 @@ class CheckpointManager(_async.BackgroundSaves):
         keep_checkpoint_every_n_hours: float | None = None,
         keep_best: int | None = None,
         monitor: str | None = None,
-        mode: str = "min",
+        mode: str = "auto",
         storage_options: dict | None = None,
         async_save: bool = False,
         allow_pickle: bool = False,
@@ -108,7 +111,7 @@ class CheckpointManager(_async.BackgroundSaves):
         self._hours = keep_checkpoint_every_n_hours
         self._keep_best = keep_best
         self._monitor = monitor
-        self._mode = mode
+        self._mode = resolve_mode(monitor, mode)
         self._async = async_save
         self._allow_pickle = allow_pickle
         self._clock = clock
@@ -122,6 +125,9 @@ class CheckpointManager(_async.BackgroundSaves):
         self._commit_lock = threading.Lock()
         self.resumed_from: str | None = None
         self._closed = False
+        _foreign.check_not_foreign(
+            self._storage, prefix, self._written_by_us
+        )  # before any write: foreign files are never touched
         # One writer per directory: the leftovers cleanup below would delete another writer's
         # in-flight files. `_allow_concurrent_writers` (private, for readers such as non-zero DDP
         # ranks) skips the lock and, for the same reason, the cleanup.
@@ -286,17 +292,24 @@ class CheckpointManager(_async.BackgroundSaves):
         t0 = time.perf_counter()
         self._storage.makedirs()
         replacing = self._replacing(name)
-        # defer_sync: the index's directory fsync overlaps the state file's temp write (which waits for it).
-        shards = _cio.write_checkpoint(
-            self._storage, name, encoded, step, meta_doc, arrays, replacing, defer_sync=True
-        )
-        record = Record(name, step, timestamp, "active", metric, shards)
+        write = _cio.write_checkpoint  # defer_sync: the state file's temp is written meanwhile
+        shards = write(self._storage, name, encoded, step, meta_doc, arrays, replacing, defer_sync=True)
+        self._commit_written(Record(name, step, timestamp, "active", metric, shards), replacing)
+        self._log_saved(name, sum(t.nbytes for t in encoded.tensors), time.perf_counter() - t0)
+
+    def _commit_written(self, record: Record, replacing: _cio.Replaced | None = None) -> None:
+        """The commit half of a save whose files are all written: the state file through retention
+        (:meth:`_commit`: rolled back on failure, kept when the store may have committed after all),
+        then the files of a replaced copy and of the checkpoints retention dropped are deleted.
+
+        Every save commits here: this manager's own and a sharded save's coordinator
+        (``ckpt_callbacks.distributed``), whose ranks wrote ``record.shards`` data files.
+        """
         decision = self._commit(record, replacing)
         if replacing is not None:  # the replaced copy's data files (its .meta and .index were overwritten)
-            new = set(files_of(name, shards))
+            new = set(files_of(record.name, record.shards))
             _cio.remove_quietly(self._storage, [n for n in replacing.data_files if n not in new])
         self._delete_rotated(decision.deleted)
-        self._log_saved(name, sum(t.nbytes for t in encoded.tensors), time.perf_counter() - t0)
 
     def _replacing(self, name: str) -> _cio.Replaced | None:
         """What a re-save of the already listed ``name`` must be able to put back; None for a new step.
@@ -460,9 +473,7 @@ class CheckpointManager(_async.BackgroundSaves):
     def restore(self, path: str | os.PathLike | None = None, *, into: Any = None) -> Any:
         """The state of ``path``, or of the newest valid checkpoint (None when there is none).
 
-        ``into``: restore in place, as :func:`load_checkpoint` does. An async manager then maps its
-        snapshot buffers for the restored state in the background, so the first save does not.
-
+        ``into``: restore in place, as :func:`load_checkpoint` does (async: snapshot buffers mapped too).
         With a path, missing or corrupt checkpoints raise CheckpointNotFoundError /
         CorruptCheckpointError. Without one, corrupt checkpoints are skipped with a warning.
         Pending async saves are waited for first (a path save() just returned is then readable); a
@@ -473,9 +484,9 @@ class CheckpointManager(_async.BackgroundSaves):
         if path is not None:
             directory, name = split_url(os.fspath(path))
             storage = Storage(directory, self._storage_options) if directory != "." else self._storage
-            state = load(storage, name, verify=True, allow_pickle=self._allow_pickle, into=into)
-            self._prepare_snapshot(state)
-            return state
+            return self._prepared(
+                load(storage, name, verify=True, allow_pickle=self._allow_pickle, into=into)
+            )
         return self.restore_with_path(into=into)[1]
 
     def restore_with_path(self, *, into: Any = None) -> tuple[str | None, Any]:

@@ -154,3 +154,15 @@ def fill_from(dest: Any, staged: np.ndarray, t: dict) -> None:
         kind.copy_from(dest, arr)
     else:
         np.copyto(dest, arr, casting="unsafe")  # only the byte order differs (checked in plan())
+
+
+def copy_into(dest: Any, value: Any) -> Any:
+    """Copy a loaded tensor (numpy or a kind's, the saved shape and dtype) into ``dest``; returns ``dest``."""
+    kind = _kinds.kind_of(value)
+    arr = kind.to_numpy(value) if kind is not None else value
+    dest_kind = _kinds.kind_of(dest)
+    if dest_kind is not None:
+        dest_kind.copy_from(dest, arr)
+    else:
+        np.copyto(dest, arr, casting="unsafe")  # only the byte order may differ (checked in plan())
+    return dest

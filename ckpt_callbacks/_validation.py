@@ -102,12 +102,13 @@ def check_manager_args(
                 f"keep_best needs the metric to rank by. Received: monitor={monitor!r}. "
                 "Pass e.g. monitor='val_loss' and metrics={'val_loss': ...} to save()."
             )
-    if mode not in ("min", "max"):
+    if mode not in ("auto", "min", "max"):
         _fail(
             "mode",
             mode,
-            "'min' or 'max'",
-            "Use mode='min' when lower is better (a loss), mode='max' when higher is (an accuracy).",
+            "'auto', 'min' or 'max'",
+            "Use mode='auto' (Keras' rule: max for accuracy-like names, else min), mode='min' when lower "
+            "is better (a loss), mode='max' when higher is (an accuracy).",
         )
     if not callable(clock):
         _fail(

@@ -17,6 +17,7 @@ CORE = [
     "_names.py",
     "_dtypes.py",
     "_format.py",
+    "_chunks.py",
     "_kinds.py",
     "_torch.py",
     "_retention.py",

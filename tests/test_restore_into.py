@@ -236,3 +236,25 @@ def test_prepare_snapshot_at_train_start_maps_the_buffers_the_first_save_uses(tm
         mgr.wait_until_finished()
         out = mgr.restore()
     assert np.array_equal(out["w"], state["w"]) and torch.equal(out["t"], state["t"]) and out["e"] == 1
+
+
+def test_chunked_tensor_of_a_sharded_save_is_assembled_into_the_destination(tmp_path):
+    from ckpt_callbacks import _format as fmt
+
+    full = np.arange(32, dtype=np.float32).reshape(8, 4)
+    path = str(tmp_path / "ckpt-1")
+    save_checkpoint(path, {"top": full[:4], "bottom": full[4:]})
+    # Rewrite the index as a sharded save writes it: one tensor "w" in two chunks.
+    index = read_index(path)
+    chunks = []
+    for part, row in (("top", 0), ("bottom", 4)):
+        t = index["tensors"][part]
+        chunks.append({k: t[k] for k in ("file", "offset", "length", "checksum")})
+        chunks[-1].update({"offsets": [row, 0], "sizes": [4, 4]})
+    index["tensors"] = {"w": {"dtype": "float32", "shape": [8, 4], "chunks": chunks}}
+    index["tree"] = {"d": [["w", {"x": "w"}]]}
+    with open(path + ".index", "wb") as f:
+        f.write(fmt.dump_index(index))
+    for dest in (np.zeros((8, 4), np.float32), torch.zeros(8, 4)):
+        out = load_checkpoint(path, into={"w": dest})
+        assert out["w"] is dest and np.array_equal(np.asarray(dest), full)

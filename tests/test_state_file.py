@@ -9,7 +9,7 @@ import pytest
 
 from ckpt_callbacks import CheckpointManager, get_checkpoint_state, latest_checkpoint
 from ckpt_callbacks._state import CheckpointState, parse_state
-from ckpt_callbacks.errors import CorruptCheckpointError
+from ckpt_callbacks.errors import CorruptCheckpointError, IncompatibleCheckpointError
 
 
 def test_tensorflow_parses_the_state_file(tmp_path, fake_clock):
@@ -73,8 +73,9 @@ def test_paths_leaving_the_directory_are_refused(tmp_path, path):
         latest_checkpoint(str(tmp_path))
 
 
-def test_continuing_a_tensorflow_directory_deletes_none_of_its_files(tmp_path):
-    """Retention drops TensorFlow's checkpoints from the list but deletes only files of this format."""
+def test_a_tensorflow_directory_is_refused_and_none_of_its_files_touched(tmp_path):
+    """SPEC §7: TensorFlow's CheckpointManager writes the same names; the manager refuses the directory at
+    construction (its 'checkpoint' state file would be overwritten by the first save) and changes nothing."""
     import tensorflow as tf
 
     directory = str(tmp_path / "run")
@@ -82,14 +83,10 @@ def test_continuing_a_tensorflow_directory_deletes_none_of_its_files(tmp_path):
     tf_manager = tf.train.CheckpointManager(ckpt, directory, max_to_keep=3, checkpoint_name="ckpt")
     for step in (1, 2, 3):
         tf_manager.save(checkpoint_number=step)
-    theirs = set(os.listdir(directory)) - {"checkpoint"}
-    assert any(n.startswith("ckpt-3.data-") for n in theirs)
-    with CheckpointManager(directory, max_to_keep=2) as mgr:
-        with pytest.warns(UserWarning):  # TensorFlow's checkpoints are not loadable here: skipped
-            assert mgr.restore() is None
-        for step in (4, 5, 6):
-            mgr.save({"w": np.full(3, step, np.float32)}, step=step)
-        assert [os.path.basename(p) for p in mgr.checkpoints] == ["ckpt-5", "ckpt-6"]
-    names = set(os.listdir(directory))
-    assert theirs <= names  # every TensorFlow file is still there
-    assert not {n for n in names if n.startswith("ckpt-4.")}  # ours rotated away as usual
+    before = {n: (tmp_path / "run" / n).read_bytes() for n in os.listdir(directory)}
+    assert any(n.startswith("ckpt-3.data-") for n in before)
+    for prefix in ("ckpt", "other"):  # another prefix still collides on the 'checkpoint' state file
+        with pytest.raises(IncompatibleCheckpointError, match="did not write.*another directory"):
+            CheckpointManager(directory, prefix=prefix)
+    assert {n: (tmp_path / "run" / n).read_bytes() for n in os.listdir(directory)} == before
+    assert tf.train.latest_checkpoint(directory).endswith("ckpt-3")  # TensorFlow still reads its directory

@@ -15,6 +15,7 @@ import numpy as np
 
 from .._format import LazyArray
 from ..errors import IncompatibleCheckpointError
+from . import _compat
 
 MODEL_KEY = "model"
 OPTIMIZER_KEY = "optimizer"
@@ -186,8 +187,8 @@ def is_built(model: Any) -> bool:
     """Whether every layer of the model has its variables (the test Keras' trainers build by)."""
     if not model.built:
         return False
-    flatten = getattr(model, "_flatten_layers", None)
-    return flatten is None or all(layer.built for layer in flatten())
+    layers = _compat.sub_layers(model)
+    return layers is None or all(layer.built for layer in layers)
 
 
 def ensure_optimizer_built(model: Any) -> Any:
@@ -245,9 +246,7 @@ def capture_rng() -> dict[str, Any]:
         "keras_global_seed": None,
         "torch": None,
     }
-    from keras.src.backend.common import global_state
-
-    gen = global_state.get_global_attribute("global_seed_generator")
+    gen = _compat.global_seed_generator_if_created()
     if gen is not None:
         out["keras_global_seed"] = _variable_array(gen.state).copy()
     if keras.backend.backend() == "torch":
@@ -279,11 +278,8 @@ def restore_rng(rng: Any) -> None:
     if n:
         np.random.set_state((n["algo"], n["keys"], n["pos"], n["has_gauss"], n["cached_gaussian"]))
     if rng.get("keras_global_seed") is not None:
-        from keras.src.random.seed_generator import global_seed_generator
-
-        global_seed_generator().state.assign(
-            np.asarray(rng["keras_global_seed"]).astype(_np_dtype(global_seed_generator().state.dtype))
-        )
+        state = _compat.global_seed_generator().state
+        state.assign(np.asarray(rng["keras_global_seed"]).astype(_np_dtype(state.dtype)))
     if rng.get("torch") is not None and keras.backend.backend() == "torch":
         import torch
 

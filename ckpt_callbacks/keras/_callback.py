@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
 
-from .. import _validation
+from .. import _foreign, _validation
 from .._manager import CheckpointManager
-from . import _adapter
+from .._mode import direction_from_name
+from ..errors import IncompatibleCheckpointError
+from . import _adapter, _compat
 
 # Keras ends an epoch whose input runs out early with this warning; a ResumableDataset does that on
 # purpose for the epoch a mid-epoch resume re-enters, so that one warning is silenced for that epoch.
 _RAN_OUT_WARNING = "Your input ran out of data"
+
+logger = logging.getLogger("ckpt_callbacks")
 
 
 class CheckpointCallback(keras.callbacks.Callback):
@@ -29,6 +35,17 @@ class CheckpointCallback(keras.callbacks.Callback):
     NumPy, PyTorch, Keras' global seed generator) as they were at the start of the saved epoch. With
     ``resume=True``, ``fit`` continues from the newest valid checkpoint at the saved epoch and global
     step; link a :class:`ResumableDataset` to also continue at the saved batch inside the epoch.
+
+    The defaults (``save_every_n_steps=None``, ``save_every_n_seconds=None``, ``save_on_epoch_end=False``,
+    ``save_on_train_end=True``, the SPEC §2.2 signature) save only when ``fit`` returns: a crash before
+    then loses the whole run. The constructor keeps those defaults, so that no write happens on a
+    schedule the caller did not ask for (a remote bucket is billed per write), and warns instead,
+    naming the arguments that add a periodic save.
+
+    Before the first batch, ``on_train_begin`` fails fast: a local directory this process cannot
+    create files in raises ``CheckpointWriteError``; a directory holding another tool's checkpoints
+    (TensorFlow's ``tf.train.CheckpointManager`` uses the same names) raises
+    ``IncompatibleCheckpointError`` and none of its files is touched.
 
     Args:
         directory: local path or fsspec URL (``"s3://bucket/run"``, ``"gs://bucket/run"``, ...).
@@ -43,7 +60,11 @@ class CheckpointCallback(keras.callbacks.Callback):
         keep_checkpoint_every_n_hours: also keep one checkpoint per N hours, forever.
         keep_best: also keep the best K checkpoints by ``logs[monitor]``.
         monitor: the log entry ``keep_best`` ranks by.
-        mode: ``"min"`` or ``"max"``: whether a smaller or a larger ``monitor`` is better.
+        mode: ``"min"`` or ``"max"``: whether a smaller or a larger ``monitor`` is better. ``"auto"`` (the
+            default) is Keras' ``ModelCheckpoint`` rule: ``loss`` is minimised; a compiled metric of
+            that name follows its own direction (accuracy, AUC, precision, recall, F-scores, IoU, R²
+            are maximised); any other name is maximised when it looks like one of those (contains
+            ``acc``, ``auc``, ``precision``, ``recall``, ``f1``, ``iou``, ...), else minimised.
         save_optimizer: include the optimizer variables. Without them a resume restarts the optimizer's
             slots but keeps the global step.
         resume: at train start, restore the newest valid checkpoint in ``directory`` (if any).
@@ -51,6 +72,10 @@ class CheckpointCallback(keras.callbacks.Callback):
             ``fit`` returns once every save is durable.
         storage_options: passed to fsspec (credentials, endpoint, ...).
         prefix: checkpoint names are ``f"{prefix}-{step}"``.
+        allow_pickle: store (and load) state leaves that are not plain tree types with pickle; off by
+            default, so that loading never executes code.
+        clock: zero-argument callable returning POSIX seconds, read for ``save_every_n_seconds`` and
+            for retention timestamps; tests inject a fake one.
 
     A save whose step ends an epoch is written in ``on_epoch_end`` instead of after the batch, so it
     carries that epoch's validation metrics and resumes at the start of the next epoch.
@@ -63,7 +88,7 @@ class CheckpointCallback(keras.callbacks.Callback):
 
     Example:
         >>> cb = CheckpointCallback("gs://bucket/run", save_every_n_steps=500, max_to_keep=3,
-        ...                         keep_checkpoint_every_n_hours=1)
+        ...                         keep_checkpoint_every_n_hours=1)   # example values, not defaults
         >>> model.fit(x, y, epochs=10, callbacks=[cb])   # rerun after a crash: continues where it stopped
     """
 
@@ -79,12 +104,14 @@ class CheckpointCallback(keras.callbacks.Callback):
         keep_checkpoint_every_n_hours: float | None = None,
         keep_best: int | None = None,
         monitor: str = "val_loss",
-        mode: str = "min",
+        mode: str = "auto",
         save_optimizer: bool = True,
         resume: bool = True,
         async_save: bool = False,
         storage_options: dict | None = None,
         prefix: str = "ckpt",
+        allow_pickle: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
         _validation.check_directory(directory)
@@ -94,14 +121,24 @@ class CheckpointCallback(keras.callbacks.Callback):
             save_optimizer=save_optimizer,
             resume=resume,
             async_save=async_save,
+            allow_pickle=allow_pickle,
         )
         _validation.check_triggers(
             save_every_n_steps, save_every_n_seconds, save_on_epoch_end, save_on_train_end
         )
         _validation.check_storage_options(storage_options)
         _validation.check_manager_args(
-            prefix, max_to_keep, keep_checkpoint_every_n_hours, keep_best, monitor, mode, time.time
+            prefix, max_to_keep, keep_checkpoint_every_n_hours, keep_best, monitor, mode, clock
         )
+        if save_every_n_steps is None and save_every_n_seconds is None and not save_on_epoch_end:
+            warnings.warn(
+                "CheckpointCallback saves only when fit returns (save_every_n_steps=None, "
+                "save_every_n_seconds=None, save_on_epoch_end=False): a crash before then loses the whole "
+                "run. Add a periodic save, e.g. save_every_n_steps=1000, save_every_n_seconds=600 or "
+                "save_on_epoch_end=True.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.directory = os.fspath(directory)
         self.save_every_n_steps = save_every_n_steps
         self.save_every_n_seconds = save_every_n_seconds
@@ -117,8 +154,10 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.async_save = async_save
         self.storage_options = storage_options
         self.prefix = prefix
-        # Test seam: the manager's clock (retention timestamps) and the save_every_n_seconds clock.
-        self._clock = time.time
+        self.allow_pickle = allow_pickle
+        # The manager's clock (retention timestamps) and the save_every_n_seconds clock.
+        self._clock = clock
+        self._resolved_mode = mode if mode != "auto" else direction_from_name(monitor)
         self._manager: CheckpointManager | None = None
         self._datasets: list[weakref.ref] = []
         self._info: dict[str, Any] = {}
@@ -174,9 +213,10 @@ class CheckpointCallback(keras.callbacks.Callback):
                 keep_checkpoint_every_n_hours=self.keep_checkpoint_every_n_hours,
                 keep_best=self.keep_best,
                 monitor=self.monitor,
-                mode=self.mode,
+                mode=self._resolved_mode,
                 storage_options=self.storage_options,
                 async_save=self.async_save,
+                allow_pickle=self.allow_pickle,
                 clock=self._clock,
             )
         return self._manager
@@ -191,6 +231,11 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._reset_counters()
         self.restored_from = None
         self._info = _adapter.framework_info(self.model)
+        self._resolved_mode = self._mode_for(self.model)
+        # Fail before the first batch, not at the first save: an unwritable directory, or one holding
+        # another tool's checkpoints (the manager's constructor refuses it).
+        _foreign.check_writable(self.directory, self.storage_options)
+        self.manager  # noqa: B018 - constructed here, so that check runs before training
         # A model without variables yet (subclassed, or Sequential without an Input) is built by Keras'
         # TensorFlow trainer only when the first train step is traced; building the optimizer now would
         # tie it to an empty variable list. Keras builds the optimizer itself in that case.
@@ -213,9 +258,33 @@ class CheckpointCallback(keras.callbacks.Callback):
                         "or call it once on a batch (model(x[:1])). To start over instead, pass resume=False "
                         "or another directory."
                     )
-                self._apply_resume(state)
+                try:
+                    self._apply_resume(state)
+                except IncompatibleCheckpointError as e:
+                    self._release_manager()
+                    raise IncompatibleCheckpointError(
+                        f"Cannot resume from {path!r}: {e} To train this model from scratch instead, pass "
+                        "resume=False or use a new directory."
+                    ) from e
                 self.restored_from = path
+                trainer = state.get(_adapter.TRAINER_KEY) or {}
+                logger.info(
+                    "CheckpointCallback resumed from %s: epoch %d, %d batch(es) of it already done, global step %d",
+                    path,
+                    int(trainer.get("epoch", 0)),
+                    int(trainer.get("batches_in_epoch", 0)),
+                    int(trainer.get("global_step", 0)),
+                )
                 self._warn_if_nothing_to_train(path)
+
+    def _mode_for(self, model: Any) -> str:
+        """``mode`` with ``"auto"`` resolved as Keras' ModelCheckpoint does (see the class doc)."""
+        if self.mode != "auto":
+            return self.mode
+        name = self.monitor.removeprefix("val_")
+        if name == "loss":
+            return "min"
+        return _compat.metric_direction(model, name) or direction_from_name(self.monitor)
 
     def _warn_if_nothing_to_train(self, path: str) -> None:
         epochs = (self.params or {}).get("epochs")
@@ -260,15 +329,15 @@ class CheckpointCallback(keras.callbacks.Callback):
                     stacklevel=2,
                 )
         # Keras' fit reads model._initial_epoch right after on_train_begin (as BackupAndRestore uses it).
-        self._saved_initial_epoch = getattr(self.model, "_initial_epoch", None)
+        self._saved_initial_epoch = _compat.get_initial_epoch(self.model)
         self._initial_epoch_set = True
         self._initial_epoch_model = self.model
-        self.model._initial_epoch = epoch
+        _compat.set_initial_epoch(self.model, epoch)
 
     def _unset_initial_epoch(self) -> None:
         # Only this fit resumes: a later fit on the same model must not start at the restored epoch.
         if self._initial_epoch_set:
-            self._initial_epoch_model._initial_epoch = self._saved_initial_epoch
+            _compat.set_initial_epoch(self._initial_epoch_model, self._saved_initial_epoch)
             self._initial_epoch_set = False
             self._initial_epoch_model = None
 

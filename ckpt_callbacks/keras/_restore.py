@@ -9,7 +9,7 @@ import keras
 
 from .._manager import load_checkpoint, read_meta, resolve_checkpoint
 from ..errors import IncompatibleCheckpointError
-from . import _adapter
+from . import _adapter, _compat
 
 
 def restore(
@@ -71,6 +71,8 @@ def load_model(
         )
     if not compile:
         desc = {k: v for k, v in desc.items() if k != "compile_config"}
+    # Saved under another backend, the optimizer may be that backend's subclass (torch's Adam).
+    desc = _compat.portable_description(desc)
     model = keras.saving.deserialize_keras_object(desc, custom_objects=custom_objects, safe_mode=True)
     if not model.built:
         raise IncompatibleCheckpointError(

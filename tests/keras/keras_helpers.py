@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-BACKENDS = ["tensorflow", "torch"]
+BACKENDS = ["tensorflow", "torch", "jax"]
 
 
 def backend_available(name: str) -> bool:

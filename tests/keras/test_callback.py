@@ -74,8 +74,9 @@ def test_epoch_end_save_carries_validation_metrics_and_epoch(tmp_path):
 def test_save_every_n_seconds_uses_the_clock(tmp_path, fake_clock):
     x, y = data()
     model = sequential()
-    cb = CheckpointCallback(tmp_path, save_every_n_seconds=100, save_on_train_end=False, max_to_keep=None)
-    cb._clock = fake_clock
+    cb = CheckpointCallback(
+        tmp_path, save_every_n_seconds=100, save_on_train_end=False, max_to_keep=None, clock=fake_clock
+    )
 
     class Tick(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
@@ -98,8 +99,9 @@ def test_hourly_retention_with_injected_clock(tmp_path, fake_clock):
     x, y = data()
     model = sequential()
     start = fake_clock.now
-    cb = CheckpointCallback(tmp_path, save_every_n_steps=1, max_to_keep=2, keep_checkpoint_every_n_hours=1)
-    cb._clock = fake_clock
+    cb = CheckpointCallback(
+        tmp_path, save_every_n_steps=1, max_to_keep=2, keep_checkpoint_every_n_hours=1, clock=fake_clock
+    )
 
     class Tick(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
@@ -278,7 +280,7 @@ def test_counters_persist_in_the_checkpoint(tmp_path):
         ({"max_to_keep": 0}, "max_to_keep must be an int >= 1"),
         ({"keep_checkpoint_every_n_hours": 0}, "keep_checkpoint_every_n_hours must be a positive number"),
         ({"keep_best": 2, "monitor": ""}, "keep_best needs the metric"),
-        ({"mode": "best"}, "mode must be 'min' or 'max'"),
+        ({"mode": "best"}, "mode must be 'auto', 'min' or 'max'"),
         ({"prefix": "a/b"}, "prefix must be a plain file-name prefix"),
         ({"storage_options": "anon"}, "storage_options must be a dict"),
         ({"save_on_train_end": False}, "would never save"),

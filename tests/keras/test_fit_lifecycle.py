@@ -50,8 +50,8 @@ def test_unbuilt_model_trains_fresh_and_resume_needs_a_built_model(tmp_path, bac
     for kind, res in out.items():
         assert res["fresh"] == [[0, 1], None, 20], kind
         assert res["saved"] == ["10", "20"], kind
-        if backend == "torch":
-            # Keras' PyTorch trainer builds the model from the first batch before on_train_begin.
+        if backend in ("torch", "jax"):
+            # Keras' PyTorch and JAX trainers build the model from the first batch before on_train_begin.
             assert res["unbuilt_resume"] == ["ok", [2], "ckpt-20", 30], kind
             assert res["built_resume"] == [[3], "ckpt-30", 40], kind
         else:

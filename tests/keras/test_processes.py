@@ -1,4 +1,5 @@
-"""Fresh processes: SIGKILL + rerun resumes bit-exactly, load_model without model code, both backends."""
+"""Fresh processes: SIGKILL + rerun resumes bit-exactly, load_model without model code, on TensorFlow,
+PyTorch and JAX."""
 
 from __future__ import annotations
 
@@ -56,18 +57,19 @@ def test_sigkill_then_rerun_resumes_bit_exactly(
     _assert_same_state(got, expected, backend)
 
 
-def test_sigkill_mid_epoch_with_steps_per_execution_3(tmp_path, tmp_path_factory):
-    # TensorFlow only: the PyTorch backend requires steps_per_execution=1. Reported steps are
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_sigkill_mid_epoch_with_steps_per_execution_3(tmp_path, tmp_path_factory, backend):
+    # TensorFlow and JAX: the PyTorch backend requires steps_per_execution=1. Reported steps are
     # 3, 5 | 8, 10 | ...; saves at 5 (epoch end), 8 (inside epoch 1), ...; killed at 10.
     env = {"STEPS_PER_EXECUTION": "3"}
-    expected = _reference("tensorflow", tmp_path_factory, env=env)
+    expected = _reference(backend, tmp_path_factory, env=env)
     args = (tmp_path / "ckpt", tmp_path / "final.npz", "steps", 10)
-    killed = run_python(SCRIPT, *args, env=env, check=False)
+    killed = run_python(SCRIPT, *args, env=env, check=False, backend=backend)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    run_python(SCRIPT, *args, env=env)
+    run_python(SCRIPT, *args, env=env, backend=backend)
     got = np.load(tmp_path / "final.npz")
     assert str(got["resumed"]).endswith("ckpt-8")
-    _assert_same_state(got, expected, "tensorflow")
+    _assert_same_state(got, expected, backend)
 
 
 KINDS = ["sequential", "functional", "custom"]

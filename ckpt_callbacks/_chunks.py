@@ -1,0 +1,175 @@
+"""Chunked tensors: one tensor of a checkpoint stored as several pieces, pure (no I/O).
+
+A sharded save (``ckpt_callbacks.distributed``) writes every rank's pieces into that rank's own data
+file, so one tensor of the state may live in several files. Its index entry then has the global
+``dtype`` / ``shape`` (and ``kind``) of a plain entry, and instead of one ``file`` / ``offset`` /
+``length`` / ``checksum`` a list of ``chunks``, each a box of the global tensor::
+
+    {"dtype": "float32", "shape": [8, 4], "kind": "torch",
+     "chunks": [{"file": 0, "offset": 96, "length": 64, "offsets": [0, 0], "sizes": [4, 4],
+                 "checksum": "xxh3_64:..."},
+                {"file": 1, "offset": 96, "length": 64, "offsets": [4, 0], "sizes": [4, 4], ...}]}
+
+The chunks must cover the tensor exactly: inside it, no two overlapping, their volumes adding up to
+the tensor's. A reader that predates chunks finds no ``file`` in such an entry and rejects the
+checkpoint as unreadable instead of loading part of a tensor.
+
+For the single-process reader each chunk is presented as a plain tensor entry of its own (a name
+that no tree can reference), read and verified by the ordinary code, then assembled here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from . import _kinds
+from ._dtypes import dtype_from_name
+from .errors import CorruptCheckpointError
+
+# More chunks than this for one tensor is no save this library writes (one per rank and piece).
+MAX_CHUNKS = 1 << 20
+
+
+def is_chunked(entry: Any) -> bool:
+    return isinstance(entry, dict) and "chunks" in entry
+
+
+def _int_list(x: Any, n: int | None) -> bool:
+    return (
+        isinstance(x, list)
+        and (n is None or len(x) == n)
+        and all(type(v) is int and 0 <= v < 1 << 62 for v in x)
+    )
+
+
+def validate(name: str, entry: dict, itemsize: int) -> list[dict]:
+    """Check a chunked entry's chunks: well formed, inside the tensor, covering it exactly.
+
+    Returns the chunks as plain entries (``file`` / ``offset`` / ``length`` / ``checksum`` plus the
+    chunk ``shape``), for the caller's checks of where bytes lie in the data files.
+    """
+    shape = entry["shape"]
+    chunks = entry.get("chunks")
+    if not isinstance(chunks, list) or not chunks and math.prod(shape) or len(chunks) > MAX_CHUNKS:
+        raise CorruptCheckpointError(f"Invalid chunk list for tensor {name!r:.120} in the checkpoint index.")
+    plain = []
+    boxes = []
+    volume = 0
+    for c in chunks:
+        if not (
+            isinstance(c, dict)
+            and _int_list(c.get("offsets"), len(shape))
+            and _int_list(c.get("sizes"), len(shape))
+            and isinstance(c.get("checksum"), str)
+        ):
+            raise CorruptCheckpointError(f"Invalid chunk of tensor {name!r:.120}: {str(c)[:120]!r}.")
+        off, size = c["offsets"], c["sizes"]
+        if any(o + s > d for o, s, d in zip(off, size, shape)):
+            raise CorruptCheckpointError(
+                f"A chunk of tensor {name!r:.120} lies outside its shape {shape}: offsets {off}, sizes {size}."
+            )
+        n = math.prod(size)
+        if c.get("length") != n * itemsize:
+            raise CorruptCheckpointError(
+                f"A chunk of tensor {name!r:.120} is {c.get('length')!r} bytes; its sizes {size} need {n * itemsize}."
+            )
+        volume += n
+        if n:
+            boxes.append((off, size))
+        plain.append(
+            {
+                "file": c.get("file"),
+                "offset": c.get("offset"),
+                "length": c["length"],
+                "checksum": c["checksum"],
+                "shape": list(size),
+            }
+        )
+    if volume != math.prod(shape):
+        raise CorruptCheckpointError(
+            f"The chunks of tensor {name!r:.120} hold {volume} elements; its shape {shape} has "
+            f"{math.prod(shape)}: a chunk is missing or duplicated."
+        )
+    _check_disjoint(name, boxes)
+    return plain
+
+
+def _check_disjoint(name: str, boxes: list[tuple[list[int], list[int]]]) -> None:
+    """No two boxes overlap (with the volume check: they tile the tensor exactly). A sweep over the
+    first dimension compares only boxes whose first-dimension ranges meet."""
+    if not boxes or not boxes[0][0]:
+        if len(boxes) > 1:  # several non-empty chunks of a 0-d tensor
+            raise CorruptCheckpointError(f"Chunks of tensor {name!r:.120} overlap.")
+        return
+    boxes = sorted(boxes, key=lambda b: b[0][0])
+    active: list[tuple[list[int], list[int]]] = []
+    for off, size in boxes:
+        active = [b for b in active if b[0][0] + b[1][0] > off[0]]
+        for o2, s2 in active:
+            if all(a < c + t and c < a + s for a, s, c, t in zip(off, size, o2, s2)):
+                raise CorruptCheckpointError(
+                    f"Chunks of tensor {name!r:.120} overlap: offsets {o2} sizes {s2} and offsets {off} sizes {size}."
+                )
+        active.append((off, size))
+
+
+def split(index: dict) -> dict[str, list[str]]:
+    """Replace each chunked entry of ``index["tensors"]`` with one plain entry per chunk, in place.
+
+    Returns ``{tensor name: [chunk entry names]}`` for :func:`assemble`. The chunk entries carry no
+    ``kind`` (read as numpy); the global entry is kept under ``index["chunked"]``.
+    """
+    parts: dict[str, list[str]] = {}
+    chunked = {n: t for n, t in index["tensors"].items() if is_chunked(t)}
+    if not chunked:
+        return parts
+    index["chunked"] = chunked
+    tensors = {}
+    for n, t in index["tensors"].items():
+        if n not in chunked:
+            tensors[n] = t
+            continue
+        parts[n] = []
+        for c in t["chunks"]:
+            # Read as a tensor of its own under this name (error messages show it); never one the tree references.
+            cname = f"{n} [chunk at {c['offsets']}]"
+            if cname in index["tensors"] or cname in tensors:
+                raise CorruptCheckpointError(f"Tensor {n!r:.120} has two chunks at offsets {c['offsets']}.")
+            tensors[cname] = {
+                "dtype": t["dtype"],
+                "shape": list(c["sizes"]),
+                "file": c["file"],
+                "offset": c["offset"],
+                "length": c["length"],
+                "checksum": c["checksum"],
+                **({"byteorder": t["byteorder"]} if "byteorder" in t else {}),
+            }
+            parts[n].append(cname)
+    index["tensors"] = tensors
+    return parts
+
+
+def assemble(index: dict, parts: dict[str, list[str]], arrays: dict[str, Any]) -> None:
+    """Build each chunked tensor from its chunks' arrays (numpy, chunk-shaped) in ``arrays``, in place:
+    the chunk entries are replaced by the full tensor (of its recorded ``kind``, see :mod:`._kinds`)."""
+    for name, cnames in parts.items():
+        entry = index["chunked"][name]
+        first = arrays[cnames[0]] if cnames else None
+        dtype = first.dtype if first is not None else None
+        if dtype is None:
+            dtype = dtype_from_name(entry["dtype"]).newbyteorder("<")
+        full = np.empty(entry["shape"], dtype=dtype)
+        for cname, c in zip(cnames, entry["chunks"]):
+            box = tuple(slice(o, o + s) for o, s in zip(c["offsets"], c["sizes"]))
+            full[box] = arrays.pop(cname)
+        arrays[name] = _kinds.from_numpy(entry.get("kind", "numpy"), full)
+
+
+def nbytes(entry: dict) -> int:
+    """Stored bytes of a tensor entry, plain or chunked."""
+    if is_chunked(entry):
+        return sum(c["length"] for c in entry["chunks"])
+    return entry["length"]

@@ -1,0 +1,50 @@
+"""``mode="auto"``: whether a larger or a smaller monitored metric is better, from its name.
+
+Keras 3's callbacks (``ModelCheckpoint``, ``EarlyStopping``) decide ``"auto"`` as follows: ``loss`` and
+``val_loss`` are minimised; any other name is looked up among the model's compiled metric objects and
+follows that metric's direction; a name that matches none is an error. The core has no model, so it
+uses the name rule Keras 2 used (documented on `CheckpointManager`), extended to the metric families Keras 3 marks as
+"up": a name (``val_`` prefix removed) containing one of :data:`MAX_NAME_PARTS` is maximised,
+anything else (losses, errors, distances) minimised. The Keras callback first asks the model's metric
+objects, exactly as Keras does, and falls back to this rule.
+"""
+
+from __future__ import annotations
+
+MODES = ("auto", "min", "max")
+
+# Lower-case substrings of a metric name that mean "higher is better": accuracy ("acc" also covers
+# "accuracy", "top_k_categorical_accuracy"), AUC, precision / recall (and "precision_at_recall"...),
+# F-scores, IoU, R², correlations: every Keras 3 metric class with direction "up".
+MAX_NAME_PARTS = (
+    "acc",
+    "auc",
+    "precision",
+    "recall",
+    "f1",
+    "fbeta",
+    "f_beta",
+    "fmeasure",
+    "iou",
+    "r2",
+    "sensitivity",
+    "specificity",
+    "pearson",
+    "concordance",
+)
+
+
+def direction_from_name(monitor: str | None) -> str:
+    """``"max"`` or ``"min"`` for a metric name, by the rule in the module docstring."""
+    if not monitor:
+        return "min"
+    name = monitor.lower()
+    name = name[len("val_") :] if name.startswith("val_") else name
+    if name == "loss" or name.endswith("_loss") or "error" in name:
+        return "min"
+    return "max" if any(part in name for part in MAX_NAME_PARTS) else "min"
+
+
+def resolve_mode(monitor: str | None, mode: str) -> str:
+    """``mode`` itself when it is ``"min"`` or ``"max"``; for ``"auto"``, the direction of ``monitor``."""
+    return direction_from_name(monitor) if mode == "auto" else mode

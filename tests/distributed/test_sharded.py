@@ -1,0 +1,348 @@
+"""Sharded checkpoints through torch.distributed.checkpoint (SPEC §2.5): real ranks on gloo.
+
+Each test starts real rank processes (``dist_worker.py``) on a loopback port; one spawn checks as
+much as it can (a process group costs seconds to start on a small machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is needed for sharded checkpoints")
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict  # noqa: E402
+
+import ckpt_callbacks  # noqa: E402
+from ckpt_callbacks import CheckpointManager, CorruptCheckpointError, get_checkpoint_state, load_checkpoint  # noqa: E402
+from ckpt_callbacks import _format as fmt  # noqa: E402
+from ckpt_callbacks._resolve import read_index  # noqa: E402
+from ckpt_callbacks.distributed import StorageReader  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or sys.platform == "win32",
+    reason="needs torch.distributed with gloo",
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "dist_worker.py")
+ROOT = os.path.dirname(os.path.dirname(HERE))
+# Longer than the workers' collective timeout (20 s) plus start-up: a hang fails the test instead.
+RUN_TIMEOUT = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(scenario: str, world: int, directory: str, out: str, env: dict | None = None) -> list[dict]:
+    os.makedirs(out, exist_ok=True)
+    port = str(free_port())
+    penv = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, scenario, str(r), str(world), port, directory, out],
+            env=penv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    logs = []
+    deadline = time.monotonic() + RUN_TIMEOUT
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"{scenario}: ranks still running after {RUN_TIMEOUT} s (a hang)") from None
+    results = []
+    for r in range(world):
+        path = os.path.join(out, f"rank{r}.json")
+        if not os.path.exists(path):
+            results.append({"rank": r, "exit": procs[r].returncode, "log": logs[r][-3000:]})
+            continue
+        with open(path) as f:
+            results.append(json.load(f) | {"exit": procs[r].returncode})
+    return results
+
+
+def flat_tensors(state: dict) -> dict:
+    flat, _ = flatten_state_dict(state)
+    return {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """Two FSDP2 ranks: saves at steps 1-3 (max_to_keep=2), a rank-1 failure at step 4, a restore."""
+    base = tmp_path_factory.mktemp("sharded")
+    directory, out = str(base / "ckpts"), str(base / "out")
+    results = run_ranks("save_and_restore", 2, directory, out)
+    return directory, out, results
+
+
+def test_two_ranks_save_commit_retention_and_restore_bit_exact(sharded):
+    directory, out, results = sharded
+    for r in results:
+        assert "error" not in r, r
+        # Retention ran after each commit and both ranks' managers follow the state file.
+        assert r["listed"] == [["ckpt-1"], ["ckpt-1", "ckpt-2"], ["ckpt-2", "ckpt-3"]]
+        # A fresh sharded model restored model + optimizer + DTensor + plain values bit-exactly.
+        assert r["restored"] == "ckpt-3" and r["mismatch"] == [] and r["compared"] == 17
+        assert r["extra"] == {"step": 3, "note": "ok"}
+    # Step 1 was dropped by retention: all of its files, both ranks' data files included.
+    assert sorted(n for n in os.listdir(directory) if not n.startswith(".")) == [
+        "checkpoint",
+        *[
+            f"ckpt-{s}.{x}"
+            for s in (2, 3)
+            for x in ("data-00000-of-00002", "data-00001-of-00002", "index", "meta")
+        ],
+    ]
+
+
+def test_layout_chunks_cover_every_tensor_and_files_are_safetensors(sharded):
+    from safetensors import safe_open
+
+    directory, _, _ = sharded
+    index = read_index(os.path.join(directory, "ckpt-3"))
+    assert [f["name"] for f in index["files"]] == [
+        "ckpt-3.data-00000-of-00002",
+        "ckpt-3.data-00001-of-00002",
+        "ckpt-3.meta",
+    ]
+    w = index["tensors"]["model.0.weight"]
+    assert w["shape"] == [16, 8] and w["kind"] == "torch"
+    assert [(c["file"], c["offsets"], c["sizes"]) for c in w["chunks"]] == [
+        (0, [0, 0], [8, 8]),
+        (1, [8, 0], [8, 8]),
+    ]
+    cols = index["tensors"]["cols"]  # a DTensor sharded on its second dimension
+    assert [(c["offsets"], c["sizes"]) for c in cols["chunks"]] == [([0, 0], [4, 3]), ([0, 3], [4, 3])]
+    # Replicated tensors are written once, by one rank, as plain entries.
+    step = index["tensors"]["optim.state.0.weight.step"]
+    assert "chunks" not in step and step["shape"] == []
+    # Non-tensor leaves live in the index as JSON, never pickled.
+    assert b"pickle" not in open(os.path.join(directory, "ckpt-3.index"), "rb").read()
+    for rank in (0, 1):
+        with safe_open(os.path.join(directory, f"ckpt-3.data-0000{rank}-of-00002"), "pt") as f:
+            got = f.get_tensor(f"model.0.weight@{8 * rank},0")
+        assert got.shape == (8, 8)
+    state = get_checkpoint_state(directory)
+    assert os.path.basename(state.model_checkpoint_path) == "ckpt-3"
+
+
+def test_single_process_load_checkpoint_gives_full_tensors(sharded):
+    directory, out, _ = sharded
+    want = torch.load(os.path.join(out, "step3-rank0.pt"), weights_only=True)
+    state = load_checkpoint(os.path.join(directory, "ckpt-3"))
+    assert_same(flat_tensors(state), want)
+    assert state["extra"] == {"step": 3, "note": "ok"}
+    assert state["optim"]["param_groups"][0]["lr"] == 0.01
+    assert ("model.0.weight", "float32", (16, 8)) in ckpt_callbacks.list_variables(directory)
+
+
+def test_a_rank_1_error_raises_on_every_rank_and_commits_nothing(sharded):
+    directory, _, results = sharded
+    for r in results:
+        assert r["step4"].startswith("CheckpointWriteError: Sharded save of")
+        assert "rank 1: OSError" in r["step4"] and "rank 0" not in r["step4"]
+        assert r["latest_after_failure"] == "ckpt-3"
+    assert not [n for n in os.listdir(directory) if n.startswith("ckpt-4")]
+
+
+def test_reshard_two_ranks_to_one_and_one_to_two(sharded, tmp_path):
+    directory, out, _ = sharded
+    want = torch.load(os.path.join(out, "step3-rank0.pt"), weights_only=True)
+    one = run_ranks("load_into", 1, os.path.join(directory, "ckpt-3"), str(tmp_path / "one"))
+    assert "error" not in one[0], one[0]
+    assert_same(torch.load(str(tmp_path / "one" / "loaded-rank0.pt"), weights_only=True), want)
+    assert one[0]["extra"] == {"step": 3, "note": "ok"}
+    resaved = str(tmp_path / "one" / "resaved" / "ckpt-3")
+    assert [f["name"] for f in read_index(resaved)["files"]][0] == "ckpt-3.data-00000-of-00001"
+    two = run_ranks("load_into", 2, resaved, str(tmp_path / "two"))
+    for r in two:
+        assert "error" not in r, r
+        assert_same(torch.load(str(tmp_path / "two" / f"loaded-rank{r['rank']}.pt"), weights_only=True), want)
+
+
+def test_async_save_training_collectives_run_during_the_write_and_errors_reach_every_rank(tmp_path):
+    directory = str(tmp_path / "ckpts")
+    results = run_ranks("async_save", 2, directory, str(tmp_path / "out"))
+    for r in results:
+        assert "error" not in r, r
+        # While step 2 was being written (held mid-write), the training thread's all_reduce and
+        # barrier on the default group completed, and nothing of step 2 was committed yet.
+        assert r["all_reduce"] == 3.0 and r["latest_while_writing"] == "ckpt-1"
+        assert r["latest_after_wait"] == "ckpt-2"
+        # Rank 1's failure in the background reached both ranks at wait_until_finished.
+        assert r["step3"].startswith("CheckpointWriteError: Sharded save of")
+        assert "rank 1: OSError" in r["step3"] and "rank 0" not in r["step3"]
+        assert r["latest_after_failure"] == "ckpt-2"
+        # The restored state is the one save() staged, not the model trained on during the write.
+        assert r["restored"] == "ckpt-2" and r["mismatch"] == [] and r["compared"] == 17
+        assert r["extra"] == {"step": 2}
+        # Later failures: raised by the next save (step 5, not written) and by close (step 6).
+        assert "ckpt-4' failed on rank 1: OSError" in r["step5"] and r["step5"].startswith(
+            "CheckpointWriteError"
+        )
+        assert "ckpt-6' failed on rank 1: OSError" in r["close"] and r["close"].startswith(
+            "CheckpointWriteError"
+        )
+    assert not [
+        n for n in os.listdir(directory) if n.split(".")[0] in ("ckpt-3", "ckpt-4", "ckpt-5", "ckpt-6")
+    ]
+    assert get_checkpoint_state(directory).all_model_checkpoint_paths[-1].endswith("ckpt-2")
+
+
+def test_raw_dcp_save_failure_leaves_other_ranks_files_until_a_retry_of_the_name_removes_them(tmp_path):
+    directory = str(tmp_path / "ckpts")
+    results = run_ranks("raw_failure", 2, directory, str(tmp_path / "out"))
+    files = [f"ckpt-5.data-0000{r}-of-00002" for r in (0, 1)]
+    for r in results:
+        assert "error" not in r, r
+        assert r["first"] == "CheckpointException"
+        # The failed rank removed its own file; rank 0's finished one stays (DCP calls no writer
+        # method after a failed write), and nothing is committed.
+        assert r["after_failure"] == [files[0]]
+    # The same checkpoint saved again (here by one rank): the coordinator removed the stale file
+    # before writing, so only the new save's files are there.
+    (r,) = run_ranks("raw_retry", 1, directory, str(tmp_path / "retry"))
+    assert "error" not in r, r
+    assert r["after_retry"] == ["checkpoint", "ckpt-5.data-00000-of-00001", "ckpt-5.index", "ckpt-5.meta"]
+
+
+def _copy(directory: str, tmp_path) -> str:
+    d = str(tmp_path / "copy")
+    shutil.copytree(directory, d, ignore=shutil.ignore_patterns(".ckpt_callbacks.lock"))
+    return d
+
+
+@pytest.mark.parametrize("damage", ["missing file", "truncated file", "deleted chunk"])
+def test_damage_is_corrupt_before_reading_and_restore_falls_back(sharded, tmp_path, damage):
+    d = _copy(sharded[0], tmp_path)
+    data1 = os.path.join(d, "ckpt-3.data-00001-of-00002")
+    if damage == "missing file":
+        os.remove(data1)
+        match = "missing"
+    elif damage == "truncated file":
+        with open(data1, "r+b") as f:
+            f.truncate(os.path.getsize(data1) - 4)
+        match = "bytes; the index expects"
+    else:
+        path = os.path.join(d, "ckpt-3.index")
+        index = read_index(path[: -len(".index")])
+        index.pop("index_checksum", None)
+        del index["tensors"]["model.0.weight"]["chunks"][1]
+        with open(path, "wb") as f:
+            f.write(fmt.dump_index(index))
+        match = "a chunk is missing"
+    with pytest.raises(CorruptCheckpointError, match=match):
+        load_checkpoint(os.path.join(d, "ckpt-3"))
+    # DCP's load checks the same before any tensor is read (raised inside CheckpointException).
+    with pytest.raises(BaseException, match=match):
+        dcp.load({"cols": torch.zeros(4, 6)}, storage_reader=StorageReader(os.path.join(d, "ckpt-3")))
+    with CheckpointManager(d) as mgr, pytest.warns(UserWarning, match="falling back"):
+        path, state = mgr.restore_with_path()
+    assert os.path.basename(path) == "ckpt-2" and state["extra"]["step"] == 2
+
+
+def test_rank_killed_mid_save_commits_nothing_and_does_not_hang(tmp_path):
+    directory = str(tmp_path / "ckpts")
+    results = run_ranks("killed", 2, directory, str(tmp_path / "out"))
+    assert results[1]["exit"] == -9 and "step2" not in results[1]  # SIGKILLed after writing its file
+    err = results[0]["error"]
+    assert err.startswith("CheckpointWriteError: Sharded save of") and "Nothing was committed" in err
+    assert os.path.basename(get_checkpoint_state(directory).model_checkpoint_path) == "ckpt-1"
+    # What the killed save left is removed by the next manager; step 1 restores.
+    with CheckpointManager(directory) as mgr:
+        assert mgr.removed_leftovers == ["ckpt-2.data-00001-of-00002"]
+        assert mgr.restore()["model"]["0.weight"].shape == (16, 8)
+    assert not [n for n in os.listdir(directory) if n.startswith("ckpt-2")]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is needed for the S3 test")
+    boto3 = pytest.importorskip("boto3")
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        boto3.client(
+            "s3",
+            endpoint_url=url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        ).create_bucket(Bucket="sharded")
+        yield url
+    finally:
+        server.stop()
+
+
+def test_two_ranks_on_s3_stream_their_own_files(s3_endpoint, tmp_path):
+    import s3fs
+
+    results = run_ranks("s3", 2, "s3://sharded/run", str(tmp_path / "out"), env={"S3_ENDPOINT": s3_endpoint})
+    for r in results:
+        assert "error" not in r, r
+        assert r["mismatch"] == [] and r["extra"] == {"note": "s3"}
+    opts = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
+    }
+    fs = s3fs.S3FileSystem(**opts)
+    names = sorted(os.path.basename(p) for p in fs.ls("sharded/run", refresh=True))
+    assert [n for n in names if n.startswith("ckpt-")] == [
+        "ckpt-2.data-00000-of-00002",
+        "ckpt-2.data-00001-of-00002",
+        "ckpt-2.index",
+        "ckpt-2.meta",
+    ]
+    want = torch.load(str(tmp_path / "out" / "s3-rank0.pt"), weights_only=True)
+    assert_same(flat_tensors(load_checkpoint("s3://sharded/run", storage_options=opts)), want)
+
+
+def test_a_flipped_byte_in_a_chunk_is_named_by_load_and_cli_verify(sharded, tmp_path):
+    d = _copy(sharded[0], tmp_path)
+    chunk = read_index(os.path.join(d, "ckpt-3"))["tensors"]["model.0.weight"]["chunks"][1]
+    with open(os.path.join(d, "ckpt-3.data-00001-of-00002"), "r+b") as f:
+        f.seek(chunk["offset"] + 5)
+        b = f.read(1)
+        f.seek(chunk["offset"] + 5)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(
+        CorruptCheckpointError, match=r"Checksum mismatch for tensor 'model\.0\.weight \[chunk at \[8, 0\]\]'"
+    ):
+        load_checkpoint(os.path.join(d, "ckpt-3"))
+    with pytest.raises(BaseException, match="Checksum mismatch for a chunk of tensor 'model.0.weight'"):
+        dcp.load(
+            {"model.0.weight": torch.zeros(16, 8)}, storage_reader=StorageReader(os.path.join(d, "ckpt-3"))
+        )
+    cli = subprocess.run(
+        [sys.executable, "-m", "ckpt_callbacks", "verify", os.path.join(d, "ckpt-3")],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert cli.returncode == 1 and "model.0.weight [chunk at [8, 0]]" in cli.stdout
