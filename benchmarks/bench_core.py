@@ -1,4 +1,4 @@
-"""SPEC §8 performance figures P1-P7 and P9 for the framework-agnostic core, side by side.
+"""SPEC §8 performance figures P1-P7, P9 and P13 for the framework-agnostic core, side by side.
 
 Every figure is a ratio against a baseline measured in the same run on the same disk, alternating
 ours and the baseline rep by rep (the disk of a VM drifts by 2-5x over minutes; alternation keeps
@@ -13,10 +13,14 @@ each pair under the same conditions). Medians are reported.
   P5  torch training-step time while a background save runs vs without
   P6  peak extra RSS of sync and async saves (fresh subprocess per case, /proc/self/statm sampled
       every millisecond) vs 0.1*S + 64 MiB (sync) and 1.1*S (async)
-  P7  restore with a cold page cache into a live torch model vs safetensors load_file +
-      load_state_dict and vs torch.load + load_state_dict
+  P7  restore with a cold page cache into a live torch model (load_checkpoint(path, into=...)) vs
+      safetensors load_file + load_state_dict and vs torch.load + load_state_dict (fresh processes
+      and both allocator modes: benchmarks/bench_restore.py)
   P9  retention work on the training thread per sync save with 100 checkpoints kept (retention
       sweep + state file commit + deletes), and directory listings per save
+  P13 a 1 MiB state saved synchronously (steady state, retention deleting one checkpoint per save):
+      latency per save vs 2x one raw write + fsync of the same bytes + 5 ms; again with every fsync
+      slowed by 8 ms on both sides (a slow VM disk: what counts is how many fsyncs wait on each other)
 
 Usage:
   python benchmarks/bench_core.py            # 512 MiB and 2 GiB states (about 10 minutes)
@@ -405,7 +409,33 @@ def bench_p4(scratch, size, reps):
             mgr.save(state, step=step)
             blocked.append(time.perf_counter() - t0)
         mgr.close()
+        # A resumed run: the manager learns the state's layout from the restore and maps its
+        # snapshot buffers in the background before the first save (done by the first save interval).
+        mgr = CheckpointManager(d, max_to_keep=1, async_save=True)
+        mgr.restore_with_path()
+        mgr._buffers.wait()
+        t0 = time.perf_counter()
+        mgr.save(state, step=reps + 1)
+        first_resumed = time.perf_counter() - t0
+        mgr.close()
         rm(d)
+        # A fresh run whose callback prepares the buffers at train start from the live state
+        # (CheckpointManager._prepare_snapshot); the first save comes after the preparation ends.
+        firsts = []
+        for _ in range(3):  # one first save per manager: the median of three
+            d = scratch.new()
+            mgr = CheckpointManager(d, max_to_keep=1, async_save=True)
+            t0 = time.perf_counter()
+            mgr._prepare_snapshot(state)
+            call = time.perf_counter() - t0
+            mgr._buffers.wait()
+            prepare = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            mgr.save(state, step=0)
+            firsts.append(time.perf_counter() - t0)
+            mgr.close()
+            rm(d)
+        first_prepared = statistics.median(firsts)
         if kind == "numpy":
             bufs = {k: np.empty_like(v) for k, v in state.items()}
 
@@ -446,7 +476,32 @@ def bench_p4(scratch, size, reps):
                 statistics.median(clone),
                 1.5,
             )
-        print(f"      first save() (allocates the reused buffers): {first:.3f}s", flush=True)
+        row(
+            "P4",
+            f"{human(size)} {kind}: first save() after a resume vs {base_label}",
+            first_resumed,
+            statistics.median(base),
+            1.5,
+        )
+        row(
+            "P4",
+            f"{human(size)} {kind}: first save() of a fresh run vs {base_label}",
+            first,
+            statistics.median(base),
+            1.5,
+        )
+        row(
+            "P4",
+            f"{human(size)} {kind}: first save() after _prepare_snapshot vs {base_label}",
+            first_prepared,
+            statistics.median(base),
+            1.5,
+        )
+        print(
+            f"      _prepare_snapshot(state): returns in {call * 1e3:.1f} ms, buffers ready after "
+            f"{prepare:.3f}s (background, low priority)",
+            flush=True,
+        )
         del state
 
 
@@ -592,7 +647,7 @@ def bench_p7(scratch, size, reps):
             (
                 "ours",
                 cold,
-                lambda ctx: model.load_state_dict(load_checkpoint(os.path.join(d, "ckpt-1"))),
+                lambda ctx: load_checkpoint(os.path.join(d, "ckpt-1"), into=model.state_dict()),
                 noop,
             ),
             (
@@ -618,7 +673,7 @@ def bench_p7(scratch, size, reps):
         f"{human(n * width * (width + 1) * 4)} model: restore vs safetensors load_file+load_state_dict",
         t["ours"],
         t["safetensors"],
-        1.2,
+        1.0,
     )
     row(
         "P7",
@@ -626,6 +681,68 @@ def bench_p7(scratch, size, reps):
         t["ours"],
         t["torch.load"],
         0.8,
+    )
+
+
+# ============================================================================ P13 (small saves)
+
+
+def _count_calls(fn):
+    """Run fn() with os.fsync / os.remove / os.unlink counted (the storage layer's module is os)."""
+    counts = {"fsync": 0, "remove": 0}
+    real = {"fsync": os.fsync, "remove": os.remove}
+
+    def counting(name):
+        def call(*a, **k):
+            counts[name] += 1
+            return real[name](*a, **k)
+
+        return call
+
+    os.fsync, os.remove = counting("fsync"), counting("remove")
+    try:
+        fn()
+    finally:
+        os.fsync, os.remove = real["fsync"], real["remove"]
+    return counts
+
+
+def bench_p13(scratch, reps):
+    print("P13 1 MiB state saved synchronously: latency per save vs one raw write + fsync", flush=True)
+    state = numpy_state(1 * MiB, 4)
+    _p13_case(scratch, state, reps, "")
+    # A VM disk's fsync latency drifts (0.3-10 ms here); what a save pays for it is how many fsyncs
+    # wait on each other. Slowing every fsync by the same delay (on both sides, GIL released) shows it.
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        time.sleep(0.008)
+        real_fsync(fd)
+
+    os.fsync = slow_fsync
+    try:
+        _p13_case(scratch, state, max(5, reps // 3), ", every fsync +8 ms")
+    finally:
+        os.fsync = real_fsync
+
+
+def _p13_case(scratch, state, reps, label):
+    d = scratch.new()
+    mgr = CheckpointManager(d, max_to_keep=2)
+    for step in range(3):  # steady state: each save now also deletes the checkpoint retention drops
+        mgr.save(state, step=step)
+    steps = iter(range(3, 10**9))
+    counts = _count_calls(lambda: mgr.save(state, step=next(steps)))
+    ours = ("ours", lambda: None, lambda ctx: mgr.save(state, step=next(steps)), lambda ctx: None)
+    t = alternate([ours, file_case(scratch, "raw", raw_writer(state.values()))], reps)
+    mgr.close()
+    rm(d)
+    limit = (2 * t["raw"] + 0.005) * 1e3
+    abs_row("P13", f"1 MiB sync save, max_to_keep=2{label} (ms)", t["ours"] * 1e3, limit, "ms")
+    print(
+        f"      raw write+fsync {t['raw'] * 1e3:.1f} ms; per save: {counts['fsync']} fsync calls, "
+        f"{counts['remove']} removes",
+        flush=True,
     )
 
 
@@ -765,6 +882,8 @@ def main() -> None:
             bench_p7(scratch, sizes[0], reps)
         if want("P9"):
             bench_p9(scratch, 30 if quick else 100)
+        if want("P13"):
+            bench_p13(scratch, 15 if quick else 40)
     finally:
         rm(bench_dir)
     print()

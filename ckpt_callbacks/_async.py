@@ -1,5 +1,6 @@
-"""Background saves: the host snapshot an async save blocks on, the worker thread's priority, and
-the exit hook that reports a background failure nobody waited for.
+"""Background saves: the host snapshot an async save blocks on (and its buffers, mapped ahead of the
+first save when the state's layout is known), the worker thread's priority, and the exit hook that
+reports a background failure nobody waited for.
 
 The manager owns the worker (one thread, one save in flight); this module holds what does not need
 the manager's state.
@@ -32,12 +33,86 @@ _WORKER_NICENESS = 10
 ASYNC_MANAGERS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def snapshot(buffers: dict[str, np.ndarray], encoded: fmt.EncodedState) -> dict[str, np.ndarray]:
+# Pages are touched this many bytes at a time, so a preparation stops soon after it is told to.
+_TOUCH_CHUNK = 64 << 20
+_PAGE = 4096
+
+
+class SnapshotBuffers(dict):
+    """Tensor name -> host buffer of the async snapshots, kept between saves.
+
+    The first save would map its buffers fresh, and on a VM every freshly mapped page costs a host
+    fault (1-2 s per GiB, often more than the copy itself). When the state's layout is known before
+    the first save (a resumed run restored it, or a callback passes the live state at train start),
+    :meth:`prepare_like` allocates and touches them on a low-priority background thread, so the
+    first save copies into memory the process already has.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def prepare_like(self, state: Any) -> bool:
+        """Start preparing buffers for a state shaped like ``state``; True when a preparation started.
+
+        Never raises: this only saves time, and the first save allocates whatever is missing.
+        """
+        try:
+            self.finish()
+            specs = [(t.name, t.shape, t.dtype) for t in fmt.encode_tree(state, allow_pickle=True).tensors]
+        except Exception as e:  # noqa: BLE001 - an optimisation; the save allocates instead
+            logger.debug("Not preparing snapshot buffers: %s", e)
+            return False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._fill, args=(specs, self._stop), name="ckpt-prepare", daemon=True
+        )
+        self._thread.start()
+        return True
+
+    def _fill(self, specs: list[tuple[str, tuple, np.dtype]], stop: threading.Event) -> None:
+        try:
+            lower_thread_priority()
+            for name, shape, dtype in specs:
+                buf = self.get(name)
+                if buf is not None and buf.shape == shape and buf.dtype == dtype:
+                    continue
+                buf = np.empty(shape, dtype)
+                self[name] = buf
+                flat = buf.reshape(-1).view(np.uint8)
+                for start in range(0, flat.size, _TOUCH_CHUNK):
+                    if stop.is_set():
+                        return
+                    flat[start : start + _TOUCH_CHUNK : _PAGE] = 0  # one write per page maps it now
+        except Exception as e:  # noqa: BLE001 - e.g. MemoryError: the first save allocates instead
+            logger.debug("Preparing snapshot buffers stopped: %s", e)
+
+    def wait(self) -> None:
+        """Join a preparation in flight (it runs to its end)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+    def finish(self) -> None:
+        """Stop a preparation in flight, keeping what it made: a snapshot never fills a buffer the
+        preparation is still touching, and never waits for the rest of it."""
+        self._stop.set()
+        self.wait()
+
+    def close(self) -> None:
+        """Stop a preparation in flight and drop every buffer."""
+        self.finish()
+        self.clear()
+
+
+def snapshot(buffers: SnapshotBuffers, encoded: fmt.EncodedState) -> dict[str, np.ndarray]:
     """Copy every tensor into host ``buffers`` reused between saves (the only work async blocks on).
 
     Called only when no save is in flight, so the worker never reads a buffer being refilled.
     Buffers of tensors the state no longer has are dropped.
     """
+    buffers.finish()
     arrays = {}
     for t in encoded.tensors:
         if isinstance(t.source, fmt.LazyArray) and t.source.immutable:
@@ -89,6 +164,24 @@ class BackgroundSaves:
     _pending: Future | None = None
     _error: BaseException | None = None
     _waited_saves = 0
+
+    def _prepare_snapshot(self, state: Any) -> bool:
+        """Map the host buffers of an async manager's snapshots for a state shaped like ``state``, on
+        a low-priority background thread, so the first ``save`` copies into memory already mapped.
+
+        For the framework callbacks at train start (``state``: the live state they will save; only its
+        tensors' shapes and dtypes are read, nothing is copied). Returns at once; True when a
+        preparation started (False for a sync or closed manager, or a state that cannot be saved).
+        Restoring with an async manager prepares from the restored state by itself.
+        """
+        if not self._async or self._closed:
+            return False
+        return self._buffers.prepare_like(state)
+
+    def _prepared(self, state: Any) -> Any:
+        """``state``, after starting :meth:`_prepare_snapshot` for it (a restored state)."""
+        self._prepare_snapshot(state)
+        return state
 
     def _submit(self, args: tuple) -> None:
         """Hand a snapshotted save to the worker thread (started on first use)."""

@@ -58,6 +58,8 @@ def write_checkpoint(
     meta_doc: dict,
     arrays: dict[str, np.ndarray] | None = None,
     replacing: Replaced | None = None,
+    *,
+    defer_sync: bool = False,
 ) -> int:
     """Write data file(s), then .meta, then .index. Returns the number of data shards.
 
@@ -65,6 +67,10 @@ def write_checkpoint(
     CheckpointWriteError is raised. ``replacing`` (a re-save of an existing checkpoint): its data
     files keep their names (the new ones get another shard count), and on failure its .meta and
     .index are written back instead of removed, so the old checkpoint stays whole.
+
+    ``defer_sync`` (local disk): the last directory fsync, which makes the index's rename durable,
+    is left running; the storage's next rename (the state file's) waits for it, so its temp file is
+    written and fsync'd meanwhile.
     """
     total = preflight(storage, name, encoded)
     shards = fmt.plan_shards(encoded.tensors, _num_shards(storage, total, len(encoded.tensors)))
@@ -73,17 +79,11 @@ def write_checkpoint(
     written: list[str] = []
     try:
         crash_point("before_data")
-        results = write_data_files(storage, name, shards, arrays)
-        written += [r[0] for r in results]
-        crash_point("after_data")
-        files, index_tensors = _file_table(results)
-        files.append(write_meta(storage, name, meta_doc))
-        written.append(name + META_SUFFIX)
-        storage.sync_dir()
-        crash_point("after_meta")
-        write_index(storage, name, step, files, index_tensors, encoded.tree)
-        written.append(name + INDEX_SUFFIX)
-        storage.sync_dir()
+        if storage.is_local:
+            _write_local(storage, name, shards, arrays, (step, meta_doc, encoded.tree), written)
+        else:
+            _write_store(storage, name, shards, arrays, (step, meta_doc, encoded.tree), written)
+        storage.sync_dir(wait=not defer_sync)
         crash_point("after_index")
     except BaseException:
         if replacing is not None:
@@ -92,6 +92,70 @@ def write_checkpoint(
             remove_quietly(storage, written)
         raise
     return len(shards)
+
+
+def _write_store(
+    storage: Storage, name: str, shards: list, arrays: dict | None, doc: tuple, written: list
+) -> None:
+    """Object stores: each file one whole object, completed in order (data shards concurrently)."""
+    step, meta_doc, tree = doc
+    results = write_data_files(storage, name, shards, arrays)
+    written += [r[0] for r in results]
+    crash_point("after_data")
+    files, index_tensors = _file_table(results)
+    files.append(write_meta(storage, name, meta_doc))
+    written.append(name + META_SUFFIX)
+    crash_point("after_meta")
+    write_index(storage, name, step, files, index_tensors, tree)
+    written.append(name + INDEX_SUFFIX)
+
+
+def _write_local(
+    storage: Storage, name: str, shards: list, arrays: dict | None, doc: tuple, written: list
+) -> None:
+    """Local disk: every file's temp written, all fsync'd at once, then renamed in order: data files
+    and .meta, a directory fsync (both durable), the .index. The index never becomes visible before
+    the files it names are durable; the caller's directory fsync makes it durable in turn."""
+    step, meta_doc, tree = doc
+    staged: list[Any] = []  # written, not yet visible; aborted (temp removed) unless committed
+    try:
+        results = []
+        for i, shard in enumerate(shards):
+            writer, result = stage_data_file(storage, data_file_name(name, i, len(shards)), shard, arrays)
+            staged.append(writer)
+            results.append(result)
+        files, index_tensors = _file_table(results)
+        meta_bytes, meta_entry = meta_file(name, meta_doc)
+        files.append(meta_entry)
+        staged.append(_staged(storage, name + META_SUFFIX, meta_bytes))
+        staged.append(_staged(storage, name + INDEX_SUFFIX, index_bytes(step, files, index_tensors, tree)))
+        storage.prepare(staged)
+        *data, meta, index = staged
+        for writer in data:
+            writer.commit()
+            written.append(writer.name)
+        crash_point("after_data")
+        meta.commit()
+        written.append(meta.name)
+        storage.sync_dir()
+        crash_point("after_meta")
+        index.commit()
+        written.append(index.name)
+        staged.clear()
+    finally:
+        for writer in staged:
+            if writer.name not in written:
+                writer.abort()
+
+
+def _staged(storage: Storage, name: str, data: bytes) -> Any:
+    writer = storage.writer(name)
+    try:
+        writer.write(data)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer
 
 
 def _num_shards(storage: Storage, total: int, n_tensors: int) -> int:
@@ -115,21 +179,22 @@ def _file_table(results: list[tuple]) -> tuple[list[dict], dict[str, dict]]:
     return files, index_tensors
 
 
+def meta_file(name: str, meta_doc: dict) -> tuple[bytes, dict]:
+    """The bytes of ``<name>.meta`` and its entry for the index's ``files``."""
+    meta_bytes = (json.dumps(meta_doc, separators=(",", ":"), allow_nan=False) + "\n").encode()
+    entry = {"name": name + META_SUFFIX, "kind": "meta", "size": len(meta_bytes)}
+    entry["checksum"] = fmt.checksum_bytes(meta_bytes)
+    return meta_bytes, entry
+
+
 def write_meta(storage: Storage, name: str, meta_doc: dict) -> dict:
     """Write ``<name>.meta``; returns its entry for the index's ``files``."""
-    meta_bytes = (json.dumps(meta_doc, separators=(",", ":"), allow_nan=False) + "\n").encode()
-    meta_name = name + META_SUFFIX
-    storage.write_bytes(meta_name, meta_bytes)
-    return {
-        "name": meta_name,
-        "kind": "meta",
-        "size": len(meta_bytes),
-        "checksum": fmt.checksum_bytes(meta_bytes),
-    }
+    meta_bytes, entry = meta_file(name, meta_doc)
+    storage.write_bytes(name + META_SUFFIX, meta_bytes)
+    return entry
 
 
-def write_index(storage: Storage, name: str, step: int, files: list[dict], tensors: dict, tree: Any) -> None:
-    """Write ``<name>.index``: from now on the checkpoint exists for every reader."""
+def index_bytes(step: int, files: list[dict], tensors: dict, tree: Any) -> bytes:
     index = {
         "format": fmt.FORMAT_NAME,
         "format_version": fmt.FORMAT_VERSION,
@@ -138,7 +203,12 @@ def write_index(storage: Storage, name: str, step: int, files: list[dict], tenso
         "tensors": tensors,
         "tree": tree,
     }
-    storage.write_bytes(name + INDEX_SUFFIX, fmt.dump_index(index))
+    return fmt.dump_index(index)
+
+
+def write_index(storage: Storage, name: str, step: int, files: list[dict], tensors: dict, tree: Any) -> None:
+    """Write ``<name>.index``: from now on the checkpoint exists for every reader."""
+    storage.write_bytes(name + INDEX_SUFFIX, index_bytes(step, files, tensors, tree))
 
 
 @dataclass
@@ -220,6 +290,16 @@ def write_data_file(
     entry converts its own source. Returns ``(fname, size, header_size, header_checksum, entries)``,
     ``entries`` being the tensors' index entries (without their ``file`` number).
     """
+    writer, result = stage_data_file(storage, fname, tensors, arrays)
+    writer.commit()
+    return result
+
+
+def stage_data_file(
+    storage: Storage, fname: str, tensors: list[fmt.TensorEntry], arrays: dict | None = None
+) -> tuple[Any, tuple[str, int, int, str, list[dict]]]:
+    """:func:`write_data_file` up to its commit: ``(writer, result)``, the writer written, not yet
+    committed (the caller commits or aborts it)."""
     header, spans = fmt.safetensors_header(tensors)
     # Big chunks are hashed on a helper thread while the same chunk is being written (xxhash and
     # os.write both release the GIL): the checksum then costs no wall time. One helper thread keeps
@@ -243,14 +323,13 @@ def write_data_file(
         if pending:
             writer.write(pending)
         size = writer.written
-        writer.commit()
     except BaseException:
         writer.abort()
         raise
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    return fname, size, len(header), fmt.checksum_bytes(header), entries
+    return writer, (fname, size, len(header), fmt.checksum_bytes(header), entries)
 
 
 def _stream_tensor(

@@ -8,21 +8,25 @@ files). Tensors come back as numpy arrays, or as their framework's type when the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from . import _chunks, _kinds
+from . import _chunks, _kinds, _readinto
 from . import _format as fmt
 from ._names import INDEX_SUFFIX, META_SUFFIX
 from ._storage import Storage
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
 MAX_META_BYTES = 64 * 1024 * 1024
-# Files at least this big are verified with tensor N hashed on a helper thread while N+1 is read.
+# Files at least this big are verified with chunk N hashed on a helper thread while N+1 is read.
 HASH_BEHIND_BYTES = 32 << 20
+# 64 MiB per read(): as fast as one read of the whole tensor on a cold cache (the kernel's readahead
+# keeps up), and small enough that hashing one chunk overlaps reading the next.
+READ_CHUNK = 64 << 20
 # The head of a file this format wrote: an index or .meta starts with it, a data file's metadata too.
 FORMAT_HEAD = b'{"format":"' + fmt.FORMAT_NAME.encode() + b'"'
 
@@ -116,10 +120,13 @@ def read_files(
     *,
     verify: bool,
     on_file: Callable[[int], None] | None = None,
+    dests: dict[str, Any] | None = None,
 ) -> None:
     """Read every data file of a checked index into ``out`` (tensor name -> raw uint8 array); with
     ``verify`` the ``.meta`` and every checksum are checked too. ``on_file(size)`` follows each data
-    file. An ``out`` that drops what it is given verifies a checkpoint in bounded memory.
+    file. An ``out`` that drops what it is given verifies a checkpoint in bounded memory. Tensors
+    named in ``dests`` (see :func:`._readinto.plan`) are read into that destination, which ``out``
+    then holds.
 
     A sharded save's chunked tensors (:mod:`._chunks`) are read chunk by chunk, each as a plain
     entry of its own: ``index`` is changed in place by that (:func:`read_tensors` joins them)."""
@@ -127,75 +134,168 @@ def read_files(
     by_file: dict[int, list[tuple[str, dict]]] = {}
     for tname, t in index["tensors"].items():
         by_file.setdefault(t["file"], []).append((tname, t))
-    for file_no, f in enumerate(index["files"]):
+    files = list(enumerate(index["files"]))
+    if dests:  # every missing or cut file is found before the first byte lands in a destination
+        for file_no, f in files:
+            if f.get("kind") != "meta":
+                _check_size(storage, f, by_file.get(file_no, []))
+    for file_no, f in sorted(files, key=lambda x: x[1].get("kind") != "meta"):  # the small .meta first
         if f.get("kind") == "meta":
             if verify:
                 read_meta_file(storage, f)
             continue
         tensors = sorted(by_file.get(file_no, []), key=lambda x: x[1]["offset"])
-        read_data_file(storage, f, tensors, out, verify)
+        read_data_file(storage, f, tensors, out, verify, dests)
         if on_file is not None:
             on_file(f["size"])
 
 
-def read_tensors(storage: Storage, index: dict, *, verify: bool) -> dict[str, Any]:
-    """Every tensor of a checked index by name, as stored (numpy) or as its recorded kind."""
+def read_tensors(storage: Storage, index: dict, *, verify: bool, dests: dict | None = None) -> dict[str, Any]:
+    """Every tensor of a checked index by name, as stored (numpy) or as its recorded kind; those in
+    ``dests`` are read into (and given back as) their destination (a chunked one is assembled,
+    then copied in)."""
     chunked = _chunks.split(index)
     raw: dict[str, Any] = {}
-    read_files(storage, index, raw, verify=verify)
+    read_files(storage, index, raw, verify=verify, dests=dests)
     tensors = {}
     for tname, t in index["tensors"].items():
+        if dests and tname in dests:
+            tensors[tname] = dests[tname]
+            continue
         arr = raw[tname].view(fmt.dtype_from_name(t["dtype"]).newbyteorder("<")).reshape(t["shape"])
         if t.get("byteorder") == ">":  # saved from a big-endian array: given back as one
             arr = arr.astype(arr.dtype.newbyteorder(">"))
         tensors[tname] = _kinds.from_numpy(t.get("kind", "numpy"), arr)
     _chunks.assemble(index, chunked, tensors)
+    for tname in chunked.keys() & (dests or {}).keys():  # pieces of several files: assembled, then copied in
+        tensors[tname] = _readinto.copy_into(dests[tname], tensors[tname])
     return tensors
 
 
-def load(storage: Storage, name: str, *, verify: bool, allow_pickle: bool) -> dict:
-    """The state tree of checkpoint ``name``; with ``verify`` every checksum is checked."""
+def load(storage: Storage, name: str, *, verify: bool, allow_pickle: bool, into: Any = None) -> dict:
+    """The state tree of checkpoint ``name``; with ``verify`` every checksum is checked. Tensors of
+    ``into`` are restored in place (see :mod:`._readinto`; checked before anything is read)."""
     index = read_index(storage, name, verify=verify)
-    tensors = read_tensors(storage, index, verify=verify)
+    dests = _readinto.plan(index, into) if into is not None else None
+    tensors = read_tensors(storage, index, verify=verify, dests=dests)
     try:
         return fmt.decode_tree(index["tree"], tensors, allow_pickle=allow_pickle)
     except RecursionError:  # nesting the JSON parser accepted but the interpreter stack cannot decode
         raise CorruptCheckpointError("Checkpoint tree is nested too deeply.") from None
 
 
-def read_data_file(storage: Storage, f: dict, tensors: list, out: dict, verify: bool) -> None:
-    """Read the tensors ``[(name, entry), ...]`` (by offset) of data file ``f`` into ``out[name]`` as
-    raw uint8 arrays; with ``verify`` the header and every tensor checksum are checked."""
+def read_data_file(
+    storage: Storage, f: dict, tensors: list, out: dict, verify: bool, dests: dict[str, Any] | None = None
+) -> None:
+    """Read the tensors ``[(name, entry), ...]`` (by offset) of data file ``f`` into ``out[name]``: raw
+    uint8 arrays, or for a name in ``dests`` that destination, filled in place. With ``verify`` the
+    header and every tensor checksum are checked (a mismatch after bytes landed in a destination
+    says which ones were overwritten)."""
     fname = f["name"]
     actual = _check_size(storage, f, tensors)
     header_size = f.get("header_size")
     if not isinstance(header_size, int) or not 8 <= header_size <= min(actual, fmt.MAX_HEADER_BYTES + 8):
         raise CorruptCheckpointError(f"Invalid header size for {fname!r} in the checkpoint index.")
+    dests = {n: dests[n] for n, _ in tensors if n in dests} if dests else {}
     with storage.open_read(fname) as fh:
+        if storage.is_local:
+            _advise_sequential(fh)
         if verify:
             _verify_header(storage, fh, f, header_size)
-        # Big files: tensor N is hashed on a helper thread while tensor N+1 is read (xxhash and
+        # Big files: chunk N is hashed on a helper thread while chunk N+1 is read (xxhash and
         # readinto both release the GIL), so verifying costs no wall time. Small ones hash inline.
         behind = verify and actual >= HASH_BEHIND_BYTES
         pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify") if behind else None
-        checks: list[tuple[str, Future]] = []
         try:
-            for tname, t in tensors:
-                if t["offset"] < header_size:
-                    raise CorruptCheckpointError(f"Tensor {tname!r} overlaps the header of {fname!r}.")
-                buf = np.empty(t["length"], dtype=np.uint8)
-                _read_into(fh, t["offset"], memoryview(buf), fname)
-                if pool is not None:
-                    checks.append((tname, pool.submit(_matches, buf, t["checksum"])))
-                elif verify and not _matches(buf, t["checksum"]):
-                    _raise_mismatch(storage, fname, tname)
-                out[tname] = buf
-            for tname, check in checks:
-                if not check.result():
-                    _raise_mismatch(storage, fname, tname)
+            _DataFileReader(storage, fh, fname, pool, verify, dests).read(tensors, out, header_size)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _advise_sequential(fh: Any) -> None:
+    try:
+        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except (AttributeError, OSError, ValueError):  # not on every platform / file object; only a hint
+        pass
+
+
+class _DataFileReader:
+    """The tensors of one open data file, each read into a fresh array, its destination's own memory,
+    or (a destination that cannot take the bytes as stored) one staging buffer reused per file."""
+
+    def __init__(self, storage: Storage, fh: Any, fname: str, pool: Any, verify: bool, dests: dict) -> None:
+        self.storage, self.fh, self.fname, self.pool, self.verify = storage, fh, fname, pool, verify
+        self.dests = dests
+        self.direct = {n: _readinto.direct_view(d) for n, d in dests.items()}
+
+    def read(self, tensors: list, out: dict, header_size: int) -> None:
+        staged = [t["length"] for n, t in tensors if n in self.direct and self.direct[n] is None]
+        staging = np.empty(max(staged), np.uint8) if staged else None
+        pending: tuple[str, Future] | None = None  # the previous tensor, hashed while this one is read
+        for tname, t in tensors:
+            if t["offset"] < header_size:
+                raise CorruptCheckpointError(f"Tensor {tname!r} overlaps the header of {self.fname!r}.")
+            dest, view, buf = self.dests.get(tname), self.direct.get(tname), None
+            if view is None:
+                buf = staging[: t["length"]] if dest is not None else np.empty(t["length"], np.uint8)
+                view = memoryview(buf)
+            if len(view) != t["length"]:
+                raise CorruptCheckpointError(
+                    f"Tensor {tname!r} in {self.fname!r} is {t['length']} bytes in the index, which does "
+                    "not match its dtype and shape."
+                )
+            ok = _read_hashing(self.fh, t["offset"], view, self.fname, self.pool, self.verify, t["checksum"])
+            if pending is not None:
+                self._check(*pending)
+                pending = None
+            if isinstance(ok, Future):
+                if buf is not None and dest is not None:
+                    ok = ok.result()  # staged: verified before the staging buffer is copied or reused
+                else:
+                    pending, ok = (tname, ok), True
+            if not ok:
+                _raise_mismatch(self.storage, self.fname, tname, in_place=bool(self.dests))
+            if buf is not None and dest is not None:
+                _readinto.fill_from(dest, buf, t)
+            out[tname] = buf if dest is None else dest
+        if pending is not None:
+            self._check(*pending)
+
+    def _check(self, tname: str, match: Future) -> None:
+        if not match.result():
+            _raise_mismatch(self.storage, self.fname, tname, in_place=bool(self.dests))
+
+
+def _read_hashing(
+    fh: Any, offset: int, view: memoryview, fname: str, pool: Any, verify: bool, checksum: str
+) -> bool | Future:
+    """Read ``len(view)`` bytes at ``offset`` into ``view`` in ``READ_CHUNK`` pieces, hashing them.
+
+    Without a pool: whether the checksum matches. With one: chunk N is hashed on the pool while
+    chunk N+1 is read, and the result is a Future of the match, completed after the last chunk is
+    hashed (the pool's one thread runs its tasks in order): the caller resolves it while reading the
+    next tensor, so the last chunk's hashing overlaps a read too.
+    """
+    hasher = fmt.new_hasher() if verify else None
+    hashing: Future | None = None
+    fh.seek(offset)
+    pos, n = 0, len(view)
+    while pos < n:
+        end = min(n, pos + READ_CHUNK)
+        _fill(fh, view[pos:end], fname)
+        if hasher is not None and pool is not None:
+            if hashing is not None:
+                hashing.result()
+            hashing = pool.submit(hasher.update, view[pos:end])
+        elif hasher is not None:
+            hasher.update(view[pos:end])
+        pos = end
+    if hasher is None:
+        return True
+    if pool is None:
+        return fmt.checksum_str(hasher) == checksum
+    return pool.submit(lambda: fmt.checksum_str(hasher) == checksum)
 
 
 def _check_size(storage: Storage, f: dict, tensors: list) -> int:
@@ -216,31 +316,27 @@ def _check_size(storage: Storage, f: dict, tensors: list) -> int:
 
 def _verify_header(storage: Storage, fh: Any, f: dict, header_size: int) -> None:
     fname = f["name"]
-    header = _read_exact(fh, 0, header_size, fname)
+    header = bytearray(header_size)
+    fh.seek(0)
+    _fill(fh, memoryview(header), fname)
     if fmt.checksum_bytes(header) != f["checksum"]:
         raise CorruptCheckpointError(f"{storage.url_of(fname)!r}: safetensors header checksum mismatch.")
     if int.from_bytes(header[:8], "little") != header_size - 8:  # still a valid safetensors file
         raise CorruptCheckpointError(f"{storage.url_of(fname)!r}: safetensors header length is wrong.")
 
 
-def _matches(buf: np.ndarray, checksum: str) -> bool:
-    return fmt.checksum_bytes(memoryview(buf)) == checksum
+def _raise_mismatch(storage: Storage, fname: str, tname: str, in_place: bool = False) -> None:
+    msg = f"Checksum mismatch for tensor {tname!r} in {storage.url_of(fname)!r}: the file is corrupt."
+    if in_place:
+        msg += (
+            " It was being restored in place: the tensors of `into` read before it (and possibly the one "
+            "after it) hold this checkpoint's values, this one holds its corrupt bytes (when it is read in "
+            "place) and the rest are unchanged; restore them again from another checkpoint before using them."
+        )
+    raise CorruptCheckpointError(msg)
 
 
-def _raise_mismatch(storage: Storage, fname: str, tname: str) -> None:
-    raise CorruptCheckpointError(
-        f"Checksum mismatch for tensor {tname!r} in {storage.url_of(fname)!r}: the file is corrupt."
-    )
-
-
-def _read_exact(fh: Any, offset: int, n: int, fname: str) -> bytes:
-    buf = bytearray(n)
-    _read_into(fh, offset, memoryview(buf), fname)
-    return bytes(buf)
-
-
-def _read_into(fh: Any, offset: int, view: memoryview, fname: str) -> None:
-    fh.seek(offset)
+def _fill(fh: Any, view: memoryview, fname: str) -> None:
     got = 0
     while got < len(view):
         n = fh.readinto(view[got:])

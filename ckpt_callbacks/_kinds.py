@@ -10,8 +10,9 @@ registry does for backends) and imported only when needed:
   leaf is given back as the numpy array it was stored as, so every checkpoint reads without torch.
 
 A kind provides ``name``, ``tensor_type``, ``numpy_dtype(t)``, ``to_numpy(t)``, ``from_numpy(arr)``
-and ``copy_into(buf, t) -> bool`` (a direct copy into a host buffer for async snapshots; False when
-it cannot, so the caller converts with ``to_numpy``).
+``copy_into(buf, t) -> bool`` (a direct copy into a host buffer for async snapshots; False when
+it cannot, so the caller converts with ``to_numpy``), and for restoring in place ``host_view(t)`` (a
+numpy view of the tensor's own memory, or None) and ``copy_from(t, arr)``.
 """
 
 from __future__ import annotations

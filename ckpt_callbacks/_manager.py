@@ -119,7 +119,7 @@ class CheckpointManager(_async.BackgroundSaves):
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._error: BaseException | None = None
-        self._buffers: dict[str, np.ndarray] = {}
+        self._buffers = _async.SnapshotBuffers()  # async snapshot buffers, kept between saves
         self._waited_saves = 0  # async saves that had to wait for the previous one
         self._warned_unranked = False
         self._commit_lock = threading.Lock()
@@ -292,7 +292,8 @@ class CheckpointManager(_async.BackgroundSaves):
         t0 = time.perf_counter()
         self._storage.makedirs()
         replacing = self._replacing(name)
-        shards = _cio.write_checkpoint(self._storage, name, encoded, step, meta_doc, arrays, replacing)
+        write = _cio.write_checkpoint  # defer_sync: the state file's temp is written meanwhile
+        shards = write(self._storage, name, encoded, step, meta_doc, arrays, replacing, defer_sync=True)
         self._commit_written(Record(name, step, timestamp, "active", metric, shards), replacing)
         self._log_saved(name, sum(t.nbytes for t in encoded.tensors), time.perf_counter() - t0)
 
@@ -458,7 +459,7 @@ class CheckpointManager(_async.BackgroundSaves):
                 self._executor.shutdown(wait=True)
                 self._executor = None
             _async.ASYNC_MANAGERS.discard(self)
-            self._buffers.clear()
+            self._buffers.close()
             self._release_writer_lock()
 
     def __enter__(self) -> CheckpointManager:
@@ -469,9 +470,10 @@ class CheckpointManager(_async.BackgroundSaves):
 
     # ------------------------------------------------------------------ restore
 
-    def restore(self, path: str | os.PathLike | None = None) -> Any:
+    def restore(self, path: str | os.PathLike | None = None, *, into: Any = None) -> Any:
         """The state of ``path``, or of the newest valid checkpoint (None when there is none).
 
+        ``into``: restore in place, as :func:`load_checkpoint` does (async: snapshot buffers mapped too).
         With a path, missing or corrupt checkpoints raise CheckpointNotFoundError /
         CorruptCheckpointError. Without one, corrupt checkpoints are skipped with a warning.
         Pending async saves are waited for first (a path save() just returned is then readable); a
@@ -482,10 +484,12 @@ class CheckpointManager(_async.BackgroundSaves):
         if path is not None:
             directory, name = split_url(os.fspath(path))
             storage = Storage(directory, self._storage_options) if directory != "." else self._storage
-            return load(storage, name, verify=True, allow_pickle=self._allow_pickle)
-        return self.restore_with_path()[1]
+            return self._prepared(
+                load(storage, name, verify=True, allow_pickle=self._allow_pickle, into=into)
+            )
+        return self.restore_with_path(into=into)[1]
 
-    def restore_with_path(self) -> tuple[str | None, Any]:
+    def restore_with_path(self, *, into: Any = None) -> tuple[str | None, Any]:
         """``(path, state)`` of the newest valid checkpoint, or ``(None, None)``.
 
         Like :meth:`restore` without a path, and also says which checkpoint was read (corrupt newer
@@ -500,7 +504,7 @@ class CheckpointManager(_async.BackgroundSaves):
                 names = [n for n in names if n != self._latest] + [self._latest]
         for name in reversed(names):
             try:
-                state = load(self._storage, name, verify=True, allow_pickle=self._allow_pickle)
+                state = load(self._storage, name, verify=True, allow_pickle=self._allow_pickle, into=into)
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
                 warnings.warn(
                     f"Checkpoint {self._storage.url_of(name)!r} is unusable ({e}); falling back to an older one.",
@@ -508,6 +512,7 @@ class CheckpointManager(_async.BackgroundSaves):
                 )
                 continue
             self.resumed_from = name
+            self._prepare_snapshot(state)
             return self._storage.url_of(name), state
         return None, None
 

@@ -178,6 +178,7 @@ def load_checkpoint(
     storage_options: dict | None = None,
     verify: bool = True,
     allow_pickle: bool = False,
+    into: Any = None,
 ) -> dict:
     """Load one checkpoint's state tree; with ``verify`` every checksum is checked.
 
@@ -190,22 +191,36 @@ def load_checkpoint(
         verify: check every tensor's checksum (and those of the index and meta) while reading.
         allow_pickle: unpickle leaves saved with ``allow_pickle=True``; refused by default, since
             unpickling can execute code.
+        into: restore in place: a tree of existing numpy arrays / CPU or GPU torch tensors (e.g.
+            ``{"state_dict": module.state_dict()}``). Each saved tensor at the same key path (dict
+            keys, list positions) is read straight into that memory, and the result holds those
+            same objects; keys not in ``into`` load as usual. Strict, like
+            ``load_state_dict(strict=True)``: every tensor in ``into`` must have a saved tensor of the
+            same shape and dtype at its key path, else IncompatibleCheckpointError names the key
+            paths and nothing is written (leave such keys out of ``into`` to keep their values).
+            Saved tensors with no destination in ``into`` are simply loaded.
 
     Returns:
         The state tree as saved: dicts, lists, tuples, numpy arrays, numbers, strings. Tensors saved
-        from torch come back as torch tensors when torch is importable, else as numpy arrays.
+        from torch come back as torch tensors when torch is importable, else as numpy arrays; those
+        restored in place are the objects of ``into``.
 
     Raises:
         CheckpointNotFoundError: nothing at ``path`` (also a ``FileNotFoundError``).
-        CorruptCheckpointError: a checksum, size or structure does not match.
-        IncompatibleCheckpointError: written by a newer, incompatible format version.
+        CorruptCheckpointError: a checksum, size or structure does not match. Restoring in place,
+            a checksum failure found after bytes were written leaves ``into`` partly overwritten
+            (the message says so): restore it again from another checkpoint.
+        IncompatibleCheckpointError: written by a newer, incompatible format version, or ``into``
+            does not fit the checkpoint (nothing written).
+        ValueError: a numpy array of ``into`` is read-only.
 
     Example:
         >>> state = load_checkpoint("runs/mnist")         # the newest valid checkpoint of a directory
         >>> state = load_checkpoint("s3://bucket/run/ckpt-1000", storage_options={"anon": False})
+        >>> state = load_checkpoint("runs/a", into={"state_dict": module.state_dict()})  # in place
     """
     storage, name = open_checkpoint(resolve_checkpoint(path, storage_options), storage_options)
-    return load(storage, name, verify=verify, allow_pickle=allow_pickle)
+    return load(storage, name, verify=verify, allow_pickle=allow_pickle, into=into)
 
 
 def list_variables(

@@ -93,3 +93,19 @@ class TorchKind:
         # CPU / contiguous copy of its own. torch also copies with all its threads, np.copyto with one.
         from_numpy(buf).copy_(t.detach())
         return True
+
+    @staticmethod
+    def host_view(t: torch.Tensor) -> np.ndarray | None:
+        """A numpy view of ``t``'s own memory when writing the saved bytes there restores it (a
+        contiguous, plain CPU tensor); None when restoring in place must stage and :meth:`copy_from`."""
+        if t.device.type != "cpu" or t.layout != torch.strided or not t.is_contiguous():
+            return None
+        if t.is_conj() or t.is_neg():
+            return None
+        return to_numpy(t)
+
+    @staticmethod
+    def copy_from(t: torch.Tensor, arr: np.ndarray) -> None:
+        """Copy the host array ``arr`` (same shape and dtype) into ``t`` (any device, any strides)."""
+        with torch.no_grad():
+            t.copy_(from_numpy(arr))

@@ -25,6 +25,7 @@ CORE = [
     "_state.py",
     "_checkpoint_io.py",
     "_checkpoint_read.py",
+    "_readinto.py",
     "_resolve.py",
     "_leftovers.py",
     "_async.py",

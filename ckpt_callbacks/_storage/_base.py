@@ -43,7 +43,12 @@ def write_error(storage: Storage, name: str, e: BaseException) -> CheckpointWrit
 
 
 class AtomicWriter:
-    """write() bytes, then commit() to make the whole object visible at once, or abort()."""
+    """write() bytes, then commit() to make the whole object visible at once, or abort().
+
+    ``prepare()`` between the two makes the bytes durable without making them visible (local disk:
+    the temp file's fsync), so that several files can be made durable together
+    (:meth:`Storage.prepare`) and then published in order; stores that persist on publish do nothing.
+    """
 
     def __init__(self, storage: Storage, name: str) -> None:
         self.storage = storage
@@ -59,9 +64,15 @@ class AtomicWriter:
             raise write_error(self.storage, self.name, e) from e
         self.written += memoryview(data).nbytes
 
+    def prepare(self) -> None:
+        self._finishing(self._prepare)
+
     def commit(self) -> None:
+        self._finishing(self._commit)
+
+    def _finishing(self, step: Any) -> None:
         try:
-            self._commit()
+            step()
         except CheckpointWriteError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -70,6 +81,9 @@ class AtomicWriter:
 
     def _write(self, data: bytes | memoryview) -> None:
         raise NotImplementedError
+
+    def _prepare(self) -> None:
+        pass
 
     def _commit(self) -> None:
         raise NotImplementedError

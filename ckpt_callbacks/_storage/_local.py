@@ -1,5 +1,9 @@
 """Local disk: a temp file in the same directory, fsync, ``os.replace``, fsync of the directory.
 
+Several temp files can be fsync'd at once (:func:`concurrently`: one fsync's latency for all of
+them), and a directory fsync can run in the background (:func:`in_background`) while the next temp
+file is written and fsync'd; :class:`Storage` makes every later rename wait for it.
+
 Every local file operation of :class:`~ckpt_callbacks._storage.Storage` is here, so that the
 write-fault tests reach all of them by replacing this module's ``os``.
 """
@@ -8,6 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._base import AtomicWriter, temp_name, write_error
@@ -31,10 +37,15 @@ class LocalWriter(AtomicWriter):
             n = os.write(self.fd, view)
             view = view[n:]
 
+    def _prepare(self) -> None:
+        if self.fd is not None:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
     def _commit(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = None
+        self._prepare()
+        self.storage.settle()  # a directory fsync in flight covers earlier renames: they come first
         os.replace(self.tmp, self.storage.path(self.name))
 
     def abort(self) -> None:
@@ -62,6 +73,48 @@ def sync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class Background:
+    """One call running on its own thread (a plain thread: fork-safe, unlike a shared pool)."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.error: BaseException | None = None
+        self._fn = fn
+        self._thread = threading.Thread(target=self._run, name="ckpt-fsync", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
+            self.error = e
+
+    def result(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def in_background(fn: Callable[[], None]) -> Background:
+    return Background(fn)
+
+
+def concurrently(fns: list[Callable[[], None]]) -> None:
+    """Run ``fns`` at once (the first on this thread); every one finishes, then the first error is raised."""
+    others = [Background(fn) for fn in fns[1:]]
+    errors: list[BaseException] = []
+    try:
+        fns[0]()
+    except BaseException as e:  # noqa: BLE001 - raised below, after the others finished
+        errors.append(e)
+    for b in others:
+        try:
+            b.result()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 def free_bytes(path: str) -> int | None:

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 
 import fsspec
 import numpy as np
@@ -43,13 +44,15 @@ class FaultyOS:
         self.counts = dict.fromkeys(OPS + ["remove"], 0)
         self.file_fds: set[int] = set()
         self.injected = 0
+        self.lock = threading.Lock()
 
     def __getattr__(self, name):
         return getattr(os, name)
 
     def _tick(self, op: str, target: str = "") -> None:
-        n = self.counts[op]
-        self.counts[op] += 1
+        with self.lock:  # a save fsyncs several temp files at once, from several threads
+            n = self.counts[op]
+            self.counts[op] += 1
         if op == self.op and n == self.fail_at:
             self.injected += 1
             raise OSError(self.err, os.strerror(self.err), target)
