@@ -26,8 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ckpt_callbacks import load_checkpoint
 from ckpt_callbacks.errors import CheckpointNotFoundError
-from ckpt_callbacks.lightning import CheckpointCallback, FsspecCheckpointIO, load_from_checkpoint
-from ckpt_callbacks.lightning import _sharded
+from ckpt_callbacks.lightning import CheckpointCallback, FsspecCheckpointIO, _sharded, load_from_checkpoint
 from ckpt_callbacks.lightning._callback import check_strategy
 
 
