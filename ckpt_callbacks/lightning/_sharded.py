@@ -1,4 +1,4 @@
-"""``CheckpointCallback`` under ``ModelParallelStrategy``: every rank writes its own shards (SPEC §2.5).
+"""``CheckpointCallback`` under ``ModelParallelStrategy``: every rank writes its own shards.
 
 Under ``ModelParallelStrategy`` (FSDP2 ``fully_shard``, tensor parallelism) Lightning's checkpoint dict
 already holds DTensor state dicts (``get_model_state_dict`` / ``get_optimizer_state_dict``). Saving it
