@@ -1,7 +1,8 @@
 """Fits a tiny FSDP2 model under ModelParallelStrategy (2 CPU processes, gloo) with CheckpointCallback.
 
-Usage: ``lightning_sharded_script.py NAMESPACE DIRECTORY MAX_STEPS KILL_AT``. With ``KILL_AT`` > 0
-every rank SIGKILLs itself at the start of the batch where ``global_step == KILL_AT``.
+Usage: ``lightning_sharded_script.py NAMESPACE DIRECTORY MAX_STEPS KILL_AT [async]``. With ``KILL_AT`` > 0
+every rank SIGKILLs itself at the start of the batch where ``global_step == KILL_AT``; ``async``
+saves with ``async_save=True``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def main() -> None:
 
     model_cls = type("ShardedModel", (_ShardedModel, pl.LightningModule), {"__module__": __name__})
     strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    cb = CheckpointCallback(directory, save_every_n_steps=2, max_to_keep=2)
+    async_save = sys.argv[5:] == ["async"]
+    cb = CheckpointCallback(directory, save_every_n_steps=2, max_to_keep=2, async_save=async_save)
     trainer = make_trainer(
         directory + ".root", [Kill(), cb], pl=pl, strategy=strategy, devices=2, max_steps=max_steps
     )
