@@ -96,7 +96,7 @@ class CheckpointCallback(_compat.Bound):
     _role = "callback"
     # Tests switch this off to show that without the RNG restore a resumed run diverges.
     _restore_rng = True
-    _sharded = False  # set at setup: the strategy saves through _sharded (every rank writes its shards)
+    _sharded_path = False  # set at setup: the strategy saves through _sharded (every rank writes its shards)
 
     def __init__(
         self,
@@ -227,7 +227,7 @@ class CheckpointCallback(_compat.Bound):
         the checkpoint is read once.
         """
         self._preloaded = None
-        if self._sharded:
+        if self._sharded_path:
             raise ValueError(_SHARDED_LAST)
         state_file = get_checkpoint_state(self.directory, self.storage_options)
         if state_file is None:
@@ -256,12 +256,12 @@ class CheckpointCallback(_compat.Bound):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         ns = self._check_namespace(trainer)
-        self._sharded = _sharded.applies(trainer.strategy)
-        check_strategy(trainer.strategy, sharded=self._sharded)
+        self._sharded_path = _sharded.applies(trainer.strategy)
+        check_strategy(trainer.strategy, sharded=self._sharded_path)
         self._trainer_ref = weakref.ref(trainer)
         self._global_rank = trainer.global_rank
         self._install_io(trainer, ns)
-        if stage == "fit" and self._sharded and self._mgr is None:
+        if stage == "fit" and self._sharded_path and self._mgr is None:
             self._mgr = _sharded.manager(self)  # on every rank
         if stage == "fit" and trainer.is_global_zero and self._mgr is None:
             self._mgr = CheckpointManager(
@@ -455,7 +455,7 @@ class CheckpointCallback(_compat.Bound):
         self._replaced_io = (strategy, current)
 
     def _auto_resume(self, trainer: Trainer) -> None:
-        if self._sharded:
+        if self._sharded_path:
             _sharded.auto_resume(self, trainer)
             return
         path, state, error = None, None, None
@@ -495,7 +495,7 @@ class CheckpointCallback(_compat.Bound):
             self._rng_for_save = None
         if not self.save_optimizer:
             checkpoint.pop("optimizer_states", None)
-        if self._sharded:  # a collective: every rank writes its shards, a failure raises on every rank
+        if self._sharded_path:  # a collective: every rank writes its shards, a failure raises on every rank
             self.last_model_path = _sharded.save(self, checkpoint, step, metrics, _info(trainer, pl_module))
             return
         error = None
