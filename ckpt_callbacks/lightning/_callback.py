@@ -27,12 +27,17 @@ from .. import _validation
 from .._manager import CheckpointManager, _join, get_checkpoint_state
 from .._manager import load_checkpoint as _core_load
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError
-from . import _compat, _convert, _rng
+from . import _compat, _convert, _rng, _sharded
 from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO, _jsonable
 
 Trainer = LightningModule = Any  # either namespace's (see _compat)
 
 _STATE_VERSION = 1
+_SHARDED_LAST = (
+    "ckpt_path='last' is not supported with CheckpointCallback under ModelParallelStrategy (Lightning "
+    "would load it through the strategy's own checkpoint format). Received: ckpt_path='last'. Leave "
+    "ckpt_path unset: resume=True (the default) restores the newest valid checkpoint on every rank."
+)
 _NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 # Errors re-raised on the other ranks under their own class; anything else becomes CheckpointWriteError.
 _REMOTE_ERRORS: dict[str, type[BaseException]] = {
@@ -91,6 +96,7 @@ class CheckpointCallback(_compat.Bound):
     _role = "callback"
     # Tests switch this off to show that without the RNG restore a resumed run diverges.
     _restore_rng = True
+    _sharded_path = False  # set at setup: the strategy saves through _sharded (every rank writes its shards)
 
     def __init__(
         self,
@@ -221,6 +227,8 @@ class CheckpointCallback(_compat.Bound):
         the checkpoint is read once.
         """
         self._preloaded = None
+        if self._sharded_path:
+            raise ValueError(_SHARDED_LAST)
         state_file = get_checkpoint_state(self.directory, self.storage_options)
         if state_file is None:
             return set()
@@ -248,10 +256,13 @@ class CheckpointCallback(_compat.Bound):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         ns = self._check_namespace(trainer)
-        check_strategy(trainer.strategy)
+        self._sharded_path = _sharded.applies(trainer.strategy)
+        check_strategy(trainer.strategy, sharded=self._sharded_path)
         self._trainer_ref = weakref.ref(trainer)
         self._global_rank = trainer.global_rank
         self._install_io(trainer, ns)
+        if stage == "fit" and self._sharded_path and self._mgr is None:
+            self._mgr = _sharded.manager(self)  # on every rank
         if stage == "fit" and trainer.is_global_zero and self._mgr is None:
             self._mgr = CheckpointManager(
                 self.directory,
@@ -444,6 +455,9 @@ class CheckpointCallback(_compat.Bound):
         self._replaced_io = (strategy, current)
 
     def _auto_resume(self, trainer: Trainer) -> None:
+        if self._sharded_path:
+            _sharded.auto_resume(self, trainer)
+            return
         path, state, error = None, None, None
         if trainer.is_global_zero:
             try:
@@ -481,6 +495,9 @@ class CheckpointCallback(_compat.Bound):
             self._rng_for_save = None
         if not self.save_optimizer:
             checkpoint.pop("optimizer_states", None)
+        if self._sharded_path:  # a collective: every rank writes its shards, a failure raises on every rank
+            self.last_model_path = _sharded.save(self, checkpoint, step, metrics, _info(trainer, pl_module))
+            return
         error = None
         if trainer.is_global_zero:
             try:
@@ -651,6 +668,7 @@ def check_strategy(strategy: Any, sharded: bool = False) -> None:
             f"CheckpointCallback cannot save and restore the state of {type(strategy).__name__} exactly: "
             "its model or optimizer state is sharded across ranks (or held outside the module's state_dict), "
             "so a resume would restore the step but not the weights. Expected a single-device or DDP "
-            f"strategy. Received: strategy={type(strategy).__name__}. Use strategy='ddp' (or a single "
-            "device), or Lightning's own ModelCheckpoint for this strategy."
+            f"strategy, or ModelParallelStrategy. Received: strategy={type(strategy).__name__}. Use "
+            "strategy='ddp' (or a single device), ModelParallelStrategy with fully_shard in configure_model "
+            "(saved sharded), or Lightning's own ModelCheckpoint for this strategy."
         )

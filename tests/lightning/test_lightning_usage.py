@@ -26,7 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ckpt_callbacks import load_checkpoint
 from ckpt_callbacks.errors import CheckpointNotFoundError
-from ckpt_callbacks.lightning import CheckpointCallback, FsspecCheckpointIO, load_from_checkpoint
+from ckpt_callbacks.lightning import CheckpointCallback, FsspecCheckpointIO, _sharded, load_from_checkpoint
 from ckpt_callbacks.lightning._callback import check_strategy
 
 
@@ -362,7 +362,7 @@ def test_best_model_path_after_fit_validate_and_test(pl, tmp_path, keep_best):
 # ----------------------------------------------------------------------------- 7. strategy guard
 
 
-def _refused(pl):
+def _sharded_strategies(pl):
     strategies = pl.strategies
     fsdp = strategies.FSDPStrategy()
     deepspeed = object.__new__(strategies.DeepSpeedStrategy)  # its __init__ needs the deepspeed package
@@ -371,7 +371,7 @@ def _refused(pl):
 
 
 def test_strategy_guard(pl):
-    for strategy in _refused(pl):
+    for strategy in _sharded_strategies(pl):
         with pytest.raises(ValueError, match=f"Received: strategy={type(strategy).__name__}"):
             check_strategy(strategy)
         check_strategy(strategy, sharded=True)  # the seam a sharded save path relaxes
@@ -379,21 +379,15 @@ def test_strategy_guard(pl):
     check_strategy(pl.strategies.SingleDeviceStrategy(torch.device("cpu")))
 
 
-@pytest.mark.slow
-def test_model_parallel_strategy_is_refused_at_setup_on_every_rank(pl, tmp_path):
-    ns = "lightning" if pl.__name__.startswith("lightning") else "pytorch_lightning"
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lightning_strategy_script.py")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([os.path.dirname(script), ROOT]),
-        "PYTHONWARNINGS": "ignore",
-    }
-    env.pop("LOCAL_RANK", None)
-    d = str(tmp_path / "run")
-    out = subprocess.run([sys.executable, script, ns, "ModelParallelStrategy", d], env=env, capture_output=True,
-                         text=True, timeout=600)  # fmt: skip
-    refused = out.stdout.split("REFUSED rank=")[1:]  # the two ranks' lines may interleave
-    assert len(refused) == 2 and all("Received: strategy=ModelParallelStrategy" in r for r in refused), (
-        out.stdout[-2000:] + out.stderr[-2000:]
-    )
-    assert not os.path.exists(d) or not os.listdir(d)  # nothing was saved
+def test_setup_takes_the_sharded_path_for_model_parallel_only(pl):
+    # What CheckpointCallback.setup does: check_strategy(strategy, sharded=_sharded.applies(strategy)).
+    # ModelParallelStrategy saves through ckpt_callbacks.distributed (test_lightning_sharded.py);
+    # FSDPStrategy and DeepSpeedStrategy are still refused with the ValueError naming them.
+    fsdp, deepspeed, model_parallel = _sharded_strategies(pl)
+    assert _sharded.applies(model_parallel)
+    check_strategy(model_parallel, sharded=_sharded.applies(model_parallel))
+    for strategy in (fsdp, deepspeed):
+        assert not _sharded.applies(strategy)
+        with pytest.raises(ValueError, match=f"Received: strategy={type(strategy).__name__}"):
+            check_strategy(strategy, sharded=_sharded.applies(strategy))
+    assert not _sharded.applies(pl.strategies.DDPStrategy())
