@@ -1,4 +1,4 @@
-"""The arguments both framework callbacks share (SPEC §2.2 / §2.3), validated once.
+"""The arguments both framework callbacks share (their constructor signatures), validated once.
 
 Each callback keeps its own public signature and passes its arguments here; what it then needs of
 them (the save trigger, the checkpoint manager) is built from this one object, so the two callbacks
