@@ -38,7 +38,7 @@ class CheckpointCallback(keras.callbacks.Callback):
     step; link a :class:`ResumableDataset` to also continue at the saved batch inside the epoch.
 
     The defaults (``save_every_n_steps=None``, ``save_every_n_seconds=None``, ``save_on_epoch_end=False``,
-    ``save_on_train_end=True``, the SPEC §2.2 signature) save only when ``fit`` returns: a crash before
+    ``save_on_train_end=True``, as the signature has them) save only when ``fit`` returns: a crash before
     then loses the whole run. The constructor keeps those defaults, so that no write happens on a
     schedule the caller did not ask for (a remote bucket is billed per write), and warns instead,
     naming the arguments that add a periodic save.
