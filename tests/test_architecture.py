@@ -22,6 +22,8 @@ CORE = [
     "_torch.py",
     "_retention.py",
     "_trigger.py",
+    "_callback_config.py",
+    "_rng.py",
     "_state.py",
     "_checkpoint_io.py",
     "_checkpoint_read.py",

@@ -13,6 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from .. import _rng as _core_rng
 from .._format import LazyArray
 from ..errors import IncompatibleCheckpointError
 from . import _compat
@@ -242,20 +243,7 @@ def restore_model_state(model: Any, state: dict, *, restore_optimizer: bool = Tr
 
 def capture_rng() -> dict[str, Any]:
     """Process-global RNG states that input pipelines and user code draw from (python, numpy, torch)."""
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
-    out: dict[str, Any] = {
-        "python": {"version": version, "state": np.asarray(internal, dtype=np.uint64), "gauss": gauss},
-        "numpy": {
-            "algo": np_state[0],
-            "keys": np.asarray(np_state[1], dtype=np.uint32),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "keras_global_seed": None,
-        "torch": None,
-    }
+    out: dict[str, Any] = {**_core_rng.capture_python_numpy(), "keras_global_seed": None, "torch": None}
     gen = _compat.global_seed_generator_if_created()
     if gen is not None:
         out["keras_global_seed"] = _variable_array(gen.state).copy()
@@ -281,12 +269,7 @@ def seed_rng(seed: int, epoch: int) -> None:
 def restore_rng(rng: Any) -> None:
     if not isinstance(rng, dict):
         return
-    py = rng.get("python")
-    if py:
-        random.setstate((int(py["version"]), tuple(int(x) for x in py["state"]), py["gauss"]))
-    n = rng.get("numpy")
-    if n:
-        np.random.set_state((n["algo"], n["keys"], n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    _core_rng.restore_python_numpy(rng)
     if rng.get("keras_global_seed") is not None:
         state = _compat.global_seed_generator().state
         state.assign(np.asarray(rng["keras_global_seed"]).astype(_np_dtype(state.dtype)))

@@ -13,9 +13,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from .. import _foreign, _validation
+from .. import _foreign
+from .._callback_config import CallbackConfig
 from .._manager import CheckpointManager
-from .._mode import direction_from_name
+from .._mode import direction_from_name, resolve_mode
 from ..errors import IncompatibleCheckpointError
 from . import _adapter, _compat
 
@@ -37,7 +38,7 @@ class CheckpointCallback(keras.callbacks.Callback):
     step; link a :class:`ResumableDataset` to also continue at the saved batch inside the epoch.
 
     The defaults (``save_every_n_steps=None``, ``save_every_n_seconds=None``, ``save_on_epoch_end=False``,
-    ``save_on_train_end=True``, the SPEC §2.2 signature) save only when ``fit`` returns: a crash before
+    ``save_on_train_end=True``, as the signature has them) save only when ``fit`` returns: a crash before
     then loses the whole run. The constructor keeps those defaults, so that no write happens on a
     schedule the caller did not ask for (a remote bucket is billed per write), and warns instead,
     naming the arguments that add a periodic save.
@@ -114,22 +115,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
-        _validation.check_directory(directory)
-        _validation.check_flags(
-            save_on_epoch_end=save_on_epoch_end,
-            save_on_train_end=save_on_train_end,
-            save_optimizer=save_optimizer,
-            resume=resume,
-            async_save=async_save,
-            allow_pickle=allow_pickle,
-        )
-        _validation.check_triggers(
-            save_every_n_steps, save_every_n_seconds, save_on_epoch_end, save_on_train_end
-        )
-        _validation.check_storage_options(storage_options)
-        _validation.check_manager_args(
-            prefix, max_to_keep, keep_checkpoint_every_n_hours, keep_best, monitor, mode, clock
-        )
+        self._config = CallbackConfig.validated(locals())  # the arguments above, checked as the manager does
         if save_every_n_steps is None and save_every_n_seconds is None and not save_on_epoch_end:
             warnings.warn(
                 "CheckpointCallback saves only when fit returns (save_every_n_steps=None, "
@@ -139,25 +125,10 @@ class CheckpointCallback(keras.callbacks.Callback):
                 UserWarning,
                 stacklevel=2,
             )
-        self.directory = os.fspath(directory)
-        self.save_every_n_steps = save_every_n_steps
-        self.save_every_n_seconds = save_every_n_seconds
-        self.save_on_epoch_end = save_on_epoch_end
-        self.save_on_train_end = save_on_train_end
-        self.max_to_keep = max_to_keep
-        self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
-        self.keep_best = keep_best
-        self.monitor = monitor
-        self.mode = mode
-        self.save_optimizer = save_optimizer
-        self.resume = resume
-        self.async_save = async_save
-        self.storage_options = storage_options
-        self.prefix = prefix
-        self.allow_pickle = allow_pickle
-        # The manager's clock (retention timestamps) and the save_every_n_seconds clock.
-        self._clock = clock
-        self._resolved_mode = mode if mode != "auto" else direction_from_name(monitor)
+        # directory, save_every_n_steps, ..., as public attributes; the clock (retention timestamps and
+        # save_every_n_seconds) as _clock.
+        self._config.apply_to(self)
+        self._resolved_mode = resolve_mode(monitor, mode)
         self._manager: CheckpointManager | None = None
         self._datasets: list[weakref.ref] = []
         self._info: dict[str, Any] = {}
@@ -169,10 +140,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._epoch = 0  # epoch in progress (or the next one, between epochs)
         self._offset = 0  # batches of the current epoch skipped by a mid-epoch resume
         self._consumed = 0  # batches of the current epoch done, offset included
-        self._last_checked_step = 0
-        self._last_saved_step: int | None = None
-        self._last_save_time = 0.0
-        self._save_count = 0
+        # Steps / seconds since the last save; the step saved last (never saved twice); saves made.
+        self._trigger = self._config.make_trigger()
         self._pending_epoch_save = False
         self._resume_epoch: int | None = None
         self._resume_skip = 0
@@ -195,7 +164,7 @@ class CheckpointCallback(keras.callbacks.Callback):
     def _global_step(self) -> int:
         opt = getattr(self.model, "optimizer", None)
         if opt is None:
-            return self._last_checked_step
+            return self._trigger.last_step_seen
         return int(keras.ops.convert_to_numpy(opt.iterations.value))
 
     def _steps_per_epoch(self) -> int | None:
@@ -206,19 +175,7 @@ class CheckpointCallback(keras.callbacks.Callback):
     def manager(self) -> CheckpointManager:
         """The CheckpointManager writing this callback's checkpoints (created on first use)."""
         if self._manager is None:
-            self._manager = CheckpointManager(
-                self.directory,
-                prefix=self.prefix,
-                max_to_keep=self.max_to_keep,
-                keep_checkpoint_every_n_hours=self.keep_checkpoint_every_n_hours,
-                keep_best=self.keep_best,
-                monitor=self.monitor,
-                mode=self._resolved_mode,
-                storage_options=self.storage_options,
-                async_save=self.async_save,
-                allow_pickle=self.allow_pickle,
-                clock=self._clock,
-            )
+            self._manager = self._config.make_manager(mode=self._resolved_mode)
         return self._manager
 
     # ------------------------------------------------------------------ Keras hooks
@@ -242,8 +199,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         built = _adapter.is_built(self.model)
         if built:
             _adapter.ensure_optimizer_built(self.model)
-        self._last_checked_step = self._global_step()
-        self._last_save_time = float(self._clock())
+        self._trigger.start(self._global_step())
         if self.resume:
             path, state = self.manager.restore_with_path()
             if state is not None:
@@ -292,7 +248,7 @@ class CheckpointCallback(keras.callbacks.Callback):
             return
         warnings.warn(
             f"CheckpointCallback resumed from {path!r} at epoch {self._epoch} (global step "
-            f"{self._last_saved_step}), at or past fit(epochs={epochs}): this fit trains nothing. `epochs` "
+            f"{self._trigger.last_saved_step}), at or past fit(epochs={epochs}): this fit trains nothing. `epochs` "
             "counts from the start of the run, not from the resume. To train further, raise `epochs` "
             f"(e.g. epochs={self._epoch + int(epochs)}); to start over, pass resume=False or another directory.",
             stacklevel=3,
@@ -314,9 +270,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         else:
             _adapter.restore_rng(rng.get("at_save"))
         self._epoch = epoch
-        self._last_checked_step = step
-        self._last_saved_step = step
-        self._save_count = int(trainer.get("save_count", 0))
+        self._trigger.resumed(step, int(trainer.get("save_count", 0)))
         if consumed:
             if self._live_datasets():
                 self._resume_epoch, self._resume_skip = epoch, consumed
@@ -391,14 +345,7 @@ class CheckpointCallback(keras.callbacks.Callback):
             if self._offset and self._consumed == steps and self._exhaust_guard is None:
                 self._exhaust_guard = _snapshot_variables(self.model)
         step = self._global_step()
-        due = False
-        n = self.save_every_n_steps
-        if n and step // n > self._last_checked_step // n:
-            due = True
-        if self.save_every_n_seconds and self._clock() - self._last_save_time >= self.save_every_n_seconds:
-            due = True
-        self._last_checked_step = step
-        if not due or step == self._last_saved_step:
+        if not self._trigger.batch_end(step):
             return
         if steps is not None and self._consumed >= steps:
             self._pending_epoch_save = True  # the epoch ends here: save in on_epoch_end (see class doc)
@@ -418,7 +365,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         if self.save_on_epoch_end or self._pending_epoch_save:
             self._pending_epoch_save = False
             step = self._global_step()
-            if step != self._last_saved_step:
+            if not self._trigger.is_saved(step):
                 self._save(step, logs)
 
     def on_train_end(self, logs: dict | None = None) -> None:
@@ -430,7 +377,7 @@ class CheckpointCallback(keras.callbacks.Callback):
             step = self._global_step()
             due = self.save_on_train_end or self._pending_epoch_save
             # A model that trained no step may still be unbuilt: there is nothing to save then.
-            if due and step != self._last_saved_step and _adapter.is_built(self.model):
+            if due and not self._trigger.is_saved(step) and _adapter.is_built(self.model):
                 self._save(step, logs)
         finally:
             self._release_manager()  # waits for background saves: fit returns with every checkpoint durable
@@ -456,14 +403,12 @@ class CheckpointCallback(keras.callbacks.Callback):
             "batches_in_epoch": self._consumed,
             "global_step": step,
             "steps_per_epoch": self._steps_per_epoch(),
-            "save_count": self._save_count + 1,
+            "save_count": self._trigger.num_saves + 1,
         }
         path = self.manager.save(
             state, step, metrics=_scalar_logs(logs), _info={**self._info, "epoch": self._epoch}
         )
-        self._save_count += 1
-        self._last_saved_step = step
-        self._last_save_time = float(self._clock())
+        self._trigger.saved(step)
         self.last_checkpoint = path
         return path
 

@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
-from .. import _validation
+from .. import _foreign
+from .._callback_config import CallbackConfig
 from .._manager import CheckpointManager, _join, get_checkpoint_state
 from .._manager import load_checkpoint as _core_load
+from .._mode import resolve_mode
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError
 from . import _compat, _convert, _rng, _sharded
 from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO, _jsonable
@@ -76,7 +78,10 @@ class CheckpointCallback(_compat.Bound):
         keep_checkpoint_every_n_hours: also keep one checkpoint per N hours, forever.
         keep_best: also keep the best K checkpoints by ``monitor`` (a logged metric).
         monitor: metric name in ``trainer.callback_metrics`` ranked by ``keep_best``.
-        mode: ``"min"`` or ``"max"`` for ``monitor``.
+        mode: ``"min"`` or ``"max"``: whether a smaller or a larger ``monitor`` is better. ``"auto"`` (the
+            default, as in the Keras callback): ``loss`` and names containing ``loss`` / ``error`` are
+            minimised, accuracy-like names (``acc``, ``auc``, ``precision``, ``recall``, ``f1``,
+            ``iou``, ...) maximised, anything else minimised.
         save_optimizer: store optimizer states. Without them a resume restarts the optimizer.
         resume: at fit start, when no ``ckpt_path`` is given, restore the newest valid checkpoint.
         async_save: return from a save after an in-memory snapshot; writing continues in the background.
@@ -110,7 +115,7 @@ class CheckpointCallback(_compat.Bound):
         keep_checkpoint_every_n_hours: float | None = None,
         keep_best: int | None = None,
         monitor: str | None = "val_loss",
-        mode: str = "min",
+        mode: str = "auto",
         save_optimizer: bool = True,
         resume: bool = True,
         async_save: bool = False,
@@ -119,41 +124,20 @@ class CheckpointCallback(_compat.Bound):
         allow_pickle: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        _validate(
-            directory, save_every_n_steps, save_every_n_seconds, max_to_keep, keep_checkpoint_every_n_hours,
-            keep_best, monitor, mode, storage_options, prefix, clock,
-            save_on_epoch_end=save_on_epoch_end, save_on_train_end=save_on_train_end,
-            save_optimizer=save_optimizer, resume=resume, async_save=async_save, allow_pickle=allow_pickle,
-        )  # fmt: skip
+        config = CallbackConfig.validated(locals())  # the arguments above, checked as the manager does
         super().__init__(save_top_k=0, save_last=False, enable_version_counter=False)
-        self.directory = os.fspath(directory)
+        self._config = config
+        # directory, save_every_n_steps, ..., as public attributes (over ModelCheckpoint's); clock as _clock.
+        config.apply_to(self)
         self.dirpath = self.directory
-        self.save_every_n_steps = save_every_n_steps
-        self.save_every_n_seconds = save_every_n_seconds
-        self.save_on_epoch_end = save_on_epoch_end
-        self.save_on_train_end = save_on_train_end
-        self.max_to_keep = max_to_keep
-        self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
-        self.keep_best = keep_best
-        self.monitor = monitor
-        self.mode = mode
-        self.save_optimizer = save_optimizer
-        self.resume = resume
-        self.async_save = async_save
-        self.storage_options = dict(storage_options) if storage_options else None
-        self.prefix = prefix
-        self.allow_pickle = allow_pickle
-        self._clock = clock
+        self._resolved_mode = resolve_mode(monitor, mode)
 
         self._mgr: CheckpointManager | None = None
         self._trainer_ref: Callable[[], Trainer | None] = _no_trainer
         self._global_rank = 0
         self._replaced_io: tuple[Any, Any] | None = None
         # counters (persisted through state_dict)
-        self._last_saved_step: int | None = None
-        self._last_step_seen = 0
-        self._num_saves = 0
-        self._last_save_time = 0.0
+        self._trigger = config.make_trigger()
         # transient
         self._rng_for_save: list[dict] | None = None  # every rank's RNG states, gathered by _save
         self._epoch_rng: dict | None = None  # RNG states just before this epoch's data iterator was made
@@ -188,9 +172,7 @@ class CheckpointCallback(_compat.Bound):
         mid_epoch, consumed = self._position()
         return {
             "version": _STATE_VERSION,
-            "last_saved_step": self._last_saved_step,
-            "last_step_seen": self._last_step_seen,
-            "num_saves": self._num_saves,
+            **self._trigger.state_dict(),  # last_saved_step, last_step_seen, num_saves
             "mid_epoch": mid_epoch,
             "batches_consumed": consumed,
             "rng": self._rng_for_save if self._rng_for_save is not None else [self._local_rng()],
@@ -200,9 +182,7 @@ class CheckpointCallback(_compat.Bound):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_saved_step = state_dict.get("last_saved_step")
-        self._last_step_seen = int(state_dict.get("last_step_seen") or 0)
-        self._num_saves = int(state_dict.get("num_saves") or 0)
+        self._trigger.load_state_dict(state_dict)
         self.best_model_path = state_dict.get("best_model_path") or self.best_model_path
         self.last_model_path = state_dict.get("last_model_path") or self.last_model_path
         score = state_dict.get("best_model_score")
@@ -264,18 +244,10 @@ class CheckpointCallback(_compat.Bound):
         if stage == "fit" and self._sharded_path and self._mgr is None:
             self._mgr = _sharded.manager(self)  # on every rank
         if stage == "fit" and trainer.is_global_zero and self._mgr is None:
-            self._mgr = CheckpointManager(
-                self.directory,
-                prefix=self.prefix,
-                max_to_keep=self.max_to_keep,
-                keep_checkpoint_every_n_hours=self.keep_checkpoint_every_n_hours,
-                keep_best=self.keep_best,
-                monitor=self.monitor if self.keep_best else None,
-                mode=self.mode,
-                storage_options=self.storage_options,
-                async_save=self.async_save,
-                allow_pickle=self.allow_pickle,
-                clock=self._clock,
+            # Fail before training, as the Keras callback does: an unwritable local directory.
+            _foreign.check_writable(self.directory, self.storage_options)
+            self._mgr = self._config.make_manager(
+                monitor=self.monitor if self.keep_best else None, mode=self._resolved_mode
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -312,8 +284,7 @@ class CheckpointCallback(_compat.Bound):
             )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._last_step_seen = trainer.global_step
-        self._last_save_time = float(self._clock())
+        self._trigger.start(trainer.global_step)
         if self._resume_rng is not None:
             if self._resume_consumed:
                 self._epoch_start_seen = True  # Lightning skips on_train_epoch_start of a resumed epoch
@@ -350,11 +321,8 @@ class CheckpointCallback(_compat.Bound):
         if self._skip(trainer):
             return
         step = trainer.global_step
-        n = self.save_every_n_steps
-        crossed = n is not None and step // n > self._last_step_seen // n
-        self._last_step_seen = step
         time_due = self._time_due(trainer)  # a collective under DDP: every rank calls it here
-        if (crossed or time_due) and step != self._last_saved_step:
+        if self._trigger.batch_end(step, time_due=time_due):
             if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
                 # Saved here, Lightning (2.6) would count this epoch twice after a second resume (its
                 # epoch counters are mid-update); at on_train_epoch_end they are consistent, and no
@@ -366,7 +334,7 @@ class CheckpointCallback(_compat.Bound):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         deferred, self._deferred_to_epoch_end = self._deferred_to_epoch_end, False
         if (self.save_on_epoch_end or deferred) and not self._skip(trainer):
-            if trainer.global_step != self._last_saved_step:
+            if not self._trigger.is_saved(trainer.global_step):
                 self._save(trainer, pl_module)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -380,7 +348,7 @@ class CheckpointCallback(_compat.Bound):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._skip(trainer):
             return
-        if self.save_on_train_end and trainer.global_step != self._last_saved_step:
+        if self.save_on_train_end and not self._trigger.is_saved(trainer.global_step):
             self._save(trainer, pl_module)
         # Surface a failed background save on every rank before fit returns.
         error = None
@@ -434,7 +402,7 @@ class CheckpointCallback(_compat.Bound):
             return False
         due = False
         if trainer.is_global_zero:
-            due = float(self._clock()) - self._last_save_time >= self.save_every_n_seconds
+            due = self._trigger.time_due()
         if trainer.world_size > 1:
             due = bool(trainer.strategy.broadcast(due, src=0))
         return due
@@ -481,9 +449,7 @@ class CheckpointCallback(_compat.Bound):
 
     def _save(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
-        self._last_saved_step = step
-        self._last_save_time = float(self._clock())
-        self._num_saves += 1
+        self._trigger.saved(step)  # before the dump: the checkpoint's callback state counts this save
         self._rng_for_save = _gather(trainer, self._local_rng())
         metrics = _metrics(trainer)
         # Tracked before the dump, so that the checkpoint's own callback state names the paths that
@@ -525,7 +491,7 @@ class CheckpointCallback(_compat.Bound):
                 self.best_model_path = path  # no ranking configured: "best" is the newest
             return
         better = self._best_metric is None or (
-            value < self._best_metric if self.mode == "min" else value > self._best_metric
+            value < self._best_metric if self._resolved_mode == "min" else value > self._best_metric
         )
         if better:
             self._best_metric = value
@@ -611,28 +577,6 @@ def _info(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         },
         "epoch": trainer.current_epoch,
     }
-
-
-def _validate(
-    directory,
-    steps,
-    seconds,
-    max_to_keep,
-    hours,
-    keep_best,
-    monitor,
-    mode,
-    storage_options,
-    prefix,
-    clock,
-    **flags,
-) -> None:
-    # The same checks (and words) as the Keras callback and the manager.
-    _validation.check_directory(directory)
-    _validation.check_flags(**flags)
-    _validation.check_triggers(steps, seconds, flags["save_on_epoch_end"], flags["save_on_train_end"])
-    _validation.check_storage_options(storage_options)
-    _validation.check_manager_args(prefix, max_to_keep, hours, keep_best, monitor, mode, clock)
 
 
 def _fn(trainer: Trainer) -> str:

@@ -9,11 +9,11 @@ writes this callback's state with ``torch.save``.
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
-import numpy as np
 import torch
+
+from .. import _rng as _core_rng
 
 
 def capture() -> dict[str, Any]:
@@ -26,18 +26,12 @@ def capture() -> dict[str, Any]:
         >>> torch.equal(a, torch.rand(3))
         True
     """
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    core = _core_rng.capture_python_numpy()
+    # Array leaves as torch tensors: they then also pass torch.load(weights_only=True) (module doc).
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {**core["numpy"], "keys": torch.from_numpy(core["numpy"]["keys"])},
+        "python": {**core["python"], "state": torch.from_numpy(core["python"]["state"])},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = list(torch.cuda.get_rng_state_all())
@@ -45,17 +39,16 @@ def capture() -> dict[str, Any]:
 
 
 def restore(state: dict[str, Any]) -> None:
-    """Set the global RNGs from :func:`capture`'s output (missing entries are left alone)."""
+    """Set the global RNGs from :func:`capture`'s output (missing entries are left alone).
+
+    Python / NumPy entries of either key layout (this one's, or ``internal`` / ``kind`` / ``cached``
+    of checkpoints written before the core helper) are read by the core.
+    """
     if "torch" in state:
         torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
-    if "numpy" in state:
-        n = state["numpy"]
-        np.random.set_state(
-            (n["kind"], np.asarray(_numpy(n["keys"]), dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"])
-        )
-    if "python" in state:
-        p = state["python"]
-        random.setstate((p["version"], tuple(int(x) for x in _numpy(p["internal"])), p["gauss"]))
+    _core_rng.restore_python_numpy(
+        {k: {n: _numpy(v) for n, v in state[k].items()} for k in ("python", "numpy") if state.get(k)}
+    )
     if state.get("cuda") and torch.cuda.is_available():
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
@@ -63,4 +56,4 @@ def restore(state: dict[str, Any]) -> None:
 
 
 def _numpy(x: Any) -> Any:
-    return x.numpy() if isinstance(x, torch.Tensor) else x
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x

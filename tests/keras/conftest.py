@@ -6,10 +6,4 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 pytest.importorskip("keras", reason="the Keras tests need keras (pip install 'ckpt-callbacks[keras]')")
-
-from keras_helpers import FakeClock  # noqa: E402
-
-
-@pytest.fixture
-def fake_clock() -> FakeClock:
-    return FakeClock()
+# fake_clock / fake_clock_cls: tests/conftest.py

@@ -44,13 +44,3 @@ def run_python(
             f"subprocess failed with {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-4000:]}"
         )
     return proc
-
-
-class FakeClock:
-    """A clock the test moves forward; the callback and its manager read it."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now

@@ -15,6 +15,7 @@ from lightning_helpers import TinyModel, make_loader, make_trainer, same_weights
 
 from ckpt_callbacks import CheckpointManager, get_checkpoint_state, load_checkpoint
 from ckpt_callbacks._manager import read_meta
+from ckpt_callbacks.errors import CheckpointWriteError
 from ckpt_callbacks.lightning import CheckpointCallback, FsspecCheckpointIO
 
 
@@ -59,7 +60,7 @@ def test_epoch_end_and_step_saves_never_twice_at_one_step(tmp_path):
     d = str(tmp_path / "run")
     cb = CheckpointCallback(d, save_every_n_steps=6, save_on_epoch_end=True, max_to_keep=None)
     run(tmp_path, cb, max_epochs=3)
-    assert steps_of(d) == [6, 12, 18] and cb._num_saves == 3
+    assert steps_of(d) == [6, 12, 18] and cb._trigger.num_saves == 3
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
@@ -98,31 +99,24 @@ def test_interval_boundaries_crossed_between_hooks_trigger_once(tmp_path):
     assert steps_of(d) == [4, 6, 10, 12]  # steps seen: 2, 4, 6, 8, 10, 12; boundaries 3, 6, 9, 12
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class AdvanceClock(L.Callback):
-    """Ten fake seconds per optimizer step."""
+    """Ten fake seconds per optimizer step (``tests/conftest.py``'s FakeClock)."""
 
-    def __init__(self, clock: FakeClock) -> None:
+    def __init__(self, clock) -> None:
         self.clock = clock
+        self.start = clock.now
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        self.clock.now = 1_000_000.0 + 10.0 * trainer.global_step
+        self.clock.now = self.start + 10.0 * trainer.global_step
 
 
-def test_time_trigger_uses_the_injected_clock(tmp_path):
+def test_time_trigger_uses_the_injected_clock(tmp_path, fake_clock):
     d = str(tmp_path / "run")
-    clock = FakeClock()
+    clock, start = fake_clock, fake_clock.now
     cb = CheckpointCallback(d, save_every_n_seconds=25, max_to_keep=None, clock=clock)
     run(tmp_path, cb, extra_callbacks=[AdvanceClock(clock)], max_epochs=-1, max_steps=10)
     assert steps_of(d) == [3, 6, 9, 10]
-    assert get_checkpoint_state(d).all_model_checkpoint_timestamps[0] == 1_000_030.0
+    assert get_checkpoint_state(d).all_model_checkpoint_timestamps[0] == start + 30.0
 
 
 def test_resume_by_default_and_ckpt_path_last(tmp_path):
@@ -136,7 +130,7 @@ def test_resume_by_default_and_ckpt_path_last(tmp_path):
     cb = CheckpointCallback(d, resume=False, save_on_epoch_end=True)
     trainer, _ = run(tmp_path, cb, max_epochs=3, ckpt_path="last")
     assert trainer.ckpt_path == os.path.join(d, "ckpt-12.index") and trainer.global_step == 18
-    assert cb._num_saves == 3  # restored counter (2 saves before) + the save at step 18
+    assert cb._trigger.num_saves == 3  # restored counter (2 saves before) + the save at step 18
 
     trainer, _ = run(
         tmp_path / "fresh",
@@ -144,6 +138,44 @@ def test_resume_by_default_and_ckpt_path_last(tmp_path):
         max_epochs=1,
     )
     assert trainer.ckpt_path is None and trainer.global_step == 6
+
+
+class StepAccuracyModel(TinyModel):
+    """Logs a "train_acc" that grows with every step: the best by it is the newest."""
+
+    def training_step(self, batch, batch_idx):
+        self.log("train_acc", float(self.global_step))
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(("mode", "best"), [("auto", 6), ("max", 6), ("min", 1)])
+def test_mode_auto_ranks_an_accuracy_by_its_largest_value(tmp_path, mode, best):
+    # Steps 1..6 log train_acc 0..5 (logged before the optimizer step): auto, like Keras, maximises it.
+    d = str(tmp_path / "run")
+    cb = CheckpointCallback(
+        d, save_every_n_steps=1, max_to_keep=1, keep_best=1, monitor="train_acc", mode=mode
+    )
+    run(tmp_path, cb, model=StepAccuracyModel(), max_epochs=1)
+    assert set(steps_of(d)) == {best, 6}
+    assert cb.best_model_path == os.path.join(d, f"ckpt-{best}")
+
+
+def test_default_mode_is_auto_and_minimises_val_loss():
+    import inspect
+
+    assert inspect.signature(CheckpointCallback).parameters["mode"].default == "auto"
+    assert CheckpointCallback("run")._resolved_mode == "min"
+
+
+def test_an_unwritable_directory_fails_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    cb = CheckpointCallback(str(blocker / "run"), save_every_n_steps=1, resume=False)
+    model = TinyModel()
+    trainer = make_trainer(str(tmp_path), [cb], max_epochs=1)
+    with pytest.raises(CheckpointWriteError, match="Cannot write checkpoints to .*before training"):
+        trainer.fit(model, make_loader())
+    assert trainer.global_step == 0
 
 
 def test_keep_best_sets_best_model_path_for_test_best(tmp_path):
@@ -316,7 +348,11 @@ def test_callback_pickles_without_live_resources(tmp_path):
     cb = CheckpointCallback(str(tmp_path / "run"), save_every_n_steps=2)
     run(tmp_path, cb, max_epochs=1)
     clone = pickle.loads(pickle.dumps(cb))
-    assert clone._num_saves == cb._num_saves == 3 and clone._mgr is None and clone.directory == cb.directory
+    assert (
+        clone._trigger.num_saves == cb._trigger.num_saves == 3
+        and clone._mgr is None
+        and clone.directory == cb.directory
+    )
 
 
 def test_fast_dev_run_neither_saves_nor_resumes(tmp_path):

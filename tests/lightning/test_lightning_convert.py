@@ -206,6 +206,36 @@ def test_rng_state_is_storable_without_pickle(tmp_path):
     assert torch.equal(torch.rand(2), expected)
 
 
+def test_rng_state_of_older_checkpoints_still_restores(tmp_path):
+    import random
+
+    # The layout lightning/_rng.capture stored before the Python / NumPy part moved to the core.
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    old = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+    }
+    save_checkpoint(tmp_path / "ckpt-1", {"rng": old})
+    expected = (torch.rand(2), np.random.rand(2), random.random())
+    _rng.restore(load_checkpoint(tmp_path / "ckpt-1")["rng"])
+    got = (torch.rand(2), np.random.rand(2), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_rng_state_passes_torch_load_weights_only(tmp_path):
+    torch.save(_rng.capture(), tmp_path / "rng.pt")
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)
+    assert isinstance(state["python"]["state"], torch.Tensor)
+
+
 def test_import_ckpt_callbacks_stays_framework_free():
     code = "import sys, ckpt_callbacks; print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
