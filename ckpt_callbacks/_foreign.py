@@ -54,7 +54,8 @@ def check_not_foreign(storage: Storage, prefix: str, written_by_us: Callable[[st
     checkpoints = indexed & with_data
     # The state file first, then indexes: what a reader recognises another tool's checkpoints by.
     found += sorted(
-        (n for n in theirs if n.split(".")[0] in checkpoints), key=lambda n: not n.endswith(_INDEX_SUFFIX)
+        (n for n in theirs if n.split(".")[0] in checkpoints),
+        key=lambda n: (not n.endswith(_INDEX_SUFFIX), n),
     )
     if not found:
         return
