@@ -34,5 +34,7 @@ def pytest_configure(config):
         return FsspecCheckpointIO(allow_pickle=os.environ.get("CKPT_SUITE_PICKLE") == "1")
 
     bound = type(default_io())
-    strategy_module.TorchCheckpointIO = type("TorchCheckpointIO", (bound,), {"__new__": lambda cls: default_io()})
+    strategy_module.TorchCheckpointIO = type(
+        "TorchCheckpointIO", (bound,), {"__new__": lambda cls: default_io()}
+    )
     config.addinivalue_line("markers", "ckpt_callbacks_io: run with FsspecCheckpointIO as the default")

@@ -600,7 +600,7 @@ _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrate
 def check_strategy(strategy: Any, sharded: bool = False) -> None:
     """Refuse a strategy whose state this library cannot save and restore exactly.
 
-    ``sharded=True`` is for a save path that writes each rank's shards (SPEC §2.5): it then accepts
+    ``sharded=True`` is for a save path that writes each rank's shards (`ckpt_callbacks.distributed`): it then accepts
     the sharded strategies too.
     """
     names = [c.__name__ for c in type(strategy).__mro__]
