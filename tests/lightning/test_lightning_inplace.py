@@ -71,3 +71,25 @@ def test_resume_of_a_module_with_extra_keys_falls_back_to_the_normal_load(pl, tm
     assert model.start_step == 6
     assert all(torch.equal(model.values_at_start[k], saved[k]) for k in saved)
     assert torch.equal(model.values_at_start["extra"], torch.full((3,), 7.0))
+
+
+def test_async_callback_prepares_snapshot_buffers_after_the_first_step(pl, tmp_path):
+    from ckpt_callbacks.lightning import _inplace
+
+    cb = CheckpointCallback(str(tmp_path / "run"), save_every_n_steps=3, async_save=True)
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            # Lightning runs checkpoint callbacks last: look at the next batch, after the first step's hooks.
+            if batch_idx == 1:
+                mgr = cb._mgr
+                mgr._buffers.wait()  # the preparation runs in the background; join it to look
+                seen.append((mgr in _inplace._PREPARED, mgr._buffers.get("state_dict/net.0.weight")))
+
+    model = model_class(pl, _Watched)()
+    make_trainer(str(tmp_path), [cb, Probe()], pl=pl, max_epochs=1).fit(model, make_loader())
+    prepared, buffer = seen[0]
+    assert prepared and buffer is not None and buffer.shape == tuple(model.net[0].weight.shape)
+    saved = load_checkpoint(str(tmp_path / "run" / "ckpt-6"))["state_dict"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
