@@ -138,6 +138,8 @@ def match_variables(variables: list, stored: dict[str, Any], what: str) -> list[
 def _check_pairs(pairs: list, what: str, missing: list[str], unexpected: list[str]) -> None:
     bad_shape, bad_dtype = [], []
     for v, arr in pairs:
+        if arr is getattr(v, "value", None):
+            continue  # restored in place: the core checked its shape and dtype before writing
         arr_shape = tuple(np.shape(arr))
         if arr_shape != tuple(v.shape):
             bad_shape.append(f"{v.path}: model {tuple(v.shape)}, checkpoint {arr_shape}")
@@ -187,6 +189,8 @@ def _dtype_fits(arr: np.ndarray, want: np.dtype) -> bool:
 
 def assign_pairs(pairs: list[tuple[Any, np.ndarray]]) -> None:
     for v, arr in pairs:
+        if arr is getattr(v, "value", None):
+            continue  # restored in place (torch backend): the bytes are already the variable's
         arr = np.asarray(arr)
         want = _np_dtype(v.dtype)
         if arr.dtype != want:

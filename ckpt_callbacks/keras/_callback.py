@@ -18,7 +18,7 @@ from .._callback_config import CallbackConfig
 from .._manager import CheckpointManager
 from .._mode import direction_from_name, resolve_mode
 from ..errors import IncompatibleCheckpointError
-from . import _adapter, _compat
+from . import _adapter, _compat, _inplace
 
 # Keras ends an epoch whose input runs out early with this warning; a ResumableDataset does that on
 # purpose for the epoch a mid-epoch resume re-enters, so that one warning is silenced for that epoch.
@@ -201,7 +201,7 @@ class CheckpointCallback(keras.callbacks.Callback):
             _adapter.ensure_optimizer_built(self.model)
         self._trigger.start(self._global_step())
         if self.resume:
-            path, state = self.manager.restore_with_path()
+            path, state = _inplace.restore_with_path(self.manager, self.model)
             if state is not None:
                 if not built:
                     self._release_manager()
@@ -338,6 +338,9 @@ class CheckpointCallback(keras.callbacks.Callback):
             _adapter.restore_rng(rng)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        _inplace.prepare_snapshot_once(
+            self._manager, lambda: _adapter.model_state(self.model, self.save_optimizer)
+        )
         steps = self._steps_per_epoch()
         self._consumed = self._offset + int(batch) + 1
         if steps is not None:

@@ -8,8 +8,9 @@ from typing import Any
 import keras
 
 from .._manager import load_checkpoint, read_meta, resolve_checkpoint
+from .._resolve import read_index
 from ..errors import IncompatibleCheckpointError
-from . import _adapter, _compat
+from . import _adapter, _compat, _inplace
 
 
 def restore(
@@ -34,7 +35,11 @@ def restore(
         'runs/a/ckpt-1200'
     """
     path = resolve_checkpoint(path_or_directory, storage_options)
-    state = load_checkpoint(path, storage_options=storage_options)
+    state = _inplace.load_into_model(
+        lambda **kw: load_checkpoint(path, storage_options=storage_options, **kw),
+        lambda: read_index(path, storage_options),
+        model,
+    )
     _adapter.restore_model_state(model, state)
     return path
 

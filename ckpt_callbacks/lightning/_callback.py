@@ -29,7 +29,7 @@ from .._manager import CheckpointManager, _join, get_checkpoint_state
 from .._manager import load_checkpoint as _core_load
 from .._mode import resolve_mode
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError
-from . import _compat, _convert, _rng, _sharded
+from . import _compat, _convert, _inplace, _rng, _sharded
 from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO, _jsonable
 
 Trainer = LightningModule = Any  # either namespace's (see _compat)
@@ -320,6 +320,10 @@ class CheckpointCallback(_compat.Bound):
     ) -> None:
         if self._skip(trainer):
             return
+        if not self._sharded_path:  # a sharded async save stages into buffers of its own
+            _inplace.prepare_snapshot_once(
+                self._mgr, lambda: _inplace.snapshot_like(trainer, self.save_optimizer)
+            )
         step = trainer.global_step
         time_due = self._time_due(trainer)  # a collective under DDP: every rank calls it here
         if self._trigger.batch_end(step, time_due=time_due):
@@ -430,7 +434,7 @@ class CheckpointCallback(_compat.Bound):
         if trainer.is_global_zero:
             try:
                 assert self._mgr is not None
-                path, state = self._mgr.restore_with_path()
+                path, state = _inplace.load_into_module(self._mgr.restore_with_path, trainer.lightning_module)
             except Exception as e:  # noqa: BLE001 - broadcast, then raised on every rank
                 error = e
         self._raise_everywhere(trainer, error, "Restoring the newest checkpoint")
@@ -439,7 +443,12 @@ class CheckpointCallback(_compat.Bound):
         if path is None:
             return
         if state is None:
-            state = _core_load(path, storage_options=self.storage_options, allow_pickle=self.allow_pickle)
+            state = _inplace.load_into_module(
+                lambda **kw: _core_load(
+                    path, storage_options=self.storage_options, allow_pickle=self.allow_pickle, **kw
+                ),
+                trainer.lightning_module,
+            )
         checkpoint = _convert.from_tree(state)
         _compat.restore_before_setup(trainer, path, checkpoint)
         _rank_zero(

@@ -1,0 +1,136 @@
+"""Restore in place on the PyTorch backend: each variable's CPU tensor is the destination of its bytes.
+
+The ``into`` tree mirrors the key paths :func:`._adapter.model_state` saves (``model/<key>``,
+``optimizer/<key>``) for the variables :func:`._adapter.match_variables` pairs with the checkpoint's
+(read from its index alone, before any tensor), so a checkpoint that does not fit the model is reported
+by the usual path with the model untouched. TensorFlow and JAX variables are not writable host memory:
+those backends keep loading and assigning.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+
+from .._resolve import read_index
+from ..errors import IncompatibleCheckpointError
+from . import _adapter
+
+logger = logging.getLogger(__name__)
+
+
+def variable_tensor(v: Any) -> Any:
+    """The torch tensor holding ``v``'s value when it can be written in place (CPU, dense), else None."""
+    value = getattr(v, "value", None)
+    device = getattr(value, "device", None)
+    if getattr(device, "type", None) != "cpu" or not value.is_contiguous():
+        return None
+    return value
+
+
+def _stored(tree: Any) -> dict[str, dict[str, np.ndarray]]:
+    """``{"model": {key: placeholder}, ...}`` from an index's tree: zero-strided arrays of each saved
+    tensor's shape and dtype (no memory), which ``match_variables`` checks like the real ones."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    if not isinstance(tree, dict):
+        return out
+    for top, node in tree.get("d") or []:
+        if top not in (_adapter.MODEL_KEY, _adapter.OPTIMIZER_KEY) or not isinstance(node, dict):
+            continue
+        out[top] = {key: leaf for key, leaf in node.get("d") or [] if isinstance(leaf, dict) and "x" in leaf}
+    return out
+
+
+def variables_into(model: Any, index: dict, *, restore_optimizer: bool = True) -> dict[str, Any] | None:
+    """The ``into`` tree restoring ``model``'s variables from the checkpoint of ``index`` in place, or
+    None (not the torch backend, an unbuilt model, or variables that do not fit the checkpoint)."""
+    if keras.backend.backend() != "torch" or not model.built:
+        return None
+    tensors = index.get("tensors") or {}
+    stored = _stored(index.get("tree"))
+    if _adapter.MODEL_KEY not in stored:
+        return None
+    groups = [(_adapter.MODEL_KEY, model.variables)]
+    opt = getattr(model, "optimizer", None)
+    if restore_optimizer and opt is not None and _adapter.OPTIMIZER_KEY in stored:
+        _adapter.ensure_optimizer_built(model)
+        groups.append((_adapter.OPTIMIZER_KEY, opt.variables))
+    into: dict[str, Any] = {}
+    for top, variables in groups:
+        placeholders, keys = {}, {}
+        for key, leaf in stored[top].items():
+            spec = tensors.get(leaf["x"]) or {}
+            try:
+                dtype = _adapter._np_dtype(spec["dtype"])
+                shape = tuple(spec["shape"])
+            except (KeyError, TypeError, ValueError):
+                return None
+            arr = np.lib.stride_tricks.as_strided(
+                np.zeros(1, dtype), shape, (0,) * len(shape), writeable=False
+            )
+            placeholders[key] = arr
+            keys[id(arr)] = key
+        try:
+            pairs = _adapter.match_variables(variables, placeholders, top)
+        except IncompatibleCheckpointError:
+            return None  # the usual path reports it, before writing anything
+        dest = into.setdefault(top, {})
+        for v, arr in pairs:
+            tensor = variable_tensor(v)
+            # Other dtypes (an int64 counter saved by TensorFlow) are cast by the usual assignment.
+            if tensor is not None and arr.dtype == _adapter._np_dtype(v.dtype):
+                dest[keys[id(arr)]] = tensor
+    return into
+
+
+def load_into_model(
+    load: Callable[..., Any], index: Callable[[], dict], model: Any, *, restore_optimizer: bool = True
+) -> Any:
+    """``load(into=...)`` into ``model``'s own tensors (``index()``: the checkpoint's index), falling
+    back to ``load()`` whenever restoring in place does not apply or the checkpoint does not fit."""
+    if keras.backend.backend() != "torch" or not model.built:
+        return load()
+    try:
+        into = variables_into(model, index(), restore_optimizer=restore_optimizer)
+    except Exception as e:  # noqa: BLE001 - an unreadable index: the usual load reports it
+        logger.debug("Not restoring in place: %s", e)
+        into = None
+    if not into:
+        return load()
+    try:
+        return load(into=into)
+    except IncompatibleCheckpointError as e:
+        logger.debug("Not restoring in place: %s", e)
+        return load()
+
+
+def restore_with_path(manager: Any, model: Any) -> tuple[str | None, Any]:
+    """``manager.restore_with_path()``, restoring in place into ``model`` (see :func:`load_into_model`)."""
+    latest = manager.latest_checkpoint
+    if latest is None:
+        return manager.restore_with_path()
+    return load_into_model(
+        manager.restore_with_path,
+        lambda: read_index(latest, manager._storage_options),
+        model,
+    )
+
+
+# Async managers whose snapshot buffers were prepared after the first optimizer step (held weakly: a
+# manager closed and collected leaves the set, and a later one is prepared again).
+_PREPARED: weakref.WeakSet = weakref.WeakSet()
+
+
+def prepare_snapshot_once(manager: Any, state: Callable[[], Any]) -> None:
+    """Start mapping ``manager``'s async snapshot buffers for ``state()`` (the tree the callback saves),
+    once per manager: after the first optimizer step every saved tensor (optimizer slots too) exists,
+    so the first save copies into memory already mapped. Cheap to call on every batch."""
+    if manager is None or not getattr(manager, "_async", False) or manager in _PREPARED:
+        return
+    _PREPARED.add(manager)
+    manager._prepare_snapshot(state())

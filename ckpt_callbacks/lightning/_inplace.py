@@ -1,0 +1,65 @@
+"""Resume in place: read a checkpoint's weights straight into the live module's parameters.
+
+The ``into`` tree mirrors the key paths :func:`._convert.to_tree` saves (``state_dict/<name>``). Its
+values are the module's Parameters and buffers themselves (``keep_vars=True``), so Lightning's later
+``load_state_dict`` copies each tensor onto itself, which torch skips.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import IncompatibleCheckpointError
+
+logger = logging.getLogger(__name__)
+
+
+def module_into(module: Any) -> dict[str, Any] | None:
+    """The ``into`` tree for restoring ``module``'s weights in place, or None without a module."""
+    if module is None:
+        return None
+    return {"state_dict": module.state_dict(keep_vars=True)}
+
+
+def load_into_module(load: Callable[..., Any], module: Any) -> Any:
+    """``load(into=...)`` into ``module``'s own tensors; ``load()`` when they do not fit.
+
+    The strict check runs before any byte is written, so the fallback (a module with keys the
+    checkpoint lacks, e.g. ``strict_loading=False``, or changed shapes / dtypes) starts from the
+    module untouched and leaves the usual ``load_state_dict`` to report or tolerate the mismatch.
+    """
+    into = module_into(module)
+    if into is None:
+        return load()
+    try:
+        return load(into=into)
+    except IncompatibleCheckpointError as e:
+        logger.debug("Not restoring in place: %s", e)
+        return load()
+
+
+def snapshot_like(trainer: Any, save_optimizer: bool) -> dict[str, Any]:
+    """A tree shaped like the tensors the callback saves (weights and optimizer states), for
+    ``CheckpointManager._prepare_snapshot``; nothing is copied."""
+    tree: dict[str, Any] = {"state_dict": trainer.lightning_module.state_dict()}
+    if save_optimizer:
+        tree["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
+    return tree
+
+
+# Async managers whose snapshot buffers were prepared after the first optimizer step (held weakly: a
+# manager closed and collected leaves the set, and a later one is prepared again).
+_PREPARED: weakref.WeakSet = weakref.WeakSet()
+
+
+def prepare_snapshot_once(manager: Any, state: Callable[[], Any]) -> None:
+    """Start mapping ``manager``'s async snapshot buffers for ``state()`` (the tree the callback saves),
+    once per manager: after the first optimizer step every saved tensor (optimizer slots too) exists,
+    so the first save copies into memory already mapped. Cheap to call on every batch."""
+    if manager is None or not getattr(manager, "_async", False) or manager in _PREPARED:
+        return
+    _PREPARED.add(manager)
+    manager._prepare_snapshot(state())
