@@ -2,45 +2,35 @@
 
 Exit status: 0 ok, 1 corruption found, 2 usage error or nothing found (one line on stderr, no
 traceback). Core only: no framework is imported except ``torch`` by ``export --to torch``.
+
+This module is the parser and the entry point (exceptions -> exit status); the commands are in
+``_cli_commands``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
-from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
-
-# ---------------------------------------------------------------- what the CLI takes from the core
-# Every name the commands use from the library is imported here and only here: the public API plus a
-# few documented internals (path resolution and the index / meta / pointer readers of _resolve, the
-# state-file reader, the storage handle, and the data-file reader that verifies without keeping
-# tensors).
-from . import CheckpointManager, __version__, _chunks, load_checkpoint
-from . import _format as _fmt
-from ._checkpoint_read import read_files
-from ._names import INDEX_SUFFIX, STATE_FILE_NAME
-from ._resolve import open_checkpoint, pointer_target, read_index, read_meta, resolve_checkpoint, resolve_one
-from ._state import checked_name, read_state
-from ._storage import Storage
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-
-EXIT_OK, EXIT_CORRUPT, EXIT_USAGE = 0, 1, 2
+from . import __version__
+from ._cli_commands import (
+    EXIT_CORRUPT,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    cmd_export,
+    cmd_gc,
+    cmd_inspect,
+    cmd_ls,
+    cmd_verify,
+)
+from .errors import CheckpointError, CorruptCheckpointError
 
 # Which extra brings the fsspec backend of a URL scheme (the message for a missing one names it).
 _BACKEND_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
-
-# Status of a checkpoint in the state file's retention records -> why it is still on storage.
-_KEPT_BECAUSE = {"active": "recent", "hourly": "hourly", "best": "best"}
-
-
-class UsageError(ValueError):
-    """A problem with what was asked (not with a checkpoint): one line on stderr, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,45 +38,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-def _meta_of(path: str, options: dict | None) -> dict:
-    try:
-        return read_meta(path, options)
-    except CheckpointError as e:
-        return {"error": str(e)}
-
-
-def _markers(storage: Storage, names: list[str]) -> list[tuple[str, str]]:
-    """(marker, checkpoint) for every marker file ``FsspecCheckpointIO`` wrote in the directory.
-
-    A marker ``last.ckpt`` names ``last.ckpt.<token>``, whose ``.index`` is in the listing, so only
-    names that prefix an index are read (no read per file of a big directory).
-    """
-    indexes = {n[: -len(INDEX_SUFFIX)] for n in names if n.endswith(INDEX_SUFFIX)}
-    candidates = sorted(n for n in set(names) - indexes if any(i.startswith(n + ".") for i in indexes))
-    if storage.is_local:  # ModelCheckpoint(save_last="link"): last.ckpt is a symlink to another marker
-        candidates += sorted(n for n in names if os.path.islink(storage.path(n)))
-    out = []
-    for n in candidates:
-        target = pointer_target(storage, n)
-        if target is not None and target in indexes:
-            out.append((n, target))
-    return out
-
-
-def _verify_checkpoint(path: str, options: dict | None, progress: _Progress | None = None) -> None:
-    """Check every checksum of one checkpoint, keeping no tensor; raises CorruptCheckpointError."""
-    storage, _ = open_checkpoint(path, options)
-    index = read_index(path, options)
-    read_files(storage, index, _Discard(), verify=True, on_file=progress.advance if progress else None)
-
-
-class _Discard(dict):
-    """Verification reads each tensor, checks it, and keeps nothing (bounded memory)."""
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        pass
 
 
 # ---------------------------------------------------------------- helpers
@@ -112,449 +63,6 @@ def _options(pairs: list[str]) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = parsed
     return out
-
-
-class _Progress:
-    """A one-line progress bar on stderr, only when it is a terminal."""
-
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.done, self.label = max(total, 1), 0, label
-        self.on = sys.stderr.isatty()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.on:
-            frac = min(self.done / self.total, 1.0)
-            bar = "#" * int(frac * 30)
-            sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac:6.1%}")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.on:
-            sys.stderr.write("\n")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths)).rstrip()]
-    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
-
-
-def _utc(ts: float | None) -> str:
-    if not ts:
-        return "?"
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _metrics_str(metrics: dict) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-
-
-# ---------------------------------------------------------------- ls
-
-
-def _describe(storage: Storage, name: str, options: dict | None) -> dict:
-    """step, size and metrics of one checkpoint, from its index and meta (no data file is read)."""
-    path = storage.url_of(name)
-    try:
-        index = read_index(path, options, verify=False)
-        size = sum(f["size"] for f in index["files"]) + (storage.size(name + INDEX_SUFFIX) or 0)
-        meta = _meta_of(path, options)
-        return {
-            "step": index.get("step"),
-            "size": size,
-            "metrics": meta.get("metrics") or {},
-            "meta_time": meta.get("time"),
-        }
-    except CheckpointError as e:
-        return {"step": None, "size": None, "metrics": {}, "meta_time": None, "error": str(e)}
-
-
-def cmd_ls(args: argparse.Namespace) -> int:
-    storage = Storage(args.directory, args.storage_options)
-    parsed = read_state(storage)
-    markers = _markers(storage, storage.list_names())
-    if parsed is None and not markers:
-        raise CheckpointNotFoundError(
-            f"No checkpoints in {storage.url}: no '{STATE_FILE_NAME}' state file and no marker file "
-            "written by FsspecCheckpointIO."
-        )
-    doc: list[dict] = []
-    latest = ""
-    if parsed is not None:
-        state, records, _ = parsed
-        latest = checked_name(state.model_checkpoint_path) if state.model_checkpoint_path else ""
-        names = [checked_name(n) for n in state.all_model_checkpoint_paths]
-        if records is not None:
-            reasons = {r.name: _KEPT_BECAUSE[r.status] for r in records}
-            stamps = {r.name: r.timestamp for r in records}
-        else:  # a state file TensorFlow wrote: its list is the max_to_keep window, older ones preserved
-            stamps = dict(zip(names, state.all_model_checkpoint_timestamps))
-            reasons = {
-                n: "recent" if stamps.get(n, 0.0) > state.last_preserved_timestamp else "hourly"
-                for n in names
-            }
-        for name in names:
-            entry = {"checkpoint": name, "path": storage.url_of(name), "time": stamps.get(name)}
-            entry.update(_describe(storage, name, args.storage_options))
-            entry["kept_because"] = reasons.get(name, "recent")
-            entry["latest"] = name == latest
-            doc.append(entry)
-    for marker, target in markers:
-        entry = {"checkpoint": marker, "path": storage.url_of(marker), "target": target, "time": None}
-        entry.update(_describe(storage, target, args.storage_options))
-        entry["time"] = entry["meta_time"]  # no state file: the save time the meta recorded
-        entry["kept_because"] = "marker"
-        entry["latest"] = False
-        doc.append(entry)
-    for e in doc:
-        del e["meta_time"]
-    if args.json:
-        print(json.dumps({"directory": storage.url, "latest": latest or None, "checkpoints": doc}, indent=2))
-        return EXIT_OK
-    rows = []
-    for e in doc:
-        name = (
-            e["checkpoint"] + (" *" if e["latest"] else "") + (f" -> {e['target']}" if "target" in e else "")
-        )
-        rows.append(
-            [
-                str(e["step"] if e["step"] is not None else "?"),
-                _utc(e["time"]),
-                _human(e["size"]) if e["size"] is not None else "?",
-                e["kept_because"],
-                _metrics_str(e["metrics"]) if "error" not in e else f"unreadable: {e['error'][:60]}",
-                name,
-            ]
-        )
-    legend = "* = latest; " if latest else ""
-    print(f"{storage.url}  ({len(rows)} checkpoints; {legend}kept-because: see ckpt-callbacks ls --help)")
-    print(_table(rows, ["step", "time (UTC)", "size", "kept-because", "metrics", "checkpoint"]))
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------- inspect
-
-
-def _tree_lines(node: Any, tensors: dict, indent: str = "") -> Iterable[str]:
-    if isinstance(node, dict) and len(node) == 1:
-        ((tag, val),) = node.items()
-        if tag in ("d", "od"):
-            for k, v in val:
-                if _is_leaf(v):
-                    yield f"{indent}{k!r}: {_leaf_str(v, tensors)}"
-                else:
-                    yield f"{indent}{k!r}:"
-                    yield from _tree_lines(v, tensors, indent + "  ")
-            return
-        if tag in ("l", "t"):
-            for i, v in enumerate(val):
-                if _is_leaf(v):
-                    yield f"{indent}[{i}]: {_leaf_str(v, tensors)}"
-                else:
-                    yield f"{indent}[{i}]:"
-                    yield from _tree_lines(v, tensors, indent + "  ")
-            return
-    yield indent + _leaf_str(node, tensors)
-
-
-def _is_leaf(node: Any) -> bool:
-    return not (isinstance(node, dict) and len(node) == 1 and next(iter(node)) in ("d", "od", "l", "t"))
-
-
-def _leaf_str(node: Any, tensors: dict) -> str:
-    if isinstance(node, dict) and len(node) == 1:
-        ((tag, val),) = node.items()
-        if tag == "x":
-            t = tensors.get(val, {})
-            return f"<tensor {val} {t.get('dtype')} {tuple(t.get('shape', ()))}>"
-        if tag == "f":
-            return repr(float(val))
-        if tag == "b":
-            return f"<bytes, {len(_fmt._b64(val))} B>"
-        if tag == "s":
-            return f"<{val[0]} scalar>"
-        if tag == "p":
-            return "<pickled object>"
-    return repr(node)
-
-
-def _tensors_under(node: Any) -> list[str]:
-    if isinstance(node, dict) and len(node) == 1:
-        ((tag, val),) = node.items()
-        if tag == "x":
-            return [val]
-        if tag in ("d", "od"):
-            return [t for _, v in val for t in _tensors_under(v)]
-        if tag in ("l", "t"):
-            return [t for v in val for t in _tensors_under(v)]
-    return []
-
-
-def _top_level(tree: Any, tensors: dict) -> list[dict]:
-    """One summary per top-level entry of the state tree: its kind, tensor count and bytes, or value."""
-    if _is_leaf(tree):
-        pairs: list[tuple[Any, Any]] = [("(root)", tree)]
-    else:
-        ((tag, val),) = tree.items()
-        pairs = list(val) if tag in ("d", "od") else list(enumerate(val))
-    out = []
-    for key, node in pairs:
-        names = _tensors_under(node)
-        item: dict[str, Any] = {"key": key, "tensors": len(names)}
-        item["bytes"] = sum(_chunks.nbytes(tensors[n]) for n in names if n in tensors)
-        if _is_leaf(node):
-            item["kind"] = "tensor" if names else "value"
-            text = _leaf_str(node, tensors)
-            item["value"] = text if len(text) <= 60 else text[:57] + "..."
-        else:
-            tag, val = next(iter(node.items()))
-            item["kind"] = {"d": "dict", "od": "dict", "l": "list", "t": "tuple"}[tag]
-            item["entries"] = len(val)
-        out.append(item)
-    return out
-
-
-def _meta_summary(meta: dict) -> dict:
-    model = meta.get("model")
-    if isinstance(model, dict):
-        model = (
-            model.get("class_name") or model.get("class") or "{" + ", ".join(map(str, list(model)[:5])) + "}"
-        )
-    keys = ("framework", "framework_versions", "step", "epoch", "time", "metrics")
-    summary = {k: meta.get(k) for k in keys if meta.get(k) not in (None, {}, [])}
-    if model is not None:
-        summary["model"] = model
-    if "error" in meta:
-        summary["error"] = meta["error"]
-    return summary
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    path = resolve_checkpoint(args.path, args.storage_options)
-    index = read_index(path, args.storage_options)
-    meta = _meta_of(path, args.storage_options)
-    tensors = index["tensors"]
-    total = sum(_chunks.nbytes(t) for t in tensors.values())
-    top = _top_level(index["tree"], tensors)
-    if args.json:
-        doc: dict[str, Any] = {
-            "checkpoint": path,
-            "step": index["step"],
-            "tensor_count": len(tensors),
-            "total_bytes": total,
-            "top_level": top,
-            "meta": meta if args.full else _meta_summary(meta),
-        }
-        if args.full:
-            doc["tensors"] = [
-                {"name": n, "dtype": t["dtype"], "shape": t["shape"], "bytes": _chunks.nbytes(t)}
-                for n, t in sorted(tensors.items())
-            ]
-            doc["files"] = index["files"]
-            doc["tree"] = index["tree"]
-        print(json.dumps(doc, indent=2))
-        return EXIT_OK
-    print(f"{path}  step {index['step']}  {len(tensors)} tensors, {_human(total)}")
-    summary = _meta_summary(meta)
-    for key in ("framework", "model", "epoch", "time", "metrics", "error"):
-        if key not in summary:
-            continue
-        value = summary[key]
-        if key == "framework" and summary.get("framework_versions"):
-            value = f"{value} ({', '.join(f'{k} {v}' for k, v in summary['framework_versions'].items())})"
-        elif key == "time":
-            value = _utc(value) + " UTC"
-        elif key == "metrics":
-            value = _metrics_str(value)
-        print(f"  {key}: {value}")
-    if not args.full:
-        print("\ntop level of the state:")
-        rows = []
-        for item in top:
-            if item["kind"] in ("tensor", "value"):
-                what = item["value"]
-            else:
-                what = f"{item['kind']} of {item['entries']}"
-                what += f", {item['tensors']} tensors, {_human(item['bytes'])}" if item["tensors"] else ""
-            rows.append([f"  {item['key']}", what])
-        print(_table(rows, ["  key", "content"]))
-        print("\n(--full: every tensor, the whole tree and meta; --json: machine-readable)")
-        return EXIT_OK
-    print()
-    rows = [
-        [n, t["dtype"], str(tuple(t["shape"])), _human(_chunks.nbytes(t))] for n, t in sorted(tensors.items())
-    ]
-    print(_table(rows, ["tensor", "dtype", "shape", "bytes"]))
-    print("\ntree:")
-    for line in _tree_lines(index["tree"], tensors, "  "):
-        print(line)
-    print("\nmeta:")
-    print(json.dumps(meta, indent=2))
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------- verify
-
-
-def _verify_targets(args: argparse.Namespace) -> list[str]:
-    one = resolve_one(args.path, args.storage_options)  # a checkpoint, its .index, or a marker
-    if one is not None:
-        return [one]
-    storage = Storage(args.path, args.storage_options)
-    parsed = read_state(storage)
-    markers = _markers(storage, storage.list_names())
-    if parsed is None and not markers:
-        raise CheckpointNotFoundError(
-            f"No checkpoint or checkpoint directory at {args.path!r}: expected a checkpoint path (with a "
-            f"'.index' file), a marker file, or a directory with a '{STATE_FILE_NAME}' state file."
-        )
-    names = []
-    if parsed is not None:
-        state = parsed[0]
-        names = list(dict.fromkeys([*state.all_model_checkpoint_paths, state.model_checkpoint_path]))
-        names = [checked_name(n) for n in names if n]
-    names += [target for _, target in markers if target not in names]
-    return [storage.url_of(n) for n in names]
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    targets = _verify_targets(args)
-    total = 0
-    for path in targets:
-        try:
-            total += sum(f["size"] for f in read_index(path, args.storage_options, verify=False)["files"])
-        except CheckpointError:
-            pass
-    progress = None if args.json else _Progress(total, "verify")
-    results = []
-    for path in targets:
-        try:
-            _verify_checkpoint(path, args.storage_options, progress)
-            results.append({"checkpoint": path, "ok": True, "problem": None})
-        except CheckpointError as e:
-            results.append({"checkpoint": path, "ok": False, "problem": str(e)})
-    if progress:
-        progress.close()
-    bad = sum(not r["ok"] for r in results)
-    if args.json:
-        print(json.dumps({"ok": not bad, "corrupt": bad, "checkpoints": results}, indent=2))
-    else:
-        for r in results:
-            print(f"OK      {r['checkpoint']}" if r["ok"] else f"CORRUPT {r['checkpoint']}: {r['problem']}")
-    return EXIT_CORRUPT if bad else EXIT_OK
-
-
-# ---------------------------------------------------------------- gc
-
-
-def cmd_gc(args: argparse.Namespace) -> int:
-    storage = Storage(args.directory, args.storage_options)
-    # A local path that does not exist would be created; object-store "directories" are prefixes,
-    # which may hold nothing but a killed save's pending uploads.
-    if storage.is_local and not os.path.isdir(storage.root):
-        raise CheckpointNotFoundError(f"No checkpoint directory at {args.directory!r}.")
-    mgr = CheckpointManager(
-        args.directory, prefix=args.prefix, max_to_keep=None, storage_options=args.storage_options
-    )
-    mgr.close()
-    for name in mgr.removed_leftovers:
-        print(f"removed {storage.url_of(name)}")
-    for name in mgr.aborted_uploads:
-        print(f"aborted pending upload of {storage.url_of(name)}")
-    print(f"{len(mgr.removed_leftovers)} leftover file(s) removed from {mgr.directory}")
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------- export
-
-
-def _flat_tensors(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """name -> tensor for every array leaf, named by its key path."""
-    out: dict[str, Any] = {}
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            out.update(_flat_tensors(v, f"{prefix}{k}/"))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            out.update(_flat_tensors(v, f"{prefix}{i}/"))
-    elif isinstance(tree, np.ndarray) or type(tree).__module__ == "torch":
-        out[prefix.rstrip("/")] = tree
-    return out
-
-
-def _select(everything: dict[str, Any], only: str, strip: str) -> dict[str, Any]:
-    tensors = everything
-    if only:
-        tensors = {k: v for k, v in tensors.items() if k.startswith(only)}
-    if strip:
-        tensors = {k[len(strip) :]: v for k, v in tensors.items() if k.startswith(strip) and k != strip}
-    if not tensors:
-        available = sorted({k.split("/")[0] + "/" for k in everything})[:10]
-        raise UsageError(
-            f"No tensor name starts with {(strip or only)!r}. Top-level prefixes in this checkpoint: "
-            f"{', '.join(available) or 'none'}."
-        )
-    return tensors
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    path = resolve_checkpoint(args.path, args.storage_options)
-    state = load_checkpoint(path, storage_options=args.storage_options, verify=True)
-    tensors = _select(_flat_tensors(state), args.only, args.strip_prefix)
-    progress = _Progress(len(tensors), f"export {args.to}")
-    if args.to == "torch":
-        try:
-            import torch
-        except ImportError:
-            raise UsageError(
-                "export --to torch needs PyTorch: pip install torch (or 'ckpt-callbacks[lightning]'); "
-                "--to safetensors or --to npz need nothing more."
-            ) from None
-        from . import _torch
-
-        out = {
-            k: v if isinstance(v, torch.Tensor) else _torch.from_numpy(np.ascontiguousarray(v))
-            for k, v in tensors.items()
-        }
-        torch.save(out, args.out)
-    else:
-        arrays = {k: v if isinstance(v, np.ndarray) else _to_numpy(v) for k, v in tensors.items()}
-        if args.to == "npz":
-            native = {}
-            for k, a in arrays.items():
-                if a.dtype.type.__module__ != "numpy":  # npz readers know no ml_dtypes: widen losslessly
-                    print(f"note: {k} ({a.dtype.name}) is stored as float32 in the npz", file=sys.stderr)
-                    a = a.astype(np.float32)
-                native[k] = a
-            np.savez(args.out, **native)
-        else:
-            entries = [_fmt.TensorEntry(k, a.dtype, a.shape, a) for k, a in arrays.items()]
-            header, _ = _fmt.safetensors_header(entries)
-            with open(args.out, "wb") as f:
-                f.write(header)
-                for e in entries:
-                    for chunk in _fmt.iter_tensor_bytes(np.ascontiguousarray(e.source)):
-                        f.write(chunk)
-                    progress.advance(1)
-    progress.close()
-    print(f"wrote {len(tensors)} tensors to {args.out} ({args.to})")
-    return EXIT_OK
-
-
-def _to_numpy(t: Any) -> np.ndarray:
-    from . import _torch
-
-    return _torch.to_numpy(t)
 
 
 # ---------------------------------------------------------------- entry point
@@ -673,6 +181,15 @@ examples:
 }
 
 
+# What each command runs, and the help of its --json flag (export has none).
+_FUNCS = {"ls": cmd_ls, "inspect": cmd_inspect, "verify": cmd_verify, "gc": cmd_gc, "export": cmd_export}
+_JSON_HELP = {
+    "ls": "print a JSON document instead of the table",
+    "inspect": "print JSON: the summary, or with --full also tensors, files, tree and the whole meta",
+    "verify": 'print {"ok", "corrupt", "checkpoints": [{checkpoint, ok, problem}]}',
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     parser = _Parser(prog="ckpt-callbacks", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=raw)
@@ -682,44 +199,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage-option", action="append", default=[], metavar="KEY=VALUE", help=_STORAGE_HELP
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = {
+        name: sub.add_parser(name, parents=[common], formatter_class=raw, **_COMMANDS[name])
+        for name in _FUNCS
+    }
+    _add_arguments(commands)
+    for name, func in _FUNCS.items():
+        if name in _JSON_HELP:  # last, so that --help lists it after the command's own options
+            commands[name].add_argument("--json", action="store_true", help=_JSON_HELP[name])
+        commands[name].set_defaults(func=func)
+    return parser
 
-    def add(name: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], formatter_class=raw, **_COMMANDS[name])
 
-    p = add("ls")
-    p.add_argument("directory", help="a checkpoint directory: local path or fsspec URL")
-    p.add_argument("--json", action="store_true", help="print a JSON document instead of the table")
-    p.set_defaults(func=cmd_ls)
+def _add_arguments(commands: dict[str, argparse.ArgumentParser]) -> None:
+    """The arguments of each command but --storage-option (shared) and --json (added by build_parser)."""
+    commands["ls"].add_argument("directory", help="a checkpoint directory: local path or fsspec URL")
 
-    p = add("inspect")
+    p = commands["inspect"]
     p.add_argument("path", help=_PATH_HELP)
     p.add_argument("--full", action="store_true", help="every tensor, the whole state tree and the meta JSON")
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help="print JSON: the summary, or with --full also tensors, files, tree and the whole meta",
-    )
-    p.set_defaults(func=cmd_inspect)
 
-    p = add("verify")
-    p.add_argument("path", help=_PATH_HELP.replace("(its newest valid checkpoint)", "(all its checkpoints)"))
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help='print {"ok", "corrupt", "checkpoints": [{checkpoint, ok, problem}]}',
-    )
-    p.set_defaults(func=cmd_verify)
+    all_of_dir = _PATH_HELP.replace("(its newest valid checkpoint)", "(all its checkpoints)")
+    commands["verify"].add_argument("path", help=all_of_dir)
 
-    p = add("gc")
+    p = commands["gc"]
     p.add_argument("directory", help="a checkpoint directory: local path or fsspec URL")
     p.add_argument(
         "--prefix",
         default="ckpt",
         help="checkpoint name prefix the run was saved with (CheckpointManager(prefix=...)); default: ckpt",
     )
-    p.set_defaults(func=cmd_gc)
 
-    p = add("export")
+    p = commands["export"]
     p.add_argument("path", help=_PATH_HELP)
     p.add_argument(
         "--to", choices=["safetensors", "torch", "npz"], required=True, help="the output file format"
@@ -732,8 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="only tensors whose name starts with PREFIX, written without it (e.g. state_dict/)",
     )
     p.add_argument("out", help="the file to write (local path)")
-    p.set_defaults(func=cmd_export)
-    return parser
 
 
 def _missing_package(e: ImportError, args: argparse.Namespace) -> str:

@@ -33,6 +33,9 @@ CORE = [
     "_async.py",
     "_manager.py",
     "_validation.py",
+    "_cli.py",
+    "_cli_commands.py",
+    "_cli_output.py",
 ]
 MAX_MODULE_LINES = 520
 MAX_FUNCTION_LINES = 60

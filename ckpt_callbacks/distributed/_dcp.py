@@ -113,7 +113,21 @@ def _checkpoint_path(path: str | os.PathLike) -> tuple[str, str, str]:
     return p, directory, name
 
 
-class StorageWriter(dcp.StorageWriter):
+class _AtCheckpoint:
+    """The checkpoint a writer or reader works on: set at construction, rebound by DCP's ``reset``."""
+
+    _storage_options: dict | None
+
+    def _set_path(self, path: str | os.PathLike) -> None:
+        self.path, self._directory, self._name = _checkpoint_path(path)
+        self._storage = Storage(self._directory, self._storage_options)
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None:
+            self._set_path(checkpoint_id)
+
+
+class StorageWriter(_AtCheckpoint, dcp.StorageWriter):
     """Writes a DCP save as one checkpoint of this library's format; collective, like ``dcp.save``.
 
     Args:
@@ -146,14 +160,6 @@ class StorageWriter(dcp.StorageWriter):
         self._meta = _meta
         self._rank = 0
         self._is_coordinator = False
-
-    def _set_path(self, path: str | os.PathLike) -> None:
-        self.path, self._directory, self._name = _checkpoint_path(path)
-        self._storage = Storage(self._directory, self._storage_options)
-
-    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
-        if checkpoint_id is not None:
-            self._set_path(checkpoint_id)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:

@@ -37,7 +37,7 @@ from ..errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
 )
-from ._dcp import _TORCH_DTYPES, StorageWriter, _checkpoint_path
+from ._dcp import _TORCH_DTYPES, StorageWriter, _AtCheckpoint
 
 
 def check_files(storage: Storage, name: str, index: dict) -> None:
@@ -57,7 +57,7 @@ def check_files(storage: Storage, name: str, index: dict) -> None:
             )
 
 
-class StorageReader(dcp.StorageReader):
+class StorageReader(_AtCheckpoint, dcp.StorageReader):
     """Reads a checkpoint of this format in ``dcp.load``, on any number of ranks (resharding).
 
     Args:
@@ -79,14 +79,6 @@ class StorageReader(dcp.StorageReader):
         self._set_path(path)
         self._locs: dict[tuple[str, tuple[int, ...]], dict] = {}
         self._values: dict[str, Any] = {}
-
-    def _set_path(self, path: str | os.PathLike) -> None:
-        self.path, self._directory, self._name = _checkpoint_path(path)
-        self._storage = Storage(self._directory, self._storage_options)
-
-    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
-        if checkpoint_id is not None:
-            self._set_path(checkpoint_id)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
