@@ -210,7 +210,11 @@ class _Encoder:
         if tensor_kind is None:  # a numpy array or LazyArray
             dtype, shape, kind = obj.dtype, obj.shape, _kinds.NUMPY
         else:
-            dtype, shape, kind = tensor_kind.numpy_dtype(obj), tuple(obj.shape), tensor_kind.name
+            try:
+                dtype = tensor_kind.numpy_dtype(obj)
+            except TypeError as e:
+                raise TypeError(f"Cannot save {_path_str(path)}: {e}") from None
+            shape, kind = tuple(obj.shape), tensor_kind.name
         if not _numeric(dtype):
             raise TypeError(
                 f"Cannot save {_path_str(path)}: arrays of dtype {dtype!r} are not numeric. Only numeric "

@@ -42,6 +42,13 @@ def _back() -> dict:
 
 
 def numpy_dtype(t: torch.Tensor) -> np.dtype:
+    if type(t).__name__ == "DTensor":
+        # Its bytes live on every rank: one process cannot save it (``.numpy()`` refuses subclasses).
+        raise TypeError(
+            "it is a DTensor, sharded across ranks, which one process cannot save. Expected a plain "
+            "tensor. Save sharded state on every rank with ckpt_callbacks.distributed "
+            "(manager(...) then save(mgr, state, step)), or call .full_tensor() first."
+        )
     if t.dtype in _VIEWED and t.dtype in _via_view():
         return _via_view()[t.dtype][1]
     try:

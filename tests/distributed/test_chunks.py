@@ -78,3 +78,23 @@ def test_split_and_assemble_rebuild_the_full_tensor():
     arrays = {"b": 1, "w [chunk at [0, 0]]": full[:, :3].copy(), "w [chunk at [0, 3]]": full[:, 3:].copy()}
     _chunks.assemble(index, parts, arrays)
     assert sorted(arrays) == ["b", "w"] and np.array_equal(arrays["w"], full)
+
+
+def test_a_dtensor_given_to_a_plain_save_names_the_sharded_path(tmp_path):
+    """One process cannot save a DTensor; the error says where sharded state goes instead."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from ckpt_callbacks import save_checkpoint
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        dt = distribute_tensor(torch.arange(8.0), init_device_mesh("cpu", (1,)), [Shard(0)])
+        with pytest.raises(TypeError, match=r"state\['model'\]\['w'\].*DTensor.*ckpt_callbacks\.distributed"):
+            save_checkpoint(str(tmp_path / "ckpt-1"), {"model": {"w": dt}})
+        assert not list(tmp_path.iterdir())
+    finally:
+        dist.destroy_process_group()
