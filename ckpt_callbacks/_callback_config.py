@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -90,3 +91,18 @@ class CallbackConfig:
         }
         kwargs.update(extra)
         return CheckpointManager(self.directory, **kwargs)
+
+
+# Async managers whose snapshot buffers were prepared after the first optimizer step (held weakly: a
+# manager closed and collected leaves the set, and a later one is prepared again).
+_PREPARED: weakref.WeakSet = weakref.WeakSet()
+
+
+def prepare_snapshot_once(manager: Any, state: Callable[[], Any]) -> None:
+    """Start mapping ``manager``'s async snapshot buffers for ``state()`` (the tree the callback saves),
+    once per manager: after the first optimizer step every saved tensor (optimizer slots too) exists,
+    so the first save copies into memory already mapped. Cheap to call on every batch."""
+    if manager is None or not getattr(manager, "_async", False) or manager in _PREPARED:
+        return
+    _PREPARED.add(manager)
+    manager._prepare_snapshot(state())

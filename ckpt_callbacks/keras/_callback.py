@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from .. import _foreign
-from .._callback_config import CallbackConfig
+from .._callback_config import CallbackConfig, prepare_snapshot_once
 from .._manager import CheckpointManager
 from .._mode import direction_from_name, resolve_mode
 from ..errors import IncompatibleCheckpointError
@@ -338,9 +338,7 @@ class CheckpointCallback(keras.callbacks.Callback):
             _adapter.restore_rng(rng)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        _inplace.prepare_snapshot_once(
-            self._manager, lambda: _adapter.model_state(self.model, self.save_optimizer)
-        )
+        prepare_snapshot_once(self._manager, lambda: _adapter.model_state(self.model, self.save_optimizer))
         steps = self._steps_per_epoch()
         self._consumed = self._offset + int(batch) + 1
         if steps is not None:

@@ -10,7 +10,6 @@ those backends keep loading and assigning.
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -119,18 +118,3 @@ def restore_with_path(manager: Any, model: Any) -> tuple[str | None, Any]:
         lambda: read_index(latest, manager._storage_options),
         model,
     )
-
-
-# Async managers whose snapshot buffers were prepared after the first optimizer step (held weakly: a
-# manager closed and collected leaves the set, and a later one is prepared again).
-_PREPARED: weakref.WeakSet = weakref.WeakSet()
-
-
-def prepare_snapshot_once(manager: Any, state: Callable[[], Any]) -> None:
-    """Start mapping ``manager``'s async snapshot buffers for ``state()`` (the tree the callback saves),
-    once per manager: after the first optimizer step every saved tensor (optimizer slots too) exists,
-    so the first save copies into memory already mapped. Cheap to call on every batch."""
-    if manager is None or not getattr(manager, "_async", False) or manager in _PREPARED:
-        return
-    _PREPARED.add(manager)
-    manager._prepare_snapshot(state())

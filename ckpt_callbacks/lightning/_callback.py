@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .. import _foreign
-from .._callback_config import CallbackConfig
+from .._callback_config import CallbackConfig, prepare_snapshot_once
 from .._manager import CheckpointManager, _join, get_checkpoint_state
 from .._manager import load_checkpoint as _core_load
 from .._mode import resolve_mode
@@ -322,9 +322,7 @@ class CheckpointCallback(_compat.Bound):
         if self._skip(trainer):
             return
         if not self._sharded_path:  # a sharded async save stages into buffers of its own
-            _inplace.prepare_snapshot_once(
-                self._mgr, lambda: _inplace.snapshot_like(trainer, self.save_optimizer)
-            )
+            prepare_snapshot_once(self._mgr, lambda: _inplace.snapshot_like(trainer, self.save_optimizer))
         step = trainer.global_step
         time_due = self._time_due(trainer)  # a collective under DDP: every rank calls it here
         if self._trigger.batch_end(step, time_due=time_due):

@@ -8,7 +8,6 @@ values are the module's Parameters and buffers themselves (``keep_vars=True``), 
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -48,18 +47,3 @@ def snapshot_like(trainer: Any, save_optimizer: bool) -> dict[str, Any]:
     if save_optimizer:
         tree["optimizer_states"] = [opt.state_dict() for opt in trainer.optimizers]
     return tree
-
-
-# Async managers whose snapshot buffers were prepared after the first optimizer step (held weakly: a
-# manager closed and collected leaves the set, and a later one is prepared again).
-_PREPARED: weakref.WeakSet = weakref.WeakSet()
-
-
-def prepare_snapshot_once(manager: Any, state: Callable[[], Any]) -> None:
-    """Start mapping ``manager``'s async snapshot buffers for ``state()`` (the tree the callback saves),
-    once per manager: after the first optimizer step every saved tensor (optimizer slots too) exists,
-    so the first save copies into memory already mapped. Cheap to call on every batch."""
-    if manager is None or not getattr(manager, "_async", False) or manager in _PREPARED:
-        return
-    _PREPARED.add(manager)
-    manager._prepare_snapshot(state())

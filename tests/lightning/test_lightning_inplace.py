@@ -74,7 +74,7 @@ def test_resume_of_a_module_with_extra_keys_falls_back_to_the_normal_load(pl, tm
 
 
 def test_async_callback_prepares_snapshot_buffers_after_the_first_step(pl, tmp_path):
-    from ckpt_callbacks.lightning import _inplace
+    from ckpt_callbacks import _callback_config
 
     cb = CheckpointCallback(str(tmp_path / "run"), save_every_n_steps=3, async_save=True)
     seen = []
@@ -85,7 +85,7 @@ def test_async_callback_prepares_snapshot_buffers_after_the_first_step(pl, tmp_p
             if batch_idx == 1:
                 mgr = cb._mgr
                 mgr._buffers.wait()  # the preparation runs in the background; join it to look
-                seen.append((mgr in _inplace._PREPARED, mgr._buffers.get("state_dict/net.0.weight")))
+                seen.append((mgr in _callback_config._PREPARED, mgr._buffers.get("state_dict/net.0.weight")))
 
     model = model_class(pl, _Watched)()
     make_trainer(str(tmp_path), [cb, Probe()], pl=pl, max_epochs=1).fit(model, make_loader())
