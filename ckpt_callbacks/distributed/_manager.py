@@ -50,6 +50,20 @@ class _ShardedManager(CheckpointManager):
         super().__init__(*args, **kwargs)
         self._staging: dict = {}
 
+    def save(
+        self, state: Any, step: int, metrics: dict | None = None, meta: dict | None = None, **kw: Any
+    ) -> str:
+        """A collective sharded save on every rank: the same as :func:`save` with this manager."""
+        return save(self, state, step, metrics=metrics, meta=meta, _info=kw.get("_info"))
+
+    def restore(self, path: Any = None, *, into: Any = None) -> Any:
+        """With ``into`` (the state to fill, as :func:`restore` takes it) and no ``path``: a collective
+        restore of the newest valid checkpoint into ``into``, returned filled, or None when there is
+        none. Otherwise the plain single-process :meth:`CheckpointManager.restore`."""
+        if into is None or path is not None:
+            return super().restore(path, into=into)
+        return into if restore(self, into) is not None else None
+
     def _save_now(self, name: str, *rest: Any) -> None:
         if len(rest) == 1 and isinstance(rest[0], _Job):
             rest[0]()

@@ -9,6 +9,7 @@ dicts. Each rank writes ``OUT/rank<r>.json`` (what happened) and, where a test c
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import signal
@@ -106,7 +107,9 @@ def save_and_restore(rank, world, directory, out, result):
                 distribute_tensor(torch.arange(24.0).reshape(4, 6) * step, cols.device_mesh, [Shard(1)])
             )
         state = state_of(model, optim, cols, {"step": step, "note": "ok"})
-        path = cd.save(mgr, state, step, metrics={"loss": 1.0 / step})
+        # The manager's own save() is the same collective as cd.save (both ways, mixed).
+        save = mgr.save if step == 2 else functools.partial(cd.save, mgr)
+        path = save(state, step, metrics={"loss": 1.0 / step})
         saved[step] = full(state)
         result.setdefault("paths", []).append(path)
         result.setdefault("listed", []).append([os.path.basename(p) for p in mgr.checkpoints])
@@ -131,6 +134,7 @@ def save_and_restore(rank, world, directory, out, result):
 
     model2, optim2, cols2 = build(world, seed=123)
     state2 = state_of(model2, optim2, cols2, {"step": -1, "note": ""})
+    assert mgr.restore(into=state2) is state2  # the manager's own restore(into=): a collective too
     result["restored"] = os.path.basename(cd.restore(mgr, state2) or "")
     apply(model2, optim2, state2)
     got = full(state_of(model2, optim2, cols2))
