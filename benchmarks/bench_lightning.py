@@ -35,6 +35,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import bench_core  # noqa: E402 - its page-cache helpers (run as a script, this folder is on sys.path)
+
 from ckpt_callbacks.lightning import CheckpointCallback  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -63,14 +65,7 @@ def fsync_path(path: str) -> None:
 
 def drop_cache(path: str) -> None:
     """Evict a (clean) file, or every file under a directory, from the page cache."""
-    paths = [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs] if os.path.isdir(path) else [path]
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    (bench_core.drop_cache_tree if os.path.isdir(path) else bench_core.drop_cache)(path)
 
 
 def timed_round_robin(methods: dict, repeats: int, after: dict | None = None) -> dict[str, float]:

@@ -31,6 +31,7 @@ import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
+import bench_core  # noqa: E402 - its page-cache helpers (run as a script, this folder is on sys.path)
 
 MiB = 1 << 20
 KEPT_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
@@ -66,13 +67,7 @@ def fsync_tree(d: str) -> None:
 
 
 def drop_cache(d: str) -> None:
-    for p in files_under(d):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    bench_core.drop_cache_tree(d)
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3")

@@ -36,6 +36,7 @@ import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
+import bench_core  # noqa: E402 - its page-cache helpers (run as a script, this folder is on sys.path)
 
 MiB = 1 << 20
 WIDTH = 4096  # a Linear(4096, 4096) weight is 64 MiB
@@ -57,12 +58,7 @@ def build_model(layers: int):
 
 def drop_cache(paths: list[str]) -> None:
     for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        bench_core.drop_cache(p)
     try:  # as root, also the rest of the page cache (metadata), like a fresh machine
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3")
