@@ -113,15 +113,23 @@ def _ls_row(e: dict) -> list[str]:
     ]
 
 
-def cmd_ls(args: argparse.Namespace) -> int:
-    storage = Storage(args.directory, args.storage_options)
+def _state_and_markers(storage: Storage, not_found: str) -> tuple[Any, list[tuple[str, str]]]:
+    """The directory's parsed state file (or None) and its marker files; CheckpointNotFoundError
+    with ``not_found`` when it has neither."""
     parsed = read_state(storage)
     markers = _markers(storage, storage.list_names())
     if parsed is None and not markers:
-        raise CheckpointNotFoundError(
-            f"No checkpoints in {storage.url}: no '{STATE_FILE_NAME}' state file and no marker file "
-            "written by FsspecCheckpointIO."
-        )
+        raise CheckpointNotFoundError(not_found)
+    return parsed, markers
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    storage = Storage(args.directory, args.storage_options)
+    parsed, markers = _state_and_markers(
+        storage,
+        f"No checkpoints in {storage.url}: no '{STATE_FILE_NAME}' state file and no marker file "
+        "written by FsspecCheckpointIO.",
+    )
     doc: list[dict] = []
     latest = ""
     if parsed is not None:
@@ -335,13 +343,11 @@ def _verify_targets(args: argparse.Namespace) -> list[str]:
     if one is not None:
         return [one]
     storage = Storage(args.path, args.storage_options)
-    parsed = read_state(storage)
-    markers = _markers(storage, storage.list_names())
-    if parsed is None and not markers:
-        raise CheckpointNotFoundError(
-            f"No checkpoint or checkpoint directory at {args.path!r}: expected a checkpoint path (with a "
-            f"'.index' file), a marker file, or a directory with a '{STATE_FILE_NAME}' state file."
-        )
+    parsed, markers = _state_and_markers(
+        storage,
+        f"No checkpoint or checkpoint directory at {args.path!r}: expected a checkpoint path (with a "
+        f"'.index' file), a marker file, or a directory with a '{STATE_FILE_NAME}' state file.",
+    )
     names = []
     if parsed is not None:
         state = parsed[0]
