@@ -197,7 +197,15 @@ class BackgroundSaves:
                 # The interpreter is shutting down (e.g. save() from an atexit handler) and
                 # refuses new threads: write it here rather than lose the save.
                 self._pending = None
-                self._save_now(*args)
+                self._run_job(*args)
+
+    def _run_job(self, name: str, *rest: Any) -> None:
+        """``(name, job)``: a save prepared elsewhere (a sharded save's collective write), run as is;
+        otherwise the arguments of the manager's own ``_save_now``."""
+        if len(rest) == 1 and callable(rest[0]):
+            rest[0]()
+        else:
+            self._save_now(name, *rest)
 
     def _wait_previous(self, name: str) -> None:
         """A save requested while one is in flight waits for it: never coalesced, every step is written.
@@ -224,7 +232,7 @@ class BackgroundSaves:
         and logged at once, so it is seen even if the program never calls the manager again."""
         lower_thread_priority()
         try:
-            self._save_now(*args)
+            self._run_job(*args)
         except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
             logger.error(
                 "Background save of %s failed: %s: %s", self._storage.url_of(args[0]), type(e).__name__, e

@@ -7,7 +7,6 @@ The pieces it drives live next to it: :mod:`._checkpoint_io` writes one checkpoi
 :mod:`._async` holds the background-save helpers, :mod:`._lock` the one-writer lock.
 """
 
-# ruff: noqa: I001 - the re-export block below keeps one line per source module
 from __future__ import annotations
 
 import logging
@@ -16,17 +15,16 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from . import _async, _foreign, _leftovers, _lock, _validation
+from . import _async, _foreign, _leftovers, _lock, _sharding, _validation
 from . import _checkpoint_io as _cio
 from . import _format as fmt
 from ._checkpoint_read import files_of, load, written_by_us
+from ._mode import MonitoredMetric, resolve_mode
 from ._names import INDEX_SUFFIX, checkpoint_name, split_url
-from ._mode import resolve_mode
 from ._retention import BestN, EveryNHours, LatestN, Retention
 from ._state import (
     Record,
@@ -41,13 +39,6 @@ from ._storage import Storage
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
 logger = logging.getLogger("ckpt_callbacks")
-
-# Re-exported for the framework adapters (ckpt_callbacks.keras / .lightning) and their tests, which
-# still import these from here; everything else imports them from their homes (_resolve, _names).
-from ._names import join_url as _join  # noqa: E402, F401
-from ._resolve import POINTER_FORMAT as MARKER_FORMAT, POINTER_VERSION as MARKER_VERSION  # noqa: E402, F401
-from ._resolve import get_checkpoint_state, load_checkpoint, read_meta, save_checkpoint  # noqa: E402, F401
-from ._resolve import pointer_target as marker_target, resolve_checkpoint, resolve_one  # noqa: E402, F401
 
 
 class CheckpointManager(_async.BackgroundSaves):
@@ -116,26 +107,25 @@ class CheckpointManager(_async.BackgroundSaves):
         self._allow_pickle = allow_pickle
         self._clock = clock
         self._lock = threading.RLock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
-        self._error: BaseException | None = None
         self._buffers = _async.SnapshotBuffers()  # async snapshot buffers, kept between saves
-        self._waited_saves = 0  # async saves that had to wait for the previous one
-        self._warned_unranked = False
+        self._metric = MonitoredMetric(monitor, keep_best)  # metrics[monitor] as a number, or None
         self._commit_lock = threading.Lock()
         self.resumed_from: str | None = None
         self._closed = False
         _foreign.check_not_foreign(
             self._storage, prefix, self._written_by_us
         )  # before any write: foreign files are never touched
-        # One writer per directory: the leftovers cleanup below would delete another writer's
-        # in-flight files. `_allow_concurrent_writers` (private, for readers such as non-zero DDP
-        # ranks) skips the lock and, for the same reason, the cleanup.
-        self._writer_lock = None if _allow_concurrent_writers else _lock.acquire(self._storage, self)
+        # One writer per directory: the leftovers cleanup below would delete another writer's in-flight
+        # files. `_allow_concurrent_writers` (readers, e.g. non-zero DDP ranks) skips both; a non-zero
+        # rank of a process group defers both to its first save of its own (rank 0 commits sharded ones).
+        self._lock_deferred = not _allow_concurrent_writers and _sharding.follower_rank()
+        reader = _allow_concurrent_writers or self._lock_deferred
+        self._writer_lock = None if reader else _lock.acquire(self._storage, self)
+        self._on_close: list[Callable[[], None]] = []  # e.g. releases the sharded saves' process group
         try:
             self._load_state()
             self.aborted_uploads: list[str] = []  # names whose pending multipart upload was aborted
-            self.removed_leftovers = [] if _allow_concurrent_writers else self._remove_leftovers()
+            self.removed_leftovers = [] if reader else self._remove_leftovers()
         except BaseException:
             self._release_writer_lock()
             raise
@@ -245,12 +235,21 @@ class CheckpointManager(_async.BackgroundSaves):
             TypeError: a leaf the format does not store (naming its key path).
             CheckpointWriteError: the storage refused a write, or an earlier async save failed.
             CheckpointError: the manager is closed.
+
+        A ``state`` holding ``DTensor`` leaves (sharded across ranks) makes this a collective call on
+        every rank: :func:`ckpt_callbacks.distributed.save` with this manager.
         """
         if self._closed:
             raise CheckpointError("This CheckpointManager is closed; create a new one to save.")
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step must be an int >= 0. Received: step={step!r}.")
         step = int(step)
+        if _sharding.is_sharded(state):
+            return _sharding.ops().save(self, state, step, metrics=metrics, meta=meta, _info=_info)
+        if self._lock_deferred:  # a non-zero rank saving by itself: the writer now
+            self._writer_lock = _lock.acquire(self._storage, self)
+            self._lock_deferred = False
+            self.removed_leftovers = self._remove_leftovers()
         name = checkpoint_name(self._prefix, step)
         timestamp = float(self._clock())
         metric = self._metric(metrics)
@@ -265,27 +264,6 @@ class CheckpointManager(_async.BackgroundSaves):
             encoded = fmt.encode_tree(state, allow_pickle=self._allow_pickle)
             self._save_now(name, step, timestamp, metric, encoded, meta_doc, None)
         return self._storage.url_of(name)
-
-    def _metric(self, metrics: dict | None) -> float | None:
-        if not self._monitor or not metrics or self._monitor not in metrics:
-            if self._keep_best and not self._warned_unranked:
-                self._warned_unranked = True  # once: saves between evaluations legitimately lack it
-                logger.warning(
-                    "keep_best=%d ranks checkpoints by metrics[%r], but this save has no such metric "
-                    "(metrics: %s); it is kept only by max_to_keep / hourly retention. Log %r (e.g. pass "
-                    "validation data) or change monitor.",
-                    self._keep_best,
-                    self._monitor,
-                    sorted(metrics or {}),
-                    self._monitor,
-                )
-            return None
-        try:
-            return float(metrics[self._monitor])
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"metrics[{self._monitor!r}] must be a number. Received: {metrics[self._monitor]!r}."
-            ) from None
 
     def _save_now(self, name, step, timestamp, metric, encoded, meta_doc, arrays) -> None:
         """Write, commit (under the commit lock, rolled back on failure), rotate, log."""
@@ -461,6 +439,8 @@ class CheckpointManager(_async.BackgroundSaves):
             _async.ASYNC_MANAGERS.discard(self)
             self._buffers.close()
             self._release_writer_lock()
+            while self._on_close:
+                self._on_close.pop()()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -481,6 +461,8 @@ class CheckpointManager(_async.BackgroundSaves):
         checkpoints that did commit can still be restored.
         """
         self._wait(raise_error=False)
+        if path is not None and _sharding.is_sharded(into):
+            return _sharding.ops().load_into(os.fspath(path), into, self._storage_options)
         if path is not None:
             directory, name = split_url(os.fspath(path))
             storage = Storage(directory, self._storage_options) if directory != "." else self._storage
@@ -493,9 +475,13 @@ class CheckpointManager(_async.BackgroundSaves):
         """``(path, state)`` of the newest valid checkpoint, or ``(None, None)``.
 
         Like :meth:`restore` without a path, and also says which checkpoint was read (corrupt newer
-        ones are skipped with a warning). ``resumed_from`` then names it too.
+        ones are skipped with a warning). ``resumed_from`` then names it too. With ``into`` holding
+        ``DTensor`` leaves: a collective restore on every rank (:func:`ckpt_callbacks.distributed.restore`).
         """
         self._wait(raise_error=False)
+        if _sharding.is_sharded(into):
+            path = _sharding.ops().restore(self, into)
+            return (path, into) if path is not None else (None, None)
         with self._lock:
             names = [r.name for r in self._records]
             if self._latest and self._latest not in names:

@@ -11,6 +11,10 @@ objects, exactly as Keras does, and falls back to this rule.
 
 from __future__ import annotations
 
+import logging
+
+logger = logging.getLogger("ckpt_callbacks")
+
 MODES = ("auto", "min", "max")
 
 # Lower-case substrings of a metric name that mean "higher is better": accuracy ("acc" also covers
@@ -48,3 +52,32 @@ def direction_from_name(monitor: str | None) -> str:
 def resolve_mode(monitor: str | None, mode: str) -> str:
     """``mode`` itself when it is ``"min"`` or ``"max"``; for ``"auto"``, the direction of ``monitor``."""
     return direction_from_name(monitor) if mode == "auto" else mode
+
+
+class MonitoredMetric:
+    """A save's ``metrics[monitor]`` as the number ``keep_best`` ranks by, or None when it lacks it
+    (warned once: saves between evaluations legitimately do)."""
+
+    def __init__(self, monitor: str | None, keep_best: int | None) -> None:
+        self.monitor, self.keep_best, self.warned = monitor, keep_best, False
+
+    def __call__(self, metrics: dict | None) -> float | None:
+        if not self.monitor or not metrics or self.monitor not in metrics:
+            if self.keep_best and not self.warned:
+                self.warned = True
+                logger.warning(
+                    "keep_best=%d ranks checkpoints by metrics[%r], but this save has no such metric "
+                    "(metrics: %s); it is kept only by max_to_keep / hourly retention. Log %r (e.g. pass "
+                    "validation data) or change monitor.",
+                    self.keep_best,
+                    self.monitor,
+                    sorted(metrics or {}),
+                    self.monitor,
+                )
+            return None
+        try:
+            return float(metrics[self.monitor])
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"metrics[{self.monitor!r}] must be a number. Received: {metrics[self.monitor]!r}."
+            ) from None

@@ -17,6 +17,7 @@ import warnings
 from typing import Any
 
 from . import _format as fmt
+from . import _sharding
 from ._checkpoint_io import meta_doc, write_checkpoint
 from ._checkpoint_read import MAX_META_BYTES, load, read_bounded, written_by_us
 from ._checkpoint_read import read_index as _read_index
@@ -198,7 +199,9 @@ def load_checkpoint(
             ``load_state_dict(strict=True)``: every tensor in ``into`` must have a saved tensor of the
             same shape and dtype at its key path, else IncompatibleCheckpointError names the key
             paths and nothing is written (leave such keys out of ``into`` to keep their values).
-            Saved tensors with no destination in ``into`` are simply loaded.
+            Saved tensors with no destination in ``into`` are simply loaded. An ``into`` holding
+            ``DTensor`` leaves (sharded state) is filled by ``torch.distributed.checkpoint.load``, a
+            collective call on every rank, whatever the number of ranks that wrote the checkpoint.
 
     Returns:
         The state tree as saved: dicts, lists, tuples, numpy arrays, numbers, strings. Tensors saved
@@ -220,6 +223,8 @@ def load_checkpoint(
         >>> state = load_checkpoint("runs/a", into={"state_dict": module.state_dict()})  # in place
     """
     storage, name = open_checkpoint(resolve_checkpoint(path, storage_options), storage_options)
+    if _sharding.is_sharded(into):
+        return _sharding.ops().load_into(storage.url_of(name), into, storage_options)
     return load(storage, name, verify=verify, allow_pickle=allow_pickle, into=into)
 
 

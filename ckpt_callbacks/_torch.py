@@ -46,8 +46,8 @@ def numpy_dtype(t: torch.Tensor) -> np.dtype:
         # Its bytes live on every rank: one process cannot save it (``.numpy()`` refuses subclasses).
         raise TypeError(
             "it is a DTensor, sharded across ranks, which one process cannot save. Expected a plain "
-            "tensor. Save sharded state on every rank with ckpt_callbacks.distributed "
-            "(manager(...) then save(mgr, state, step)), or call .full_tensor() first."
+            "tensor. Save sharded state on every rank with CheckpointManager.save (a collective for "
+            "a state with DTensor leaves) or ckpt_callbacks.distributed, or call .full_tensor() first."
         )
     if t.dtype in _VIEWED and t.dtype in _via_view():
         return _via_view()[t.dtype][1]

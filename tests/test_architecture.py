@@ -32,6 +32,7 @@ CORE = [
     "_leftovers.py",
     "_async.py",
     "_manager.py",
+    "_sharding.py",
     "_validation.py",
     "_cli.py",
     "_cli_commands.py",

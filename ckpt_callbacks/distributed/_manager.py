@@ -1,7 +1,8 @@
 """CheckpointManager with sharded state: collective save / restore on every rank.
 
-The manager's own ``save`` writes from one process; a sharded save is a collective, so it goes
-through DCP with :class:`StorageWriter`, and the coordinator's ``finish`` (after every rank reported
+A plain manager's ``save`` writes from one process; a sharded save is a collective (what
+``CheckpointManager.save`` / ``restore(into=)`` hand a state with ``DTensor`` leaves to, and what
+:func:`manager`'s managers always do), so it goes through DCP with :class:`StorageWriter`, and the coordinator's ``finish`` (after every rank reported
 success) commits through the manager's own commit (``CheckpointManager._commit_written``: the state
 file through retention, rolled back on failure, then the dropped checkpoints' files deleted: all N
 data files of each).
@@ -9,7 +10,8 @@ data files of each).
 ``async_save=True``: ``save`` blocks only for the staging copy (:mod:`._staging`: each rank copies
 its local shards into CPU buffers the manager keeps between saves); the manager's background worker
 then runs ``dcp.save`` over a gloo process group of the manager's own, created once by
-:func:`manager`, so the training collectives keep running while the checkpoint is written.
+:func:`manager` (or by the first async sharded save, a collective anyway), so the training
+collectives keep running while the checkpoint is written.
 """
 
 from __future__ import annotations
@@ -41,14 +43,9 @@ def _rank(process_group: Any) -> int:
 
 
 class _ShardedManager(CheckpointManager):
-    """The manager :func:`manager` returns: its background worker also runs sharded saves, and it
-    owns the process group those use."""
-
-    _ckpt_group: Any = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._staging: dict = {}
+    """The manager :func:`manager` returns: its ``save`` and ``restore(into=)`` are always the
+    collective sharded ones, whatever the state holds (a plain :class:`CheckpointManager` goes
+    sharded when the state holds ``DTensor`` leaves)."""
 
     def save(
         self, state: Any, step: int, metrics: dict | None = None, meta: dict | None = None, **kw: Any
@@ -64,23 +61,25 @@ class _ShardedManager(CheckpointManager):
             return super().restore(path, into=into)
         return into if restore(self, into) is not None else None
 
-    def _save_now(self, name: str, *rest: Any) -> None:
-        if len(rest) == 1 and isinstance(rest[0], _Job):
-            rest[0]()
-        else:
-            super()._save_now(name, *rest)
 
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self._staging.clear()
-            group, self._ckpt_group = self._ckpt_group, None
-            if group is not None and dist.is_initialized():
-                try:
-                    dist.destroy_process_group(group)
-                except Exception:  # noqa: BLE001 - the default group is gone already: so is this one
-                    pass
+def _own_group(mgr: CheckpointManager, ranks: list[int] | None) -> None:
+    """Give an async manager the gloo process group its background sharded saves run on (a
+    collective call on every rank of the default group), destroyed when the manager closes."""
+    if getattr(mgr, "_staging", None) is not None:
+        return
+    group = dist.new_group(ranks=ranks, backend="gloo") if dist.is_initialized() else None
+    mgr._ckpt_group = group
+    mgr._staging = {}  # each rank's CPU copies of its shards, reused between saves
+
+    def release() -> None:
+        mgr._staging = mgr._ckpt_group = None
+        if group is not None and dist.is_initialized():
+            try:
+                dist.destroy_process_group(group)
+            except Exception:  # noqa: BLE001 - the default group is gone already: so is this one
+                pass
+
+    mgr._on_close.append(release)
 
 
 def manager(directory: str | os.PathLike, *, process_group: Any = None, **kwargs: Any) -> CheckpointManager:
@@ -94,19 +93,14 @@ def manager(directory: str | os.PathLike, *, process_group: Any = None, **kwargs
     With ``async_save=True`` this creates a gloo process group for the background saves (over the
     ranks of ``process_group``, default all): a collective call on every rank of the default group.
     """
-    async_save = kwargs.get("async_save", False)
-    check_flags(async_save=async_save)
-    group = None
-    if async_save and dist.is_initialized():
-        ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
-        group = dist.new_group(ranks=ranks, backend="gloo")
-    try:
-        mgr = _ShardedManager(directory, _allow_concurrent_writers=_rank(process_group) != 0, **kwargs)
-    except BaseException:
-        if group is not None:
-            dist.destroy_process_group(group)
-        raise
-    mgr._ckpt_group = group
+    check_flags(async_save=kwargs.get("async_save", False))
+    mgr = _ShardedManager(directory, _allow_concurrent_writers=_rank(process_group) != 0, **kwargs)
+    if mgr._async:
+        try:
+            _own_group(mgr, None if process_group is None else dist.get_process_group_ranks(process_group))
+        except BaseException:
+            mgr.close()
+            raise
     return mgr
 
 
@@ -161,7 +155,8 @@ def save(
     timestamp = float(mgr._clock())
     record = Record(name, step, timestamp, "active", mgr._metric(metrics), None)
     meta_doc = _meta_doc(step, timestamp, metrics, meta, _info or {"framework": "torch"})
-    if getattr(mgr, "_async", False) and isinstance(mgr, _ShardedManager):
+    if mgr._async:
+        _own_group(mgr, None if process_group is None else dist.get_process_group_ranks(process_group))
         mgr._wait_previous(name)  # the staging buffers are free again; a failure of the last save raises here
         staged = _staging.stage(mgr._staging, state)
         mgr._submit((name, _Job(mgr, name, staged, record, meta_doc)))
@@ -236,16 +231,22 @@ def restore(mgr: CheckpointManager, state: dict, *, process_group: Any = None) -
     if name is None:
         return None
     path = mgr._storage.url_of(name)
+    load_into(path, state, mgr._storage_options, process_group=process_group)
+    mgr.resumed_from = name
+    return path
+
+
+def load_into(path: str, state: Any, storage_options: dict | None, *, process_group: Any = None) -> Any:
+    """``dcp.load`` of checkpoint ``path`` into ``state`` in place; collective. Returns ``state``."""
     try:
         dcp.load(
             state,
-            storage_reader=StorageReader(path, storage_options=mgr._storage_options),
+            storage_reader=StorageReader(path, storage_options=storage_options),
             process_group=process_group,
         )
     except CheckpointException as e:
         raise CorruptCheckpointError(f"Loading {path!r} failed on {_failed_ranks(e)}.") from None
-    mgr.resumed_from = name
-    return path
+    return state
 
 
 def _newest_valid(mgr: CheckpointManager) -> str | None:

@@ -7,8 +7,7 @@ from typing import Any
 
 import keras
 
-from .._manager import load_checkpoint, read_meta, resolve_checkpoint
-from .._resolve import read_index
+from .._resolve import load_checkpoint, read_index, read_meta, resolve_checkpoint
 from ..errors import IncompatibleCheckpointError
 from . import _adapter, _compat, _inplace
 

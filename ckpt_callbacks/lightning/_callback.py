@@ -25,9 +25,11 @@ import torch
 
 from .. import _foreign
 from .._callback_config import CallbackConfig, prepare_snapshot_once
-from .._manager import CheckpointManager, _join, get_checkpoint_state
-from .._manager import load_checkpoint as _core_load
+from .._manager import CheckpointManager
 from .._mode import resolve_mode
+from .._names import join_url as _join
+from .._resolve import get_checkpoint_state
+from .._resolve import load_checkpoint as _core_load
 from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError
 from . import _compat, _convert, _inplace, _rng, _sharded
 from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO

@@ -38,10 +38,13 @@ from typing import Any
 import torch
 
 from .. import _storage
-from .._manager import MARKER_FORMAT, MARKER_VERSION, _join, resolve_checkpoint, resolve_one
-from .._manager import load_checkpoint as _core_load
-from .._manager import marker_target as _read_marker
-from .._manager import save_checkpoint as _core_save
+from .._names import join_url as _join
+from .._resolve import POINTER_FORMAT as MARKER_FORMAT
+from .._resolve import POINTER_VERSION as MARKER_VERSION
+from .._resolve import load_checkpoint as _core_load
+from .._resolve import pointer_target as _read_marker
+from .._resolve import resolve_checkpoint, resolve_one
+from .._resolve import save_checkpoint as _core_save
 from ..errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,

@@ -331,7 +331,49 @@ def raw_retry(rank, world, directory, out, result):
     result["after_retry"] = sorted(os.listdir(directory))
 
 
+def plain_manager(rank, world, directory, out, result):
+    """A plain CheckpointManager made on every rank (sync, then async_save=True), as a user writes
+    it: saves of DTensor state are collectives, retention and the state file are rank 0's, and
+    restore(into=) / load_checkpoint(into=) fill a fresh sharded model. A rank's own single-process
+    save into its own directory still works (its writer lock is taken then)."""
+    from ckpt_callbacks import CheckpointManager, load_checkpoint
+
+    model, optim, cols = build(world)
+    saved = {}
+    for async_save in (False, True):
+        sub = os.path.join(directory, "async" if async_save else "sync")
+        mgr = CheckpointManager(sub, max_to_keep=2, async_save=async_save)
+        for step in (1, 2, 3):
+            train(model, optim, 1)
+            state = state_of(model, optim, cols, {"step": step})
+            mgr.save(state, step)
+            saved[(async_save, step)] = full(state)
+        mgr.wait_until_finished()
+        result[f"listed_{async_save}"] = [os.path.basename(p) for p in mgr.checkpoints]
+        model2, optim2, cols2 = build(world, seed=123)
+        state2 = state_of(model2, optim2, cols2, {"step": -1})
+        assert mgr.restore(into=state2) is state2
+        result[f"resumed_{async_save}"] = mgr.resumed_from
+        apply(model2, optim2, state2)
+        got, want = full(state_of(model2, optim2, cols2)), saved[(async_save, 3)]
+        result[f"mismatch_{async_save}"] = sorted(k for k in want if not torch.equal(got[k], want[k]))
+        result[f"extra_{async_save}"] = state2["extra"]
+        # An explicit older checkpoint, through the manager and through load_checkpoint.
+        state3 = state_of(*build(world, seed=5), {"step": -1})
+        mgr.restore(os.path.join(sub, "ckpt-2"), into=state3)
+        state4 = state_of(*build(world, seed=6), {"step": -1})
+        assert load_checkpoint(sub, into=state4) is state4
+        result[f"explicit_{async_save}"] = [state3["extra"]["step"], state4["extra"]["step"]]
+        mgr.close()
+    own = CheckpointManager(os.path.join(out, f"own-rank{rank}"))
+    own.save({"rank": torch.tensor([rank])}, 1)
+    result["own"] = os.path.basename(own.latest_checkpoint)
+    own.close()
+    torch.save(saved[(False, 3)], os.path.join(out, f"sync3-rank{rank}.pt"))
+
+
 SCENARIOS = {
+    "plain_manager": plain_manager,
     "raw_failure": raw_failure,
     "raw_retry": raw_retry,
     "async_save": async_save,

@@ -183,6 +183,34 @@ def test_reshard_two_ranks_to_one_and_one_to_two(sharded, tmp_path):
         assert_same(torch.load(str(tmp_path / "two" / f"loaded-rank{r['rank']}.pt"), weights_only=True), want)
 
 
+def test_a_plain_checkpoint_manager_on_every_rank_saves_and_restores_sharded_state(tmp_path):
+    """SPEC §2.5: CheckpointManager itself goes sharded when the state is (sync and async)."""
+    directory, out = str(tmp_path / "ckpts"), str(tmp_path / "out")
+    results = run_ranks("plain_manager", 2, directory, out)
+    for r in results:
+        assert "error" not in r, r
+        for a in (False, True):
+            assert r[f"listed_{a}"] == ["ckpt-2", "ckpt-3"]
+            assert (
+                r[f"resumed_{a}"] == "ckpt-3" and r[f"mismatch_{a}"] == [] and r[f"extra_{a}"] == {"step": 3}
+            )
+            assert r[f"explicit_{a}"] == [2, 3]
+        assert r["own"] == "ckpt-1"
+    for sub in ("sync", "async"):
+        names = sorted(n for n in os.listdir(os.path.join(directory, sub)) if not n.startswith("."))
+        assert names == [
+            "checkpoint",
+            *[
+                f"ckpt-{s}.{x}"
+                for s in (2, 3)
+                for x in ("data-00000-of-00002", "data-00001-of-00002", "index", "meta")
+            ],
+        ]
+    # One process reads it back as full tensors.
+    want = torch.load(os.path.join(out, "sync3-rank0.pt"), weights_only=True)
+    assert_same(flat_tensors(load_checkpoint(os.path.join(directory, "sync"))), want)
+
+
 def test_async_save_training_collectives_run_during_the_write_and_errors_reach_every_rank(tmp_path):
     directory = str(tmp_path / "ckpts")
     results = run_ranks("async_save", 2, directory, str(tmp_path / "out"))
