@@ -106,6 +106,56 @@ class SnapshotBuffers(dict):
         self.clear()
 
 
+# numpy copies are split into pieces of about this size and run on a few threads (numpy releases the
+# GIL while it copies), so the copy an async save blocks on uses more than one core.
+_COPY_PIECE = 32 << 20
+_COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
+_copy_pool: ThreadPoolExecutor | None = None
+_copy_pool_lock = threading.Lock()
+
+
+def copy_all(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """``np.copyto(dst, src)`` for every pair, in ~32 MiB pieces spread over up to 4 threads.
+
+    On memory the process already has, one core rarely saturates the memory bus; on buffers mapped
+    fresh (a first save), the page faults are shared between cores too. Small arrays are batched so
+    that a task is never much smaller than a piece.
+    """
+    tasks: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
+    size = 0
+    for dst, src in pairs:
+        if dst.nbytes >= 2 * _COPY_PIECE and dst.flags.c_contiguous and src.flags.c_contiguous:
+            d, s = dst.reshape(-1), src.reshape(-1)
+            n = max(1, _COPY_PIECE // dst.itemsize)
+            tasks.extend([(d[i : i + n], s[i : i + n])] for i in range(0, d.size, n))
+            continue
+        if size >= _COPY_PIECE:
+            tasks.append([])
+            size = 0
+        tasks[-1].append((dst, src))
+        size += dst.nbytes
+    tasks = [t for t in tasks if t]
+    if _COPY_THREADS < 2 or len(tasks) < 2:
+        for task in tasks:
+            _copy_task(task)
+        return
+    for _ in _pool().map(_copy_task, tasks):  # re-raises a failed copy
+        pass
+
+
+def _copy_task(task: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    for dst, src in task:
+        np.copyto(dst, src, casting="no")
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _copy_pool
+    with _copy_pool_lock:
+        if _copy_pool is None:
+            _copy_pool = ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="ckpt-copy")
+        return _copy_pool
+
+
 def snapshot(buffers: SnapshotBuffers, encoded: fmt.EncodedState) -> dict[str, np.ndarray]:
     """Copy every tensor into host ``buffers`` reused between saves (the only work async blocks on).
 
@@ -114,6 +164,7 @@ def snapshot(buffers: SnapshotBuffers, encoded: fmt.EncodedState) -> dict[str, n
     """
     buffers.finish()
     arrays = {}
+    numpy_copies: list[tuple[np.ndarray, np.ndarray]] = []
     for t in encoded.tensors:
         if isinstance(t.source, fmt.LazyArray) and t.source.immutable:
             arrays[t.name] = t.array()  # e.g. a JAX array's buffer: kept as it is, no copy
@@ -129,8 +180,12 @@ def snapshot(buffers: SnapshotBuffers, encoded: fmt.EncodedState) -> dict[str, n
                     f"Tensor {t.name!r} changed while saving: expected {t.dtype} {t.shape}, "
                     f"got {src.dtype} {src.shape}."
                 )
-            np.copyto(buf, src, casting="no")
+            if isinstance(t.source, np.ndarray):
+                numpy_copies.append((buf, src))  # copied below, several at once
+            else:  # read on demand (LazyArray): copied now, so one such read is alive at a time
+                np.copyto(buf, src, casting="no")
         arrays[t.name] = buf
+    copy_all(numpy_copies)
     for stale in set(buffers) - set(arrays):
         del buffers[stale]
     return arrays

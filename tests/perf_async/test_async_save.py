@@ -270,6 +270,39 @@ def test_buffer_replaced_when_shape_changes_and_dropped_when_tensor_goes(tmp_pat
     assert load_checkpoint(tmp_path / "ckpt-2")["a"].shape == (8,)
 
 
+def test_snapshot_copies_numpy_state_in_pieces_on_several_threads_bit_exactly(tmp_path, monkeypatch):
+    """Large contiguous arrays are split into pieces, small ones batched, views copied whole; every
+    byte lands where it belongs, whatever ran on which copy thread."""
+    from ckpt_callbacks import _async
+
+    monkeypatch.setattr(_async, "_COPY_PIECE", 1 << 16)  # 64 KiB pieces: many tasks on small arrays
+    monkeypatch.setattr(_async, "_COPY_THREADS", 3)
+    threads = set()
+    copy_task = _async._copy_task
+    monkeypatch.setattr(
+        _async, "_copy_task", lambda task: (threads.add(threading.get_ident()), copy_task(task))
+    )
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 2**31, size=(300, 1000), dtype=np.int64)  # 2.3 MiB: 37 pieces
+    state = {
+        "big": big,
+        "odd": rng.random(333_333).astype(np.float32),  # no multiple of a piece: a short last one
+        "bf16": rng.random(70_000).astype(ml_dtypes.bfloat16),
+        "view": big[::3, ::7],  # not contiguous: copied whole
+        "small": [np.full(i + 1, i, dtype=np.int16) for i in range(300)],  # batched
+    }
+    mgr = CheckpointManager(tmp_path, async_save=True)
+    mgr.save(state, step=1)
+    mgr.close()
+    assert len(threads) >= 2
+    got = load_checkpoint(tmp_path / "ckpt-1")
+    for k in ("big", "odd", "bf16", "view"):
+        assert got[k].dtype == state[k].dtype
+        np.testing.assert_array_equal(got[k], state[k])
+    for a, b in zip(got["small"], state["small"], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_snapshot_isolates_saved_values_from_later_mutation(tmp_path, gate):
     g = gate("write", ".data-")
     g.armed = True
