@@ -329,7 +329,7 @@ def tf_worker(size: int, reps: int, bench_dir: str) -> None:
     import keras
     import tensorflow as tf
 
-    from ckpt_callbacks._format import LazyArray
+    from ckpt_callbacks.keras._adapter import variables_to_tree
 
     width = 2048  # a Dense(2048) kernel is 16 MiB of float32
     model = keras.Sequential(
@@ -338,8 +338,9 @@ def tf_worker(size: int, reps: int, bench_dir: str) -> None:
     for v in model.weights:
         v.assign(filled(int(np.prod(v.shape)) * 4).reshape(v.shape))
     scratch = Scratch(tempfile.mkdtemp(prefix="tf-", dir=bench_dir))
-    # What the Keras adapter does: each variable is read when it is written, one at a time.
-    state = {v.path: LazyArray(tuple(v.shape), v.dtype, v.numpy) for v in model.weights}
+    # The Keras adapter's own tree: each variable read (a zero-copy view of TensorFlow's buffer) when
+    # it is written, one at a time.
+    state = variables_to_tree(model.weights)
 
     def tf_setup():
         d = scratch.new()
