@@ -8,6 +8,8 @@ files). Tensors come back as numpy arrays, or as their framework's type when the
 
 from __future__ import annotations
 
+import io
+import mmap
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +29,10 @@ HASH_BEHIND_BYTES = 32 << 20
 # 64 MiB per read(): as fast as one read of the whole tensor on a cold cache (the kernel's readahead
 # keeps up), and small enough that hashing one chunk overlaps reading the next.
 READ_CHUNK = 64 << 20
+# Without a destination, a local tensor at an offset aligned to this many bytes is returned as a
+# copy-on-write view of the data file's mapping (verified by reading it through a small buffer).
+MAP_ALIGN = 8
+MAP_VERIFY_CHUNK = 8 << 20
 # The head of a file this format wrote: an index or .meta starts with it, a data file's metadata too.
 FORMAT_HEAD = b'{"format":"' + fmt.FORMAT_NAME.encode() + b'"'
 
@@ -198,8 +204,11 @@ def read_data_file(
         raise CorruptCheckpointError(f"Invalid header size for {fname!r} in the checkpoint index.")
     dests = {n: dests[n] for n, _ in tensors if n in dests} if dests else {}
     with storage.open_read(fname) as fh:
+        mapped = None
         if storage.is_local:
             _advise_sequential(fh)
+            if len(dests) < len(tensors):
+                mapped = _map_private(fh)
         if verify:
             _verify_header(storage, fh, f, header_size)
         # Big files: chunk N is hashed on a helper thread while chunk N+1 is read (xxhash and
@@ -207,7 +216,8 @@ def read_data_file(
         behind = verify and actual >= HASH_BEHIND_BYTES
         pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-verify") if behind else None
         try:
-            _DataFileReader(storage, fh, fname, pool, verify, dests).read(tensors, out, header_size)
+            reader = _DataFileReader(storage, fh, fname, pool, verify, dests, mapped)
+            reader.read(tensors, out, header_size)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -220,14 +230,35 @@ def _advise_sequential(fh: Any) -> None:
         pass
 
 
-class _DataFileReader:
-    """The tensors of one open data file, each read into a fresh array, its destination's own memory,
-    or (a destination that cannot take the bytes as stored) one staging buffer reused per file."""
+def _map_private(fh: Any) -> Any:
+    """A private (copy-on-write) mapping of a local data file, or None where there is none.
 
-    def __init__(self, storage: Storage, fh: Any, fname: str, pool: Any, verify: bool, dests: dict) -> None:
+    Tensors returned without a destination are views of it, as safetensors' loader returns: their
+    pages are the page cache's, so a load maps no fresh memory (on a VM every fresh page can cost a
+    host fault), and a page is copied only if the caller writes to it. Files this library commits are
+    never changed in place (a save of the same step writes a new file and renames it), so a view keeps
+    the bytes it was verified with, even after retention deletes the file.
+    """
+    if os.name != "posix":  # a mapped file could not be deleted by retention on Windows
+        return None
+    try:
+        return mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+class _DataFileReader:
+    """The tensors of one open data file, each read into its destination's own memory, (a destination
+    that cannot take the bytes as stored) one staging buffer reused per file, or without a destination
+    a view of the file's private mapping (``mapped``) where there is one, else a fresh array."""
+
+    def __init__(
+        self, storage: Storage, fh: Any, fname: str, pool: Any, verify: bool, dests: dict, mapped: Any = None
+    ) -> None:
         self.storage, self.fh, self.fname, self.pool, self.verify = storage, fh, fname, pool, verify
-        self.dests = dests
+        self.dests, self.mapped = dests, mapped
         self.direct = {n: _readinto.direct_view(d) for n, d in dests.items()}
+        self.scratch: memoryview | None = None  # verifies mapped tensors
 
     def read(self, tensors: list, out: dict, header_size: int) -> None:
         staged = [t["length"] for n, t in tensors if n in self.direct and self.direct[n] is None]
@@ -236,6 +267,11 @@ class _DataFileReader:
         for tname, t in tensors:
             if t["offset"] < header_size:
                 raise CorruptCheckpointError(f"Tensor {tname!r} overlaps the header of {self.fname!r}.")
+            if self._mappable(tname, t):
+                if not self._verify_mapped(t):
+                    _raise_mismatch(self.storage, self.fname, tname, in_place=bool(self.dests))
+                out[tname] = np.frombuffer(self.mapped, np.uint8, t["length"], t["offset"])
+                continue
             dest, view, buf = self.dests.get(tname), self.direct.get(tname), None
             if view is None:
                 buf = staging[: t["length"]] if dest is not None else np.empty(t["length"], np.uint8)
@@ -261,6 +297,32 @@ class _DataFileReader:
             out[tname] = buf if dest is None else dest
         if pending is not None:
             self._check(*pending)
+
+    def _mappable(self, tname: str, t: dict) -> bool:
+        return (
+            self.mapped is not None
+            and tname not in self.dests
+            and t["length"] > 0
+            and t["offset"] % MAP_ALIGN == 0
+            and t["offset"] + t["length"] <= len(self.mapped)
+        )
+
+    def _verify_mapped(self, t: dict) -> bool:
+        """Read a mapped tensor's bytes through a small reused buffer, hashing them: the read fills the
+        page cache the mapping shows, so the view's later page faults find its pages there."""
+        if not self.verify:
+            return True
+        if self.scratch is None or len(self.scratch) < min(t["length"], MAP_VERIFY_CHUNK):
+            self.scratch = memoryview(np.empty(min(t["length"], MAP_VERIFY_CHUNK), np.uint8))
+        hasher = fmt.new_hasher()
+        self.fh.seek(t["offset"])
+        left = t["length"]
+        while left:
+            piece = self.scratch[: min(left, len(self.scratch))]
+            _fill(self.fh, piece, self.fname)
+            hasher.update(piece)
+            left -= len(piece)
+        return fmt.checksum_str(hasher) == t["checksum"]
 
     def _check(self, tname: str, match: Future) -> None:
         if not match.result():

@@ -206,7 +206,9 @@ def load_checkpoint(
     Returns:
         The state tree as saved: dicts, lists, tuples, numpy arrays, numbers, strings. Tensors saved
         from torch come back as torch tensors when torch is importable, else as numpy arrays; those
-        restored in place are the objects of ``into``.
+        restored in place are the objects of ``into``. From local disk, the others are writable
+        copy-on-write views of the data file's mapping (as safetensors loads): no fresh memory is
+        mapped until a tensor is written to, and the checkpoint's files never change.
 
     Raises:
         CheckpointNotFoundError: nothing at ``path`` (also a ``FileNotFoundError``).
