@@ -461,11 +461,11 @@ class CheckpointManager(_async.BackgroundSaves):
         checkpoints that did commit can still be restored.
         """
         self._wait(raise_error=False)
-        if path is not None and _sharding.is_sharded(into):
-            return _sharding.ops().load_into(os.fspath(path), into, self._storage_options)
         if path is not None:
             directory, name = split_url(os.fspath(path))
             storage = Storage(directory, self._storage_options) if directory != "." else self._storage
+            if _sharding.is_sharded(into):
+                return _sharding.ops().load_into(storage.url_of(name), into, self._storage_options)
             return self._prepared(
                 load(storage, name, verify=True, allow_pickle=self._allow_pickle, into=into)
             )

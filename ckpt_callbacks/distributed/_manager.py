@@ -2,10 +2,10 @@
 
 A plain manager's ``save`` writes from one process; a sharded save is a collective (what
 ``CheckpointManager.save`` / ``restore(into=)`` hand a state with ``DTensor`` leaves to, and what
-:func:`manager`'s managers always do), so it goes through DCP with :class:`StorageWriter`, and the coordinator's ``finish`` (after every rank reported
-success) commits through the manager's own commit (``CheckpointManager._commit_written``: the state
-file through retention, rolled back on failure, then the dropped checkpoints' files deleted: all N
-data files of each).
+:func:`manager`'s managers always do), so it goes through DCP with :class:`StorageWriter`, and the
+coordinator's ``finish`` (after every rank reported success) commits through the manager's own
+commit (``CheckpointManager._commit_written``: the state file through retention, rolled back on
+failure, then the dropped checkpoints' files deleted: all N data files of each).
 
 ``async_save=True``: ``save`` blocks only for the staging copy (:mod:`._staging`: each rank copies
 its local shards into CPU buffers the manager keeps between saves); the manager's background worker

@@ -360,7 +360,7 @@ def plain_manager(rank, world, directory, out, result):
         result[f"extra_{async_save}"] = state2["extra"]
         # An explicit older checkpoint, through the manager and through load_checkpoint.
         state3 = state_of(*build(world, seed=5), {"step": -1})
-        mgr.restore(os.path.join(sub, "ckpt-2"), into=state3)
+        mgr.restore("ckpt-2", into=state3)  # a name in the manager's directory
         state4 = state_of(*build(world, seed=6), {"step": -1})
         assert load_checkpoint(sub, into=state4) is state4
         result[f"explicit_{async_save}"] = [state3["extra"]["step"], state4["extra"]["step"]]
