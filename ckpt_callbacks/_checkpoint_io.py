@@ -127,8 +127,10 @@ def _write_local(
         files, index_tensors = _file_table(results)
         meta_bytes, meta_entry = meta_file(name, meta_doc)
         files.append(meta_entry)
-        staged.append(_staged(storage, name + META_SUFFIX, meta_bytes))
-        staged.append(_staged(storage, name + INDEX_SUFFIX, index_bytes(step, files, index_tensors, tree)))
+        staged.append(storage.staged_writer(name + META_SUFFIX, meta_bytes))
+        staged.append(
+            storage.staged_writer(name + INDEX_SUFFIX, index_bytes(step, files, index_tensors, tree))
+        )
         storage.prepare(staged)
         *data, meta, index = staged
         for writer in data:
@@ -146,16 +148,6 @@ def _write_local(
         for writer in staged:
             if writer.name not in written:
                 writer.abort()
-
-
-def _staged(storage: Storage, name: str, data: bytes) -> Any:
-    writer = storage.writer(name)
-    try:
-        writer.write(data)
-    except BaseException:
-        writer.abort()
-        raise
-    return writer
 
 
 def _num_shards(storage: Storage, total: int, n_tensors: int) -> int:

@@ -14,7 +14,8 @@ path) before any byte is written, so an incompatible ``into`` raises and leaves 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,21 @@ import numpy as np
 from . import _kinds
 from ._dtypes import dtype_from_name, dtype_str
 from .errors import CorruptCheckpointError, IncompatibleCheckpointError
+
+logger = logging.getLogger("ckpt_callbacks")
+
+
+def in_place_or_plain(load: Callable[..., Any], into: Any) -> Any:
+    """``load(into=into)``, or a plain ``load()`` when there is no ``into`` or it does not fit the
+    checkpoint (``IncompatibleCheckpointError`` is raised before any byte is written, so the plain
+    load starts from destinations left untouched). The framework adapters' resume uses this."""
+    if not into:
+        return load()
+    try:
+        return load(into=into)
+    except IncompatibleCheckpointError as e:
+        logger.debug("Not restoring in place: %s", e)
+        return load()
 
 
 def _is_tensor(obj: Any) -> bool:

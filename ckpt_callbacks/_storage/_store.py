@@ -95,14 +95,18 @@ class Storage:
             self._gcs_ours = ours
         return self._gcs_ours
 
-    def write_bytes(self, name: str, data: bytes) -> None:
+    def staged_writer(self, name: str, data: bytes) -> Any:
+        """A writer of ``name`` holding ``data``, not yet committed (aborted if the write fails)."""
         w = self.writer(name)
         try:
             w.write(data)
         except BaseException:
             w.abort()
             raise
-        w.commit()
+        return w
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.staged_writer(name, data).commit()
 
     def prepare(self, writers: list[AtomicWriter]) -> None:
         """Make what ``writers`` wrote durable, not yet visible; their ``commit()`` then publishes.

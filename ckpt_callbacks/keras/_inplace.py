@@ -16,6 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from .._readinto import in_place_or_plain
 from .._resolve import read_index
 from ..errors import IncompatibleCheckpointError
 from . import _adapter
@@ -99,13 +100,7 @@ def load_into_model(
     except Exception as e:  # noqa: BLE001 - an unreadable index: the usual load reports it
         logger.debug("Not restoring in place: %s", e)
         into = None
-    if not into:
-        return load()
-    try:
-        return load(into=into)
-    except IncompatibleCheckpointError as e:
-        logger.debug("Not restoring in place: %s", e)
-        return load()
+    return in_place_or_plain(load, into)
 
 
 def restore_with_path(manager: Any, model: Any) -> tuple[str | None, Any]:

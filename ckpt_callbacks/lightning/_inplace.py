@@ -7,13 +7,10 @@ values are the module's Parameters and buffers themselves (``keep_vars=True``), 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import IncompatibleCheckpointError
-
-logger = logging.getLogger(__name__)
+from .._readinto import in_place_or_plain
 
 
 def module_into(module: Any) -> dict[str, Any] | None:
@@ -30,14 +27,7 @@ def load_into_module(load: Callable[..., Any], module: Any) -> Any:
     checkpoint lacks, e.g. ``strict_loading=False``, or changed shapes / dtypes) starts from the
     module untouched and leaves the usual ``load_state_dict`` to report or tolerate the mismatch.
     """
-    into = module_into(module)
-    if into is None:
-        return load()
-    try:
-        return load(into=into)
-    except IncompatibleCheckpointError as e:
-        logger.debug("Not restoring in place: %s", e)
-        return load()
+    return in_place_or_plain(load, module_into(module))
 
 
 def snapshot_like(trainer: Any, save_optimizer: bool) -> dict[str, Any]:
