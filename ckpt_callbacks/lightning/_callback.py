@@ -148,6 +148,9 @@ class CheckpointCallback(_compat.Bound):
         self._resume_rng: dict | None = None  # this rank's RNG states of the checkpoint being resumed
         self._resume_consumed = 0  # batches of the interrupted epoch to skip (mid-epoch resume)
         self._best_metric: float | None = None
+        # The global step of the last validation in this fit and the metrics it logged: a value
+        # measured there ranks (keep_best) only the save of that step, never a later one.
+        self._validated: tuple[int, set[str]] | None = None
         self._deferred_to_epoch_end = False
         self._warning_filter: Any = None
         self._preloaded: tuple[str, Any] | None = None
@@ -273,6 +276,7 @@ class CheckpointCallback(_compat.Bound):
         self._epoch_rng = _rng.capture()
         self._epoch_start_seen = False
         self._deferred_to_epoch_end = False
+        self._validated = None
         self._preloaded = None
 
     def on_load_checkpoint(
@@ -343,7 +347,16 @@ class CheckpointCallback(_compat.Bound):
                 self._save(trainer, pl_module)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        pass  # ModelCheckpoint saves here; this callback does not.
+        if self._skip(trainer):
+            return
+        step = trainer.global_step
+        self._validated = (step, _compat.evaluation_metric_names(trainer))
+        # keep_best on a metric measured here: the checkpoint of this step is the one it ranks.
+        if self.keep_best and self.monitor in self._validated[1] and not self._trigger.is_saved(step):
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                self._deferred_to_epoch_end = True  # see on_train_batch_end; no step in between
+            else:
+                self._save(trainer, pl_module)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # No save on failure: the last committed checkpoint is the resume point. Lightning calls no
@@ -461,12 +474,12 @@ class CheckpointCallback(_compat.Bound):
         step = trainer.global_step
         self._trigger.saved(step)  # before the dump: the checkpoint's callback state counts this save
         self._rng_for_save = _gather(trainer, self._local_rng())
-        metrics = _metrics(trainer)
+        metrics = self._measured_now(_metrics(trainer), step)
         # Tracked before the dump, so that the checkpoint's own callback state names the paths that
         # are right once it is committed (a resume from it then reports existing checkpoints).
         self._track_paths(_join(self.directory, f"{self.prefix}-{step}"), metrics)
         try:
-            checkpoint = _compat.dump_checkpoint(trainer)
+            checkpoint = (_sharded.dump if self._sharded_path else _compat.dump_checkpoint)(trainer)
         finally:
             self._rng_for_save = None
         if not self.save_optimizer:
@@ -492,6 +505,17 @@ class CheckpointCallback(_compat.Bound):
             self.best_model_path, self.last_model_path = trainer.strategy.broadcast(
                 (self.best_model_path, self.last_model_path), src=0
             )
+
+    def _measured_now(self, metrics: dict[str, float], step: int) -> dict[str, float]:
+        """``metrics`` without ``monitor`` when it was logged by a validation at an earlier step.
+
+        Lightning keeps the last validation's values in ``callback_metrics``; a save between two
+        validations that carried them would rank as if measured there and displace the checkpoint
+        they were measured at.
+        """
+        if self._validated is not None and self.monitor in self._validated[1] and self._validated[0] != step:
+            return {k: v for k, v in metrics.items() if k != self.monitor}
+        return metrics
 
     def _track_paths(self, path: str, metrics: dict[str, float]) -> None:
         self.last_model_path = path
