@@ -28,9 +28,9 @@ from .._callback_config import CallbackConfig, prepare_snapshot_once
 from .._manager import CheckpointManager
 from .._mode import resolve_mode
 from .._names import join_url as _join
-from .._resolve import get_checkpoint_state
+from .._resolve import get_checkpoint_state, resolve_checkpoint
 from .._resolve import load_checkpoint as _core_load
-from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError
+from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
 from . import _compat, _convert, _inplace, _rng, _sharded
 from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO
 from ._trainer import _fast_forward, _fn, _gather, _info, _metrics, _no_trainer, _rank_zero, check_strategy  # noqa: F401 (check_strategy: public here)
@@ -39,11 +39,13 @@ Trainer = LightningModule = Any  # either namespace's (see _compat)
 
 _STATE_VERSION = 1
 _SHARDED_LAST = (
-    "ckpt_path='last' is not supported with CheckpointCallback under ModelParallelStrategy (Lightning "
-    "would load it through the strategy's own checkpoint format). Received: ckpt_path='last'. Leave "
-    "ckpt_path unset: resume=True (the default) restores the newest valid checkpoint on every rank."
+    "ckpt_path='last' outside fit is not supported with CheckpointCallback under ModelParallelStrategy "
+    "(Lightning would load it through the strategy's own checkpoint format). Received: ckpt_path='last'. "
+    "Load the weights with ckpt_callbacks.load_checkpoint(directory) (full tensors) instead."
 )
 _NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
+# Lightning's warning when no ModelCheckpoint named a "last" path; wrong when this callback resumes itself.
+_NO_LAST_WARNING = r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint available'
 # Errors re-raised on the other ranks under their own class; anything else becomes CheckpointWriteError.
 _REMOTE_ERRORS: dict[str, type[BaseException]] = {
     "TypeError": TypeError,
@@ -152,15 +154,15 @@ class CheckpointCallback(_compat.Bound):
         # measured there ranks (keep_best) only the save of that step, never a later one.
         self._validated: tuple[int, set[str]] | None = None
         self._deferred_to_epoch_end = False
-        self._warning_filter: Any = None
-        self._preloaded: tuple[str, Any] | None = None
+        self._warning_filters: list[Any] = []  # ours in warnings.filters, removed when they no longer apply
+        self._last_requested = False  # fit(ckpt_path="last"): resumed by on_fit_start, as resume=True
         self._warned_hparams: set[str] = set()  # hparams left out of the checkpoints, warned once
 
     def __getstate__(self) -> dict[str, Any]:
         # Picklable for ddp_spawn and for Trainer copies: live resources stay with this process.
         state = self.__dict__.copy()
         state.update(
-            _trainer_ref=_no_trainer, _mgr=None, _replaced_io=None, _warning_filter=None, _preloaded=None
+            _trainer_ref=_no_trainer, _mgr=None, _replaced_io=None, _warning_filters=[], _last_requested=False
         )
         return state
 
@@ -206,41 +208,36 @@ class CheckpointCallback(_compat.Bound):
     # ------------------------------------------------------------------ ckpt_path="last"
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
-        """The newest valid checkpoint's index file: what ``ckpt_path="last"`` resolves to.
+        """What ``ckpt_path="last"`` resolves to.
 
-        Valid means fully verified (checksums), like ``resume=True``; a corrupt newest checkpoint is
-        skipped with a warning. The state read for the check is kept for the load that follows, so
-        the checkpoint is read once.
+        In ``fit``: nothing; the callback resumes itself in ``on_fit_start`` exactly as ``resume=True``
+        does (the newest valid checkpoint, read once, through ``storage_options``; under a sharded
+        strategy every rank reads its shards). Lightning would otherwise stat the path it is handed with
+        default fsspec options (no endpoint, no credentials of ``storage_options``) and then load it a
+        second time. ``trainer.ckpt_path`` still names the checkpoint's ``.index`` file.
+
+        Elsewhere (``validate`` / ``test`` / ``predict``): the newest checkpoint whose index reads,
+        loaded by Lightning through the callback's checkpoint IO.
         """
-        self._preloaded = None
-        if self._sharded_path:
-            raise ValueError(_SHARDED_LAST)
+        self._last_requested = False
         state_file = get_checkpoint_state(self.directory, self.storage_options)
-        if state_file is None:
+        if state_file is None or not state_file.model_checkpoint_path:
             return set()
-        names = [p for p in state_file.all_model_checkpoint_paths if p != state_file.model_checkpoint_path]
-        for path in reversed([*names, state_file.model_checkpoint_path]):
-            try:
-                state = _core_load(path, storage_options=self.storage_options, allow_pickle=self.allow_pickle)
-            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                warnings.warn(
-                    f"Checkpoint {path!r} is unusable ({e}); falling back to an older one.", stacklevel=2
-                )
-                continue
-            self._preloaded = (path + INDEX_SUFFIX, state)
-            return {path + INDEX_SUFFIX}
-        return set()
-
-    def _take_preloaded(self, path: str) -> Any:
-        """The state read by ``_find_last_checkpoints`` if ``path`` is the one it returned, else None."""
-        preloaded, self._preloaded = self._preloaded, None
-        if preloaded is not None and os.fspath(path) == preloaded[0]:
-            return preloaded[1]
-        return None
+        if _fn(trainer) == "fit":
+            self._last_requested = True
+            self._ignore_warning(_NO_LAST_WARNING)
+            return set()
+        if _sharded.applies(trainer.strategy):
+            raise ValueError(_SHARDED_LAST)
+        try:
+            return {resolve_checkpoint(self.directory, self.storage_options) + INDEX_SUFFIX}
+        except CheckpointNotFoundError:
+            return set()
 
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._drop_warning_filters()  # Lightning's "last" resolution is over
         ns = self._check_namespace(trainer)
         self._sharded_path = _sharded.applies(trainer.strategy)
         check_strategy(trainer.strategy, sharded=self._sharded_path)
@@ -257,8 +254,9 @@ class CheckpointCallback(_compat.Bound):
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.resume and trainer.ckpt_path is None and not trainer.fast_dev_run:
-            self._auto_resume(trainer)
+        last, self._last_requested = self._last_requested, False
+        if (self.resume or last) and trainer.ckpt_path is None and not trainer.fast_dev_run:
+            self._auto_resume(trainer, shown_suffix=INDEX_SUFFIX if last else "")
         # Exact resume. Lightning makes the train data iterator (drawing the shuffling
         # seed from the global RNG) right after this hook; the sanity check runs in isolate_rng.
         # - Saved at an epoch boundary: restore the RNGs of the save now; the next epoch's iterator
@@ -277,7 +275,6 @@ class CheckpointCallback(_compat.Bound):
         self._epoch_start_seen = False
         self._deferred_to_epoch_end = False
         self._validated = None
-        self._preloaded = None
 
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
@@ -298,8 +295,7 @@ class CheckpointCallback(_compat.Bound):
                 if _fast_forward(trainer, self._resume_consumed):
                     # Lightning's "dataloader is not resumable" warning (issued before the first
                     # batch) does not apply: the position was restored.
-                    warnings.filterwarnings("ignore", message=_NOT_RESUMABLE_WARNING)
-                    self._warning_filter = warnings.filters[0]
+                    self._ignore_warning(_NOT_RESUMABLE_WARNING)
             _rng.restore(self._resume_rng["save"])
             self._resume_rng = None
             self._resume_consumed = 0
@@ -307,13 +303,17 @@ class CheckpointCallback(_compat.Bound):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._drop_warning_filter()
+        self._drop_warning_filters()
 
-    def _drop_warning_filter(self) -> None:
-        if self._warning_filter is not None:
+    def _ignore_warning(self, message: str) -> None:
+        warnings.filterwarnings("ignore", message=message)
+        self._warning_filters.append(warnings.filters[0])
+
+    def _drop_warning_filters(self) -> None:
+        for f in self._warning_filters:
             with contextlib.suppress(ValueError):
-                warnings.filters.remove(self._warning_filter)
-            self._warning_filter = None
+                warnings.filters.remove(f)
+        self._warning_filters = []
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The first epoch of a fit() got its iterator before on_train_start (captured in
@@ -386,8 +386,8 @@ class CheckpointCallback(_compat.Bound):
             strategy.checkpoint_io = original
             self._replaced_io = None
         self._resume_rng = None
-        self._preloaded = None
-        self._drop_warning_filter()
+        self._last_requested = False
+        self._drop_warning_filters()
         if self._mgr is not None:
             mgr, self._mgr = self._mgr, None
             try:
@@ -440,7 +440,7 @@ class CheckpointCallback(_compat.Bound):
             return
         self._replaced_io = (strategy, current)
 
-    def _auto_resume(self, trainer: Trainer) -> None:
+    def _auto_resume(self, trainer: Trainer, shown_suffix: str = "") -> None:
         if self._sharded_path:
             _sharded.auto_resume(self, trainer)
             return
@@ -464,7 +464,7 @@ class CheckpointCallback(_compat.Bound):
                 trainer.lightning_module,
             )
         checkpoint = _convert.from_tree(state)
-        _compat.restore_before_setup(trainer, path, checkpoint)
+        _compat.restore_before_setup(trainer, path + shown_suffix, checkpoint)
         _rank_zero(
             trainer,
             f"CheckpointCallback: resuming from {path} (global step {checkpoint.get('global_step')}).",

@@ -32,7 +32,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -415,18 +415,11 @@ class _DispatchingCheckpointIO(_compat.Bound):
 
     _role = "checkpoint_io"
 
-    def __init__(
-        self,
-        inner: Any,
-        storage_options: dict | None,
-        allow_pickle: bool,
-        preloaded: Callable[[str], Any] | None = None,
-    ) -> None:
+    def __init__(self, inner: Any, storage_options: dict | None, allow_pickle: bool) -> None:
         self.inner = inner
         self.ours = _compat.bound_class(FsspecCheckpointIO, self._role, self._namespaces)(
             storage_options, allow_pickle
         )
-        self.preloaded = preloaded
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
@@ -434,9 +427,6 @@ class _DispatchingCheckpointIO(_compat.Bound):
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        state = self.preloaded(os.fspath(path)) if self.preloaded is not None else None
-        if state is not None:
-            return _to_map_location(_convert.from_tree(state), map_location)
         if is_http(path):
             return self.ours.load_checkpoint(path, map_location=map_location)
         try:

@@ -14,7 +14,7 @@ import torch
 from lightning_helpers import _TinyModel, make_trainer, model_class
 from torch.utils.data import DataLoader, TensorDataset
 
-from ckpt_callbacks import get_checkpoint_state, load_checkpoint
+from ckpt_callbacks import get_checkpoint_state
 from ckpt_callbacks.lightning import CheckpointCallback
 
 VAL_ACC = [0.5, 0.9, 0.6, 0.7]  # at the ends of epochs 0-3
@@ -27,7 +27,9 @@ class _Scored(_TinyModel):
 
 def _loader(n: int = 64) -> DataLoader:  # 8 batches of 8: 8 optimizer steps per epoch
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g)), batch_size=8)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g)), batch_size=8
+    )
 
 
 def _steps(d: str) -> list[int]:
