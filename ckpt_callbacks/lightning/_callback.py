@@ -30,9 +30,14 @@ from .._mode import resolve_mode
 from .._names import join_url as _join
 from .._resolve import get_checkpoint_state, resolve_checkpoint
 from .._resolve import load_checkpoint as _core_load
-from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
+from ..errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    IncompatibleCheckpointError,
+)
 from . import _compat, _convert, _inplace, _rng, _sharded
-from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO
+from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO, refuse_stock_checkpoints
 from ._trainer import _fast_forward, _fn, _gather, _info, _metrics, _no_trainer, _rank_zero, check_strategy  # noqa: F401 (check_strategy: public here)
 
 Trainer = LightningModule = Any  # either namespace's (see _compat)
@@ -48,6 +53,7 @@ _NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before th
 _NO_LAST_WARNING = r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint available'
 # Errors re-raised on the other ranks under their own class; anything else becomes CheckpointWriteError.
 _REMOTE_ERRORS: dict[str, type[BaseException]] = {
+    "IncompatibleCheckpointError": IncompatibleCheckpointError,
     "TypeError": TypeError,
     "ValueError": ValueError,
     "CheckpointError": CheckpointError,
@@ -442,13 +448,16 @@ class CheckpointCallback(_compat.Bound):
 
     def _auto_resume(self, trainer: Trainer, shown_suffix: str = "") -> None:
         if self._sharded_path:
-            _sharded.auto_resume(self, trainer)
+            if _sharded.auto_resume(self, trainer) is None:
+                refuse_stock_checkpoints(self.directory, self.storage_options)  # on every rank
             return
         path, state, error = None, None, None
         if trainer.is_global_zero:
             try:
                 assert self._mgr is not None
                 path, state = _inplace.load_into_module(self._mgr.restore_with_path, trainer.lightning_module)
+                if path is None:
+                    refuse_stock_checkpoints(self.directory, self.storage_options)
             except Exception as e:  # noqa: BLE001 - broadcast, then raised on every rank
                 error = e
         self._raise_everywhere(trainer, error, "Restoring the newest checkpoint")

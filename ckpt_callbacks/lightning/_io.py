@@ -371,6 +371,34 @@ class FsspecCheckpointIO(_compat.Bound):
             storage.fs.rm(storage.path(name), recursive=True)
 
 
+def refuse_stock_checkpoints(directory: str, storage_options: dict | None, shown: int = 5) -> None:
+    """Raise IncompatibleCheckpointError when ``directory`` holds Lightning ``.ckpt`` files of ``torch.save``.
+
+    Called when a resume found no checkpoint of this format there: training would start from step 0
+    next to someone's checkpoints. Markers written by :class:`FsspecCheckpointIO` are this format and
+    do not count. Only names and 64-byte heads are read; the files are never modified or deleted.
+    """
+    storage = _storage.Storage(directory, storage_options)
+    names = sorted(
+        (n for n in storage.list_names() if n.endswith(".ckpt")), key=lambda n: (n != "last.ckpt", n)
+    )
+    found = [n for n in names if not storage.read_bytes(n, max_bytes=64).startswith(b'{"format":')]
+    if not found:
+        return
+    listed = ", ".join(found[:shown]) + (f", ... ({len(found)} in all)" if len(found) > shown else "")
+    newest = _join(directory, found[0])
+    raise IncompatibleCheckpointError(
+        f"{storage.url!r} holds Lightning checkpoint files written by torch.save ({listed}) and no checkpoint "
+        "of ckpt_callbacks, so resume=True has nothing to resume from and training would start from step 0 "
+        "next to them. Expected a new directory or one written by ckpt_callbacks. Received: "
+        f"directory={storage.url!r}. To continue from one of them, pass it once: "
+        f"trainer.fit(model, ckpt_path={newest!r}) with CheckpointCallback(..., allow_pickle=True) (it is "
+        "unpickled: only if you trust it); the saves that follow are in this library's format and resume "
+        "from here. To start from scratch, use another directory or resume=False. Their files are left "
+        "untouched."
+    )
+
+
 def _read_marker_quietly(storage: _storage.Storage, name: str) -> str | None:
     try:
         return _read_marker(storage, name)
