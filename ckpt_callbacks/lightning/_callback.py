@@ -113,6 +113,8 @@ class CheckpointCallback(_compat.Bound):
     # Tests switch this off to show that without the RNG restore a resumed run diverges.
     _restore_rng = True
     _sharded_path = False  # set at setup: the strategy saves through _sharded (every rank writes its shards)
+    _best_path = ""  # best_model_path
+    _best_looked_up = False  # whether best_model_path read the directory's recorded best
 
     def __init__(
         self,
@@ -210,6 +212,25 @@ class CheckpointCallback(_compat.Bound):
             self._resume_rng = rngs[self._global_rank] if self._global_rank < len(rngs) else rngs[0]
             if state_dict.get("mid_epoch"):
                 self._resume_consumed = int(state_dict.get("batches_consumed") or 0)
+
+    @property
+    def best_model_path(self) -> str:
+        """The best checkpoint by ``monitor`` (``keep_best``); without ``keep_best``, the newest saved.
+
+        Before this callback ranked a save of its own (a new process, ``trainer.test(ckpt_path="best")``
+        before any ``fit``), the best checkpoint the directory records, looked up once.
+        """
+        if not self._best_path and getattr(self, "keep_best", None) and not self._best_looked_up:
+            self._best_looked_up = True
+            with contextlib.suppress(CheckpointError, ValueError):
+                self._best_path = resolve_checkpoint(
+                    self.directory, self.storage_options, verify=False, checkpoint="best"
+                )
+        return self._best_path
+
+    @best_model_path.setter
+    def best_model_path(self, value: str) -> None:
+        self._best_path = value
 
     # ------------------------------------------------------------------ ckpt_path="last"
 

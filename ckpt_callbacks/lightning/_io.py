@@ -45,6 +45,7 @@ from .._resolve import load_checkpoint as _core_load
 from .._resolve import pointer_target as _read_marker
 from .._resolve import resolve_checkpoint, resolve_one
 from .._resolve import save_checkpoint as _core_save
+from .._validation import check_checkpoint_choice
 from ..errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -215,8 +216,23 @@ def load_any(
     allow_pickle: bool,
     dropped: list | None = None,
     ns: str | None = None,
+    checkpoint: str = "latest",
 ) -> tuple[str, dict[str, Any]] | None:
-    """(checkpoint path, Lightning checkpoint dict) for any path form this format accepts, else None."""
+    """(checkpoint path, Lightning checkpoint dict) for any path form this format accepts, else None.
+
+    ``checkpoint="best"``: the best checkpoint a directory's manager kept (``keep_best``); ``path``
+    must then be that directory.
+    """
+    check_checkpoint_choice(checkpoint)
+    if checkpoint != "latest":
+        if is_http(path):
+            raise ValueError(
+                f"checkpoint={checkpoint!r} is not supported over http(s). Received: {os.fspath(path)!r}. "
+                "Pass the checkpoint's own URL instead of its directory's."
+            )
+        target = resolve_checkpoint(os.fspath(path), storage_options, checkpoint=checkpoint)
+        state = _core_load(target, storage_options=storage_options, allow_pickle=allow_pickle)
+        return target, _convert.from_tree(state, dropped=dropped, ns=ns)
     if is_http(path):
         with fetched_over_http(os.fspath(path), storage_options) as local:
             state = _core_load(local, allow_pickle=allow_pickle)

@@ -11,11 +11,11 @@ import os
 
 import pytest
 import torch
-from lightning_helpers import _TinyModel, make_trainer, model_class
+from lightning_helpers import _TinyModel, make_trainer, model_class, same_weights, weights
 from torch.utils.data import DataLoader, TensorDataset
 
-from ckpt_callbacks import get_checkpoint_state
-from ckpt_callbacks.lightning import CheckpointCallback
+from ckpt_callbacks import CheckpointNotFoundError, get_checkpoint_state, load_checkpoint
+from ckpt_callbacks.lightning import CheckpointCallback, load_from_checkpoint
 
 VAL_ACC = [0.5, 0.9, 0.6, 0.7]  # at the ends of epochs 0-3
 
@@ -51,6 +51,29 @@ def test_mid_epoch_saves_never_displace_the_best_validation(pl, tmp_path):
     # The mid-epoch saves after step 16 carry no ranking value; the validation saves carry theirs.
     trainer.test(ckpt_path="best", dataloaders=_loader(16))
     assert trainer.ckpt_path == cb.best_model_path
+
+    # "best" from the directory alone: load_from_checkpoint, and a new Trainer's ckpt_path="best".
+    saved = load_checkpoint(os.path.join(d, "ckpt-16"))["state_dict"]
+    model = load_from_checkpoint(model_class(pl, _Scored), d, checkpoint="best")
+    assert same_weights(weights(model), saved)
+    assert not same_weights(weights(load_from_checkpoint(model_class(pl, _Scored), d)), saved)
+    fresh = CheckpointCallback(d, keep_best=1, monitor="val_acc")
+    trainer = make_trainer(str(tmp_path), [fresh], pl=pl)
+    trainer.test(model_class(pl, _Scored)(), ckpt_path="best", dataloaders=_loader(16))
+    assert trainer.ckpt_path == os.path.join(d, "ckpt-16")
+
+
+def test_best_of_a_directory_without_keep_best_is_not_found(pl, tmp_path):
+    d = str(tmp_path / "ck")
+    make_trainer(str(tmp_path), [CheckpointCallback(d)], pl=pl, max_epochs=1).fit(
+        model_class(pl, _Scored)(), _loader()
+    )
+    with pytest.raises(CheckpointNotFoundError, match="not ranked"):
+        load_from_checkpoint(model_class(pl, _Scored), d, checkpoint="best")
+    with pytest.raises(ValueError, match="one checkpoint"):
+        load_from_checkpoint(model_class(pl, _Scored), os.path.join(d, "ckpt-8"), checkpoint="best")
+    with pytest.raises(ValueError, match="latest"):
+        load_from_checkpoint(model_class(pl, _Scored), d, checkpoint="newest")
 
 
 def test_validation_end_saves_the_step_it_measured(pl, tmp_path):
