@@ -543,7 +543,8 @@ class CheckpointCallback(_compat.Bound):
         validations that carried them would rank as if measured there and displace the checkpoint
         they were measured at.
         """
-        if self._validated is not None and self.monitor in self._validated[1] and self._validated[0] != step:
+        validated = self._validated
+        if self.keep_best and validated is not None and self.monitor in validated[1] and validated[0] != step:
             return {k: v for k, v in metrics.items() if k != self.monitor}
         return metrics
 

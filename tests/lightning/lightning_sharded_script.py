@@ -3,7 +3,7 @@
 Usage: ``lightning_sharded_script.py NAMESPACE DIRECTORY MAX_STEPS KILL_AT [async] [consolidated]``. With
 ``KILL_AT`` > 0 every rank SIGKILLs itself at the start of the batch where ``global_step == KILL_AT``;
 ``async`` saves with ``async_save=True``; ``consolidated`` builds the strategy with
-``save_distributed_checkpoint=False``.
+``save_distributed_checkpoint=False``; ``last`` resumes through ``fit(ckpt_path="last")`` with ``resume=False``.
 """
 
 from __future__ import annotations
@@ -57,11 +57,14 @@ def main() -> None:
         data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint="consolidated" not in flags
     )
     async_save = "async" in flags
-    cb = CheckpointCallback(directory, save_every_n_steps=2, max_to_keep=2, async_save=async_save)
+    last = "last" in flags
+    cb = CheckpointCallback(
+        directory, save_every_n_steps=2, max_to_keep=2, async_save=async_save, resume=not last
+    )
     trainer = make_trainer(
         directory + ".root", [Kill(), cb], pl=pl, strategy=strategy, devices=2, max_steps=max_steps
     )
-    trainer.fit(model_cls(), make_loader(shuffle=True))
+    trainer.fit(model_cls(), make_loader(shuffle=True), ckpt_path="last" if last else None)
     print(f"TRAINED rank={trainer.global_rank} step={trainer.global_step}", flush=True)
 
 

@@ -63,6 +63,11 @@ def test_model_parallel_without_distributed_checkpoint_resumes_bit_exact(pl, tmp
     _kill_and_resume(ns, tmp_path, "consolidated")
 
 
+@pytest.mark.slow
+def test_model_parallel_ckpt_path_last_resumes_bit_exact(tmp_path):
+    _kill_and_resume("lightning", tmp_path, "last")
+
+
 def _kill_and_resume(ns, tmp_path, *extra: str) -> None:
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     _run(ns, straight, 8, 0, *extra)
