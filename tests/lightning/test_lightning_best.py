@@ -85,3 +85,27 @@ def test_validation_end_saves_the_step_it_measured(pl, tmp_path):
     # Saves at 4 and 8 (0.5), 12 and 16 (0.9): the first 0.9 is the best, 16 the newest.
     assert _steps(d) == [12, 16]
     assert cb.best_model_path == os.path.join(d, "ckpt-12")
+
+
+def test_resume_from_a_mid_epoch_validation_save_is_exact(pl, tmp_path):
+    class Crash(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 13:
+                raise RuntimeError("crash")
+
+    def fit(d, *extra, **kw):
+        pl.seed_everything(0, verbose=False)
+        cb = CheckpointCallback(d, save_every_n_steps=100, keep_best=1, monitor="val_acc")
+        trainer = make_trainer(str(tmp_path), [cb, *extra], pl=pl, max_epochs=2, val_check_interval=0.5, **kw)
+        model = model_class(pl, _Scored)(dropout=0.2)
+        trainer.fit(model, DataLoader(_loader().dataset, batch_size=8, shuffle=True), _loader(16))
+        return trainer, model
+
+    _, straight = fit(str(tmp_path / "a"))
+    d = str(tmp_path / "b")
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(d, Crash())
+    assert get_checkpoint_state(d).model_checkpoint_path == os.path.join(d, "ckpt-12")  # saved mid-epoch 1
+    trainer, resumed = fit(d)
+    assert trainer.ckpt_path == os.path.join(d, "ckpt-12") and trainer.global_step == 16
+    assert same_weights(weights(resumed), weights(straight))
