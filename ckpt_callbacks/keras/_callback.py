@@ -167,6 +167,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._trigger = self._config.make_trigger()
         self._pending_epoch_save = False
         self.best: float | None = self.initial_value_threshold  # save_best_only: the value to beat
+        self._declined_step: int | None = None  # save_best_only: the step judged no improvement
         self._resume_epoch: int | None = None
         self._resume_skip = 0
         self._epoch_rng: dict | None = None
@@ -424,6 +425,8 @@ class CheckpointCallback(keras.callbacks.Callback):
     def _save_if_best(self, step: int, logs: dict | None) -> str | None:
         """``_save``, or under ``save_best_only`` nothing unless ``logs[monitor]`` improved (Keras' rule)."""
         if self.save_best_only:
+            if step == self._declined_step:  # judged already (an epoch end, then the train end)
+                return None
             current = _scalar_logs(logs).get(self.monitor)
             if current is None:
                 warnings.warn(
@@ -433,6 +436,7 @@ class CheckpointCallback(keras.callbacks.Callback):
                     stacklevel=3,
                 )
             elif not _keras_args.improved(current, self.best, self._resolved_mode):
+                self._declined_step = step
                 return None
             else:
                 self.best = current
