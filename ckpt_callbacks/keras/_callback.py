@@ -200,7 +200,9 @@ class CheckpointCallback(keras.callbacks.Callback):
     def manager(self) -> CheckpointManager:
         """The CheckpointManager writing this callback's checkpoints (created on first use)."""
         if self._manager is None:
-            self._manager = self._config.make_manager(mode=self._resolved_mode)
+            # save_best_only ranks its saves too, so that checkpoint="best" names the best one.
+            keep_best = self.keep_best or (1 if self.save_best_only else None)
+            self._manager = self._config.make_manager(mode=self._resolved_mode, keep_best=keep_best)
         return self._manager
 
     # ------------------------------------------------------------------ Keras hooks

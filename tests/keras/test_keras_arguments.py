@@ -7,13 +7,14 @@ from __future__ import annotations
 import re
 import warnings
 
+import numpy as np
 import pytest
 from keras_helpers import HERE, run_python
 from keras_models import ScriptedValScore, data, sequential
 
 import ckpt_callbacks
 from ckpt_callbacks._resolve import read_meta
-from ckpt_callbacks.keras import CheckpointCallback
+from ckpt_callbacks.keras import CheckpointCallback, load_model, restore
 
 
 def saved_steps(directory) -> list[int]:
@@ -150,12 +151,45 @@ def test_keep_best_step_saves_between_validations_carry_no_validation_value(tmp_
             assert metrics["val_loss"] == pytest.approx(history.history["val_loss"][step // 10 - 1])
 
 
+def test_restore_and_load_model_choose_the_best_checkpoint(tmp_path):
+    cb = CheckpointCallback(
+        tmp_path, save_every_n_steps=3, max_to_keep=1, keep_best=1, monitor="val_score", mode="max"
+    )
+    trained = fit(cb, epochs=4, scores=[0.5, 0.9, 0.6, 0.7])
+    x, _ = data()
+    model = sequential()
+    assert restore(model, tmp_path, checkpoint="best") == str(tmp_path / "ckpt-20")
+    assert int(model.optimizer.iterations.numpy()) == 20
+    assert not np.array_equal(model.predict(x, verbose=0), trained.predict(x, verbose=0))
+    np.testing.assert_array_equal(
+        load_model(tmp_path, checkpoint="best").predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+    assert restore(sequential(), tmp_path) == str(tmp_path / "ckpt-40")  # "latest", the default
+    assert restore(sequential(), tmp_path, checkpoint="latest") == str(tmp_path / "ckpt-40")
+
+
+def test_save_best_only_names_its_best_checkpoint(tmp_path):
+    cb = CheckpointCallback(tmp_path, save_freq="epoch", save_best_only=True, monitor="val_score", mode="min")
+    fit(cb, epochs=4, scores=[0.5, 0.9, 0.4, 0.45])
+    assert restore(sequential(), tmp_path, checkpoint="best") == str(tmp_path / "ckpt-30")
+
+
+def test_best_of_an_unranked_directory_or_a_bad_choice_raises(tmp_path):
+    fit(CheckpointCallback(tmp_path, save_freq="epoch"), epochs=1)
+    with pytest.raises(ckpt_callbacks.CheckpointNotFoundError, match="not ranked"):
+        restore(sequential(), tmp_path, checkpoint="best")
+    with pytest.raises(ckpt_callbacks.CheckpointNotFoundError, match="not ranked"):
+        load_model(tmp_path, checkpoint="best")
+    with pytest.raises(ValueError, match="checkpoint='newest'"):
+        restore(sequential(), tmp_path, checkpoint="newest")
+
+
 OTHER_BACKEND = r"""
 import re, sys, warnings
 sys.path.insert(0, sys.argv[2])
 import ckpt_callbacks
 from ckpt_callbacks._resolve import read_meta
-from ckpt_callbacks.keras import CheckpointCallback
+from ckpt_callbacks.keras import CheckpointCallback, load_model, restore
 from keras_models import ScriptedValScore, data, sequential
 
 def steps(d):
@@ -173,10 +207,13 @@ cb = CheckpointCallback(d + "/keep_best", save_freq=3, max_to_keep=1, keep_best=
 sequential().fit(x, y, batch_size=4, epochs=4, shuffle=False, verbose=0,
                  callbacks=[ScriptedValScore([0.5, 0.9, 0.6, 0.7]), cb])
 print("keep_best", steps(d + "/keep_best"))
+from ckpt_callbacks.keras import load_model, restore
+print("best", restore(sequential(), d + "/keep_best", checkpoint="best")[len(d):],
+      load_model(d + "/keep_best", checkpoint="best").optimizer.iterations.numpy())
 """
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_keras_arguments_on_other_backends(tmp_path, backend):
     out = run_python(OTHER_BACKEND, tmp_path, HERE, backend=backend).stdout.strip().splitlines()
-    assert out[-2:] == ["best_only [10, 20]", "keep_best [20, 40]"]
+    assert out[-3:] == ["best_only [10, 20]", "keep_best [20, 40]", "best /keep_best/ckpt-20 20"]
