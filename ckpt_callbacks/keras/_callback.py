@@ -459,8 +459,9 @@ class CheckpointCallback(keras.callbacks.Callback):
             "global_step": step,
             "steps_per_epoch": self._steps_per_epoch(),
             "save_count": self._trigger.num_saves + 1,
-            "best": self.best,
         }
+        if self.save_best_only:
+            state[_adapter.TRAINER_KEY]["best"] = self.best
         path = self.manager.save(
             state, step, metrics=_scalar_logs(logs), _info={**self._info, "epoch": self._epoch}
         )
