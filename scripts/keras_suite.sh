@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Keras' own BackupAndRestore tests, twice: stock, and with ckpt_callbacks.keras.BackupAndRestore in
-# place of keras.callbacks.BackupAndRestore (scripts/keras_suite_plugin.py). Not part of the normal suite.
+# Keras' own BackupAndRestore and ModelCheckpoint tests, twice: stock, and with this library's callbacks in
+# their place (scripts/keras_suite_plugin.py: ckpt_callbacks.keras.BackupAndRestore, and CheckpointCallback
+# through an argument-mapping adapter for ModelCheckpoint). Not part of the normal suite.
 #
 #   scripts/keras_suite.sh PATH_TO_KERAS_CHECKOUT [extra pytest args]
 #
@@ -21,7 +22,7 @@ mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-tests=(keras/src/callbacks/backup_and_restore_test.py)
+tests=(keras/src/callbacks/backup_and_restore_test.py keras/src/callbacks/model_checkpoint_test.py)
 for t in "${tests[@]}"; do cp "$src/$t" "$work/"; done
 
 run() {  # $1: stock | ours

@@ -16,10 +16,11 @@ def check_save_freq(save_freq: Any, *, owner: str = "CheckpointCallback") -> Non
     ok_none = owner == "CheckpointCallback" and save_freq is None
     if ok_none or save_freq == "epoch" or (_is_int(save_freq) and save_freq >= 1):
         return
-    # "Invalid value" is the start of Keras' own message, which code written for Keras may match.
+    # Keras' own words first (BackupAndRestore's, ModelCheckpoint's), which code written for Keras may match.
+    words = "Invalid value for argument `save_freq`" if owner == "BackupAndRestore" else "Unrecognized save_freq"
     error = ValueError if _is_int(save_freq) or isinstance(save_freq, str) else ArgumentTypeError
     raise error(
-        f"Invalid value for argument `save_freq` of {owner}: expected 'epoch' (save at the end of every "
+        f"{words} of {owner}: expected 'epoch' (save at the end of every "
         f"epoch) or an int >= 1 (save every that many batches). Received: save_freq={save_freq!r}. "
         "Pass e.g. save_freq='epoch' or save_freq=100."
     )
