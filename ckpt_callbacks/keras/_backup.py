@@ -88,7 +88,8 @@ class BackupAndRestore(CheckpointCallback):
         self._last_batch_seen = 0
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self._last_batch_seen = int(batch)
+        if self.save_freq != "epoch":  # Keras counts batches only for a batch frequency
+            self._last_batch_seen = int(batch)
         super().on_train_batch_end(batch, logs)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:

@@ -441,7 +441,12 @@ class CheckpointCallback(keras.callbacks.Callback):
                 self._declined_step = step
                 return None
             else:
-                self.best = current
+                previous, self.best = self.best, current  # the checkpoint records its own value as best
+                try:
+                    return self._save(step, logs)
+                except BaseException:
+                    self.best = previous
+                    raise
         return self._save(step, logs)
 
     def _save(self, step: int, logs: dict | None) -> str:

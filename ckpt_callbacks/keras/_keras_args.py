@@ -17,7 +17,9 @@ def check_save_freq(save_freq: Any, *, owner: str = "CheckpointCallback") -> Non
     if ok_none or save_freq == "epoch" or (_is_int(save_freq) and save_freq >= 1):
         return
     # Keras' own words first (BackupAndRestore's, ModelCheckpoint's), which code written for Keras may match.
-    words = "Invalid value for argument `save_freq`" if owner == "BackupAndRestore" else "Unrecognized save_freq"
+    words = (
+        "Invalid value for argument `save_freq`" if owner == "BackupAndRestore" else "Unrecognized save_freq"
+    )
     error = ValueError if _is_int(save_freq) or isinstance(save_freq, str) else ArgumentTypeError
     raise error(
         f"{words} of {owner}: expected 'epoch' (save at the end of every "
