@@ -1,6 +1,7 @@
 """``ckpt-callbacks`` (also ``python -m ckpt_callbacks``): look at, check and export checkpoints.
 
-Exit status: 0 ok, 1 corruption found, 2 usage error or nothing found (one line on stderr, no
+Exit status (the table of ``ckpt-callbacks --help``, SPEC 2.4): 0 success, 1 corruption found, 2 usage
+errors, a missing path or backend, and another tool's files, named as such (one line on stderr, no
 traceback). Core only: no framework is imported except ``torch`` by ``export --to torch``.
 
 This module is the parser and the entry point (exceptions -> exit status); the commands are in
@@ -70,8 +71,6 @@ def _options(pairs: list[str]) -> dict:
 _DESCRIPTION = """\
 Inspect, verify, clean and export ckpt_callbacks checkpoints, on local disk or any fsspec URL
 (s3://, gs://, memory://, ...).
-
-exit status: 0 ok, 1 corruption found, 2 usage error or nothing found
 """
 
 _EPILOG = """\
@@ -82,6 +81,15 @@ examples:
   ckpt-callbacks export runs/lit/last.ckpt --to safetensors --strip-prefix state_dict/ model.safetensors
 
 'ckpt-callbacks COMMAND --help' describes each command.
+
+exit status:
+  0    success
+  1    corruption found: a checksum, size or header of a checkpoint of this library is wrong (verify
+       names the file and tensor)
+  2    usage error; a path that does not exist, or holds no checkpoint; a missing storage backend or
+       package; files of another tool (TensorFlow, torch.save / Lightning .ckpt, Keras .keras /
+       .weights.h5, safetensors, Orbax), named as such with what reads them, never called corrupt
+  130  interrupted (Ctrl-C)
 """
 
 _STORAGE_HELP = (
@@ -262,7 +270,8 @@ def _missing_package(e: ImportError, args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 corruption, 2 usage or not found)."""
+    """Run the command line; returns the exit status (0 ok, 1 corruption, 2 usage, not found, or
+    another tool's files: see the epilog's table)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -1,6 +1,7 @@
 """The command line: every command, its help and its exit status, through the real entry point.
 
-Exit status: 0 ok, 1 corruption, 2 usage error or nothing found (one line on stderr, no traceback).
+Exit status: 0 ok, 1 corruption, 2 usage error, nothing found or another tool's files (one line on stderr,
+no traceback).
 """
 
 from __future__ import annotations
@@ -185,7 +186,11 @@ def test_help_of_every_command_describes_arguments_with_examples(command, capsys
 def test_top_level_help_lists_commands_and_exit_status():
     out = cli("--help")
     assert out.returncode == 0
-    assert all(c in out.stdout for c in COMMANDS) and "exit status: 0 ok, 1 corruption" in out.stdout
+    assert all(c in out.stdout for c in COMMANDS)
+    table = out.stdout.split("exit status:\n", 1)[1]
+    codes = [line.split()[0] for line in table.splitlines() if line[:3].strip().isdigit()]
+    assert codes == ["0", "1", "2", "130"], table
+    assert "corruption found" in table and "never called corrupt" in table and "does not exist" in table
 
 
 def test_gc_removes_only_leftovers(run_dir):
