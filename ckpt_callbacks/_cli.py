@@ -103,6 +103,11 @@ _PATH_HELP = (
     "FsspecCheckpointIO (runs/lit/last.ckpt), or a directory (its newest valid checkpoint)"
 )
 
+_CHOICE_HELP = (
+    "for a directory: its newest valid checkpoint (latest, the default) or the best one its manager kept "
+    "by keep_best (best)"
+)
+
 _COMMANDS: dict[str, dict[str, str]] = {
     "ls": {
         "help": "list the checkpoints of a directory",
@@ -135,6 +140,7 @@ bytes, framework, epoch, step, metrics, and the top level of the state tree. --f
 examples:
   ckpt-callbacks inspect runs/mnist                       # the newest checkpoint of a directory
   ckpt-callbacks inspect runs/mnist/ckpt-1000 --full
+  ckpt-callbacks inspect runs/mnist --checkpoint best     # the best one kept by keep_best
   ckpt-callbacks inspect gs://bucket/run/ckpt-1000 --json --storage-option project=my-project
 """,
     },
@@ -183,6 +189,7 @@ examples:
   ckpt-callbacks export runs/lit/last.ckpt --to torch --strip-prefix state_dict/ weights.pt
       then: model.load_state_dict(torch.load("weights.pt"))
   ckpt-callbacks export runs/mnist --to safetensors model.safetensors
+  ckpt-callbacks export runs/mnist --checkpoint best --to safetensors best.safetensors
   ckpt-callbacks export runs/mnist/ckpt-1000 --to npz --only model/ arrays.npz
 """,
     },
@@ -226,9 +233,17 @@ def _add_arguments(commands: dict[str, argparse.ArgumentParser]) -> None:
     p = commands["inspect"]
     p.add_argument("path", help=_PATH_HELP)
     p.add_argument("--full", action="store_true", help="every tensor, the whole state tree and the meta JSON")
+    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest", help=_CHOICE_HELP)
 
     all_of_dir = _PATH_HELP.replace("(its newest valid checkpoint)", "(all its checkpoints)")
     commands["verify"].add_argument("path", help=all_of_dir)
+    commands["verify"].add_argument(
+        "--checkpoint",
+        choices=["latest", "best"],
+        default=None,
+        help="for a directory, verify only its newest checkpoint (latest) or the best one its manager kept "
+        "by keep_best (best); default: every checkpoint of the directory",
+    )
 
     p = commands["gc"]
     p.add_argument("directory", help="a checkpoint directory: local path or fsspec URL")
@@ -250,6 +265,7 @@ def _add_arguments(commands: dict[str, argparse.ArgumentParser]) -> None:
         metavar="PREFIX",
         help="only tensors whose name starts with PREFIX, written without it (e.g. state_dict/)",
     )
+    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest", help=_CHOICE_HELP)
     p.add_argument("out", help="the file to write (local path)")
 
 

@@ -305,7 +305,7 @@ def _print_meta_summary(summary: dict) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     _readable(args.path, args.storage_options)
-    path = resolve_checkpoint(args.path, args.storage_options)
+    path = resolve_checkpoint(args.path, args.storage_options, checkpoint=args.checkpoint)
     index = read_index(path, args.storage_options)
     meta = _meta_of(path, args.storage_options)
     tensors = index["tensors"]
@@ -361,6 +361,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _verify_targets(args: argparse.Namespace) -> list[str]:
+    if args.checkpoint:  # one checkpoint of the directory, not skipped when it is corrupt (verify=False)
+        return [resolve_checkpoint(args.path, args.storage_options, verify=False, checkpoint=args.checkpoint)]
     one = resolve_one(args.path, args.storage_options)  # a checkpoint, its .index, or a marker
     if one is not None:
         return [one]
@@ -463,7 +465,7 @@ def _select(everything: dict[str, Any], only: str, strip: str) -> dict[str, Any]
 
 def cmd_export(args: argparse.Namespace) -> int:
     _readable(args.path, args.storage_options)
-    path = resolve_checkpoint(args.path, args.storage_options)
+    path = resolve_checkpoint(args.path, args.storage_options, checkpoint=args.checkpoint)
     state = load_checkpoint(path, storage_options=args.storage_options, verify=True)
     tensors = _select(_flat_tensors(state), args.only, args.strip_prefix)
     progress = _Progress(len(tensors), f"export {args.to}")

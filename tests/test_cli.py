@@ -341,3 +341,22 @@ def test_lightning_model_checkpoint_directory(tmp_path):
     fresh.load_state_dict(torch.load(str(out_file), weights_only=True))  # strict: every key matches
     for k, v in model.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[k], v)
+
+
+def test_checkpoint_choice_latest_or_best_for_a_directory(run_dir, tmp_path):
+    """run_dir keeps the best by loss (keep_best=1): step 100, loss 0.5; the newest is 600."""
+    best = json.loads(cli("inspect", str(run_dir), "--checkpoint", "best", "--json").stdout)
+    latest = json.loads(cli("inspect", str(run_dir), "--checkpoint", "latest", "--json").stdout)
+    assert (best["step"], latest["step"]) == (100, 600)
+    assert json.loads(cli("inspect", str(run_dir), "--json").stdout)["step"] == 600  # latest by default
+    out = cli("verify", str(run_dir), "--checkpoint", "best", "--json")
+    assert [c["checkpoint"] for c in json.loads(out.stdout)["checkpoints"]] == [str(run_dir / "ckpt-100")]
+    out = cli("export", str(run_dir), "--checkpoint", "best", "--to", "npz", str(tmp_path / "best.npz"))
+    assert out.returncode == 0, out.stderr
+    assert (np.load(tmp_path / "best.npz")["model/w"] == 1).all()  # step 100 saved w = 1
+    one_line_error(
+        cli("inspect", str(run_dir / "ckpt-600"), "--checkpoint", "best")
+    )  # one checkpoint: no choice
+    with CheckpointManager(str(tmp_path / "plain")) as mgr:  # no keep_best: no best checkpoint
+        mgr.save({"w": np.zeros(2)}, step=1)
+    assert "best" in one_line_error(cli("inspect", str(tmp_path / "plain"), "--checkpoint", "best"))
