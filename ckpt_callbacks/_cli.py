@@ -1,6 +1,6 @@
 """``ckpt-callbacks`` (also ``python -m ckpt_callbacks``): look at, check and export checkpoints.
 
-Exit status (the table of ``ckpt-callbacks --help``, SPEC 2.4): 0 success, 1 corruption found, 2 usage
+Exit status (the table of ``ckpt-callbacks --help``): 0 success, 1 corruption found, 2 usage
 errors, a missing path or backend, and another tool's files, named as such (one line on stderr, no
 traceback). Core only: no framework is imported except ``torch`` by ``export --to torch``.
 

@@ -1,5 +1,5 @@
 """The command line on other tools' files: every command names what they are and what reads them, with
-exit status 2 (SPEC 2.4), never 1 (corruption) and never an empty listing; a missing path is said so."""
+exit status 2, never 1 (corruption) and never an empty listing; a missing path is said so."""
 
 from __future__ import annotations
 
