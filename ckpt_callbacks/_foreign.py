@@ -48,8 +48,8 @@ class Foreign:
         """What ``url`` is and what reads it; ``found``: the files that show it, for a directory."""
         if found:
             return (
-                f"{url!r} holds another tool's checkpoints, not ckpt_callbacks ones: {self.what}; its files "
-                f"include {_shown(found)}. This library never modifies or deletes files it did not write. Read them "
+                f"{url!r} holds another tool's checkpoints, not ckpt_callbacks ones ({self.what}: "
+                f"{_shown(found)}). This library never modifies or deletes files it did not write. Read them "
                 f"with {self.reader}."
             )
         return (
@@ -59,36 +59,36 @@ class Foreign:
 
 
 TORCH = Foreign(
-    "a torch.save file (PyTorch; Lightning's ModelCheckpoint writes its .ckpt files so)",
+    "a torch.save file, as PyTorch and Lightning's ModelCheckpoint write .ckpt files",
     "Lightning (MyModule.load_from_checkpoint(path), or Trainer.fit(model, ckpt_path=path)) or "
     "torch.load(path)",
 )
 PICKLE = Foreign(
-    "a pickle file (a torch.save file in PyTorch's legacy format, or another pickle)",
+    "a pickle file, e.g. a torch.save file in PyTorch's legacy format",
     "torch.load(path, weights_only=False) or pickle.load, only if you trust its origin (unpickling runs code)",
 )
 KERAS_ARCHIVE = Foreign(
-    "a Keras model archive (.keras, written by model.save)", "keras.models.load_model(path)"
+    "a Keras model archive, as model.save writes .keras files", "keras.models.load_model(path)"
 )
 HDF5 = Foreign(
-    "an HDF5 file (Keras' model.save_weights .weights.h5, or a legacy .h5 model)",
+    "an HDF5 file, e.g. Keras' model.save_weights .weights.h5 or a legacy .h5 model",
     "model.load_weights(path) for weights, keras.models.load_model(path) for a whole model",
 )
 SAFETENSORS = Foreign(
     "a safetensors file", "safetensors.safe_open(path, 'numpy') or safetensors.torch.load_file(path)"
 )
 TENSORFLOW = Foreign(
-    "a TensorFlow checkpoint (tf.train.Checkpoint / tf.train.CheckpointManager)",
+    "a TensorFlow checkpoint of tf.train.Checkpoint / tf.train.CheckpointManager",
     "TensorFlow: tf.train.Checkpoint(...).restore(tf.train.latest_checkpoint(directory)), or "
     "tf.train.load_checkpoint(prefix) for its variables",
 )
 SAVED_MODEL = Foreign("a TensorFlow SavedModel", "tf.saved_model.load(directory)")
 ORBAX = Foreign(
-    "an Orbax checkpoint (orbax.checkpoint, JAX)",
+    "an Orbax checkpoint of orbax.checkpoint, JAX's checkpointer",
     "orbax.checkpoint: CheckpointManager(directory).restore(step), or StandardCheckpointer().restore(path)",
 )
 DCP = Foreign(
-    "a torch.distributed.checkpoint directory (its own FileSystemWriter's .distcp files)",
+    "a torch.distributed.checkpoint directory of its own FileSystemWriter",
     "torch.distributed.checkpoint.load(state, checkpoint_id=directory)",
 )
 
