@@ -100,3 +100,11 @@ def test_a_torch_save_file_is_named_the_same_by_the_cli_and_load_from_checkpoint
         )
         assert main(argv) == 2, command
         assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+def test_a_file_passed_as_the_directory_is_named_as_a_file(tmp_path):
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(ValueError, match="not a file") as info:
+        CheckpointCallback(path)
+    assert "existing file: a torch.save file" in str(info.value) and "Errno" not in str(info.value)
