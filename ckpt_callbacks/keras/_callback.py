@@ -13,7 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from .. import _foreign
+from .. import _foreign, _warn
 from .._callback_config import CallbackConfig, prepare_snapshot_once
 from .._manager import CheckpointManager
 from .._mode import direction_from_name, resolve_mode
@@ -140,13 +140,12 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.save_freq, self.save_best_only = save_freq, save_best_only
         self.initial_value_threshold = initial_value_threshold
         if save_every_n_steps is None and save_every_n_seconds is None and not save_on_epoch_end:
-            warnings.warn(
+            _warn.warn(
                 "CheckpointCallback saves only when fit returns (save_every_n_steps=None, "
                 "save_every_n_seconds=None, save_on_epoch_end=False): a crash before then loses the whole "
                 "run. Add a periodic save, e.g. save_every_n_steps=1000, save_every_n_seconds=600 or "
                 "save_on_epoch_end=True.",
                 UserWarning,
-                stacklevel=2,
             )
         # directory, save_every_n_steps, ..., as public attributes; the clock (retention timestamps and
         # save_every_n_seconds) as _clock.
@@ -273,12 +272,11 @@ class CheckpointCallback(keras.callbacks.Callback):
         epochs = (self.params or {}).get("epochs")
         if epochs is None or self._epoch < int(epochs):
             return
-        warnings.warn(
+        _warn.warn(
             f"CheckpointCallback resumed from {path!r} at epoch {self._epoch} (global step "
             f"{self._trigger.last_saved_step}), at or past fit(epochs={epochs}): this fit trains nothing. `epochs` "
             "counts from the start of the run, not from the resume. To train further, raise `epochs` "
-            f"(e.g. epochs={self._epoch + int(epochs)}); to start over, pass resume=False or another directory.",
-            stacklevel=3,
+            f"(e.g. epochs={self._epoch + int(epochs)}); to start over, pass resume=False or another directory."
         )
 
     def _apply_resume(self, state: dict) -> None:
@@ -304,12 +302,11 @@ class CheckpointCallback(keras.callbacks.Callback):
             if self._live_datasets():
                 self._resume_epoch, self._resume_skip = epoch, consumed
             elif not self._repeats_epoch_silently:
-                warnings.warn(
+                _warn.warn(
                     f"Resuming inside epoch {epoch} at global step {step}: the {consumed} batches of that epoch "
                     "seen before the checkpoint will be seen again, because the input pipeline's position is "
                     "not restorable. For an exact mid-epoch resume, feed fit() a "
-                    "ckpt_callbacks.keras.ResumableDataset(..., callback=cb).",
-                    stacklevel=2,
+                    "ckpt_callbacks.keras.ResumableDataset(..., callback=cb)."
                 )
         # Keras' fit reads model._initial_epoch right after on_train_begin (as BackupAndRestore uses it).
         self._saved_initial_epoch = _compat.get_initial_epoch(self.model)
@@ -330,9 +327,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         try:
             self._release_manager()
         except Exception as e:  # noqa: BLE001 - the fit that started this save has already failed
-            warnings.warn(
-                f"CheckpointCallback: a background save of the previous, failed fit had failed too: {e}",
-                stacklevel=3,
+            _warn.warn(
+                f"CheckpointCallback: a background save of the previous, failed fit had failed too: {e}"
             )
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -431,11 +427,10 @@ class CheckpointCallback(keras.callbacks.Callback):
                 return None
             current = _scalar_logs(logs).get(self.monitor)
             if current is None:
-                warnings.warn(
+                _warn.warn(
                     f"Can save best model only with {self.monitor} available: saving at step {step} without "
                     f"comparing (logs: {sorted(logs or {})}). Log {self.monitor!r} (e.g. pass validation "
-                    "data), change monitor, or save only at epoch ends (save_freq='epoch').",
-                    stacklevel=3,
+                    "data), change monitor, or save only at epoch ends (save_freq='epoch')."
                 )
             elif not _keras_args.improved(current, self.best, self._resolved_mode):
                 self._declined_step = step

@@ -7,7 +7,7 @@ from typing import Any
 
 import keras
 
-from .._resolve import load_checkpoint, read_index, read_meta, resolve_checkpoint
+from .._resolve import load_checkpoint, open_checkpoint, read_index, read_meta, resolve_checkpoint
 from ..errors import IncompatibleCheckpointError
 from . import _adapter, _compat, _inplace
 
@@ -28,7 +28,9 @@ def restore(
     untouched. Training position and global RNG states are not touched: that is what
     ``CheckpointCallback(resume=True)`` is for.
 
-    Returns the path of the checkpoint that was loaded.
+    Returns the checkpoint that was loaded in one form whatever the argument's form (a directory, a
+    relative or absolute checkpoint path, its ``.index`` file): an absolute path, or the full URL on
+    other storage, as ``CheckpointManager.latest_checkpoint`` gives it.
 
     Raises IncompatibleCheckpointError when the variables do not fit (listing the missing, unexpected
     and wrongly shaped or typed ones), CheckpointNotFoundError, CorruptCheckpointError.
@@ -37,9 +39,9 @@ def restore(
         >>> model = build_model()
         >>> model.compile(optimizer="adam", loss="mse")
         >>> restore(model, "runs/a")          # newest valid checkpoint of runs/a
-        'runs/a/ckpt-1200'
+        '/home/me/runs/a/ckpt-1200'
         >>> restore(model, "runs/a", checkpoint="best")   # the best by the callback's monitor
-        'runs/a/ckpt-800'
+        '/home/me/runs/a/ckpt-800'
     """
     path = resolve_checkpoint(path_or_directory, storage_options, checkpoint=checkpoint)
     state = _inplace.load_into_model(
@@ -48,7 +50,8 @@ def restore(
         model,
     )
     _adapter.restore_model_state(model, state)
-    return path
+    storage, name = open_checkpoint(path, storage_options)
+    return storage.url_of(name)
 
 
 def load_model(

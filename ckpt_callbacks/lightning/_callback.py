@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .. import _foreign
+from .. import _foreign, _warn
 from .._callback_config import CallbackConfig, prepare_snapshot_once
 from .._manager import CheckpointManager
 from .._mode import resolve_mode
@@ -220,9 +220,7 @@ class CheckpointCallback(_compat.Bound):
             try:
                 state = _core_load(path, storage_options=self.storage_options, allow_pickle=self.allow_pickle)
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                warnings.warn(
-                    f"Checkpoint {path!r} is unusable ({e}); falling back to an older one.", stacklevel=2
-                )
+                _warn.warn(f"Checkpoint {path!r} is unusable ({e}); falling back to an older one.")
                 continue
             self._preloaded = (path + INDEX_SUFFIX, state)
             return {path + INDEX_SUFFIX}

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .. import _foreign
 from ..errors import CheckpointNotFoundError
 from . import _compat
 from ._io import _to_map_location, load_any
@@ -64,6 +65,7 @@ def load_from_checkpoint(
     dropped: list[tuple[str, str]] = []
     found = load_any(checkpoint_path, storage_options, allow_pickle, dropped=dropped, ns=ns)
     if found is None:
+        _foreign.refuse_foreign(checkpoint_path, storage_options)  # a torch.save file: what reads it
         raise CheckpointNotFoundError(
             f"No ckpt_callbacks checkpoint at {os.fspath(checkpoint_path)!r}: expected a checkpoint path "
             "(with a '.index' file), its '.index' file, a marker file written by FsspecCheckpointIO, or a "
