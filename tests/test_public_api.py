@@ -99,3 +99,32 @@ def test_unsupported_storage_library_error_lives_in_the_tree_and_where_it_was():
     assert from_storage is cls and from_compat is cls
     assert issubclass(cls, RuntimeError) and not issubclass(cls, errors.CheckpointError)
     assert "UnsupportedStorageLibraryError(RuntimeError)" in errors.__doc__
+
+
+def test_keras_public_names_and_drop_in_signatures():
+    pytest.importorskip("keras")
+    import inspect
+
+    import keras
+
+    import ckpt_callbacks.keras as ck
+
+    assert ck.__all__ == [
+        "BackupAndRestore",
+        "CheckpointCallback",
+        "ResumableDataset",
+        "load_model",
+        "restore",
+    ]
+    assert set(ck.__all__) <= set(vars(ck))
+    # Keras' own BackupAndRestore arguments, in order and with its defaults, then ours as keywords.
+    theirs = inspect.signature(keras.callbacks.BackupAndRestore).parameters
+    ours = inspect.signature(ck.BackupAndRestore).parameters
+    assert [(p.name, p.default) for p in list(ours.values())[: len(theirs)]] == [
+        (p.name, p.default) for p in theirs.values()
+    ]
+    assert all(p.kind is p.KEYWORD_ONLY for p in list(ours.values())[len(theirs) :])
+    callback = inspect.signature(ck.CheckpointCallback).parameters
+    assert {"save_freq", "save_best_only", "initial_value_threshold"} <= set(callback)
+    for fn in (ck.restore, ck.load_model):
+        assert inspect.signature(fn).parameters["checkpoint"].default == "latest"

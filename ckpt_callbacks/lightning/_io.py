@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .. import _storage
+from .. import _foreign, _storage
 from .._names import join_url as _join
 from .._resolve import POINTER_FORMAT as MARKER_FORMAT
 from .._resolve import POINTER_VERSION as MARKER_VERSION
@@ -363,10 +363,12 @@ class FsspecCheckpointIO(_compat.Bound):
             return torch_io.TorchCheckpointIO().load_checkpoint(
                 path, map_location=map_location, weights_only=weights_only
             )
+        what = _foreign.identify(path, self._options()) or (
+            f"{os.fspath(path)!r} is not a ckpt_callbacks checkpoint (probably a torch.save file)."
+        )
         raise IncompatibleCheckpointError(
-            f"{os.fspath(path)!r} is not a ckpt_callbacks checkpoint (probably a torch.save file). Loading it "
-            "would unpickle it; pass FsspecCheckpointIO(allow_pickle=True) if you trust it, or re-save it "
-            "with FsspecCheckpointIO."
+            f"{what} Loading it through FsspecCheckpointIO would unpickle it: pass "
+            "FsspecCheckpointIO(allow_pickle=True) if you trust it, or re-save it with FsspecCheckpointIO."
         )
 
     def remove_checkpoint(self, path: Any) -> None:

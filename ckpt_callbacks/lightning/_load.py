@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .. import _foreign
 from ..errors import CheckpointNotFoundError
 from . import _compat
 from ._io import _to_map_location, load_any
@@ -70,6 +71,7 @@ def load_from_checkpoint(
         checkpoint_path, storage_options, allow_pickle, dropped=dropped, ns=ns, checkpoint=checkpoint
     )
     if found is None:
+        _foreign.refuse_foreign(checkpoint_path, storage_options)  # a torch.save file: what reads it
         raise CheckpointNotFoundError(
             f"No ckpt_callbacks checkpoint at {os.fspath(checkpoint_path)!r}: expected a checkpoint path "
             "(with a '.index' file), its '.index' file, a marker file written by FsspecCheckpointIO, or a "
