@@ -25,7 +25,7 @@ GOLDEN = {
         b'kpt_callbacks: {"v":1,"checkpoints":[{"name":"ckpt-2","step":2,"timestamp":17640'
         b'90001.0,"status":"active","metric":0.5,"shards":1},{"name":"ckpt-3","step":3,"ti'
         b'mestamp":1764091801.5,"status":"active","metric":0.3333333333333333,"shards":1}]'
-        b"}\n"
+        b',"best":"ckpt-3"}\n'
     ),
     "ckpt-2.data-00000-of-00001": (
         b'\xd8\x00\x00\x00\x00\x00\x00\x00{"__metadata__":{"format":"ckpt_callbacks"},"w":{"dtype":"F32","shape":['
