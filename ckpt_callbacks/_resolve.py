@@ -225,8 +225,9 @@ def load_checkpoint(
         >>> state = load_checkpoint("runs/a", into={"state_dict": module.state_dict()})  # in place
     """
     storage, name = open_checkpoint(resolve_checkpoint(path, storage_options), storage_options)
-    if _sharding.is_sharded(into):
-        return _sharding.ops().load_into(storage.url_of(name), into, storage_options)
+    collective = _sharding.collective_for(into)
+    if collective is not None:
+        return collective.backend.load_into(storage.url_of(name), into, storage_options, None)
     return load(storage, name, verify=verify, allow_pickle=allow_pickle, into=into)
 
 
