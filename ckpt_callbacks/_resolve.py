@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
-import warnings
 from typing import Any
 
 from . import _format as fmt
 from . import _sharding
 from ._checkpoint_io import meta_doc, write_checkpoint
-from ._checkpoint_read import MAX_META_BYTES, load, read_bounded, written_by_us
+from ._checkpoint_read import MAX_META_BYTES, load, newest_first, newest_valid, read_bounded, written_by_us
 from ._checkpoint_read import read_index as _read_index
 from ._names import INDEX_SUFFIX, META_SUFFIX, join_url, split_url, step_of
 from ._state import CheckpointState, checked_name, read_state
@@ -33,7 +31,6 @@ POINTER_FORMATS = (POINTER_FORMAT, "ckpt_callbacks.lightning")
 POINTER_VERSION = 1
 MAX_POINTER_BYTES = 4096
 _POINTER_HEADS = tuple(b'{"format":"' + f.encode() + b'"' for f in POINTER_FORMATS)
-_TARGET = re.compile(r"[A-Za-z0-9_.=+-]+")
 
 
 def pointer_bytes(checkpoint: str) -> bytes:
@@ -57,7 +54,7 @@ def pointer_target(storage: Storage, name: str) -> str | None:
             f"Checkpoint marker {storage.url_of(name)!r} is not valid JSON."
         ) from None
     target = doc.get("checkpoint") if isinstance(doc, dict) else None
-    if not isinstance(target, str) or not _TARGET.fullmatch(target) or ".." in target:
+    if not fmt.is_plain_name(target):
         raise CorruptCheckpointError(
             f"Checkpoint marker {storage.url_of(name)!r} names an invalid checkpoint {str(target)[:80]!r}."
         )
@@ -90,10 +87,18 @@ def resolve_checkpoint(
 ) -> str:
     """A checkpoint path: the checkpoint ``path_or_directory`` names (see :func:`resolve_one`), or
     the newest valid checkpoint of a directory with a ``checkpoint`` state file."""
+    return _resolved(path_or_directory, storage_options, verify)[0]
+
+
+def _resolved(
+    path_or_directory: str | os.PathLike, storage_options: dict | None, verify: bool
+) -> tuple[str, dict | None]:
+    """:func:`resolve_checkpoint`, and the checked index when choosing the checkpoint read it (a
+    directory's newest valid one), so that the load which follows does not read it again."""
     p = os.fspath(path_or_directory)
     one = resolve_one(p, storage_options)
     if one is not None:
-        return one
+        return one, None
     d = Storage(p, storage_options)
     found = read_state(d)
     if found is None:
@@ -102,20 +107,16 @@ def resolve_checkpoint(
             "'checkpoint' state file."
         )
     state = found[0]
-    names = [checked_name(n) for n in state.all_model_checkpoint_paths]
-    if state.model_checkpoint_path:
-        latest = checked_name(state.model_checkpoint_path)
-        names = [n for n in names if n != latest] + [latest]
-    for cname in reversed(names):
-        if not verify:
+    latest = checked_name(state.model_checkpoint_path) if state.model_checkpoint_path else None
+    names = newest_first([checked_name(n) for n in state.all_model_checkpoint_paths], latest)
+    if verify:
+        chosen = newest_valid(d, names, lambda cname: _read_index(d, cname), stacklevel=4)
+        if chosen is not None:
+            return d.url_of(chosen[0]), chosen[1]
+    else:
+        for cname in names:
             if d.exists(cname + INDEX_SUFFIX):
-                return d.url_of(cname)
-            continue
-        try:
-            _read_index(d, cname)
-            return d.url_of(cname)
-        except CheckpointError as e:
-            warnings.warn(f"Skipping checkpoint {d.url_of(cname)!r}: {e}", stacklevel=2)
+                return d.url_of(cname), None
     raise CheckpointNotFoundError(f"No valid checkpoint in {p!r}.")
 
 
@@ -224,11 +225,26 @@ def load_checkpoint(
         >>> state = load_checkpoint("s3://bucket/run/ckpt-1000", storage_options={"anon": False})
         >>> state = load_checkpoint("runs/a", into={"state_dict": module.state_dict()})  # in place
     """
-    storage, name = open_checkpoint(resolve_checkpoint(path, storage_options), storage_options)
+    return load_with_path(path, storage_options, verify=verify, allow_pickle=allow_pickle, into=into)[1]
+
+
+def load_with_path(
+    path: str | os.PathLike,
+    storage_options: dict | None = None,
+    *,
+    verify: bool = True,
+    allow_pickle: bool = False,
+    into: Any = None,
+) -> tuple[str, dict]:
+    """``(checkpoint path, state)``: :func:`load_checkpoint`, also saying which checkpoint a directory
+    named (read once: the index read to choose it is the one loaded). ``into`` may also be a
+    function of the index (see :func:`._checkpoint_read.load`)."""
+    resolved, index = _resolved(path, storage_options, True)
+    storage, name = open_checkpoint(resolved, storage_options)
     collective = _sharding.collective_for(into)
     if collective is not None:
-        return collective.backend.load_into(storage.url_of(name), into, storage_options, None)
-    return load(storage, name, verify=verify, allow_pickle=allow_pickle, into=into)
+        return resolved, collective.backend.load_into(storage.url_of(name), into, storage_options, None)
+    return resolved, load(storage, name, verify=verify, allow_pickle=allow_pickle, into=into, index=index)
 
 
 def list_variables(
