@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ._checkpoint_read import read_bounded
-from ._format import check_name
+from ._format import is_plain_name
 from ._names import STATE_FILE_NAME, step_of
 from ._storage import Storage
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
@@ -196,11 +196,11 @@ def checked_name(path: str) -> str:
 
     Absolute paths, ``..``, separators and other schemes are refused (a hostile state file).
     """
-    if not isinstance(path, str) or "/" in path or "\\" in path or ":" in path:
+    if not is_plain_name(path):
         raise CorruptCheckpointError(
             f"Checkpoint state file names {path!r:.200}, which is not a checkpoint inside its directory."
         )
-    return check_name(path)
+    return path
 
 
 def read_state_bytes(storage: Storage) -> bytes | None:
