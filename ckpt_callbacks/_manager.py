@@ -30,9 +30,10 @@ from ._state import (
     checked_name,
     commit_state,
     dump_state,
+    no_best_error,
     read_state,
     read_state_bytes,
-    restart_records,
+    restart,
     write_state,
 )
 from ._storage import Storage
@@ -155,17 +156,7 @@ class CheckpointManager(_async.BackgroundSaves):
             if n:
                 checked_name(n)
         self._latest = state.model_checkpoint_path or None
-        last_preserved = state.last_preserved_timestamp
-        if now < last_preserved:
-            logger.warning(
-                "The clock (%s) is before the last preserved checkpoint time (%s); time went backwards. "
-                "Preservation restarts from now and nothing is deleted because of it.",
-                now,
-                last_preserved,
-            )
-            last_preserved = now
-        self._last_preserved = last_preserved
-        self._records = restart_records(state, records, now, last_preserved)
+        self._records, self._last_preserved = restart(state, records, now)
 
     def _remove_leftovers(self) -> list[str]:
         """Delete files of interrupted saves (see :mod:`._leftovers`); returns their names."""
@@ -180,6 +171,19 @@ class CheckpointManager(_async.BackgroundSaves):
         """Path of the newest committed checkpoint, or None."""
         with self._lock:
             return self._storage.url_of(self._latest) if self._latest else None
+
+    @property
+    def best_checkpoint(self) -> str | None:
+        """Path of the best kept checkpoint by ``metrics[monitor]`` (``keep_best``), or None.
+
+        None without ``keep_best`` or a kept checkpoint scored; a tie goes to the one scored first.
+        """
+        with self._lock:
+            best = self._best_of(self._records)
+            return self._storage.url_of(best) if best else None
+
+    def _best_of(self, records: list[Record]) -> str | None:
+        return BestN(self._keep_best, self._monitor, self._mode).top(records) if self._keep_best else None
 
     @property
     def checkpoints(self) -> list[str]:
@@ -322,11 +326,12 @@ class CheckpointManager(_async.BackgroundSaves):
                 records = [r for r in self._records if r.name != name]  # a re-saved step: the new copy
                 records.append(record)
                 decision = self._retention(name).apply(records, self._last_preserved)
-            state_bytes = dump_state(name, decision.kept, decision.last_preserved)
+            best = self._best_of(decision.kept)
+            state_bytes = dump_state(name, decision.kept, decision.last_preserved, best)
 
             def write(data: bytes) -> None:
                 _cio.crash_point("before_state")
-                self._commit_state(data)
+                write_state(self._storage, data)  # the commit point
                 _cio.crash_point("after_state")
 
             def remove_new_files() -> None:
@@ -366,10 +371,6 @@ class CheckpointManager(_async.BackgroundSaves):
             _cio.crash_point("before_delete")
             _cio.remove_quietly(storage, [r.name + INDEX_SUFFIX, *files_of(r.name, r.shards, storage)])
             _cio.crash_point("after_delete")
-
-    def _commit_state(self, data: bytes) -> None:
-        """Write the state file: the commit point of a save."""
-        write_state(self._storage, data)
 
     def _follow_other_writer(self) -> None:
         """Continue from the state file on storage if another writer changed it since this manager
@@ -427,6 +428,8 @@ class CheckpointManager(_async.BackgroundSaves):
     def restore(self, path: str | os.PathLike | None = None, *, into: Any = None) -> Any:
         """The state of ``path``, or of the newest valid checkpoint (None when there is none).
 
+        ``path`` may be ``"latest"`` (the default) or ``"best"`` (:attr:`best_checkpoint`, or CheckpointNotFoundError).
+
         ``into``: restore in place, as :func:`load_checkpoint` does (async: snapshot buffers mapped too).
         With a path, missing or corrupt checkpoints raise CheckpointNotFoundError /
         CorruptCheckpointError. Without one, corrupt checkpoints are skipped with a warning.
@@ -435,6 +438,11 @@ class CheckpointManager(_async.BackgroundSaves):
         checkpoints that did commit can still be restored.
         """
         self._wait(raise_error=False)
+        if path == "best":
+            path = self.best_checkpoint
+            if path is None:
+                raise no_best_error(self.directory, ranked=bool(self._keep_best))
+        path = None if path == "latest" else path
         if path is not None:
             directory, name = split_url(os.fspath(path))
             storage = Storage(directory, self._storage_options) if directory != "." else self._storage

@@ -15,12 +15,12 @@ import time
 from typing import Any
 
 from . import _format as fmt
-from . import _sharding
+from . import _sharding, _validation
 from ._checkpoint_io import meta_doc, write_checkpoint
 from ._checkpoint_read import MAX_META_BYTES, load, newest_first, newest_valid, read_bounded, written_by_us
 from ._checkpoint_read import read_index as _read_index
 from ._names import INDEX_SUFFIX, META_SUFFIX, join_url, split_url, step_of
-from ._state import CheckpointState, checked_name, read_state
+from ._state import CheckpointState, best_of, checked_name, no_best_error, read_state
 from ._storage import Storage
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
@@ -83,21 +83,34 @@ def resolve_one(path: str | os.PathLike, storage_options: dict | None = None) ->
 
 
 def resolve_checkpoint(
-    path_or_directory: str | os.PathLike, storage_options: dict | None = None, verify: bool = True
+    path_or_directory: str | os.PathLike,
+    storage_options: dict | None = None,
+    verify: bool = True,
+    checkpoint: str = "latest",
 ) -> str:
     """A checkpoint path: the checkpoint ``path_or_directory`` names (see :func:`resolve_one`), or
-    the newest valid checkpoint of a directory with a ``checkpoint`` state file."""
-    return _resolved(path_or_directory, storage_options, verify)[0]
+    for a directory with a ``checkpoint`` state file its newest valid checkpoint (``checkpoint="latest"``)
+    or the best one its manager kept by ``keep_best`` (``checkpoint="best"``)."""
+    return _resolved(path_or_directory, storage_options, verify, checkpoint)[0]
 
 
 def _resolved(
-    path_or_directory: str | os.PathLike, storage_options: dict | None, verify: bool
+    path_or_directory: str | os.PathLike,
+    storage_options: dict | None,
+    verify: bool,
+    checkpoint: str = "latest",
 ) -> tuple[str, dict | None]:
     """:func:`resolve_checkpoint`, and the checked index when choosing the checkpoint read it (a
-    directory's newest valid one), so that the load which follows does not read it again."""
+    directory's newest valid one, or its best), so that the load which follows does not read it again."""
+    _validation.check_checkpoint_choice(checkpoint)
     p = os.fspath(path_or_directory)
     one = resolve_one(p, storage_options)
     if one is not None:
+        if checkpoint == "best":
+            raise ValueError(
+                f"checkpoint='best' chooses among the checkpoints of a directory, but {p!r} is one "
+                "checkpoint. Pass its directory, or leave checkpoint at its default."
+            )
         return one, None
     d = Storage(p, storage_options)
     found = read_state(d)
@@ -107,6 +120,15 @@ def _resolved(
             "'checkpoint' state file."
         )
     state = found[0]
+    if checkpoint == "best":
+        best = best_of(found[2])
+        if best is None:
+            raise no_best_error(p, ranked=False)
+        if verify:  # best means this one: corrupt is an error, not a fallback
+            return d.url_of(best), _read_index(d, best)
+        if not d.exists(best + INDEX_SUFFIX):
+            raise CheckpointNotFoundError(f"The best checkpoint {d.url_of(best)!r} has no index file.")
+        return d.url_of(best), None
     latest = checked_name(state.model_checkpoint_path) if state.model_checkpoint_path else None
     names = newest_first([checked_name(n) for n in state.all_model_checkpoint_paths], latest)
     if verify:
@@ -181,6 +203,7 @@ def load_checkpoint(
     verify: bool = True,
     allow_pickle: bool = False,
     into: Any = None,
+    checkpoint: str = "latest",
 ) -> dict:
     """Load one checkpoint's state tree; with ``verify`` every checksum is checked.
 
@@ -203,6 +226,8 @@ def load_checkpoint(
             Saved tensors with no destination in ``into`` are simply loaded. An ``into`` holding
             ``DTensor`` leaves (sharded state) is filled by ``torch.distributed.checkpoint.load``, a
             collective call on every rank, whatever the number of ranks that wrote the checkpoint.
+        checkpoint: for a directory, which checkpoint: ``"latest"`` (the newest valid one) or
+            ``"best"`` (the best one its manager kept by ``keep_best``).
 
     Returns:
         The state tree as saved: dicts, lists, tuples, numpy arrays, numbers, strings. Tensors saved
@@ -224,8 +249,11 @@ def load_checkpoint(
         >>> state = load_checkpoint("runs/mnist")         # the newest valid checkpoint of a directory
         >>> state = load_checkpoint("s3://bucket/run/ckpt-1000", storage_options={"anon": False})
         >>> state = load_checkpoint("runs/a", into={"state_dict": module.state_dict()})  # in place
+        >>> state = load_checkpoint("runs/a", checkpoint="best")  # the best kept by keep_best
     """
-    return load_with_path(path, storage_options, verify=verify, allow_pickle=allow_pickle, into=into)[1]
+    return load_with_path(
+        path, storage_options, verify=verify, allow_pickle=allow_pickle, into=into, checkpoint=checkpoint
+    )[1]
 
 
 def load_with_path(
@@ -235,11 +263,12 @@ def load_with_path(
     verify: bool = True,
     allow_pickle: bool = False,
     into: Any = None,
+    checkpoint: str = "latest",
 ) -> tuple[str, dict]:
     """``(checkpoint path, state)``: :func:`load_checkpoint`, also saying which checkpoint a directory
     named (read once: the index read to choose it is the one loaded). ``into`` may also be a
     function of the index (see :func:`._checkpoint_read.load`)."""
-    resolved, index = _resolved(path, storage_options, True)
+    resolved, index = _resolved(path, storage_options, True, checkpoint)
     storage, name = open_checkpoint(resolved, storage_options)
     collective = _sharding.collective_for(into)
     if collective is not None:
@@ -248,7 +277,7 @@ def load_with_path(
 
 
 def list_variables(
-    path: str | os.PathLike, storage_options: dict | None = None
+    path: str | os.PathLike, storage_options: dict | None = None, *, checkpoint: str = "latest"
 ) -> list[tuple[str, str, tuple]]:
     """``(name, dtype, shape)`` of every tensor in a checkpoint (or a directory's latest), by name.
 
@@ -260,7 +289,7 @@ def list_variables(
         >>> list_variables("runs/a/ckpt-10")
         [('model/w', 'float32', (4, 4))]
     """
-    path = resolve_checkpoint(path, storage_options, verify=False)
+    path = resolve_checkpoint(path, storage_options, verify=False, checkpoint=checkpoint)
     index = _read_index(*open_checkpoint(path, storage_options))
     return sorted((n, t["dtype"], tuple(t["shape"])) for n, t in index["tensors"].items())
 

@@ -10,6 +10,7 @@ skip. Writing this file is the commit point of a save.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
 MAX_STATE_FILE_BYTES = 16 * 1024 * 1024
 _COMMENT_KEY = "# ckpt_callbacks: "
+logger = logging.getLogger("ckpt_callbacks")
 _FIELD = re.compile(r'\s*([a-z_]+)\s*:\s*(".*"|[-+0-9.eEinfINFa]+)\s*\Z')
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "'": "'", "\\": "\\"}
 
@@ -164,7 +166,23 @@ def restart_records(
     ]
 
 
-def dump_state(latest: str, records: list[Record], last_preserved: float) -> bytes:
+def restart(state: CheckpointState, records: list[Record] | None, now: float) -> tuple[list[Record], float]:
+    """``(records, last_preserved)`` a manager starts from (:func:`restart_records`). A clock before
+    the last preserved time restarts preservation from now, and nothing is deleted because of it."""
+    last_preserved = state.last_preserved_timestamp
+    if now < last_preserved:
+        logger.warning(
+            "The clock (%s) is before the last preserved checkpoint time (%s); time went backwards. "
+            "Preservation restarts from now and nothing is deleted because of it.",
+            now,
+            last_preserved,
+        )
+        last_preserved = now
+    return restart_records(state, records, now, last_preserved), last_preserved
+
+
+def dump_state(latest: str, records: list[Record], last_preserved: float, best: str | None = None) -> bytes:
+    """The state file's bytes; ``best`` (the best kept checkpoint by ``keep_best``) rides in the comment."""
     lines = [f"model_checkpoint_path: {_quote(latest)}"]
     lines += [f"all_model_checkpoint_paths: {_quote(r.name)}" for r in records]
     lines += [f"all_model_checkpoint_timestamps: {_fmt(r.timestamp)}" for r in records]
@@ -183,8 +201,39 @@ def dump_state(latest: str, records: list[Record], last_preserved: float) -> byt
             for r in records
         ],
     }
+    if best is not None:
+        extra["best"] = best
     lines.append(_COMMENT_KEY + json.dumps(extra, separators=(",", ":")))
     return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def best_of(data: bytes) -> str | None:
+    """The best checkpoint a state file records (written by managers with ``keep_best``), or None.
+
+    Trusted only when it is one of the checkpoints the TensorFlow fields list.
+    """
+    state, _ = parse_state(data)
+    for line in data.decode("utf-8").splitlines():
+        if line.startswith(_COMMENT_KEY):
+            try:
+                best = json.loads(line[len(_COMMENT_KEY) :]).get("best")
+            except (ValueError, AttributeError, RecursionError):
+                return None
+            return best if isinstance(best, str) and best in state.all_model_checkpoint_paths else None
+    return None
+
+
+def no_best_error(directory: str, ranked: bool) -> CheckpointNotFoundError:
+    """Asked for the best checkpoint of a directory that has none."""
+    why = (
+        "no kept checkpoint carries the monitored metric yet"
+        if ranked
+        else "its checkpoints are not ranked (saved without keep_best)"
+    )
+    return CheckpointNotFoundError(
+        f"No best checkpoint in {directory!r}: {why}. Save with keep_best=1 and monitor=<metric name> "
+        "to keep and name the best one, or ask for checkpoint='latest'."
+    )
 
 
 def _fmt(x: float) -> str:
