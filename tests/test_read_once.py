@@ -65,3 +65,24 @@ def test_the_fixture_catches_a_second_read(tmp_path, storage_reads):
         mgr.restore()
     with pytest.raises(AssertionError, match="more than once"):
         storage_reads.assert_each_read_once()
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        lambda mgr, d: mgr.restore("best"),
+        lambda mgr, d: load_checkpoint(d, checkpoint="best"),
+    ],
+    ids=["restore_best", "load_checkpoint_directory_best"],
+)
+def test_best_checkpoint_is_read_once(how, tmp_path, storage_reads):
+    directory = str(tmp_path / "run")
+    with CheckpointManager(directory, keep_best=1, monitor="loss") as mgr:
+        mgr.save({**STATE, "step": 1}, step=1, metrics={"loss": 0.5})
+        mgr.save(STATE, step=3, metrics={"loss": 0.1})
+        mgr.save({**STATE, "step": 4}, step=4, metrics={"loss": 0.9})
+        storage_reads.reset()
+        state = how(mgr, directory)
+        storage_reads.assert_each_read_once()
+    assert state["step"] == 3
+    assert set(storage_reads.counts) <= {"ckpt-3.index", "ckpt-3.data-00000-of-00001"}
