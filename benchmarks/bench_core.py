@@ -782,12 +782,12 @@ def bench_p9(scratch, saves):
 
     real_apply, real_commit, real_check, real_remove = (
         _manager.Retention.apply,
-        mgr._commit_state,
+        _manager.commit_state,
         mgr._follow_other_writer,
         _checkpoint_io.remove_quietly,
     )
     _manager.Retention.apply = timed("sweep", real_apply)
-    mgr._commit_state = timed("commit", real_commit)
+    _manager.commit_state = timed("commit", real_commit)
     mgr._follow_other_writer = timed("check", real_check)
     _checkpoint_io.remove_quietly = timed("delete", real_remove)
     Storage.list_names = counting_list
@@ -806,6 +806,7 @@ def bench_p9(scratch, saves):
         Storage.list_names = real_list
         _checkpoint_io.remove_quietly = real_remove
         _manager.Retention.apply = real_apply
+        _manager.commit_state = real_commit
         del mgr._storage.fs.ls
     assert len(mgr.checkpoints) == 100
     mgr.close()

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -100,7 +101,7 @@ def _write_store(
     """Object stores: each file one whole object, completed in order (data shards concurrently)."""
     step, meta_doc, tree = doc
     results = write_data_files(storage, name, shards, arrays)
-    written += [r[0] for r in results]
+    written += [r.name for r in results]
     crash_point("after_data")
     files, index_tensors = _file_table(results)
     files.append(write_meta(storage, name, meta_doc))
@@ -157,17 +158,32 @@ def _num_shards(storage: Storage, total: int, n_tensors: int) -> int:
     return 1
 
 
-def _file_table(results: list[tuple]) -> tuple[list[dict], dict[str, dict]]:
+@dataclass
+class WrittenFile:
+    """One data file as written: what the index says of it, and of each tensor in it (by name; an
+    entry's ``file`` number is the index's to give)."""
+
+    name: str
+    size: int
+    header_size: int
+    checksum: str  # of the safetensors header
+    tensors: dict[str, dict]
+
+    def entry(self) -> dict:
+        """Its entry in the index's ``files``."""
+        return {
+            "name": self.name,
+            "kind": "data",
+            "size": self.size,
+            "header_size": self.header_size,
+            "checksum": self.checksum,
+        }
+
+
+def _file_table(results: list[WrittenFile]) -> tuple[list[dict], dict[str, dict]]:
     """The index's ``files`` entries and ``tensors`` table for the written data files."""
-    files: list[dict] = []
-    index_tensors: dict[str, dict] = {}
-    for shard_no, (fname, size, header_size, header_sum, entries) in enumerate(results):
-        files.append(
-            {"name": fname, "kind": "data", "size": size, "header_size": header_size, "checksum": header_sum}
-        )
-        for entry in entries:
-            entry["file"] = shard_no
-            index_tensors[entry.pop("name")] = entry
+    files = [r.entry() for r in results]
+    index_tensors = {n: {**e, "file": no} for no, r in enumerate(results) for n, e in r.tensors.items()}
     return files, index_tensors
 
 
@@ -252,7 +268,7 @@ def preflight(storage: Storage, name: str, encoded: fmt.EncodedState) -> int:
 
 def write_data_files(
     storage: Storage, name: str, shards: list[list[fmt.TensorEntry]], arrays: dict | None
-) -> list[tuple]:
+) -> list[WrittenFile]:
     """Write one data file per shard (concurrently when several); on failure none is left."""
     if len(shards) == 1:
         return [write_data_file(storage, data_file_name(name, 0, 1), shards[0], arrays)]
@@ -268,19 +284,18 @@ def write_data_files(
             except BaseException as e:  # noqa: BLE001 - collect, clean up, re-raise the first
                 error = error or e
         if error is not None:
-            remove_quietly(storage, [r[0] for r in results])
+            remove_quietly(storage, [r.name for r in results])
             raise error
         return results
 
 
 def write_data_file(
     storage: Storage, fname: str, tensors: list[fmt.TensorEntry], arrays: dict | None = None
-) -> tuple[str, int, int, str, list[dict]]:
+) -> WrittenFile:
     """Stream one safetensors file: header, then each tensor's bytes, hashing as they pass.
 
     ``arrays``: the tensors' bytes by name when already snapshotted (async saves), else each
-    entry converts its own source. Returns ``(fname, size, header_size, header_checksum, entries)``,
-    ``entries`` being the tensors' index entries (without their ``file`` number).
+    entry converts its own source.
     """
     writer, result = stage_data_file(storage, fname, tensors, arrays)
     writer.commit()
@@ -289,7 +304,7 @@ def write_data_file(
 
 def stage_data_file(
     storage: Storage, fname: str, tensors: list[fmt.TensorEntry], arrays: dict | None = None
-) -> tuple[Any, tuple[str, int, int, str, list[dict]]]:
+) -> tuple[Any, WrittenFile]:
     """:func:`write_data_file` up to its commit: ``(writer, result)``, the writer written, not yet
     committed (the caller commits or aborts it)."""
     header, spans = fmt.safetensors_header(tensors)
@@ -299,7 +314,7 @@ def stage_data_file(
     big = bool(spans) and spans[-1][1] - spans[0][0] >= HASH_BEHIND_BYTES
     pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash") if big else None
     writer = storage.writer(fname)
-    entries = []
+    entries: dict[str, dict] = {}
     try:
         writer.write(header)
         pending = bytearray()
@@ -311,7 +326,7 @@ def stage_data_file(
                 )
             hasher, pending = _stream_tensor(writer, arr, pending, pool)
             del arr
-            entries.append(_tensor_entry(t, begin, end, hasher))
+            entries[t.name] = _tensor_entry(t, begin, end, hasher)
         if pending:
             writer.write(pending)
         size = writer.written
@@ -321,7 +336,7 @@ def stage_data_file(
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    return writer, (fname, size, len(header), fmt.checksum_bytes(header), entries)
+    return writer, WrittenFile(fname, size, len(header), fmt.checksum_bytes(header), entries)
 
 
 def _stream_tensor(
@@ -356,7 +371,6 @@ def _stream_tensor(
 
 def _tensor_entry(t: fmt.TensorEntry, begin: int, end: int, hasher: Any) -> dict:
     return {
-        "name": t.name,
         "dtype": fmt.dtype_str(t.dtype),
         "shape": list(t.shape),
         "offset": begin,
@@ -378,12 +392,16 @@ def remove_quietly(storage: Storage, names: list[str]) -> None:
 # ---------------------------------------------------------------- the .meta document
 
 
-def jsonable(x: Any) -> Any:
-    """Metrics and user meta as strict JSON: non-finite floats become strings, numpy scalars numbers."""
+def jsonable(x: Any, other: Callable[[Any], Any] | None = None, depth: int = 0) -> Any:
+    """``x`` as strict JSON (the one sanitiser of what goes into a ``.meta``): non-finite floats
+    become strings, numpy scalars and 0-d tensors numbers. Anything else: ``other(x)`` (e.g. a
+    repr, for hyper-parameters), or TypeError when there is none (metrics and user meta)."""
+    if other is not None and depth > 32:
+        return other(x)
     if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v, other, depth + 1) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
+        return [jsonable(v, other, depth + 1) for v in x]
     if isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
@@ -391,7 +409,9 @@ def jsonable(x: Any) -> Any:
     if x is None or isinstance(x, (bool, int, float, str)):
         return x
     if hasattr(x, "item") and getattr(x, "ndim", None) == 0:  # 0-d framework tensors
-        return jsonable(x.item())
+        return jsonable(x.item(), other, depth + 1)
+    if other is not None:
+        return other(x)
     raise TypeError(
         f"meta and metrics must be JSON-like (dict, list, str, numbers); got {type(x).__name__}: {x!r:.80}"
     )

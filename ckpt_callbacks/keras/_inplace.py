@@ -10,14 +10,12 @@ those backends keep loading and assigning.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
 
-from .._readinto import in_place_or_plain
-from .._resolve import read_index
+from .. import _format as fmt
 from ..errors import IncompatibleCheckpointError
 from . import _adapter
 
@@ -33,16 +31,17 @@ def variable_tensor(v: Any) -> Any:
     return value
 
 
-def _stored(tree: Any) -> dict[str, dict[str, np.ndarray]]:
-    """``{"model": {key: placeholder}, ...}`` from an index's tree: zero-strided arrays of each saved
-    tensor's shape and dtype (no memory), which ``match_variables`` checks like the real ones."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    if not isinstance(tree, dict):
-        return out
-    for top, node in tree.get("d") or []:
-        if top not in (_adapter.MODEL_KEY, _adapter.OPTIMIZER_KEY) or not isinstance(node, dict):
-            continue
-        out[top] = {key: leaf for key, leaf in node.get("d") or [] if isinstance(leaf, dict) and "x" in leaf}
+def _stored(tree: Any) -> dict[str, dict[str, str]]:
+    """``{"model": {key: tensor name}, ...}`` from an index's tree: the saved tensors of the model's
+    and the optimizer's variables."""
+    out: dict[str, dict[str, str]] = {}
+    kind, entries = fmt.tree_view(tree)
+    for top, node in entries if kind == "dict" else []:
+        kind, leaves = fmt.tree_view(node)
+        if top in (_adapter.MODEL_KEY, _adapter.OPTIMIZER_KEY) and kind == "dict":
+            out[top] = {
+                key: name for key, leaf in leaves for k, name in [fmt.tree_view(leaf)] if k == "tensor"
+            }
     return out
 
 
@@ -63,8 +62,8 @@ def variables_into(model: Any, index: dict, *, restore_optimizer: bool = True) -
     into: dict[str, Any] = {}
     for top, variables in groups:
         placeholders, keys = {}, {}
-        for key, leaf in stored[top].items():
-            spec = tensors.get(leaf["x"]) or {}
+        for key, tensor_name in stored[top].items():
+            spec = tensors.get(tensor_name) or {}
             try:
                 dtype = _adapter._np_dtype(spec["dtype"])
                 shape = tuple(spec["shape"])
@@ -88,28 +87,23 @@ def variables_into(model: Any, index: dict, *, restore_optimizer: bool = True) -
     return into
 
 
-def load_into_model(
-    load: Callable[..., Any], index: Callable[[], dict], model: Any, *, restore_optimizer: bool = True
-) -> Any:
-    """``load(into=...)`` into ``model``'s own tensors (``index()``: the checkpoint's index), falling
-    back to ``load()`` whenever restoring in place does not apply or the checkpoint does not fit."""
+def into_for(model: Any, *, restore_optimizer: bool = True) -> Any:
+    """What ``into=`` takes to restore ``model`` in place: a function of the checkpoint's checked
+    index (read once, by the load itself) giving the tree of the model's own tensors, or None when
+    nothing can be written in place (not the torch backend, an unbuilt model)."""
     if keras.backend.backend() != "torch" or not model.built:
-        return load()
-    try:
-        into = variables_into(model, index(), restore_optimizer=restore_optimizer)
-    except Exception as e:  # noqa: BLE001 - an unreadable index: the usual load reports it
-        logger.debug("Not restoring in place: %s", e)
-        into = None
-    return in_place_or_plain(load, into)
+        return None
+
+    def make_into(index: dict) -> dict[str, Any] | None:
+        try:
+            return variables_into(model, index, restore_optimizer=restore_optimizer)
+        except Exception as e:  # noqa: BLE001 - an index the pairing cannot read: the usual load reports it
+            logger.debug("Not restoring in place: %s", e)
+            return None
+
+    return make_into
 
 
 def restore_with_path(manager: Any, model: Any) -> tuple[str | None, Any]:
-    """``manager.restore_with_path()``, restoring in place into ``model`` (see :func:`load_into_model`)."""
-    latest = manager.latest_checkpoint
-    if latest is None:
-        return manager.restore_with_path()
-    return load_into_model(
-        manager.restore_with_path,
-        lambda: read_index(latest, manager._storage_options),
-        model,
-    )
+    """``manager.restore_with_path()``, restoring in place into ``model`` (see :func:`into_for`)."""
+    return manager.restore_with_path(into=into_for(model))

@@ -7,7 +7,7 @@ from typing import Any
 
 import keras
 
-from .._resolve import load_checkpoint, open_checkpoint, read_index, read_meta, resolve_checkpoint
+from .._resolve import load_checkpoint, load_with_path, open_checkpoint, read_meta, resolve_checkpoint
 from ..errors import IncompatibleCheckpointError
 from . import _adapter, _compat, _inplace
 
@@ -43,11 +43,8 @@ def restore(
         >>> restore(model, "runs/a", checkpoint="best")   # the best by the callback's monitor
         '/home/me/runs/a/ckpt-800'
     """
-    path = resolve_checkpoint(path_or_directory, storage_options, checkpoint=checkpoint)
-    state = _inplace.load_into_model(
-        lambda **kw: load_checkpoint(path, storage_options=storage_options, **kw),
-        lambda: read_index(path, storage_options),
-        model,
+    path, state = load_with_path(
+        path_or_directory, storage_options, into=_inplace.into_for(model), checkpoint=checkpoint
     )
     _adapter.restore_model_state(model, state)
     storage, name = open_checkpoint(path, storage_options)
