@@ -21,16 +21,36 @@ that no tree can reference), read and verified by the ordinary code, then assemb
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import _kinds
-from ._dtypes import dtype_from_name
+from ._dtypes import dtype_from_name, dtype_str
 from .errors import CorruptCheckpointError
 
 # More chunks than this for one tensor is no save this library writes (one per rank and piece).
 MAX_CHUNKS = 1 << 20
+
+
+@dataclass
+class ChunkedArray:
+    """A tensor leaf stored as pieces: each ``(offsets, piece)`` a box of the whole tensor at those
+    offsets, ``piece`` (a :class:`._format.LazyArray`) of the box's shape.
+
+    Adapters give it for an array sharded over devices: each shard is written as it is, never
+    gathered into one host array. The pieces must tile the tensor exactly (:mod:`._chunks` checks
+    it when reading); the index records them as one chunked entry.
+    """
+
+    shape: tuple[int, ...]
+    dtype: Any
+    chunks: list[tuple[tuple[int, ...], Any]]
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(d) for d in self.shape)
+        self.dtype = np.dtype(self.dtype)
 
 
 def is_chunked(entry: Any) -> bool:
@@ -166,6 +186,24 @@ def assemble(index: dict, parts: dict[str, list[str]], arrays: dict[str, Any]) -
             box = tuple(slice(o, o + s) for o, s in zip(c["offsets"], c["sizes"]))
             full[box] = arrays.pop(cname)
         arrays[name] = _kinds.from_numpy(entry.get("kind", "numpy"), full)
+
+
+def join(tensors: dict[str, dict], chunked: dict[str, tuple]) -> None:
+    """Replace the written pieces of each chunked tensor (``EncodedState.chunked``) in the index's
+    ``tensors`` table by the tensor's one chunked entry, in place. One piece that is the whole tensor
+    stays a plain entry, which every reader of this format understands."""
+    for name, (dtype, shape, pieces) in chunked.items():
+        chunks = []
+        for pname, offsets in pieces:
+            e = tensors.pop(pname)
+            chunks.append({k: e[k] for k in ("file", "offset", "length", "checksum")})
+            chunks[-1].update(offsets=list(offsets), sizes=list(e["shape"]))
+        entry: dict[str, Any] = {"dtype": dtype_str(dtype), "shape": list(shape)}
+        if len(chunks) == 1 and chunks[0]["sizes"] == list(shape):
+            entry.update({k: chunks[0][k] for k in ("file", "offset", "length", "checksum")})
+        else:
+            entry["chunks"] = chunks
+        tensors[name] = entry
 
 
 def nbytes(entry: dict) -> int:

@@ -126,6 +126,8 @@ class TensorEntry:
 class EncodedState:
     tree: Any
     tensors: list[TensorEntry] = field(default_factory=list)
+    # _chunks.ChunkedArray leaves: name -> (dtype, shape, [(piece's entry name, offsets)]) (_chunks.join)
+    chunked: dict[str, tuple] = field(default_factory=dict)
 
 
 def _path_str(path: tuple) -> str:
@@ -180,6 +182,8 @@ class _Encoder:
             return {"b": base64.b64encode(obj).decode("ascii")}
         if t is np.ndarray or t is LazyArray:
             return {"x": self.add_tensor(obj, path, None)}
+        if t is _chunks.ChunkedArray:
+            return {"x": self.add_chunked(obj, path)}
         kind = _kinds.kind_of(obj)
         if kind is not None:
             return {"x": self.add_tensor(obj, path, kind)}
@@ -205,6 +209,20 @@ class _Encoder:
                 )
             items.append([k, self.enc(v, (*path, k), depth + 1)])
         return {"od" if type(obj) is collections.OrderedDict else "d": items}
+
+    def add_chunked(self, obj: Any, path: tuple) -> str:
+        name = self.add_tensor(obj, path, None)
+        whole = self.out.tensors.pop()  # checked like any array; its bytes are the pieces'
+        pieces = []
+        for offsets, piece in obj.chunks:
+            pname = f"{name}@{','.join(str(o) for o in offsets)}"
+            if pname in self.used or piece.dtype != obj.dtype or len(piece.shape) != len(obj.shape):
+                raise ValueError(f"Invalid piece at offsets {offsets} of {_path_str(path)}.")
+            self.used.add(pname)
+            self.out.tensors.append(TensorEntry(pname, whole.dtype, piece.shape, piece))
+            pieces.append((pname, tuple(int(o) for o in offsets)))
+        self.out.chunked[name] = (whole.dtype, whole.shape, pieces)
+        return name
 
     def add_tensor(self, obj: Any, path: tuple, tensor_kind: Any) -> str:
         if tensor_kind is None:  # a numpy array or LazyArray

@@ -201,7 +201,7 @@ class CheckpointCallback(keras.callbacks.Callback):
             _adapter.ensure_optimizer_built(self.model)
         self._trigger.start(self._global_step())
         if self.resume:
-            path, state = _inplace.restore_with_path(self.manager, self.model)
+            path, state = _inplace.restore_with_path(self.manager, self.model, self.storage_options)
             if state is not None:
                 if not built:
                     self._release_manager()

@@ -34,6 +34,10 @@ def restore(
         'runs/a/ckpt-1200'
     """
     path = resolve_checkpoint(path_or_directory, storage_options)
+    shards = _adapter.jax_shards()
+    if shards is not None and shards.model_spans_devices(model):
+        _adapter.restore_model_state(model, shards.load_state(path, storage_options))
+        return path
     state = _inplace.load_into_model(
         lambda **kw: load_checkpoint(path, storage_options=storage_options, **kw),
         lambda: read_index(path, storage_options),

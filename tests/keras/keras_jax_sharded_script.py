@@ -1,0 +1,78 @@
+"""A tiny deterministic JAX training run under ``keras.distribution`` (run as a subprocess).
+
+Usage: python keras_jax_sharded_script.py DIRECTORY OUT.npz LAYOUT [KILL_AT_STEP]
+LAYOUT: "model" (ModelParallel: kernels split over the "model" axis of a (2, D/2) mesh), "data"
+(DataParallel) or "none" (one device). The number of devices comes from XLA_FLAGS. ASYNC_SAVE=1 turns
+on async_save. With KILL_AT_STEP the process SIGKILLs itself after that global step, once (a marker
+file in DIRECTORY remembers it), so rerunning the same command resumes. OUT.npz gets every model and
+optimizer variable, the checkpoint resumed from, each variable's sharding spec and whether any
+variable holds a cached host copy after training.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import jax
+import keras
+import numpy as np
+from keras import distribution as kd
+
+from ckpt_callbacks.keras import CheckpointCallback, ResumableDataset
+
+directory, out, layout = sys.argv[1], sys.argv[2], sys.argv[3]
+kill_at = int(sys.argv[4]) if len(sys.argv) > 4 else None
+
+devices = jax.devices()
+if layout == "model":
+    mesh = kd.DeviceMesh((2, len(devices) // 2), ("batch", "model"), devices=devices)
+    layouts = kd.LayoutMap(mesh)
+    layouts[".*dense.*kernel"] = (None, "model")
+    layouts[".*dense.*bias"] = ("model",)
+    kd.set_distribution(
+        kd.ModelParallel(layout_map=layouts, batch_dim_name="batch", auto_shard_dataset=False)
+    )
+elif layout == "data":
+    kd.set_distribution(kd.DataParallel(devices=devices, auto_shard_dataset=False))
+
+keras.utils.set_random_seed(1)
+rng = np.random.RandomState(0)
+x = rng.randn(40, 6).astype("float32")
+y = (x @ rng.randn(6, 2)).astype("float32")
+model = keras.Sequential(
+    [
+        keras.Input((6,)),
+        keras.layers.Dense(16, activation="relu", name="dense_in"),
+        keras.layers.Dropout(0.25),
+        keras.layers.Dense(2, name="dense_out"),
+    ]
+)
+model.compile(keras.optimizers.Adam(1e-2), "mse")
+cb = CheckpointCallback(
+    directory, save_every_n_steps=4, max_to_keep=2, async_save=os.environ.get("ASYNC_SAVE") == "1"
+)
+data = ResumableDataset(x, y, batch_size=8, callback=cb, seed=7)
+
+
+class Killer(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        marker = os.path.join(directory, "killed")
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if kill_at is not None and step >= kill_at and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+model.fit(data, epochs=4, shuffle=False, callbacks=[cb, Killer()], verbose=0)
+cb.manager.wait_until_finished()
+variables = list(model.variables) + list(model.optimizer.variables)
+cached = any(getattr(v.value, "_npy_value", None) is not None for v in variables)
+np.savez(
+    out,
+    *[np.asarray(jax.device_get(v.value)) for v in variables],
+    resumed=np.array(cb.restored_from or ""),
+    specs=np.array([str(getattr(v.value.sharding, "spec", "")) for v in variables]),
+    cached=np.array(cached),
+)
