@@ -11,9 +11,10 @@ from __future__ import annotations
 import io
 import mmap
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -416,3 +417,34 @@ def files_of(name: str, shards: int | None, storage: Storage | None = None) -> l
             shards = 1
     n = shards or 1
     return [fmt.data_file_name(name, i, n) for i in range(n)] + [name + META_SUFFIX]
+
+
+T = TypeVar("T")
+
+
+def newest_first(names: Iterable[str], latest: str | None) -> list[str]:
+    """A state file's checkpoint names, newest first: ``latest`` (the one it names as newest), then
+    the others from the last listed back."""
+    older = [n for n in names if n != latest]
+    return ([latest] if latest else []) + older[::-1]
+
+
+def newest_valid(
+    storage: Storage,
+    names: Iterable[str],
+    open_one: Callable[[str], T],
+    *,
+    skip: tuple[type[BaseException], ...] = (CheckpointError,),
+    stacklevel: int = 3,
+) -> tuple[str, T] | None:
+    """The first checkpoint of ``names`` (newest first) that ``open_one`` opens, and what it returned;
+    one that fails with a ``skip`` error is passed over with a warning. None when none opens."""
+    for name in names:
+        try:
+            return name, open_one(name)
+        except skip as e:
+            warnings.warn(
+                f"Checkpoint {storage.url_of(name)!r} is unusable ({e}); falling back to an older one.",
+                stacklevel=stacklevel,
+            )
+    return None

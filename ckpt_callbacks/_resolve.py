@@ -249,8 +249,9 @@ def load_checkpoint(
     """
     path = resolve_checkpoint(path, storage_options, checkpoint=checkpoint)
     storage, name = open_checkpoint(path, storage_options)
-    if _sharding.is_sharded(into):
-        return _sharding.ops().load_into(storage.url_of(name), into, storage_options)
+    collective = _sharding.collective_for(into)
+    if collective is not None:
+        return collective.backend.load_into(storage.url_of(name), into, storage_options, None)
     return load(storage, name, verify=verify, allow_pickle=allow_pickle, into=into)
 
 

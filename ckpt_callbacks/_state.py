@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ._checkpoint_read import read_bounded
@@ -256,3 +257,34 @@ def write_state(storage: Storage, data: bytes) -> None:
     """Write the state file: the commit point of a save."""
     storage.write_bytes(STATE_FILE_NAME, data)
     storage.sync_dir()
+
+
+def commit_state(
+    storage: Storage,
+    data: bytes,
+    remove_new_files: Callable[[], None],
+    write: Callable[[bytes], None] | None = None,
+) -> BaseException | None:
+    """Write the state file ``data``, the commit point of a save (``write``: how, default
+    :func:`write_state`), settling a failure whose outcome is unknown.
+
+    The store may have committed it although the write reported an error (a reply lost after the
+    retries, an interrupt after the rename), so on failure the state file is read back: when it is
+    ``data`` the save did commit and that error is returned (the caller says so); when it surely is
+    not, ``remove_new_files()`` (the new checkpoint's files go, or a replaced copy is put back) and
+    the error is raised; when it cannot be read, the error is raised and the files stay (a next
+    start removes them if the state file does not name them). None: committed without an error.
+    """
+    try:
+        (write or (lambda d: write_state(storage, d)))(data)
+    except BaseException as error:
+        try:
+            committed: bool | None = read_state_bytes(storage) == data
+        except Exception:  # noqa: BLE001 - unreadable now: unknown
+            committed = None
+        if committed:
+            return error
+        if committed is False:
+            remove_new_files()
+        raise
+    return None

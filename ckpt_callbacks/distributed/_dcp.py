@@ -46,7 +46,7 @@ from .._checkpoint_read import files_of, written_by_us
 from .._names import INDEX_SUFFIX, META_SUFFIX
 from .._names import split_url as _split
 from .._names import step_of as _step_of
-from .._state import Record, dump_state, parse_state, read_state_bytes, write_state
+from .._state import Record, commit_state, dump_state, parse_state, read_state_bytes, restart_records
 from .._storage import Storage
 from ..errors import (
     CheckpointWriteError,
@@ -439,18 +439,7 @@ def _add_to_state_file(storage: Storage, name: str, step: int, shards: int) -> N
     except BaseException:
         _remove_quietly(storage, files)
         raise
-    try:
-        write_state(storage, new)
-    except BaseException:
-        try:
-            committed: bool | None = read_state_bytes(storage) == new
-        except Exception:  # noqa: BLE001 - unreadable now: unknown
-            committed = None
-        if committed:
-            return
-        if committed is False:
-            _remove_quietly(storage, files)
-        raise
+    commit_state(storage, new, lambda: _remove_quietly(storage, files))
 
 
 def _listing_with(storage: Storage, name: str, step: int, shards: int) -> bytes:
@@ -462,11 +451,6 @@ def _listing_with(storage: Storage, name: str, step: int, shards: int) -> bytes:
     if data is not None:
         state, parsed = parse_state(data)
         last_preserved = state.last_preserved_timestamp
-        if parsed is None:
-            stamps = state.all_model_checkpoint_timestamps or [last_preserved] * len(
-                state.all_model_checkpoint_paths
-            )
-            parsed = [Record(n, _step_of(n), ts) for n, ts in zip(state.all_model_checkpoint_paths, stamps)]
-        records = [r for r in parsed if r.name != name]
+        records = [r for r in restart_records(state, parsed, now, last_preserved) if r.name != name]
     records.append(Record(name, step, now, "active", None, shards))
     return dump_state(name, records, last_preserved)
