@@ -209,6 +209,9 @@ def assign_pairs(pairs: list[tuple[Any, np.ndarray]]) -> None:
     for v, arr in pairs:
         if arr is getattr(v, "value", None):
             continue  # restored in place (torch backend): the bytes are already the variable's
+        if jax_shards() is not None and jax_shards().spans_devices(arr):
+            v.assign(arr)  # a variable's own earlier array, laid out as it is
+            continue
         place_on = getattr(arr, "place_on", None)
         if place_on is not None and _dtype_of(arr) == _np_dtype(v.dtype):
             v.assign(place_on(v.value))  # read box by box onto the variable's own layout

@@ -175,7 +175,9 @@ class CheckpointCallback(keras.callbacks.Callback):
     def manager(self) -> CheckpointManager:
         """The CheckpointManager writing this callback's checkpoints (created on first use)."""
         if self._manager is None:
-            self._manager = self._config.make_manager(mode=self._resolved_mode)
+            shards = _adapter.jax_shards()
+            extra = shards.process_manager_kwargs() if shards is not None else {}
+            self._manager = self._config.make_manager(mode=self._resolved_mode, **extra)
         return self._manager
 
     # ------------------------------------------------------------------ Keras hooks
@@ -417,6 +419,8 @@ class CheckpointCallback(keras.callbacks.Callback):
 def _snapshot_variables(model: Any) -> list[tuple[Any, np.ndarray]]:
     opt = getattr(model, "optimizer", None)
     variables = list(model.variables) + (list(opt.variables) if opt is not None else [])
+    if keras.backend.backend() == "jax":  # immutable arrays: kept as they are (a sharded one cannot be read)
+        return [(v, v.value) for v in variables]
     return [(v, _adapter._variable_array(v).copy()) for v in variables]
 
 

@@ -19,6 +19,10 @@ Each entry is something Keras 3 offers no public API for:
 - JAX: ``jax.Array._single_device_array_to_np_array_did_copy()``: a single-device array's host
   bytes without keeping them cached on the array (``np.asarray`` caches a device-to-host copy on it
   for as long as the array lives). Falls back to ``np.asarray``.
+- JAX: ``jax._src.distributed.global_state.client``: the coordination service's client of a
+  ``jax.distributed`` job, whose key-value store carries a multi-process save's reports and outcome
+  (``key_value_set``, ``blocking_key_value_get``). Public alternative: none (``multihost_utils``
+  offers only device collectives, which would run beside training).
 """
 
 from __future__ import annotations
@@ -110,3 +114,10 @@ def single_device_to_numpy(arr: Any) -> Any:
     out = to_numpy()[0]
     out.flags.writeable = False
     return out
+
+
+def jax_coordination_client() -> Any:
+    """The ``jax.distributed`` coordination service client of this process (None before ``initialize``)."""
+    from jax._src.distributed import global_state
+
+    return global_state.client

@@ -107,12 +107,12 @@ def restore_with_path(
     manager: Any, model: Any, storage_options: dict | None = None
 ) -> tuple[str | None, Any]:
     """``manager.restore_with_path()``, restoring in place into ``model`` (see :func:`load_into_model`)."""
+    shards = _adapter.jax_shards()
+    if shards is not None and shards.model_spans_devices(model):  # every process of a JAX job agrees
+        return shards.restore_with_path(manager, storage_options)
     latest = manager.latest_checkpoint
     if latest is None:
         return manager.restore_with_path()
-    shards = _adapter.jax_shards()
-    if shards is not None and shards.model_spans_devices(model):
-        return shards.restore_with_path(manager, storage_options)
     return load_into_model(
         manager.restore_with_path,
         lambda: read_index(latest, manager._storage_options),

@@ -155,18 +155,20 @@ class _Reader:
         return out[key]
 
 
-def load_state(path: str, storage_options: dict | None, *, verify: bool = True) -> dict:
+def load_state(path: str, storage_options: dict | None, *, verify: bool = True, tensors: bool = True) -> Any:
     """The state tree of checkpoint ``path`` with its model and optimizer tensors as
     :class:`StoredTensor` (read when assigned); everything else read now. Every data file is checked
-    to exist with its recorded size first."""
+    to exist with its recorded size first (``tensors=False``: only that, and the index)."""
     storage, name = open_checkpoint(path, storage_options)
     index = read_index(storage, name, verify=verify)
     for f in index["files"]:
         if f.get("kind") != "meta":
             _check_size(storage, f, [])
+    if not tensors:
+        return None
     deferred = _deferred_names(index["tree"])
     reader = _Reader(storage, index, verify)
-    tensors: dict[str, Any] = {n: StoredTensor(reader, n, index["tensors"][n]) for n in deferred}
+    stored: dict[str, Any] = {n: StoredTensor(reader, n, index["tensors"][n]) for n in deferred}
     rest = {**index, "tensors": {n: t for n, t in index["tensors"].items() if n not in deferred}}
     raw: dict[str, Any] = {}
     parts = _chunks.split(rest)
@@ -174,8 +176,8 @@ def load_state(path: str, storage_options: dict | None, *, verify: bool = True) 
     for n, t in rest["tensors"].items():
         raw[n] = raw[n].view(fmt.dtype_from_name(t["dtype"]).newbyteorder("<")).reshape(t["shape"])
     _chunks.assemble(rest, parts, raw)
-    tensors.update(raw)
-    return fmt.decode_tree(index["tree"], tensors)
+    stored.update(raw)
+    return fmt.decode_tree(index["tree"], stored)
 
 
 def _deferred_names(tree: Any) -> set[str]:
@@ -188,21 +190,45 @@ def _deferred_names(tree: Any) -> set[str]:
     return names
 
 
+def process_manager_kwargs() -> dict:
+    """Extra arguments of the callback's manager: on a multi-process job, saves through
+    :mod:`._jax_processes` (process 0 commits); none in one process."""
+    if jax.process_count() == 1:
+        return {}
+    from . import _jax_processes
+
+    return _jax_processes.manager_kwargs()
+
+
 def restore_with_path(manager: Any, storage_options: dict | None) -> tuple[str | None, Any]:
     """``(path, state)`` of the manager's newest valid checkpoint (a corrupt or incomplete newer one
-    skipped with a warning), its tensors placed when assigned; ``(None, None)`` when there is none."""
+    skipped with a warning), its tensors placed when assigned; ``(None, None)`` when there is none.
+    On a multi-process job process 0 picks it and every process loads the same one."""
     paths = manager.checkpoints
     latest = manager.latest_checkpoint
     if latest:
         paths = [p for p in paths if p != latest] + [latest]
-    for path in reversed(paths):
-        try:
-            state = load_state(path, storage_options)
-        except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-            warnings.warn(
-                f"Checkpoint {path!r} is unusable ({e}); falling back to an older one.", stacklevel=3
-            )
-            continue
-        manager.resumed_from = path.rstrip("/").rsplit("/", 1)[-1]
-        return path, state
-    return None, None
+
+    def pick() -> str | None:
+        for path in reversed(paths):
+            try:
+                load_state(path, storage_options, tensors=False)
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                warnings.warn(
+                    f"Checkpoint {path!r} is unusable ({e}); falling back to an older one.", stacklevel=4
+                )
+                continue
+            return path
+        return None
+
+    if jax.process_count() > 1:
+        from . import _jax_processes
+
+        path = _jax_processes.agree_on_checkpoint(manager.directory, storage_options, pick)
+    else:
+        path = pick()
+    if path is None:
+        return None, None
+    state = load_state(path, storage_options)
+    manager.resumed_from = path.rstrip("/").rsplit("/", 1)[-1]
+    return path, state
