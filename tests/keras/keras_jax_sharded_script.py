@@ -5,7 +5,7 @@ LAYOUT: "model" (ModelParallel: kernels split over the "model" axis of a (2, D/2
 processes that axis spans both), "data" (DataParallel) or "none" (one device). The number of devices
 per process comes from XLA_FLAGS; NUM_PROCESSES / PROCESS_ID / COORDINATOR make it one process of a
 ``jax.distributed`` job (gloo CPU collectives; OUT.npz gets the process id appended). ASYNC_SAVE=1 turns
-on async_save. With KILL_AT_STEP the process SIGKILLs itself after that global step, once (a marker
+on async_save. CRASH_AT="P:N:POINT" SIGKILLs process P at crash point POINT of its N-th save. With KILL_AT_STEP the process SIGKILLs itself after that global step, once (a marker
 file in DIRECTORY remembers it), so rerunning the same command resumes. OUT.npz gets every model and
 optimizer variable, the checkpoint resumed from, each variable's sharding spec and whether any
 variable holds a cached host copy after training.
@@ -34,7 +34,12 @@ if processes > 1:
         num_processes=processes,
         process_id=int(os.environ["PROCESS_ID"]),
         coordinator_bind_address=os.environ["COORDINATOR"],
+        heartbeat_timeout_seconds=10,
+        shutdown_timeout_seconds=10,
     )
+    from ckpt_callbacks.keras import _jax_processes
+
+    _jax_processes.BARRIER_TIMEOUT_S = 30.0
     out = out.removesuffix(".npz") + f".{jax.process_index()}.npz"
 
 devices = jax.devices()
@@ -68,6 +73,21 @@ cb = CheckpointCallback(
     directory, save_every_n_steps=4, max_to_keep=2, async_save=os.environ.get("ASYNC_SAVE") == "1"
 )
 data = ResumableDataset(x, y, batch_size=8, callback=cb, seed=7)
+
+
+if os.environ.get("CRASH_AT"):  # "PROCESS:SAVE:POINT": that process dies at that point of its n-th save
+    from ckpt_callbacks import _checkpoint_io
+
+    who, nth, point = os.environ["CRASH_AT"].split(":")
+    seen = []
+
+    def crash(name):
+        if name == "before_data":
+            seen.append(1)
+        if name == point and len(seen) == int(nth) and jax.process_index() == int(who):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    _checkpoint_io._crash_point = crash
 
 
 class Killer(keras.callbacks.Callback):
