@@ -179,11 +179,28 @@ def read_tensors(storage: Storage, index: dict, *, verify: bool, dests: dict | N
     return tensors
 
 
-def load(storage: Storage, name: str, *, verify: bool, allow_pickle: bool, into: Any = None) -> dict:
+def load(
+    storage: Storage,
+    name: str,
+    *,
+    verify: bool,
+    allow_pickle: bool,
+    into: Any = None,
+    index: dict | None = None,
+) -> dict:
     """The state tree of checkpoint ``name``; with ``verify`` every checksum is checked. Tensors of
-    ``into`` are restored in place (see :mod:`._readinto`; checked before anything is read)."""
-    index = read_index(storage, name, verify=verify)
-    dests = _readinto.plan(index, into) if into is not None else None
+    ``into`` are restored in place (see :mod:`._readinto`; checked before anything is read).
+
+    ``index``: the checked index, when the caller read it already (each byte is read once).
+    ``into`` may also be a function of the checked index giving the tree to fill, or None (the
+    framework adapters pair their variables with the index): when that tree does not fit, the
+    checkpoint is loaded plainly, from the same index (:func:`._readinto.plan_from`)."""
+    if index is None:
+        index = read_index(storage, name, verify=verify)
+    if callable(into):
+        dests = _readinto.plan_from(index, into)
+    else:
+        dests = _readinto.plan(index, into) if into is not None else None
     tensors = read_tensors(storage, index, verify=verify, dests=dests)
     try:
         return fmt.decode_tree(index["tree"], tensors, allow_pickle=allow_pickle)

@@ -51,6 +51,17 @@ class ChunkedArray:
     def __post_init__(self) -> None:
         self.shape = tuple(int(d) for d in self.shape)
         self.dtype = np.dtype(self.dtype)
+        self.chunks = [(tuple(int(o) for o in off), piece) for off, piece in self.chunks]
+        for off, piece in self.chunks:
+            if (
+                len(off) != len(self.shape)
+                or len(piece.shape) != len(self.shape)
+                or piece.dtype != self.dtype
+            ):
+                raise ValueError(
+                    f"A piece at offsets {off} of shape {piece.shape} and dtype {piece.dtype} does not fit a "
+                    f"chunked array of shape {self.shape} and dtype {self.dtype}."
+                )
 
 
 def is_chunked(entry: Any) -> bool:

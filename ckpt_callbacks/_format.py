@@ -213,15 +213,12 @@ class _Encoder:
     def add_chunked(self, obj: Any, path: tuple) -> str:
         name = self.add_tensor(obj, path, None)
         whole = self.out.tensors.pop()  # checked like any array; its bytes are the pieces'
-        pieces = []
-        for offsets, piece in obj.chunks:
-            pname = f"{name}@{','.join(str(o) for o in offsets)}"
-            if pname in self.used or piece.dtype != obj.dtype or len(piece.shape) != len(obj.shape):
-                raise ValueError(f"Invalid piece at offsets {offsets} of {_path_str(path)}.")
-            self.used.add(pname)
-            self.out.tensors.append(TensorEntry(pname, whole.dtype, piece.shape, piece))
-            pieces.append((pname, tuple(int(o) for o in offsets)))
-        self.out.chunked[name] = (whole.dtype, whole.shape, pieces)
+        pieces = [(f"{name}@{','.join(map(str, o))}", o, p) for o, p in obj.chunks]
+        if self.used & {n for n, _, _ in pieces}:
+            raise ValueError(f"Pieces of {_path_str(path)} take the name of another tensor.")
+        self.used.update(n for n, _, _ in pieces)
+        self.out.tensors += [TensorEntry(n, whole.dtype, p.shape, p) for n, _, p in pieces]
+        self.out.chunked[name] = (whole.dtype, whole.shape, [(n, o) for n, o, _ in pieces])
         return name
 
     def add_tensor(self, obj: Any, path: tuple, tensor_kind: Any) -> str:
@@ -509,8 +506,14 @@ def _safe_name(name: Any) -> bool:
     )
 
 
+def is_plain_name(name: Any) -> bool:
+    """The one rule for a file name read from storage (index, state file, pointer file): a plain
+    name inside the checkpoint directory, no '..' anywhere."""
+    return _safe_name(name) and ".." not in name
+
+
 def check_name(name: Any) -> str:
-    if not _safe_name(name) or ".." in name:
+    if not is_plain_name(name):
         raise CorruptCheckpointError(
             f"Refusing checkpoint file name {str(name)[:120]!r}: names must stay inside the checkpoint directory."
         )

@@ -33,7 +33,7 @@ from ._state import (
     no_best_error,
     read_state,
     read_state_bytes,
-    restart_records,
+    restart,
     write_state,
 )
 from ._storage import Storage
@@ -156,17 +156,7 @@ class CheckpointManager(_async.BackgroundSaves):
             if n:
                 checked_name(n)
         self._latest = state.model_checkpoint_path or None
-        last_preserved = state.last_preserved_timestamp
-        if now < last_preserved:
-            logger.warning(
-                "The clock (%s) is before the last preserved checkpoint time (%s); time went backwards. "
-                "Preservation restarts from now and nothing is deleted because of it.",
-                now,
-                last_preserved,
-            )
-            last_preserved = now
-        self._last_preserved = last_preserved
-        self._records = restart_records(state, records, now, last_preserved)
+        self._records, self._last_preserved = restart(state, records, now)
 
     def _remove_leftovers(self) -> list[str]:
         """Delete files of interrupted saves (see :mod:`._leftovers`); returns their names."""
@@ -341,7 +331,7 @@ class CheckpointManager(_async.BackgroundSaves):
 
             def write(data: bytes) -> None:
                 _cio.crash_point("before_state")
-                self._commit_state(data)
+                write_state(self._storage, data)  # the commit point
                 _cio.crash_point("after_state")
 
             def remove_new_files() -> None:
@@ -381,10 +371,6 @@ class CheckpointManager(_async.BackgroundSaves):
             _cio.crash_point("before_delete")
             _cio.remove_quietly(storage, [r.name + INDEX_SUFFIX, *files_of(r.name, r.shards, storage)])
             _cio.crash_point("after_delete")
-
-    def _commit_state(self, data: bytes) -> None:
-        """Write the state file: the commit point of a save."""
-        write_state(self._storage, data)
 
     def _follow_other_writer(self) -> None:
         """Continue from the state file on storage if another writer changed it since this manager

@@ -10,19 +10,21 @@ skip. Writing this file is the commit point of a save.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ._checkpoint_read import read_bounded
-from ._format import check_name
+from ._format import is_plain_name
 from ._names import STATE_FILE_NAME, step_of
 from ._storage import Storage
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
 MAX_STATE_FILE_BYTES = 16 * 1024 * 1024
 _COMMENT_KEY = "# ckpt_callbacks: "
+logger = logging.getLogger("ckpt_callbacks")
 _FIELD = re.compile(r'\s*([a-z_]+)\s*:\s*(".*"|[-+0-9.eEinfINFa]+)\s*\Z')
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "'": "'", "\\": "\\"}
 
@@ -164,6 +166,21 @@ def restart_records(
     ]
 
 
+def restart(state: CheckpointState, records: list[Record] | None, now: float) -> tuple[list[Record], float]:
+    """``(records, last_preserved)`` a manager starts from (:func:`restart_records`). A clock before
+    the last preserved time restarts preservation from now, and nothing is deleted because of it."""
+    last_preserved = state.last_preserved_timestamp
+    if now < last_preserved:
+        logger.warning(
+            "The clock (%s) is before the last preserved checkpoint time (%s); time went backwards. "
+            "Preservation restarts from now and nothing is deleted because of it.",
+            now,
+            last_preserved,
+        )
+        last_preserved = now
+    return restart_records(state, records, now, last_preserved), last_preserved
+
+
 def dump_state(latest: str, records: list[Record], last_preserved: float, best: str | None = None) -> bytes:
     """The state file's bytes; ``best`` (the best kept checkpoint by ``keep_best``) rides in the comment."""
     lines = [f"model_checkpoint_path: {_quote(latest)}"]
@@ -228,11 +245,11 @@ def checked_name(path: str) -> str:
 
     Absolute paths, ``..``, separators and other schemes are refused (a hostile state file).
     """
-    if not isinstance(path, str) or "/" in path or "\\" in path or ":" in path:
+    if not is_plain_name(path):
         raise CorruptCheckpointError(
             f"Checkpoint state file names {path!r:.200}, which is not a checkpoint inside its directory."
         )
-    return check_name(path)
+    return path
 
 
 def read_state_bytes(storage: Storage) -> bytes | None:

@@ -40,6 +40,7 @@ from torch.futures import Future
 from .. import _format as fmt
 from .. import _torch
 from .._checkpoint_io import meta_doc as _meta_doc
+from .._checkpoint_io import meta_file as _meta_file
 from .._checkpoint_io import remove_quietly as _remove_quietly
 from .._checkpoint_io import write_data_file as _write_data_file
 from .._checkpoint_read import files_of, written_by_us
@@ -264,17 +265,10 @@ class StorageWriter(_AtCheckpoint, dcp.StorageWriter):
                 None,
                 {"framework": "torch", "framework_versions": {"torch": torch.__version__}},
             )
-            meta_bytes = (json_dumps(meta_doc) + "\n").encode()
+            meta_bytes, meta_entry = _meta_file(name, meta_doc)
             storage.write_bytes(name + META_SUFFIX, meta_bytes)
             written.append(name + META_SUFFIX)
-            index["files"].append(
-                {
-                    "name": name + META_SUFFIX,
-                    "kind": "meta",
-                    "size": len(meta_bytes),
-                    "checksum": fmt.checksum_bytes(meta_bytes),
-                }
-            )
+            index["files"].append(meta_entry)
             storage.sync_dir()
             fmt.validate_index(index)  # what every reader will check, before it is committed
             storage.write_bytes(name + INDEX_SUFFIX, fmt.dump_index(index))
@@ -288,12 +282,6 @@ class StorageWriter(_AtCheckpoint, dcp.StorageWriter):
         # The commit cleans up after itself: it removes these files when it surely failed, and
         # leaves them when the store may have committed the state file after all.
         self._commit(storage, name, step, len(results))
-
-
-def json_dumps(doc: Any) -> str:
-    import json
-
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
 def _resolve(planner: SavePlanner, item: Any) -> np.ndarray:

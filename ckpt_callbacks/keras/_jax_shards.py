@@ -14,7 +14,6 @@ number of writers restores on this one. Only the chunks a process's own devices 
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import jax
@@ -22,9 +21,9 @@ import numpy as np
 
 from .. import _chunks
 from .. import _format as fmt
-from .._checkpoint_read import _check_size, read_data_file, read_files, read_index
+from .._checkpoint_read import _check_size, newest_first, newest_valid, read_data_file, read_files, read_index
 from .._resolve import open_checkpoint
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from .._storage import Storage
 from . import _compat
 
 _MODEL_GROUPS = ("model", "optimizer")
@@ -204,22 +203,18 @@ def restore_with_path(manager: Any, storage_options: dict | None) -> tuple[str |
     """``(path, state)`` of the manager's newest valid checkpoint (a corrupt or incomplete newer one
     skipped with a warning), its tensors placed when assigned; ``(None, None)`` when there is none.
     On a multi-process job process 0 picks it and every process loads the same one."""
-    paths = manager.checkpoints
+    storage = Storage(manager.directory, storage_options)
     latest = manager.latest_checkpoint
-    if latest:
-        paths = [p for p in paths if p != latest] + [latest]
+    names = newest_first([_basename(p) for p in manager.checkpoints], latest and _basename(latest))
 
     def pick() -> str | None:
-        for path in reversed(paths):
-            try:
-                load_state(path, storage_options, tensors=False)
-            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                warnings.warn(
-                    f"Checkpoint {path!r} is unusable ({e}); falling back to an older one.", stacklevel=4
-                )
-                continue
-            return path
-        return None
+        found = newest_valid(
+            storage,
+            names,
+            lambda n: load_state(storage.url_of(n), storage_options, tensors=False),
+            stacklevel=5,
+        )
+        return storage.url_of(found[0]) if found else None
 
     if jax.process_count() > 1:
         from . import _jax_processes
@@ -230,5 +225,9 @@ def restore_with_path(manager: Any, storage_options: dict | None) -> tuple[str |
     if path is None:
         return None, None
     state = load_state(path, storage_options)
-    manager.resumed_from = path.rstrip("/").rsplit("/", 1)[-1]
+    manager.resumed_from = _basename(path)
     return path, state
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
