@@ -5,7 +5,8 @@ LAYOUT: "model" (ModelParallel: kernels split over the "model" axis of a (2, D/2
 processes that axis spans both), "data" (DataParallel) or "none" (one device). The number of devices
 per process comes from XLA_FLAGS; NUM_PROCESSES / PROCESS_ID / COORDINATOR make it one process of a
 ``jax.distributed`` job (gloo CPU collectives; OUT.npz gets the process id appended). ASYNC_SAVE=1 turns
-on async_save. CRASH_AT="P:N:POINT" SIGKILLs process P at crash point POINT of its N-th save. With KILL_AT_STEP the process SIGKILLs itself after that global step, once (a marker
+on async_save. CRASH_AT="P:N:POINT[:raise]" SIGKILLs process P (or raises OSError there) at crash point POINT of its
+N-th save. With KILL_AT_STEP the process SIGKILLs itself after that global step, once (a marker
 file in DIRECTORY remembers it), so rerunning the same command resumes. OUT.npz gets every model and
 optimizer variable, the checkpoint resumed from, each variable's sharding spec and whether any
 variable holds a cached host copy after training.
@@ -78,13 +79,15 @@ data = ResumableDataset(x, y, batch_size=8, callback=cb, seed=7)
 if os.environ.get("CRASH_AT"):  # "PROCESS:SAVE:POINT": that process dies at that point of its n-th save
     from ckpt_callbacks import _checkpoint_io
 
-    who, nth, point = os.environ["CRASH_AT"].split(":")
+    who, nth, point, how = (os.environ["CRASH_AT"] + ":kill").split(":")[:4]
     seen = []
 
     def crash(name):
         if name == "before_data":
             seen.append(1)
         if name == point and len(seen) == int(nth) and jax.process_index() == int(who):
+            if how == "raise":
+                raise OSError("injected write failure")
             os.kill(os.getpid(), signal.SIGKILL)
 
     _checkpoint_io._crash_point = crash

@@ -101,15 +101,27 @@ def test_every_process_writes_its_own_file_and_process_0_commits(references, lay
         assert sorted(c["file"] for c in kernel["chunks"]) == [0, 1]
 
 
-@pytest.mark.parametrize("layout", ["model", "data"])
-def test_kill_both_processes_mid_fit_then_rerun_resumes_bit_exactly(references, tmp_path, layout):
+@pytest.mark.parametrize(("layout", "async_save"), [("model", "0"), ("data", "0"), ("model", "1")])
+def test_kill_both_processes_mid_fit_then_rerun_resumes_bit_exactly(references, tmp_path, layout, async_save):
     args = (tmp_path / "ckpt", tmp_path / "final.npz", layout, 10)
-    killed = _run_job(*args)
+    killed = _run_job(*args, ASYNC_SAVE=async_save)
     assert [r.returncode for r in killed] == [-signal.SIGKILL] * 2, killed[0].stderr[-2000:]
-    _check(_run_job(*args))
-    for p in (0, 1):
-        assert str(np.load(tmp_path / f"final.{p}.npz")["resumed"]).endswith("ckpt-8")
+    _check(_run_job(*args, ASYNC_SAVE=async_save))
+    for p in (0, 1):  # async: the kill may land before the background write of ckpt-8 commits
+        assert str(np.load(tmp_path / f"final.{p}.npz")["resumed"]).endswith(("ckpt-8", "ckpt-4"))
     _same_as_reference(tmp_path, references[layout])
+
+
+def test_a_process_whose_write_fails_fails_the_save_on_every_process(tmp_path):
+    args = (tmp_path / "ckpt", tmp_path / "final.npz", "model")
+    failed = _run_job(*args, CRASH_AT="1:2:after_data:raise")
+    for r in failed:
+        assert r.returncode != 0
+        assert "CheckpointWriteError" in r.stderr and "process 1: OSError: injected write failure" in r.stderr
+    mgr = CheckpointManager(tmp_path / "ckpt", _allow_concurrent_writers=True)
+    assert os.path.basename(mgr.latest_checkpoint) == "ckpt-4"
+    mgr.close()
+    assert not [n for n in os.listdir(tmp_path / "ckpt") if n.startswith("ckpt-8")]  # both data files removed
 
 
 def test_process_killed_during_a_save_commits_nothing_and_the_rerun_resumes(references, tmp_path):
