@@ -102,7 +102,7 @@ def _write_store(
     """Object stores: each file one whole object, completed in order (data shards concurrently)."""
     step, meta_doc, encoded = doc
     results = write_data_files(storage, name, shards, arrays)
-    written += [r[0] for r in results]
+    written += [r.name for r in results]
     crash_point("after_data")
     files, index_tensors = _file_table(results, encoded)
     files.append(write_meta(storage, name, meta_doc))
@@ -159,18 +159,33 @@ def _num_shards(storage: Storage, total: int, n_tensors: int) -> int:
     return 1
 
 
-def _file_table(results: list[tuple], encoded: fmt.EncodedState) -> tuple[list[dict], dict[str, dict]]:
+@dataclass
+class WrittenFile:
+    """One data file as written: what the index says of it, and of each tensor in it (by name; an
+    entry's ``file`` number is the index's to give)."""
+
+    name: str
+    size: int
+    header_size: int
+    checksum: str  # of the safetensors header
+    tensors: dict[str, dict]
+
+    def entry(self) -> dict:
+        """Its entry in the index's ``files``."""
+        return {
+            "name": self.name,
+            "kind": "data",
+            "size": self.size,
+            "header_size": self.header_size,
+            "checksum": self.checksum,
+        }
+
+
+def _file_table(results: list[WrittenFile], encoded: fmt.EncodedState) -> tuple[list[dict], dict[str, dict]]:
     """The index's ``files`` entries and ``tensors`` table for the written data files (a chunked
     tensor's pieces joined into its one chunked entry)."""
-    files: list[dict] = []
-    index_tensors: dict[str, dict] = {}
-    for shard_no, (fname, size, header_size, header_sum, entries) in enumerate(results):
-        files.append(
-            {"name": fname, "kind": "data", "size": size, "header_size": header_size, "checksum": header_sum}
-        )
-        for entry in entries:
-            entry["file"] = shard_no
-            index_tensors[entry.pop("name")] = entry
+    files = [r.entry() for r in results]
+    index_tensors = {n: {**e, "file": no} for no, r in enumerate(results) for n, e in r.tensors.items()}
     _chunks.join(index_tensors, encoded.chunked)
     return files, index_tensors
 
@@ -256,7 +271,7 @@ def preflight(storage: Storage, name: str, encoded: fmt.EncodedState) -> int:
 
 def write_data_files(
     storage: Storage, name: str, shards: list[list[fmt.TensorEntry]], arrays: dict | None
-) -> list[tuple]:
+) -> list[WrittenFile]:
     """Write one data file per shard (concurrently when several); on failure none is left."""
     if len(shards) == 1:
         return [write_data_file(storage, data_file_name(name, 0, 1), shards[0], arrays)]
@@ -272,19 +287,18 @@ def write_data_files(
             except BaseException as e:  # noqa: BLE001 - collect, clean up, re-raise the first
                 error = error or e
         if error is not None:
-            remove_quietly(storage, [r[0] for r in results])
+            remove_quietly(storage, [r.name for r in results])
             raise error
         return results
 
 
 def write_data_file(
     storage: Storage, fname: str, tensors: list[fmt.TensorEntry], arrays: dict | None = None
-) -> tuple[str, int, int, str, list[dict]]:
+) -> WrittenFile:
     """Stream one safetensors file: header, then each tensor's bytes, hashing as they pass.
 
     ``arrays``: the tensors' bytes by name when already snapshotted (async saves), else each
-    entry converts its own source. Returns ``(fname, size, header_size, header_checksum, entries)``,
-    ``entries`` being the tensors' index entries (without their ``file`` number).
+    entry converts its own source.
     """
     writer, result = stage_data_file(storage, fname, tensors, arrays)
     writer.commit()
@@ -293,7 +307,7 @@ def write_data_file(
 
 def stage_data_file(
     storage: Storage, fname: str, tensors: list[fmt.TensorEntry], arrays: dict | None = None
-) -> tuple[Any, tuple[str, int, int, str, list[dict]]]:
+) -> tuple[Any, WrittenFile]:
     """:func:`write_data_file` up to its commit: ``(writer, result)``, the writer written, not yet
     committed (the caller commits or aborts it)."""
     header, spans = fmt.safetensors_header(tensors)
@@ -303,7 +317,7 @@ def stage_data_file(
     big = bool(spans) and spans[-1][1] - spans[0][0] >= HASH_BEHIND_BYTES
     pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash") if big else None
     writer = storage.writer(fname)
-    entries = []
+    entries: dict[str, dict] = {}
     try:
         writer.write(header)
         pending = bytearray()
@@ -315,7 +329,7 @@ def stage_data_file(
                 )
             hasher, pending = _stream_tensor(writer, arr, pending, pool)
             del arr
-            entries.append(_tensor_entry(t, begin, end, hasher))
+            entries[t.name] = _tensor_entry(t, begin, end, hasher)
         if pending:
             writer.write(pending)
         size = writer.written
@@ -325,7 +339,7 @@ def stage_data_file(
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    return writer, (fname, size, len(header), fmt.checksum_bytes(header), entries)
+    return writer, WrittenFile(fname, size, len(header), fmt.checksum_bytes(header), entries)
 
 
 def _stream_tensor(
@@ -360,7 +374,6 @@ def _stream_tensor(
 
 def _tensor_entry(t: fmt.TensorEntry, begin: int, end: int, hasher: Any) -> dict:
     return {
-        "name": t.name,
         "dtype": fmt.dtype_str(t.dtype),
         "shape": list(t.shape),
         "offset": begin,

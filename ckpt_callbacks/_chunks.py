@@ -64,6 +64,22 @@ class ChunkedArray:
                 )
 
 
+def add_pieces(obj: ChunkedArray, name: str, encoder: Any, entry_type: type) -> str:
+    """Encode ``obj``, just added by ``encoder`` (of :func:`._format.encode_tree`) as tensor ``name``
+    (checked like any array; the entry is taken back, its bytes are the pieces'): each piece becomes a
+    tensor entry of its own, and ``chunked[name]`` of the encoded state is ``(dtype, shape, [(piece's
+    entry name, offsets)])``, from which :func:`join` makes the index's one chunked entry."""
+    out, used = encoder.out, encoder.used
+    whole = out.tensors.pop()
+    pieces = [(f"{name}@{','.join(map(str, o))}", o, p) for o, p in obj.chunks]
+    if used & {n for n, _, _ in pieces}:
+        raise ValueError(f"Pieces of tensor {name!r} take the name of another tensor.")
+    used.update(n for n, _, _ in pieces)
+    out.tensors += [entry_type(n, whole.dtype, p.shape, p) for n, _, p in pieces]
+    out.chunked[name] = (whole.dtype, whole.shape, [(n, o) for n, o, _ in pieces])
+    return name
+
+
 def is_chunked(entry: Any) -> bool:
     return isinstance(entry, dict) and "chunks" in entry
 

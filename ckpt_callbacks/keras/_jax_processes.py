@@ -89,12 +89,12 @@ class ProcessWriter:
         try:
             storage.makedirs()
             crash_point("before_data")
-            _, size, header_size, header_sum, entries = write_data_file(storage, fname, tensors, arrays)
+            wrote = write_data_file(storage, fname, tensors, arrays)
             crash_point("after_data")
             report = {
                 "ok": True,
-                "file": {"name": fname, "size": size, "header_size": header_size, "checksum": header_sum},
-                "tensors": entries,
+                "file": wrote.entry(),
+                "tensors": wrote.tensors,
                 "chunked": {n: parts for n, (_, _, parts) in encoded.chunked.items()},
             }
         except Exception as e:  # noqa: BLE001 - reported to process 0, raised below
@@ -133,8 +133,8 @@ class ProcessWriter:
         try:
             index_tensors, chunked = {}, {}
             for p, r in enumerate(reports):
-                for entry in r["tensors"]:
-                    index_tensors[entry.pop("name")] = {**entry, "file": p}
+                for n, entry in r["tensors"].items():
+                    index_tensors[n] = {**entry, "file": p}
                 for n, parts in r["chunked"].items():
                     chunked.setdefault(n, []).extend(parts)
             layout = {
@@ -142,7 +142,7 @@ class ProcessWriter:
                 for n, (d, s, _) in encoded.chunked.items()
             }
             _chunks.join(index_tensors, layout)
-            files = [{**r["file"], "kind": "data"} for r in reports]
+            files = [r["file"] for r in reports]
             meta_bytes, meta_entry = meta_file(name, job.meta_doc)
             storage.write_bytes(name + META_SUFFIX, meta_bytes)
             written.append(name + META_SUFFIX)

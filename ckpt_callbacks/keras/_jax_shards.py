@@ -180,13 +180,9 @@ def load_state(path: str, storage_options: dict | None, *, verify: bool = True, 
 
 
 def _deferred_names(tree: Any) -> set[str]:
-    names: set[str] = set()
-    for top, node in (tree or {}).get("d") or []:
-        if top in _MODEL_GROUPS and isinstance(node, dict):
-            for _, leaf in node.get("d") or []:
-                if isinstance(leaf, dict) and isinstance(leaf.get("x"), str):
-                    names.add(leaf["x"])
-    return names
+    from ._inplace import stored_names
+
+    return {name for group in stored_names(tree).values() for name in group.values()}
 
 
 def process_manager_kwargs() -> dict:
