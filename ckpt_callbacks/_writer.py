@@ -35,7 +35,7 @@ class SaveJob:
     step: int
     timestamp: float
     metric: float | None
-    meta_doc: dict
+    meta_doc: dict[str, Any]
     writer: CheckpointWriter
     payload: Any  # what ``writer.prepare`` returned
 
@@ -48,7 +48,7 @@ class SaveTarget(Protocol):
     """What the manager offers a writer: its storage, and its commit."""
 
     storage: Storage
-    storage_options: dict | None
+    storage_options: dict[str, Any] | None
 
     @property
     def latest_checkpoint(self) -> str | None: ...
@@ -67,9 +67,9 @@ class CheckpointWriter(Protocol):
     """How one checkpoint's bytes get written (see the module docstring)."""
 
     # merged into the .meta when the caller gives no ``_info`` (e.g. ``{"framework": "torch"}``)
-    default_info: dict | None
+    default_info: dict[str, Any] | None
 
-    def prepare(self, state: Any, *, snapshot: bool, options: dict | None) -> Any:
+    def prepare(self, state: Any, *, snapshot: bool, options: dict[str, Any] | None) -> Any:
         """On the caller's thread: what :meth:`write` needs. ``snapshot``: ``state`` may change as
         soon as this returns (an async save). ``options``: the writer's own, from the caller."""
 
@@ -83,13 +83,13 @@ class CheckpointWriter(Protocol):
 class PlainWriter:
     """This process writes every file: :func:`._checkpoint_io.write_checkpoint`, then the commit."""
 
-    default_info: dict | None = None
+    default_info: dict[str, Any] | None = None
 
     def __init__(self, allow_pickle: bool, buffers: _async.SnapshotBuffers) -> None:
         self._allow_pickle = allow_pickle
         self._buffers = buffers  # the manager's snapshot buffers, kept between saves
 
-    def prepare(self, state: Any, *, snapshot: bool, options: dict | None) -> Any:
+    def prepare(self, state: Any, *, snapshot: bool, options: dict[str, Any] | None) -> Any:
         encoded = fmt.encode_tree(state, allow_pickle=self._allow_pickle)
         return encoded, (_async.snapshot(self._buffers, encoded) if snapshot else None)
 
