@@ -31,6 +31,7 @@ from .._checkpoint_io import crash_point, meta_file, remove_quietly, write_data_
 from .._names import INDEX_SUFFIX, META_SUFFIX, data_file_name
 from .._sharding import Collective
 from .._storage import Storage
+from .._writer import SaveJob, SaveTarget
 from ..errors import CheckpointError, CheckpointWriteError
 from . import _compat
 
@@ -77,7 +78,7 @@ class ProcessWriter:
         encoded = fmt.encode_tree(state)
         return encoded, (_async.snapshot(self._buffers, encoded) if snapshot else None)
 
-    def write(self, target: Any, job: Any) -> None:
+    def write(self, target: SaveTarget, job: SaveJob) -> None:
         storage, name = target.storage, job.name
         me, world = jax.process_index(), jax.process_count()
         key = _key(storage, f"save/{name}")
@@ -117,7 +118,7 @@ class ProcessWriter:
             )
 
     def _commit(
-        self, target: Any, job: Any, encoded: fmt.EncodedState, key: str, world: int, own: dict
+        self, target: SaveTarget, job: SaveJob, encoded: fmt.EncodedState, key: str, world: int, own: dict
     ) -> dict:
         """Process 0: every report, then .meta, .index and the commit. The outcome for the others."""
         storage, name = target.storage, job.name
