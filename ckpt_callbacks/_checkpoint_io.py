@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _chunks
 from . import _format as fmt
 from ._checkpoint_read import HASH_BEHIND_BYTES, MAX_META_BYTES, read_bounded, read_index
 from ._names import INDEX_SUFFIX, META_SUFFIX, data_file_name
@@ -81,9 +82,9 @@ def write_checkpoint(
     try:
         crash_point("before_data")
         if storage.is_local:
-            _write_local(storage, name, shards, arrays, (step, meta_doc, encoded.tree), written)
+            _write_local(storage, name, shards, arrays, (step, meta_doc, encoded), written)
         else:
-            _write_store(storage, name, shards, arrays, (step, meta_doc, encoded.tree), written)
+            _write_store(storage, name, shards, arrays, (step, meta_doc, encoded), written)
         storage.sync_dir(wait=not defer_sync)
         crash_point("after_index")
     except BaseException:
@@ -99,15 +100,15 @@ def _write_store(
     storage: Storage, name: str, shards: list, arrays: dict | None, doc: tuple, written: list
 ) -> None:
     """Object stores: each file one whole object, completed in order (data shards concurrently)."""
-    step, meta_doc, tree = doc
+    step, meta_doc, encoded = doc
     results = write_data_files(storage, name, shards, arrays)
     written += [r.name for r in results]
     crash_point("after_data")
-    files, index_tensors = _file_table(results)
+    files, index_tensors = _file_table(results, encoded)
     files.append(write_meta(storage, name, meta_doc))
     written.append(name + META_SUFFIX)
     crash_point("after_meta")
-    write_index(storage, name, step, files, index_tensors, tree)
+    write_index(storage, name, step, files, index_tensors, encoded.tree)
     written.append(name + INDEX_SUFFIX)
 
 
@@ -117,7 +118,7 @@ def _write_local(
     """Local disk: every file's temp written, all fsync'd at once, then renamed in order: data files
     and .meta, a directory fsync (both durable), the .index. The index never becomes visible before
     the files it names are durable; the caller's directory fsync makes it durable in turn."""
-    step, meta_doc, tree = doc
+    step, meta_doc, encoded = doc
     staged: list[Any] = []  # written, not yet visible; aborted (temp removed) unless committed
     try:
         results = []
@@ -125,12 +126,12 @@ def _write_local(
             writer, result = stage_data_file(storage, data_file_name(name, i, len(shards)), shard, arrays)
             staged.append(writer)
             results.append(result)
-        files, index_tensors = _file_table(results)
+        files, index_tensors = _file_table(results, encoded)
         meta_bytes, meta_entry = meta_file(name, meta_doc)
         files.append(meta_entry)
         staged.append(storage.staged_writer(name + META_SUFFIX, meta_bytes))
         staged.append(
-            storage.staged_writer(name + INDEX_SUFFIX, index_bytes(step, files, index_tensors, tree))
+            storage.staged_writer(name + INDEX_SUFFIX, index_bytes(step, files, index_tensors, encoded.tree))
         )
         storage.prepare(staged)
         *data, meta, index = staged
@@ -180,10 +181,12 @@ class WrittenFile:
         }
 
 
-def _file_table(results: list[WrittenFile]) -> tuple[list[dict], dict[str, dict]]:
-    """The index's ``files`` entries and ``tensors`` table for the written data files."""
+def _file_table(results: list[WrittenFile], encoded: fmt.EncodedState) -> tuple[list[dict], dict[str, dict]]:
+    """The index's ``files`` entries and ``tensors`` table for the written data files (a chunked
+    tensor's pieces joined into its one chunked entry)."""
     files = [r.entry() for r in results]
     index_tensors = {n: {**e, "file": no} for no, r in enumerate(results) for n, e in r.tensors.items()}
+    _chunks.join(index_tensors, encoded.chunked)
     return files, index_tensors
 
 

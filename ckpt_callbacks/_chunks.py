@@ -21,16 +21,63 @@ that no tree can reference), read and verified by the ordinary code, then assemb
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import _kinds
-from ._dtypes import dtype_from_name
+from ._dtypes import dtype_from_name, dtype_str
 from .errors import CorruptCheckpointError
 
 # More chunks than this for one tensor is no save this library writes (one per rank and piece).
 MAX_CHUNKS = 1 << 20
+
+
+@dataclass
+class ChunkedArray:
+    """A tensor leaf stored as pieces: each ``(offsets, piece)`` a box of the whole tensor at those
+    offsets, ``piece`` (a :class:`._format.LazyArray`) of the box's shape.
+
+    Adapters give it for an array sharded over devices: each shard is written as it is, never
+    gathered into one host array. The pieces must tile the tensor exactly (:mod:`._chunks` checks
+    it when reading); the index records them as one chunked entry.
+    """
+
+    shape: tuple[int, ...]
+    dtype: Any
+    chunks: list[tuple[tuple[int, ...], Any]]
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(d) for d in self.shape)
+        self.dtype = np.dtype(self.dtype)
+        self.chunks = [(tuple(int(o) for o in off), piece) for off, piece in self.chunks]
+        for off, piece in self.chunks:
+            if (
+                len(off) != len(self.shape)
+                or len(piece.shape) != len(self.shape)
+                or piece.dtype != self.dtype
+            ):
+                raise ValueError(
+                    f"A piece at offsets {off} of shape {piece.shape} and dtype {piece.dtype} does not fit a "
+                    f"chunked array of shape {self.shape} and dtype {self.dtype}."
+                )
+
+
+def add_pieces(obj: ChunkedArray, name: str, encoder: Any, entry_type: type) -> str:
+    """Encode ``obj``, just added by ``encoder`` (of :func:`._format.encode_tree`) as tensor ``name``
+    (checked like any array; the entry is taken back, its bytes are the pieces'): each piece becomes a
+    tensor entry of its own, and ``chunked[name]`` of the encoded state is ``(dtype, shape, [(piece's
+    entry name, offsets)])``, from which :func:`join` makes the index's one chunked entry."""
+    out, used = encoder.out, encoder.used
+    whole = out.tensors.pop()
+    pieces = [(f"{name}@{','.join(map(str, o))}", o, p) for o, p in obj.chunks]
+    if used & {n for n, _, _ in pieces}:
+        raise ValueError(f"Pieces of tensor {name!r} take the name of another tensor.")
+    used.update(n for n, _, _ in pieces)
+    out.tensors += [entry_type(n, whole.dtype, p.shape, p) for n, _, p in pieces]
+    out.chunked[name] = (whole.dtype, whole.shape, [(n, o) for n, o, _ in pieces])
+    return name
 
 
 def is_chunked(entry: Any) -> bool:
@@ -166,6 +213,24 @@ def assemble(index: dict, parts: dict[str, list[str]], arrays: dict[str, Any]) -
             box = tuple(slice(o, o + s) for o, s in zip(c["offsets"], c["sizes"]))
             full[box] = arrays.pop(cname)
         arrays[name] = _kinds.from_numpy(entry.get("kind", "numpy"), full)
+
+
+def join(tensors: dict[str, dict], chunked: dict[str, tuple]) -> None:
+    """Replace the written pieces of each chunked tensor (``EncodedState.chunked``) in the index's
+    ``tensors`` table by the tensor's one chunked entry, in place. One piece that is the whole tensor
+    stays a plain entry, which every reader of this format understands."""
+    for name, (dtype, shape, pieces) in chunked.items():
+        chunks = []
+        for pname, offsets in pieces:
+            e = tensors.pop(pname)
+            chunks.append({k: e[k] for k in ("file", "offset", "length", "checksum")})
+            chunks[-1].update(offsets=list(offsets), sizes=list(e["shape"]))
+        entry: dict[str, Any] = {"dtype": dtype_str(dtype), "shape": list(shape)}
+        if len(chunks) == 1 and chunks[0]["sizes"] == list(shape):
+            entry.update({k: chunks[0][k] for k in ("file", "offset", "length", "checksum")})
+        else:
+            entry["chunks"] = chunks
+        tensors[name] = entry
 
 
 def nbytes(entry: dict) -> int:

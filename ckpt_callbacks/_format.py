@@ -126,6 +126,7 @@ class TensorEntry:
 class EncodedState:
     tree: Any
     tensors: list[TensorEntry] = field(default_factory=list)
+    chunked: dict[str, tuple] = field(default_factory=dict)  # ChunkedArray leaves: see _chunks.add_pieces
 
 
 def _path_str(path: tuple[Any, ...]) -> str:
@@ -180,6 +181,8 @@ class _Encoder:
             return {"b": base64.b64encode(obj).decode("ascii")}
         if t is np.ndarray or t is LazyArray:
             return {"x": self.add_tensor(obj, path, None)}
+        if t is _chunks.ChunkedArray:  # its pieces are tensors of their own
+            return {"x": _chunks.add_pieces(obj, self.add_tensor(obj, path, None), self, TensorEntry)}
         kind = _kinds.kind_of(obj)
         if kind is not None:
             return {"x": self.add_tensor(obj, path, kind)}

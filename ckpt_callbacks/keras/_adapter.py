@@ -77,15 +77,29 @@ def variables_to_tree(variables: list) -> dict[str, LazyArray]:
     # JAX replaces a variable's array on every assignment and never writes into one: an async snapshot
     # may keep the arrays read at save time rather than copy them (LazyArray.immutable).
     immutable = keras.backend.backend() == "jax"
+    sharded = immutable and jax_shards() is not None
     for v in variables:
         key, n = v.path, 1
         while key in out:
             key = f"{v.path}#{n}"
             n += 1
+        if sharded and jax_shards().spans_devices(v.value):
+            # One piece per shard: no gather into one host array (see keras/_jax_shards.py).
+            out[key] = jax_shards().chunked_leaf(v, _np_dtype(v.dtype))
+            continue
         out[key] = LazyArray(
             tuple(v.shape), _np_dtype(v.dtype), lambda v=v: _variable_array(v), immutable=immutable
         )
     return out
+
+
+def jax_shards() -> Any:
+    """:mod:`._jax_shards` on the JAX backend, else None."""
+    if keras.backend.backend() != "jax":
+        return None
+    from . import _jax_shards
+
+    return _jax_shards
 
 
 def _normalized(path: str) -> str:
@@ -143,10 +157,8 @@ def _check_pairs(pairs: list, what: str, missing: list[str], unexpected: list[st
         arr_shape = tuple(np.shape(arr))
         if arr_shape != tuple(v.shape):
             bad_shape.append(f"{v.path}: model {tuple(v.shape)}, checkpoint {arr_shape}")
-        elif not _dtype_fits(np.asarray(arr), _np_dtype(v.dtype)):
-            bad_dtype.append(
-                f"{v.path}: model {_np_dtype(v.dtype).name}, checkpoint {np.asarray(arr).dtype.name}"
-            )
+        elif not _dtype_fits(arr, _np_dtype(v.dtype)):
+            bad_dtype.append(f"{v.path}: model {_np_dtype(v.dtype).name}, checkpoint {_dtype_of(arr).name}")
     if not (missing or unexpected or bad_shape or bad_dtype):
         return
     parts = []
@@ -177,9 +189,15 @@ def _check_pairs(pairs: list, what: str, missing: list[str], unexpected: list[st
     )
 
 
-def _dtype_fits(arr: np.ndarray, want: np.dtype) -> bool:
-    if arr.dtype == want:
+def _dtype_of(arr: Any) -> np.dtype:
+    return arr.dtype if isinstance(getattr(arr, "dtype", None), np.dtype) else np.asarray(arr).dtype
+
+
+def _dtype_fits(arr: Any, want: np.dtype) -> bool:
+    """Whether ``arr`` (read only when its values decide) fits a variable of dtype ``want``."""
+    if _dtype_of(arr) == want:
         return True
+    arr = np.asarray(arr)
     # Counters and seed states are int64 on TensorFlow and int32 on PyTorch; a value-preserving cast
     # keeps checkpoints portable between backends. Float dtypes must match exactly.
     if arr.dtype.kind in "iu" and want.kind in "iu":
@@ -191,6 +209,13 @@ def assign_pairs(pairs: list[tuple[Any, np.ndarray]]) -> None:
     for v, arr in pairs:
         if arr is getattr(v, "value", None):
             continue  # restored in place (torch backend): the bytes are already the variable's
+        if jax_shards() is not None and jax_shards().spans_devices(arr):
+            v.assign(arr)  # a variable's own earlier array, laid out as it is
+            continue
+        place_on = getattr(arr, "place_on", None)
+        if place_on is not None and _dtype_of(arr) == _np_dtype(v.dtype):
+            v.assign(place_on(v.value))  # read box by box onto the variable's own layout
+            continue
         arr = np.asarray(arr)
         want = _np_dtype(v.dtype)
         if arr.dtype != want:

@@ -201,7 +201,9 @@ class CheckpointCallback(keras.callbacks.Callback):
         if self._manager is None:
             # save_best_only ranks its saves too, so that checkpoint="best" names the best one.
             keep_best = self.keep_best or (1 if self.save_best_only else None)
-            self._manager = self._config.make_manager(mode=self._resolved_mode, keep_best=keep_best)
+            shards = _adapter.jax_shards()
+            extra = shards.process_manager_kwargs() if shards is not None else {}
+            self._manager = self._config.make_manager(mode=self._resolved_mode, keep_best=keep_best, **extra)
         return self._manager
 
     # ------------------------------------------------------------------ Keras hooks
@@ -227,7 +229,7 @@ class CheckpointCallback(keras.callbacks.Callback):
             _adapter.ensure_optimizer_built(self.model)
         self._trigger.start(self._global_step())
         if self.resume:
-            path, state = _inplace.restore_with_path(self.manager, self.model)
+            path, state = _inplace.restore_with_path(self.manager, self.model, self.storage_options)
             if state is not None:
                 if not built:
                     self._release_manager()
@@ -473,6 +475,8 @@ class CheckpointCallback(keras.callbacks.Callback):
 def _snapshot_variables(model: Any) -> list[tuple[Any, np.ndarray]]:
     opt = getattr(model, "optimizer", None)
     variables = list(model.variables) + (list(opt.variables) if opt is not None else [])
+    if keras.backend.backend() == "jax":  # immutable arrays: kept as they are (a sharded one cannot be read)
+        return [(v, v.value) for v in variables]
     return [(v, _adapter._variable_array(v).copy()) for v in variables]
 
 

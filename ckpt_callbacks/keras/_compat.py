@@ -16,6 +16,13 @@ Each entry is something Keras 3 offers no public API for:
 - ``keras.src.backend.<backend>.optimizers``: the module a backend-specific optimizer class (the torch
   backend's ``Adam``) is serialized under; another backend cannot import it, so ``load_model`` maps it
   to the public ``keras.optimizers``.
+- JAX: ``jax.Array._single_device_array_to_np_array_did_copy()``: a single-device array's host
+  bytes without keeping them cached on the array (``np.asarray`` caches a device-to-host copy on it
+  for as long as the array lives). Falls back to ``np.asarray``.
+- JAX: ``jax._src.distributed.global_state.client``: the coordination service's client of a
+  ``jax.distributed`` job, whose key-value store carries a multi-process save's reports and outcome
+  (``key_value_set``, ``blocking_key_value_get``). Public alternative: none (``multihost_utils``
+  offers only device collectives, which would run beside training).
 """
 
 from __future__ import annotations
@@ -95,3 +102,22 @@ def portable_description(desc: Any) -> Any:
     if isinstance(desc, list):
         return [portable_description(v) for v in desc]
     return desc
+
+
+def single_device_to_numpy(arr: Any) -> Any:
+    """The host bytes of a single-device ``jax.Array`` (a view of a CPU buffer), not cached on it."""
+    import numpy as np
+
+    to_numpy = getattr(arr, "_single_device_array_to_np_array_did_copy", None)
+    if to_numpy is None:
+        return np.asarray(arr)
+    out = to_numpy()[0]
+    out.flags.writeable = False
+    return out
+
+
+def jax_coordination_client() -> Any:
+    """The ``jax.distributed`` coordination service client of this process (None before ``initialize``)."""
+    from jax._src.distributed import global_state
+
+    return global_state.client

@@ -31,7 +31,7 @@ def variable_tensor(v: Any) -> Any:
     return value
 
 
-def _stored(tree: Any) -> dict[str, dict[str, str]]:
+def stored_names(tree: Any) -> dict[str, dict[str, str]]:
     """``{"model": {key: tensor name}, ...}`` from an index's tree: the saved tensors of the model's
     and the optimizer's variables."""
     out: dict[str, dict[str, str]] = {}
@@ -51,7 +51,7 @@ def variables_into(model: Any, index: dict, *, restore_optimizer: bool = True) -
     if keras.backend.backend() != "torch" or not model.built:
         return None
     tensors = index.get("tensors") or {}
-    stored = _stored(index.get("tree"))
+    stored = stored_names(index.get("tree"))
     if _adapter.MODEL_KEY not in stored:
         return None
     groups = [(_adapter.MODEL_KEY, model.variables)]
@@ -104,6 +104,12 @@ def into_for(model: Any, *, restore_optimizer: bool = True) -> Any:
     return make_into
 
 
-def restore_with_path(manager: Any, model: Any) -> tuple[str | None, Any]:
-    """``manager.restore_with_path()``, restoring in place into ``model`` (see :func:`into_for`)."""
+def restore_with_path(
+    manager: Any, model: Any, storage_options: dict | None = None
+) -> tuple[str | None, Any]:
+    """``manager.restore_with_path()``, restoring in place into ``model`` (see :func:`into_for`); a JAX
+    model over several devices is placed shard by shard (every process of a JAX job agrees)."""
+    shards = _adapter.jax_shards()
+    if shards is not None and shards.model_spans_devices(model):
+        return shards.restore_with_path(manager, storage_options)
     return manager.restore_with_path(into=into_for(model))

@@ -43,10 +43,15 @@ def restore(
         >>> restore(model, "runs/a", checkpoint="best")   # the best by the callback's monitor
         '/home/me/runs/a/ckpt-800'
     """
-    path, state = load_with_path(
-        path_or_directory, storage_options, into=_inplace.into_for(model), checkpoint=checkpoint
-    )
-    _adapter.restore_model_state(model, state)
+    shards = _adapter.jax_shards()
+    if shards is not None and shards.model_spans_devices(model):
+        path = resolve_checkpoint(path_or_directory, storage_options, checkpoint=checkpoint)
+        _adapter.restore_model_state(model, shards.load_state(path, storage_options))
+    else:
+        path, state = load_with_path(
+            path_or_directory, storage_options, into=_inplace.into_for(model), checkpoint=checkpoint
+        )
+        _adapter.restore_model_state(model, state)
     storage, name = open_checkpoint(path, storage_options)
     return storage.url_of(name)
 

@@ -17,7 +17,7 @@ from ckpt_callbacks.keras import _compat
 
 PACKAGE = Path(_compat.__file__).parent
 PRIVATE = re.compile(
-    r"keras\.src|\._initial_epoch\b|\._flatten_layers\b|\._direction\b|global_seed_generator|compile_utils"
+    r"keras\.src|\._initial_epoch\b|_single_device_array_to_np|\._flatten_layers\b|\._direction\b|global_seed_generator|compile_utils"
 )
 
 
@@ -84,3 +84,12 @@ def test_backend_optimizer_modules_map_to_the_public_ones():
     assert isinstance(restored, keras.optimizers.Adam)
     untouched = {"module": "keras.src.backend.torch.optimizers.torch_adam", "class_name": "NotAnOptimizer"}
     assert _compat.portable_description(untouched) == untouched
+
+
+def test_single_device_jax_array_to_numpy_caches_no_host_copy():
+    jax = __import__("pytest").importorskip("jax")
+    arr = jax.numpy.arange(12.0).reshape(3, 4)
+    assert hasattr(arr, "_single_device_array_to_np_array_did_copy"), "JAX moved the uncached host read"
+    out = _compat.single_device_to_numpy(arr)
+    assert np.array_equal(out, np.arange(12.0).reshape(3, 4)) and not out.flags.writeable
+    assert arr._npy_value is None
