@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import _format as fmt
+from . import _incremental
 from ._checkpoint_read import HASH_BEHIND_BYTES, MAX_META_BYTES, read_bounded, read_index
 from ._names import INDEX_SUFFIX, META_SUFFIX, data_file_name
 from ._storage import Storage
@@ -60,8 +61,13 @@ def write_checkpoint(
     replacing: Replaced | None = None,
     *,
     defer_sync: bool = False,
+    plan: _incremental.Plan | None = None,
 ) -> int:
     """Write data file(s), then .meta, then .index. Returns the number of data shards.
+
+    ``plan`` (incremental saves): the tensors it finds unchanged since the last checkpoint are not
+    written; the index points at the data files holding them, and ``plan.table`` is set to the new
+    checkpoint's tensors.
 
     On any failure every file of this checkpoint that was written is removed again and
     CheckpointWriteError is raised. ``replacing`` (a re-save of an existing checkpoint): its data
@@ -72,17 +78,19 @@ def write_checkpoint(
     is left running; the storage's next rename (the state file's) waits for it, so its temp file is
     written and fsync'd meanwhile.
     """
-    total = preflight(storage, name, encoded)
-    shards = fmt.plan_shards(encoded.tensors, _num_shards(storage, total, len(encoded.tensors)))
+    tensors = plan.split(encoded.tensors, arrays) if plan is not None else encoded.tensors
+    total = preflight(storage, name, tensors)
+    shards = fmt.plan_shards(tensors, _num_shards(storage, total, len(tensors)))
     if replacing is not None and len(shards) == replacing.shards:
         shards.append([])  # an empty safetensors file: the new data files must not overwrite the old
     written: list[str] = []
     try:
         crash_point("before_data")
+        doc = (step, meta_doc, encoded.tree)
         if storage.is_local:
-            _write_local(storage, name, shards, arrays, (step, meta_doc, encoded.tree), written)
+            _write_local(storage, name, shards, arrays, doc, written, plan)
         else:
-            _write_store(storage, name, shards, arrays, (step, meta_doc, encoded.tree), written)
+            _write_store(storage, name, shards, arrays, doc, written, plan)
         storage.sync_dir(wait=not defer_sync)
         crash_point("after_index")
     except BaseException:
@@ -95,14 +103,14 @@ def write_checkpoint(
 
 
 def _write_store(
-    storage: Storage, name: str, shards: list, arrays: dict | None, doc: tuple, written: list
+    storage: Storage, name: str, shards: list, arrays: dict | None, doc: tuple, written: list, plan: Any
 ) -> None:
     """Object stores: each file one whole object, completed in order (data shards concurrently)."""
     step, meta_doc, tree = doc
-    results = write_data_files(storage, name, shards, arrays)
+    results = write_data_files(storage, name, shards, arrays, plan=plan)
     written += [r[0] for r in results]
     crash_point("after_data")
-    files, index_tensors = _file_table(results)
+    files, index_tensors = _file_table(results, plan)
     files.append(write_meta(storage, name, meta_doc))
     written.append(name + META_SUFFIX)
     crash_point("after_meta")
@@ -111,7 +119,7 @@ def _write_store(
 
 
 def _write_local(
-    storage: Storage, name: str, shards: list, arrays: dict | None, doc: tuple, written: list
+    storage: Storage, name: str, shards: list, arrays: dict | None, doc: tuple, written: list, plan: Any
 ) -> None:
     """Local disk: every file's temp written, all fsync'd at once, then renamed in order: data files
     and .meta, a directory fsync (both durable), the .index. The index never becomes visible before
@@ -121,10 +129,11 @@ def _write_local(
     try:
         results = []
         for i, shard in enumerate(shards):
-            writer, result = stage_data_file(storage, data_file_name(name, i, len(shards)), shard, arrays)
+            fname = data_file_name(name, i, len(shards))
+            writer, result = stage_data_file(storage, fname, shard, arrays, plan=plan)
             staged.append(writer)
             results.append(result)
-        files, index_tensors = _file_table(results)
+        files, index_tensors = _file_table(results, plan)
         meta_bytes, meta_entry = meta_file(name, meta_doc)
         files.append(meta_entry)
         staged.append(storage.staged_writer(name + META_SUFFIX, meta_bytes))
@@ -157,18 +166,37 @@ def _num_shards(storage: Storage, total: int, n_tensors: int) -> int:
     return 1
 
 
-def _file_table(results: list[tuple]) -> tuple[list[dict], dict[str, dict]]:
-    """The index's ``files`` entries and ``tensors`` table for the written data files."""
+def _file_table(results: list[tuple], plan: Any = None) -> tuple[list[dict], dict[str, dict]]:
+    """The index's ``files`` entries and ``tensors`` table for the written data files, and (``plan``)
+    the reused tensors' entries pointing into the earlier data files that hold them."""
     files: list[dict] = []
     index_tensors: dict[str, dict] = {}
+    table = {}
     for shard_no, (fname, size, header_size, header_sum, entries) in enumerate(results):
         files.append(
             {"name": fname, "kind": "data", "size": size, "header_size": header_size, "checksum": header_sum}
         )
         for entry in entries:
             entry["file"] = shard_no
-            index_tensors[entry.pop("name")] = entry
+            tname = entry.pop("name")
+            index_tensors[tname] = entry
+            if plan is not None:
+                probe, version = plan.probes.pop(tname, None), plan.versions.get(tname)
+                table[tname] = _incremental.Known(_without_file(entry), files[shard_no], probe, version)
+    if plan is not None:
+        file_no: dict[str, int] = {}
+        for tname, known in plan.reused.items():
+            if known.file["name"] not in file_no:
+                file_no[known.file["name"]] = len(files)
+                files.append(known.file)
+            index_tensors[tname] = {**known.entry, "file": file_no[known.file["name"]]}
+            table[tname] = _incremental.Known(known.entry, known.file, known.probe, plan.versions.get(tname))
+        plan.table = table
     return files, index_tensors
+
+
+def _without_file(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k != "file"}
 
 
 def meta_file(name: str, meta_doc: dict) -> tuple[bytes, dict]:
@@ -223,7 +251,10 @@ class Replaced:
                     small[f["name"]] = read_bounded(storage, f["name"], MAX_META_BYTES)
         except CheckpointError:
             return None
-        data = [f["name"] for f in index["files"] if f.get("kind") != "meta"]
+        # its own data files: those of earlier checkpoints it points into are not its to remove
+        data = [
+            f["name"] for f in index["files"] if f.get("kind") != "meta" and f["name"].startswith(name + ".")
+        ]
         return cls(name, len(data), data, small)
 
     def roll_back(self, storage: Storage, written: list[str]) -> None:
@@ -237,9 +268,9 @@ class Replaced:
                     logger.error("Could not restore %s after a failed re-save: %s", storage.url_of(fname), e)
 
 
-def preflight(storage: Storage, name: str, encoded: fmt.EncodedState) -> int:
+def preflight(storage: Storage, name: str, tensors: list[fmt.TensorEntry]) -> int:
     """Refuse a save that cannot fit in the free space (local disks), before anything changes."""
-    total = sum(t.nbytes for t in encoded.tensors)
+    total = sum(t.nbytes for t in tensors)
     free = storage.free_bytes()
     if free is not None and total + (1 << 20) > free:
         raise CheckpointWriteError(
@@ -251,14 +282,16 @@ def preflight(storage: Storage, name: str, encoded: fmt.EncodedState) -> int:
 
 
 def write_data_files(
-    storage: Storage, name: str, shards: list[list[fmt.TensorEntry]], arrays: dict | None
+    storage: Storage, name: str, shards: list[list[fmt.TensorEntry]], arrays: dict | None, plan: Any = None
 ) -> list[tuple]:
     """Write one data file per shard (concurrently when several); on failure none is left."""
     if len(shards) == 1:
-        return [write_data_file(storage, data_file_name(name, 0, 1), shards[0], arrays)]
+        return [write_data_file(storage, data_file_name(name, 0, 1), shards[0], arrays, plan=plan)]
     with ThreadPoolExecutor(len(shards), thread_name_prefix="ckpt-shard") as pool:
         futures = [
-            pool.submit(write_data_file, storage, data_file_name(name, i, len(shards)), shard, arrays)
+            pool.submit(
+                write_data_file, storage, data_file_name(name, i, len(shards)), shard, arrays, plan=plan
+            )
             for i, shard in enumerate(shards)
         ]
         results, error = [], None
@@ -274,7 +307,12 @@ def write_data_files(
 
 
 def write_data_file(
-    storage: Storage, fname: str, tensors: list[fmt.TensorEntry], arrays: dict | None = None
+    storage: Storage,
+    fname: str,
+    tensors: list[fmt.TensorEntry],
+    arrays: dict | None = None,
+    *,
+    plan: Any = None,
 ) -> tuple[str, int, int, str, list[dict]]:
     """Stream one safetensors file: header, then each tensor's bytes, hashing as they pass.
 
@@ -282,16 +320,22 @@ def write_data_file(
     entry converts its own source. Returns ``(fname, size, header_size, header_checksum, entries)``,
     ``entries`` being the tensors' index entries (without their ``file`` number).
     """
-    writer, result = stage_data_file(storage, fname, tensors, arrays)
+    writer, result = stage_data_file(storage, fname, tensors, arrays, plan=plan)
     writer.commit()
     return result
 
 
 def stage_data_file(
-    storage: Storage, fname: str, tensors: list[fmt.TensorEntry], arrays: dict | None = None
+    storage: Storage,
+    fname: str,
+    tensors: list[fmt.TensorEntry],
+    arrays: dict | None = None,
+    *,
+    plan: Any = None,
 ) -> tuple[Any, tuple[str, int, int, str, list[dict]]]:
     """:func:`write_data_file` up to its commit: ``(writer, result)``, the writer written, not yet
-    committed (the caller commits or aborts it)."""
+    committed (the caller commits or aborts it). ``plan`` (incremental saves): tensors it already
+    hashed or materialised are not again, and each written tensor's probe is recorded in it."""
     header, spans = fmt.safetensors_header(tensors)
     # Big chunks are hashed on a helper thread while the same chunk is being written (xxhash and
     # os.write both release the GIL): the checksum then costs no wall time. One helper thread keeps
@@ -303,15 +347,19 @@ def stage_data_file(
     try:
         writer.write(header)
         pending = bytearray()
+        known = plan.checksums if plan is not None else {}
         for t, (begin, end) in zip(tensors, spans):
-            arr = arrays[t.name] if arrays is not None else t.array()
+            arr = _array_of(t, arrays, plan)
             if arr.nbytes != end - begin:
                 raise ValueError(
                     f"Tensor {t.name!r} changed while saving: expected {end - begin} bytes, got {arr.nbytes}."
                 )
-            hasher, pending = _stream_tensor(writer, arr, pending, pool)
+            checksum = known.get(t.name)
+            hasher, pending = _stream_tensor(writer, arr, pending, pool, hash_it=checksum is None)
+            if plan is not None:
+                plan.probes[t.name] = _incremental.probe(arr)
             del arr
-            entries.append(_tensor_entry(t, begin, end, hasher))
+            entries.append(_tensor_entry(t, begin, end, checksum or fmt.checksum_str(hasher)))
         if pending:
             writer.write(pending)
         size = writer.written
@@ -324,17 +372,33 @@ def stage_data_file(
     return writer, (fname, size, len(header), fmt.checksum_bytes(header), entries)
 
 
+def _array_of(t: fmt.TensorEntry, arrays: dict | None, plan: Any) -> np.ndarray:
+    if plan is not None and t.name in plan.arrays:
+        return plan.arrays.pop(t.name)
+    return arrays[t.name] if arrays is not None else t.array()
+
+
 def _stream_tensor(
-    writer: Any, arr: np.ndarray, pending: bytearray, pool: ThreadPoolExecutor | None
+    writer: Any, arr: np.ndarray, pending: bytearray, pool: ThreadPoolExecutor | None, hash_it: bool = True
 ) -> tuple[Any, bytearray]:
     """Write and hash one tensor's bytes: big chunks straight through, small ones gathered in
-    ``pending`` (returned, maybe flushed). Returns the tensor's hasher and the new ``pending``."""
-    hasher = fmt.new_hasher()
+    ``pending`` (returned, maybe flushed). Returns the tensor's hasher (None without ``hash_it``:
+    its checksum is known) and the new ``pending``."""
+    hasher = fmt.new_hasher() if hash_it else None
+    if arr.nbytes < _COALESCE_BYTES:  # the common small tensor: one view, hashed inline, gathered
+        data = memoryview(arr.reshape(-1).view(np.uint8))
+        if hasher is not None:
+            hasher.update(data)
+        pending += data
+        if len(pending) >= _COALESCE_BYTES:
+            writer.write(pending)
+            pending = bytearray()
+        return hasher, pending
     hashing: Future | None = None
     for chunk in fmt.iter_tensor_bytes(arr, _WRITE_CHUNK):
-        if pool is not None and len(chunk) >= _COALESCE_BYTES:
+        if hasher is not None and pool is not None and len(chunk) >= _COALESCE_BYTES:
             hashing = pool.submit(hasher.update, chunk)
-        else:
+        elif hasher is not None:
             if hashing is not None:
                 hashing.result()
                 hashing = None
@@ -354,14 +418,14 @@ def _stream_tensor(
     return hasher, pending
 
 
-def _tensor_entry(t: fmt.TensorEntry, begin: int, end: int, hasher: Any) -> dict:
+def _tensor_entry(t: fmt.TensorEntry, begin: int, end: int, checksum: str) -> dict:
     return {
         "name": t.name,
         "dtype": fmt.dtype_str(t.dtype),
         "shape": list(t.shape),
         "offset": begin,
         "length": end - begin,
-        "checksum": fmt.checksum_str(hasher),
+        "checksum": checksum,
         **({"kind": t.kind} if t.kind != "numpy" else {}),
         **({"byteorder": t.byteorder} if t.byteorder != "<" else {}),
     }

@@ -1,7 +1,7 @@
 """The startup sweep: files of interrupted saves, removed when a manager opens its directory.
 
 Only files of this format are touched (by name and by content), and only those no state file
-names: temp files of unfinished writes, checkpoints whose save died before its commit, data files
+names (a data file an incremental checkpoint the state file lists points into is named too): temp files of unfinished writes, checkpoints whose save died before its commit, data files
 an interrupted re-save left next to a listed checkpoint, and pending S3 multipart uploads.
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from ._checkpoint_io import remove_quietly
 from ._checkpoint_read import read_index, written_by_us
+from ._incremental import held_files
 from ._names import INDEX_SUFFIX, STATE_FILE_NAME, data_file_name, own_file_re, step_of
 from ._state import Record
 from ._storage import TEMP_MARK, Storage
@@ -45,6 +46,9 @@ def sweep(
     own = own_file_re(prefix)
     doomed, kept_data = _classify(storage, names, keep, own)
     doomed += _stale_data_files(storage, records, kept_data)
+    if any(".data-" in f for f in doomed):  # never the bytes a kept (incremental) checkpoint points into
+        held = held_files(storage, records)
+        doomed = [f for f in doomed if f not in held]
     if not state_found:
         doomed = _spare_complete_checkpoints(storage, doomed, set(names), own)
     # Index first: once it is gone the checkpoint no longer exists for any reader.

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _async, _foreign, _leftovers, _lock, _sharding, _validation
+from . import _async, _foreign, _incremental, _leftovers, _lock, _sharding, _validation
 from . import _checkpoint_io as _cio
 from . import _format as fmt
 from ._checkpoint_read import files_of, load, written_by_us
@@ -63,6 +63,9 @@ class CheckpointManager(_async.BackgroundSaves):
         allow_pickle: store (and load) leaves that are not plain tree types with pickle. Off by default:
             loading never executes code unless this is passed on both sides.
         clock: zero-argument callable returning POSIX seconds; tests inject a fake one.
+        incremental: a tensor whose dtype, shape and bytes equal the last checkpoint's is not written
+            again; the new checkpoint points at the data file holding it (retention keeps such files
+            while a kept checkpoint points at them). ``False``: every save writes every tensor.
 
     Example:
         >>> with CheckpointManager("runs/a", max_to_keep=3, keep_checkpoint_every_n_hours=1) as mgr:
@@ -87,11 +90,12 @@ class CheckpointManager(_async.BackgroundSaves):
         async_save: bool = False,
         allow_pickle: bool = False,
         clock: Callable[[], float] = time.time,
+        incremental: bool = True,
         _allow_concurrent_writers: bool = False,
     ) -> None:
         _validation.check_directory(directory)
         _validation.check_storage_options(storage_options)
-        _validation.check_flags(async_save=async_save, allow_pickle=allow_pickle)
+        _validation.check_flags(async_save=async_save, allow_pickle=allow_pickle, incremental=incremental)
         _validation.check_manager_args(
             prefix, max_to_keep, keep_checkpoint_every_n_hours, keep_best, monitor, mode, clock
         )
@@ -107,6 +111,9 @@ class CheckpointManager(_async.BackgroundSaves):
         self._async = async_save
         self._allow_pickle = allow_pickle
         self._clock = clock
+        self._incremental = incremental
+        # The last committed checkpoint's tensors (incremental saves); None: read from its index when needed.
+        self._table: dict[str, _incremental.Known] | None = None
         self._lock = threading.RLock()
         self._buffers = _async.SnapshotBuffers()  # async snapshot buffers, kept between saves
         self._metric = MonitoredMetric(monitor, keep_best)  # metrics[monitor] as a number, or None
@@ -284,12 +291,28 @@ class CheckpointManager(_async.BackgroundSaves):
         t0 = time.perf_counter()
         self._storage.makedirs()
         replacing = self._replacing(name)
+        plan = self._plan(replacing)
         write = _cio.write_checkpoint  # defer_sync: the state file's temp is written meanwhile
-        shards = write(self._storage, name, encoded, step, meta_doc, arrays, replacing, defer_sync=True)
-        self._commit_written(Record(name, step, timestamp, "active", metric, shards), replacing)
+        shards = write(
+            self._storage, name, encoded, step, meta_doc, arrays, replacing, defer_sync=True, plan=plan
+        )
+        refs = tuple(plan.refs()) if plan is not None else ()
+        record = Record(name, step, timestamp, "active", metric, shards, refs)
+        self._commit_written(record, replacing, plan.table if plan is not None else None)
         self._log_saved(name, sum(t.nbytes for t in encoded.tensors), time.perf_counter() - t0)
 
-    def _commit_written(self, record: Record, replacing: _cio.Replaced | None = None) -> None:
+    def _plan(self, replacing: _cio.Replaced | None) -> _incremental.Plan | None:
+        """What an incremental save compares with: the last committed checkpoint's tensors (None: a
+        full save, when turned off or re-saving a step, whose old files go once the new one commits)."""
+        if not self._incremental or replacing is not None:
+            return None
+        if self._table is None:  # a first save: the checkpoint restored from (verified), else the latest
+            self._table = _incremental.read_table(self._storage, self.resumed_from or self._latest)
+        return _incremental.Plan(self._table)
+
+    def _commit_written(
+        self, record: Record, replacing: _cio.Replaced | None = None, table: dict | None = None
+    ) -> None:
         """The commit half of a save whose files are all written: the state file through retention
         (:meth:`_commit`: rolled back on failure, kept when the store may have committed after all),
         then the files of a replaced copy and of the checkpoints retention dropped are deleted.
@@ -298,10 +321,12 @@ class CheckpointManager(_async.BackgroundSaves):
         (``ckpt_callbacks.distributed``), whose ranks wrote ``record.shards`` data files.
         """
         decision = self._commit(record, replacing)
+        self._table = table  # the new checkpoint's tensors (None: read from its index when needed)
+        held = _incremental.held_files(self._storage, decision.kept)
         if replacing is not None:  # the replaced copy's data files (its .meta and .index were overwritten)
             new = set(files_of(record.name, record.shards))
-            _cio.remove_quietly(self._storage, [n for n in replacing.data_files if n not in new])
-        self._delete_rotated(decision.deleted)
+            _cio.remove_quietly(self._storage, [n for n in replacing.data_files if n not in new | held])
+        self._delete_rotated(decision.deleted, held)
 
     def _replacing(self, name: str) -> _cio.Replaced | None:
         """What a re-save of the already listed ``name`` must be able to put back; None for a new step.
@@ -376,8 +401,9 @@ class CheckpointManager(_async.BackgroundSaves):
                 _cio.remove_quietly(storage, files)
         raise error
 
-    def _delete_rotated(self, deleted: list[Record]) -> None:
-        """Remove the files of the checkpoints retention just dropped from the state file."""
+    def _delete_rotated(self, deleted: list[Record], held: set[str]) -> None:
+        """Remove the files of the checkpoints retention just dropped from the state file, except data
+        files a kept checkpoint points into (``held``)."""
         storage = self._storage
         for r in deleted:
             if r.shards is None and not self._written_by_us(r.name + INDEX_SUFFIX):
@@ -386,7 +412,7 @@ class CheckpointManager(_async.BackgroundSaves):
                 logger.info("Not deleting %s: not a ckpt_callbacks checkpoint", storage.url_of(r.name))
                 continue
             _cio.crash_point("before_delete")
-            _cio.remove_quietly(storage, [r.name + INDEX_SUFFIX, *files_of(r.name, r.shards, storage)])
+            _cio.remove_quietly(storage, _incremental.files_to_delete(storage, r, held))
             _cio.crash_point("after_delete")
 
     def _log_saved(self, name: str, nbytes: int, dt: float) -> None:
