@@ -95,6 +95,32 @@ class Plan:
         return sorted({k.file["name"] for k in self.reused.values()})
 
 
+class Tracker:
+    """A manager's memory of its last committed checkpoint's tensors, for the next save's :class:`Plan`."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.table: dict[str, Known] | None = None  # None: read from the index when needed
+
+    def plan(self, storage: Storage, source: str | None, replacing: Any) -> Plan | None:
+        """What the next save compares with; None (a full save) when turned off or re-saving a step
+        (whose old data files go once the new copy commits). ``source``: the checkpoint restored
+        from (verified then), else the latest, read once when this manager has not saved yet."""
+        if not self.enabled or replacing is not None:
+            return None
+        if self.table is None:
+            self.table = read_table(storage, source)
+        return Plan(self.table)
+
+    def committed(self, plan: Plan | None) -> None:
+        """A checkpoint was committed, written with ``plan`` (None: by another writer, e.g. sharded)."""
+        self.table = plan.table if plan is not None else None
+
+
+def refs_of(plan: Plan | None) -> tuple[str, ...]:
+    return tuple(plan.refs()) if plan is not None else ()
+
+
 def _version_of(t: fmt.TensorEntry) -> Any:
     if t.kind == _kinds.NUMPY:
         return None

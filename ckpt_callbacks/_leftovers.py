@@ -1,4 +1,5 @@
-"""The startup sweep: files of interrupted saves, removed when a manager opens its directory.
+"""The startup sweep: files of interrupted saves, removed when a manager opens its directory; and
+after each commit, the files of the checkpoints retention dropped (:func:`remove_dropped`).
 
 Only files of this format are touched (by name and by content), and only those no state file
 names (a data file an incremental checkpoint the state file lists points into is named too): temp files of unfinished writes, checkpoints whose save died before its commit, data files
@@ -11,9 +12,9 @@ import logging
 import re
 from dataclasses import dataclass, field, replace
 
-from ._checkpoint_io import remove_quietly
+from ._checkpoint_io import crash_point, remove_quietly
 from ._checkpoint_read import read_index, written_by_us
-from ._incremental import held_files
+from ._incremental import files_to_delete, held_files
 from ._names import INDEX_SUFFIX, STATE_FILE_NAME, data_file_name, own_file_re, step_of
 from ._state import Record
 from ._storage import TEMP_MARK, Storage
@@ -132,3 +133,20 @@ def _stale_data_files(storage: Storage, records: list[Record], kept_data: dict[s
         stale += [f for f in files if f not in named and written_by_us(storage, f)]
         records[i] = replace(r, shards=len(named))
     return stale
+
+
+def remove_dropped(storage: Storage, dropped: list[Record], kept: list[Record], replaced: list[str]) -> None:
+    """After a commit: remove the files of the checkpoints retention ``dropped`` and the ``replaced``
+    data files of a re-saved step, except data files a ``kept`` checkpoint still points into."""
+    held = held_files(storage, kept) if dropped or replaced else set()
+    if replaced:
+        remove_quietly(storage, [n for n in replaced if n not in held])
+    for r in dropped:
+        if r.shards is None and not written_by_us(storage, r.name + INDEX_SUFFIX):
+            # Listed by a state file another writer (TensorFlow) wrote, in another format: only
+            # files of this format are ever deleted. It just stops being listed.
+            logger.info("Not deleting %s: not a ckpt_callbacks checkpoint", storage.url_of(r.name))
+            continue
+        crash_point("before_delete")
+        remove_quietly(storage, files_to_delete(storage, r, held))
+        crash_point("after_delete")

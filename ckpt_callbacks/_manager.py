@@ -111,9 +111,7 @@ class CheckpointManager(_async.BackgroundSaves):
         self._async = async_save
         self._allow_pickle = allow_pickle
         self._clock = clock
-        self._incremental = incremental
-        # The last committed checkpoint's tensors (incremental saves); None: read from its index when needed.
-        self._table: dict[str, _incremental.Known] | None = None
+        self._tracker = _incremental.Tracker(incremental)  # the last committed checkpoint's tensors
         self._lock = threading.RLock()
         self._buffers = _async.SnapshotBuffers()  # async snapshot buffers, kept between saves
         self._metric = MonitoredMetric(monitor, keep_best)  # metrics[monitor] as a number, or None
@@ -291,27 +289,17 @@ class CheckpointManager(_async.BackgroundSaves):
         t0 = time.perf_counter()
         self._storage.makedirs()
         replacing = self._replacing(name)
-        plan = self._plan(replacing)
+        plan = self._tracker.plan(self._storage, self.resumed_from or self._latest, replacing)
         write = _cio.write_checkpoint  # defer_sync: the state file's temp is written meanwhile
         shards = write(
             self._storage, name, encoded, step, meta_doc, arrays, replacing, defer_sync=True, plan=plan
         )
-        refs = tuple(plan.refs()) if plan is not None else ()
-        record = Record(name, step, timestamp, "active", metric, shards, refs)
-        self._commit_written(record, replacing, plan.table if plan is not None else None)
+        record = Record(name, step, timestamp, "active", metric, shards, _incremental.refs_of(plan))
+        self._commit_written(record, replacing, plan)
         self._log_saved(name, sum(t.nbytes for t in encoded.tensors), time.perf_counter() - t0)
 
-    def _plan(self, replacing: _cio.Replaced | None) -> _incremental.Plan | None:
-        """What an incremental save compares with: the last committed checkpoint's tensors (None: a
-        full save, when turned off or re-saving a step, whose old files go once the new one commits)."""
-        if not self._incremental or replacing is not None:
-            return None
-        if self._table is None:  # a first save: the checkpoint restored from (verified), else the latest
-            self._table = _incremental.read_table(self._storage, self.resumed_from or self._latest)
-        return _incremental.Plan(self._table)
-
     def _commit_written(
-        self, record: Record, replacing: _cio.Replaced | None = None, table: dict | None = None
+        self, record: Record, replacing: _cio.Replaced | None = None, plan: Any = None
     ) -> None:
         """The commit half of a save whose files are all written: the state file through retention
         (:meth:`_commit`: rolled back on failure, kept when the store may have committed after all),
@@ -321,12 +309,11 @@ class CheckpointManager(_async.BackgroundSaves):
         (``ckpt_callbacks.distributed``), whose ranks wrote ``record.shards`` data files.
         """
         decision = self._commit(record, replacing)
-        self._table = table  # the new checkpoint's tensors (None: read from its index when needed)
-        held = _incremental.held_files(self._storage, decision.kept)
-        if replacing is not None:  # the replaced copy's data files (its .meta and .index were overwritten)
-            new = set(files_of(record.name, record.shards))
-            _cio.remove_quietly(self._storage, [n for n in replacing.data_files if n not in new | held])
-        self._delete_rotated(decision.deleted, held)
+        self._tracker.committed(plan)
+        replaced = []  # the replaced copy's data files (its .meta and .index were overwritten)
+        if replacing is not None:
+            replaced = [n for n in replacing.data_files if n not in files_of(record.name, record.shards)]
+        _leftovers.remove_dropped(self._storage, decision.deleted, decision.kept, replaced)
 
     def _replacing(self, name: str) -> _cio.Replaced | None:
         """What a re-save of the already listed ``name`` must be able to put back; None for a new step.
@@ -400,20 +387,6 @@ class CheckpointManager(_async.BackgroundSaves):
                 # Index first: without it the checkpoint does not exist for any reader.
                 _cio.remove_quietly(storage, files)
         raise error
-
-    def _delete_rotated(self, deleted: list[Record], held: set[str]) -> None:
-        """Remove the files of the checkpoints retention just dropped from the state file, except data
-        files a kept checkpoint points into (``held``)."""
-        storage = self._storage
-        for r in deleted:
-            if r.shards is None and not self._written_by_us(r.name + INDEX_SUFFIX):
-                # Listed by a state file another writer (TensorFlow) wrote, in another format: only
-                # files of this format are ever deleted. It just stops being listed.
-                logger.info("Not deleting %s: not a ckpt_callbacks checkpoint", storage.url_of(r.name))
-                continue
-            _cio.crash_point("before_delete")
-            _cio.remove_quietly(storage, _incremental.files_to_delete(storage, r, held))
-            _cio.crash_point("after_delete")
 
     def _log_saved(self, name: str, nbytes: int, dt: float) -> None:
         logger.info(

@@ -33,7 +33,7 @@ def run_dir(tmp_path):
     ) as mgr:
         for i, loss in enumerate([0.5, 3.0, 2.0, 1.0, 4.0, 5.0], start=1):
             state = {
-                "model": {"w": np.full((4, 4), i, np.float32), "b": np.arange(3, dtype=np.int64)},
+                "model": {"w": np.full((4, 4), i, np.float32), "b": np.arange(3, dtype=np.int64) + i},
                 "epoch": i,
             }
             mgr.save(state, step=i * 100, metrics={"loss": loss})
