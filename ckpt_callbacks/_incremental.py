@@ -52,6 +52,7 @@ class Plan:
     """What one save reuses, and what it learns for the next one."""
 
     previous: dict[str, Known]
+    name: str  # of the checkpoint being written: it points only into data files of lower steps
     reused: dict[str, Known] = field(default_factory=dict)
     checksums: dict[str, str] = field(default_factory=dict)  # full checksums already computed
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # materialised, changed, kept for the writer
@@ -69,7 +70,11 @@ class Plan:
             known = self.previous.get(t.name)
             version = _version_of(t)
             self.versions[t.name] = version
-            if known is None or not _same_layout(t, known.entry):
+            if (
+                known is None
+                or not _same_layout(t, known.entry)
+                or not may_reference(self.name, known.file["name"])
+            ):
                 out.append(t)
                 continue
             if version is not None and known.version is not None and version != known.version:
@@ -102,7 +107,7 @@ class Tracker:
         self.enabled = enabled
         self.table: dict[str, Known] | None = None  # None: read from the index when needed
 
-    def plan(self, storage: Storage, source: str | None, replacing: Any) -> Plan | None:
+    def plan(self, storage: Storage, name: str, source: str | None, replacing: Any) -> Plan | None:
         """What the next save compares with; None (a full save) when turned off or re-saving a step
         (whose old data files go once the new copy commits). ``source``: the checkpoint restored
         from (verified then), else the latest, read once when this manager has not saved yet."""
@@ -110,7 +115,7 @@ class Tracker:
             return None
         if self.table is None:
             self.table = read_table(storage, source)
-        return Plan(self.table)
+        return Plan(self.table, name)
 
     def committed(self, plan: Plan | None) -> None:
         """A checkpoint was committed, written with ``plan`` (None: by another writer, e.g. sharded)."""

@@ -289,7 +289,7 @@ class CheckpointManager(_async.BackgroundSaves):
         t0 = time.perf_counter()
         self._storage.makedirs()
         replacing = self._replacing(name)
-        plan = self._tracker.plan(self._storage, self.resumed_from or self._latest, replacing)
+        plan = self._tracker.plan(self._storage, name, self.resumed_from or self._latest, replacing)
         write = _cio.write_checkpoint  # defer_sync: the state file's temp is written meanwhile
         shards = write(
             self._storage, name, encoded, step, meta_doc, arrays, replacing, defer_sync=True, plan=plan
