@@ -109,15 +109,8 @@ def _describe(storage: Storage, name: str, options: dict | None) -> dict:
             "meta_time": meta.get("time"),
         }
     except CheckpointError as e:
-        return {
-            "step": None,
-            "size": None,
-            "written": None,
-            "referenced": None,
-            "metrics": {},
-            "meta_time": None,
-            "error": str(e),
-        }
+        unknown = dict.fromkeys(["step", "size", "written", "referenced", "meta_time"])
+        return {**unknown, "metrics": {}, "error": str(e)}
 
 
 def _ls_row(e: dict) -> list[str]:
@@ -189,11 +182,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print(_table(rows, ["step", "time (UTC)", "size", "kept-because", "metrics", "checkpoint"]))
     shared = [e for e in doc if e.get("referenced")]
     if shared:  # incremental checkpoints: size counts the bytes they share with earlier ones
-        written = sum(e["written"] for e in shared)
-        print(
-            f"{len(shared)} incremental checkpoint(s): {_human(written)} written, "
-            f"{_human(sum(e['referenced'] for e in shared))} referenced in earlier data files (in size)"
-        )
+        written, referenced = (_human(sum(e[k] for e in shared)) for k in ("written", "referenced"))
+        print(f"{len(shared)} incremental checkpoint(s): {written} written, {referenced} shared (in size)")
     return EXIT_OK
 
 
