@@ -211,7 +211,7 @@ def lower_thread_priority() -> None:
 
 class BackgroundSaves:
     """The background-save half of :class:`CheckpointManager` (a mixin: it uses the manager's
-    ``_lock``, ``_closed``, ``_storage`` and ``_save_now``). One worker thread, one save in flight;
+    ``_lock``, ``_closed``, ``_storage`` and ``_run_job``). One worker thread, one save in flight;
     ``_pending`` is its future, ``_error`` a failure not yet raised, ``_waited_saves`` the count of
     saves that had to wait for the previous one."""
 
@@ -238,8 +238,8 @@ class BackgroundSaves:
         self._prepare_snapshot(state)
         return state
 
-    def _submit(self, args: tuple) -> None:
-        """Hand a snapshotted save to the worker thread (started on first use)."""
+    def _submit(self, job: Any) -> None:
+        """Hand a prepared save (a :class:`._writer.SaveJob`) to the worker thread (started on first use)."""
         with self._lock:
             if self._closed:
                 raise CheckpointError("This CheckpointManager is closed; create a new one to save.")
@@ -247,20 +247,12 @@ class BackgroundSaves:
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckpt-save")
                     ASYNC_MANAGERS.add(self)
-                self._pending = self._executor.submit(self._save_background, *args)
+                self._pending = self._executor.submit(self._save_background, job)
             except RuntimeError:
                 # The interpreter is shutting down (e.g. save() from an atexit handler) and
                 # refuses new threads: write it here rather than lose the save.
                 self._pending = None
-                self._run_job(*args)
-
-    def _run_job(self, name: str, *rest: Any) -> None:
-        """``(name, job)``: a save prepared elsewhere (a sharded save's collective write), run as is;
-        otherwise the arguments of the manager's own ``_save_now``."""
-        if len(rest) == 1 and callable(rest[0]):
-            rest[0]()
-        else:
-            self._save_now(name, *rest)
+                self._run_job(job)
 
     def _wait_previous(self, name: str) -> None:
         """A save requested while one is in flight waits for it: never coalesced, every step is written.
@@ -282,15 +274,15 @@ class BackgroundSaves:
         else:
             self._wait(raise_error=True)
 
-    def _save_background(self, *args: Any) -> None:
+    def _save_background(self, job: Any) -> None:
         """The worker's job: write, commit, rotate. A failure is kept for the next save / wait / close
         and logged at once, so it is seen even if the program never calls the manager again."""
         lower_thread_priority()
         try:
-            self._run_job(*args)
+            self._run_job(job)
         except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
             logger.error(
-                "Background save of %s failed: %s: %s", self._storage.url_of(args[0]), type(e).__name__, e
+                "Background save of %s failed: %s: %s", self._storage.url_of(job.name), type(e).__name__, e
             )
             with self._lock:
                 self._error = self._error or e

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -442,12 +443,16 @@ def remove_quietly(storage: Storage, names: list[str]) -> None:
 # ---------------------------------------------------------------- the .meta document
 
 
-def jsonable(x: Any) -> Any:
-    """Metrics and user meta as strict JSON: non-finite floats become strings, numpy scalars numbers."""
+def jsonable(x: Any, other: Callable[[Any], Any] | None = None, depth: int = 0) -> Any:
+    """``x`` as strict JSON (the one sanitiser of what goes into a ``.meta``): non-finite floats
+    become strings, numpy scalars and 0-d tensors numbers. Anything else: ``other(x)`` (e.g. a
+    repr, for hyper-parameters), or TypeError when there is none (metrics and user meta)."""
+    if other is not None and depth > 32:
+        return other(x)
     if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v, other, depth + 1) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
+        return [jsonable(v, other, depth + 1) for v in x]
     if isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
@@ -455,7 +460,9 @@ def jsonable(x: Any) -> Any:
     if x is None or isinstance(x, (bool, int, float, str)):
         return x
     if hasattr(x, "item") and getattr(x, "ndim", None) == 0:  # 0-d framework tensors
-        return jsonable(x.item())
+        return jsonable(x.item(), other, depth + 1)
+    if other is not None:
+        return other(x)
     raise TypeError(
         f"meta and metrics must be JSON-like (dict, list, str, numbers); got {type(x).__name__}: {x!r:.80}"
     )

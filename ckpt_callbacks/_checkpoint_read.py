@@ -11,9 +11,10 @@ from __future__ import annotations
 import io
 import mmap
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -180,11 +181,28 @@ def read_tensors(storage: Storage, index: dict, *, verify: bool, dests: dict | N
     return tensors
 
 
-def load(storage: Storage, name: str, *, verify: bool, allow_pickle: bool, into: Any = None) -> dict:
+def load(
+    storage: Storage,
+    name: str,
+    *,
+    verify: bool,
+    allow_pickle: bool,
+    into: Any = None,
+    index: dict | None = None,
+) -> dict:
     """The state tree of checkpoint ``name``; with ``verify`` every checksum is checked. Tensors of
-    ``into`` are restored in place (see :mod:`._readinto`; checked before anything is read)."""
-    index = read_index(storage, name, verify=verify)
-    dests = _readinto.plan(index, into) if into is not None else None
+    ``into`` are restored in place (see :mod:`._readinto`; checked before anything is read).
+
+    ``index``: the checked index, when the caller read it already (each byte is read once).
+    ``into`` may also be a function of the checked index giving the tree to fill, or None (the
+    framework adapters pair their variables with the index): when that tree does not fit, the
+    checkpoint is loaded plainly, from the same index (:func:`._readinto.plan_from`)."""
+    if index is None:
+        index = read_index(storage, name, verify=verify)
+    if callable(into):
+        dests = _readinto.plan_from(index, into)
+    else:
+        dests = _readinto.plan(index, into) if into is not None else None
     tensors = read_tensors(storage, index, verify=verify, dests=dests)
     try:
         return fmt.decode_tree(index["tree"], tensors, allow_pickle=allow_pickle)
@@ -418,3 +436,34 @@ def files_of(name: str, shards: int | None, storage: Storage | None = None) -> l
             shards = 1
     n = shards or 1
     return [fmt.data_file_name(name, i, n) for i in range(n)] + [name + META_SUFFIX]
+
+
+T = TypeVar("T")
+
+
+def newest_first(names: Iterable[str], latest: str | None) -> list[str]:
+    """A state file's checkpoint names, newest first: ``latest`` (the one it names as newest), then
+    the others from the last listed back."""
+    older = [n for n in names if n != latest]
+    return ([latest] if latest else []) + older[::-1]
+
+
+def newest_valid(
+    storage: Storage,
+    names: Iterable[str],
+    open_one: Callable[[str], T],
+    *,
+    skip: tuple[type[BaseException], ...] = (CheckpointError,),
+    stacklevel: int = 3,
+) -> tuple[str, T] | None:
+    """The first checkpoint of ``names`` (newest first) that ``open_one`` opens, and what it returned;
+    one that fails with a ``skip`` error is passed over with a warning. None when none opens."""
+    for name in names:
+        try:
+            return name, open_one(name)
+        except skip as e:
+            warnings.warn(
+                f"Checkpoint {storage.url_of(name)!r} is unusable ({e}); falling back to an older one.",
+                stacklevel=stacklevel,
+            )
+    return None

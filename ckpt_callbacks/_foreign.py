@@ -15,11 +15,11 @@ import re
 import uuid
 from collections.abc import Callable
 
+from ._names import INDEX_SUFFIX as _INDEX_SUFFIX
 from ._state import _COMMENT_KEY, MAX_STATE_FILE_BYTES, STATE_FILE_NAME, parse_state
 from ._storage import Storage
 from .errors import CheckpointError, CheckpointWriteError, IncompatibleCheckpointError
 
-_INDEX_SUFFIX = ".index"
 _LISTED = 5
 
 

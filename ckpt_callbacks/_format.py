@@ -491,8 +491,14 @@ def _safe_name(name: Any) -> bool:
     )
 
 
+def is_plain_name(name: Any) -> bool:
+    """The one rule for a file name read from storage (index, state file, pointer file): a plain
+    name inside the checkpoint directory, no '..' anywhere."""
+    return _safe_name(name) and ".." not in name
+
+
 def check_name(name: Any) -> str:
-    if not _safe_name(name) or ".." in name:
+    if not is_plain_name(name):
         raise CorruptCheckpointError(
             f"Refusing checkpoint file name {str(name)[:120]!r}: names must stay inside the checkpoint directory."
         )

@@ -105,21 +105,24 @@ class Tracker:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.table: dict[str, Known] | None = None  # None: read from the index when needed
+        self.source: str | None = None  # the checkpoint ``table`` describes
+        self.table: dict[str, Known] = {}
 
-    def plan(self, storage: Storage, name: str, source: str | None, replacing: Any) -> Plan | None:
-        """What the next save compares with; None (a full save) when turned off or re-saving a step
-        (whose old data files go once the new copy commits). ``source``: the checkpoint restored
-        from (verified then), else the latest, read once when this manager has not saved yet."""
+    def plan(self, storage: Storage, name: str, latest: str | None, replacing: Any) -> Plan | None:
+        """What saving ``name`` compares with: the ``latest`` committed checkpoint's tensors, from
+        memory when this writer committed it, else (a first save, or one after a sharded save or
+        another writer's) read from its index. None (a full save) when turned off or re-saving a
+        step (whose old data files go once the new copy commits)."""
         if not self.enabled or replacing is not None:
             return None
-        if self.table is None:
-            self.table = read_table(storage, source)
+        if self.source != latest:
+            self.source, self.table = latest, read_table(storage, latest)
         return Plan(self.table, name)
 
-    def committed(self, plan: Plan | None) -> None:
-        """A checkpoint was committed, written with ``plan`` (None: by another writer, e.g. sharded)."""
-        self.table = plan.table if plan is not None else None
+    def committed(self, name: str, plan: Plan | None) -> None:
+        """``name`` was committed, written with ``plan``."""
+        if plan is not None and plan.table is not None:
+            self.source, self.table = name, plan.table
 
 
 def refs_of(plan: Plan | None) -> tuple[str, ...]:

@@ -13,6 +13,10 @@ A kind provides ``name``, ``tensor_type``, ``numpy_dtype(t)``, ``to_numpy(t)``, 
 ``copy_into(buf, t) -> bool`` (a direct copy into a host buffer for async snapshots; False when
 it cannot, so the caller converts with ``to_numpy``), and for restoring in place ``host_view(t)`` (a
 numpy view of the tensor's own memory, or None) and ``copy_from(t, arr)``.
+
+Sharded leaves (a tensor whose bytes are spread over processes) are registered the same way, with
+the package that writes and reads them (:data:`SHARDED`): it is imported the first time a state
+holds such a leaf, and registers itself with :mod:`._sharding` when imported.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Any
 
 # top-level module of the tensor type -> "module:attr" of its kind
 KINDS: dict[str, str] = {"torch": "ckpt_callbacks._torch:TorchKind"}
+# "module:attr" of a sharded leaf type -> the package that registers its backend with _sharding
+SHARDED: dict[str, str] = {"torch.distributed.tensor:DTensor": "ckpt_callbacks.distributed"}
 NUMPY = "numpy"
 _loaded: dict[str, Any] = {}
 _missing: set[str] = set()
@@ -64,3 +70,20 @@ def from_numpy(name: str, arr: Any) -> Any:
         _missing.add(name)
         return arr
     return kind.from_numpy(arr)
+
+
+def sharded_types() -> dict[type, str]:
+    """Each sharded leaf type whose module is already imported (no leaf can exist otherwise) -> its key
+    in :data:`SHARDED`. Nothing is imported."""
+    out = {}
+    for key in SHARDED:
+        module, _, attr = key.partition(":")
+        found = getattr(sys.modules.get(module), attr, None)
+        if isinstance(found, type):
+            out[found] = key
+    return out
+
+
+def load_sharded(key: str) -> None:
+    """Import the package that handles the sharded leaves ``key`` names (it registers itself)."""
+    importlib.import_module(SHARDED[key])

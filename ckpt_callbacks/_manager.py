@@ -9,34 +9,35 @@ The pieces it drives live next to it: :mod:`._checkpoint_io` writes one checkpoi
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from . import _async, _foreign, _incremental, _leftovers, _lock, _sharding, _validation
+from . import _async, _foreign, _leftovers, _lock, _sharding, _validation
 from . import _checkpoint_io as _cio
-from . import _format as fmt
-from ._checkpoint_read import files_of, load, written_by_us
+from ._checkpoint_read import files_of, load, newest_first, newest_valid, written_by_us
 from ._mode import MonitoredMetric, resolve_mode
 from ._names import INDEX_SUFFIX, checkpoint_name, split_url
 from ._retention import BestN, EveryNHours, LatestN, Retention
 from ._state import (
     Record,
     checked_name,
+    commit_state,
     dump_state,
     no_best_error,
     read_state,
     read_state_bytes,
-    restart_records,
+    restart,
     write_state,
 )
 from ._storage import Storage
+from ._writer import CheckpointWriter, PlainWriter, SaveJob
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
 logger = logging.getLogger("ckpt_callbacks")
@@ -92,6 +93,7 @@ class CheckpointManager(_async.BackgroundSaves):
         clock: Callable[[], float] = time.time,
         incremental: bool = True,
         _allow_concurrent_writers: bool = False,
+        _collective: _sharding.Collective | None = None,
     ) -> None:
         _validation.check_directory(directory)
         _validation.check_storage_options(storage_options)
@@ -99,39 +101,37 @@ class CheckpointManager(_async.BackgroundSaves):
         _validation.check_manager_args(
             prefix, max_to_keep, keep_checkpoint_every_n_hours, keep_best, monitor, mode, clock
         )
-        self._storage = Storage(directory, storage_options)
-        self._storage_options = storage_options
+        self._storage, self._storage_options = Storage(directory, storage_options), storage_options
         self.directory = self._storage.url
-        self._prefix = prefix
-        self._max_to_keep = max_to_keep
-        self._hours = keep_checkpoint_every_n_hours
-        self._keep_best = keep_best
-        self._monitor = monitor
-        self._mode = resolve_mode(monitor, mode)
-        self._async = async_save
-        self._allow_pickle = allow_pickle
-        self._clock = clock
-        self._tracker = _incremental.Tracker(incremental)  # the last committed checkpoint's tensors
+        self._prefix, self._max_to_keep, self._hours = prefix, max_to_keep, keep_checkpoint_every_n_hours
+        self._keep_best, self._monitor, self._mode = keep_best, monitor, resolve_mode(monitor, mode)
+        self._async, self._allow_pickle, self._clock = async_save, allow_pickle, clock
         self._lock = threading.RLock()
         self._buffers = _async.SnapshotBuffers()  # async snapshot buffers, kept between saves
         self._metric = MonitoredMetric(monitor, keep_best)  # metrics[monitor] as a number, or None
         self._commit_lock = threading.Lock()
         self.resumed_from: str | None = None
         self._closed = False
-        _foreign.check_not_foreign(
-            self._storage, prefix, self._written_by_us
-        )  # before any write: foreign files are never touched
+        # before any write: foreign files are never touched
+        _foreign.check_not_foreign(self._storage, prefix, functools.partial(written_by_us, self._storage))
         # One writer per directory: the leftovers cleanup below would delete another writer's in-flight
         # files. `_allow_concurrent_writers` (readers, e.g. non-zero DDP ranks) skips both; a non-zero
         # rank of a process group defers both to its first save of its own (rank 0 commits sharded ones).
         self._lock_deferred = not _allow_concurrent_writers and _sharding.follower_rank()
         reader = _allow_concurrent_writers or self._lock_deferred
         self._writer_lock = None if reader else _lock.acquire(self._storage, self)
-        self._on_close: list[Callable[[], None]] = []  # e.g. releases the sharded saves' process group
+        self._plain = PlainWriter(allow_pickle, self._buffers, incremental)
+        # Every save and restore(into=) is this collective (ckpt_callbacks.distributed.manager), or
+        # only those of sharded state; an async manager keeps one sharded writer for all of them.
+        self._collective = _collective
+        self._sharded_writer: CheckpointWriter | None = None
+        self._target = _Target(self)
         try:
             self._load_state()
             self.aborted_uploads: list[str] = []  # names whose pending multipart upload was aborted
             self.removed_leftovers = [] if reader else self._remove_leftovers()
+            if _collective is not None and async_save:  # its process group: a collective, made now
+                self._sharded_writer = _collective.backend.writer(True, _collective.options)
         except BaseException:
             self._release_writer_lock()
             raise
@@ -160,26 +160,13 @@ class CheckpointManager(_async.BackgroundSaves):
             if n:
                 checked_name(n)
         self._latest = state.model_checkpoint_path or None
-        last_preserved = state.last_preserved_timestamp
-        if now < last_preserved:
-            logger.warning(
-                "The clock (%s) is before the last preserved checkpoint time (%s); time went backwards. "
-                "Preservation restarts from now and nothing is deleted because of it.",
-                now,
-                last_preserved,
-            )
-            last_preserved = now
-        self._last_preserved = last_preserved
-        self._records = restart_records(state, records, now, last_preserved)
+        self._records, self._last_preserved = restart(state, records, now)
 
     def _remove_leftovers(self) -> list[str]:
         """Delete files of interrupted saves (see :mod:`._leftovers`); returns their names."""
         swept = _leftovers.sweep(self._storage, self._records, self._latest, self._prefix, self._state_found)
         self.aborted_uploads = swept.aborted_uploads
         return swept.removed
-
-    def _written_by_us(self, fname: str) -> bool:
-        return written_by_us(self._storage, fname)
 
     # ------------------------------------------------------------------ properties
 
@@ -234,6 +221,7 @@ class CheckpointManager(_async.BackgroundSaves):
         meta: dict | None = None,
         *,
         _info: dict | None = None,
+        _collective: _sharding.Collective | None = None,
     ) -> str:
         """Save ``state`` as ``f"{prefix}-{step}"`` and apply retention. Returns the checkpoint path.
 
@@ -256,60 +244,59 @@ class CheckpointManager(_async.BackgroundSaves):
             CheckpointError: the manager is closed.
 
         A ``state`` holding ``DTensor`` leaves (sharded across ranks) makes this a collective call on
-        every rank: :func:`ckpt_callbacks.distributed.save` with this manager.
+        every rank: :func:`ckpt_callbacks.distributed.save` with this manager. ``_collective`` makes
+        it one whatever the state holds (that function passes it).
         """
         if self._closed:
             raise CheckpointError("This CheckpointManager is closed; create a new one to save.")
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step must be an int >= 0. Received: step={step!r}.")
         step = int(step)
-        if _sharding.is_sharded(state):
-            return _sharding.ops().save(self, state, step, metrics=metrics, meta=meta, _info=_info)
-        if self._lock_deferred:  # a non-zero rank saving by itself: the writer now
+        writer, options = self._writer_for(state, _collective)
+        if self._lock_deferred and writer is self._plain:  # a non-zero rank saving by itself: the writer now
             self._writer_lock = _lock.acquire(self._storage, self)
             self._lock_deferred = False
             self.removed_leftovers = self._remove_leftovers()
         name = checkpoint_name(self._prefix, step)
         timestamp = float(self._clock())
         metric = self._metric(metrics)
-        meta_doc = _cio.meta_doc(step, timestamp, metrics, meta, _info)
+        meta_doc = _cio.meta_doc(step, timestamp, metrics, meta, _info or writer.default_info)
         if self._async:
             self._wait_previous(name)
-            encoded = fmt.encode_tree(state, allow_pickle=self._allow_pickle)
-            arrays = _async.snapshot(self._buffers, encoded)
-            self._submit((name, step, timestamp, metric, encoded, meta_doc, arrays))
         else:
             self._raise_pending_error()
-            encoded = fmt.encode_tree(state, allow_pickle=self._allow_pickle)
-            self._save_now(name, step, timestamp, metric, encoded, meta_doc, None)
+        payload = writer.prepare(state, snapshot=self._async, options=options)
+        job = SaveJob(name, step, timestamp, metric, meta_doc, writer, payload)
+        if self._async:
+            self._submit(job)
+        else:
+            self._run_job(job)
         return self._storage.url_of(name)
 
-    def _save_now(self, name, step, timestamp, metric, encoded, meta_doc, arrays) -> None:
-        """Write, commit (under the commit lock, rolled back on failure), rotate, log."""
-        t0 = time.perf_counter()
-        self._storage.makedirs()
-        replacing = self._replacing(name)
-        plan = self._tracker.plan(self._storage, name, self.resumed_from or self._latest, replacing)
-        write = _cio.write_checkpoint  # defer_sync: the state file's temp is written meanwhile
-        shards = write(
-            self._storage, name, encoded, step, meta_doc, arrays, replacing, defer_sync=True, plan=plan
-        )
-        record = Record(name, step, timestamp, "active", metric, shards, _incremental.refs_of(plan))
-        self._commit_written(record, replacing, plan)
-        self._log_saved(name, sum(t.nbytes for t in encoded.tensors), time.perf_counter() - t0)
+    def _writer_for(
+        self, state: Any, collective: _sharding.Collective | None
+    ) -> tuple[CheckpointWriter, dict | None]:
+        """The writer of one save, and its options: the plain one, or a sharded backend's."""
+        collective = collective or self._collective or _sharding.collective_for(state)
+        if collective is None:
+            return self._plain, None
+        if not self._async:
+            return collective.backend.writer(False, collective.options), collective.options
+        if self._sharded_writer is None:
+            self._sharded_writer = collective.backend.writer(True, collective.options)
+        return self._sharded_writer, collective.options
 
-    def _commit_written(
-        self, record: Record, replacing: _cio.Replaced | None = None, plan: Any = None
-    ) -> None:
+    def _run_job(self, job: SaveJob) -> None:
+        job.writer.write(self._target, job)
+
+    def _commit_written(self, record: Record, replacing: _cio.Replaced | None = None) -> None:
         """The commit half of a save whose files are all written: the state file through retention
         (:meth:`_commit`: rolled back on failure, kept when the store may have committed after all),
         then the files of a replaced copy and of the checkpoints retention dropped are deleted.
 
-        Every save commits here: this manager's own and a sharded save's coordinator
-        (``ckpt_callbacks.distributed``), whose ranks wrote ``record.shards`` data files.
+        Every save commits here, through :class:`_Target` (what a writer sees of the manager).
         """
         decision = self._commit(record, replacing)
-        self._tracker.committed(plan)
         replaced = []  # the replaced copy's data files (its .meta and .index were overwritten)
         if replacing is not None:
             replaced = [n for n in replacing.data_files if n not in files_of(record.name, record.shards)]
@@ -332,7 +319,7 @@ class CheckpointManager(_async.BackgroundSaves):
     def _commit(self, record: Record, replacing: _cio.Replaced | None) -> Any:
         """Apply retention and write the state file naming ``record``: the commit point. Returns the
         retention decision. On failure the new checkpoint's files go again (or the replaced copy is
-        put back), unless the store may have committed after all."""
+        put back), unless the store may have committed after all (:func:`._state.commit_state`)."""
         name = record.name
         # _commit_lock orders commits; self._lock only guards the in-memory view, and is not held
         # across the state file's write + fsync, so readers of latest_checkpoint / checkpoints on
@@ -345,12 +332,28 @@ class CheckpointManager(_async.BackgroundSaves):
                 decision = self._retention(name).apply(records, self._last_preserved)
             best = self._best_of(decision.kept)
             state_bytes = dump_state(name, decision.kept, decision.last_preserved, best)
-            try:
+
+            def write(data: bytes) -> None:
                 _cio.crash_point("before_state")
-                write_state(self._storage, state_bytes)  # the commit point
+                write_state(self._storage, data)  # the commit point
                 _cio.crash_point("after_state")
-            except BaseException as e:
-                self._after_failed_commit(e, state_bytes, record, replacing)
+
+            def remove_new_files() -> None:
+                files = [name + INDEX_SUFFIX, *files_of(name, record.shards)]
+                if replacing is not None:
+                    replacing.roll_back(self._storage, files)
+                else:  # index first: without it the checkpoint does not exist for any reader
+                    _cio.remove_quietly(self._storage, files)
+
+            error = commit_state(self._storage, state_bytes, remove_new_files, write)
+            if error is not None:
+                logger.warning(
+                    "Writing the state file reported %s: %s, but the new state file is committed "
+                    "and names %s; the save succeeded.",
+                    type(error).__name__,
+                    error,
+                    self._storage.url_of(name),
+                )
             with self._lock:
                 self._records = decision.kept
                 self._latest = name
@@ -359,43 +362,6 @@ class CheckpointManager(_async.BackgroundSaves):
                 if self.resumed_from is not None and self.resumed_from != name:
                     self.resumed_from = None  # a newer checkpoint is committed: no longer protected
         return decision
-
-    def _after_failed_commit(
-        self, error: BaseException, state_bytes: bytes, record: Record, replacing: _cio.Replaced | None
-    ) -> None:
-        """The state file's write reported ``error``; returns only when the commit took place anyway.
-
-        The store may have committed it (a reply lost after the retries, an interrupt after the
-        rename): look before removing anything.
-        """
-        storage, name = self._storage, record.name
-        committed = self._state_file_is(state_bytes)
-        if committed:
-            logger.warning(
-                "Writing the state file reported %s: %s, but the new state file is committed "
-                "and names %s; the save succeeded.",
-                type(error).__name__,
-                error,
-                storage.url_of(name),
-            )
-            return
-        if committed is not None:  # None, unknown: leave the files; a next start removes them if unnamed
-            files = [name + INDEX_SUFFIX, *files_of(name, record.shards)]
-            if replacing is not None:
-                replacing.roll_back(storage, files)
-            else:
-                # Index first: without it the checkpoint does not exist for any reader.
-                _cio.remove_quietly(storage, files)
-        raise error
-
-    def _log_saved(self, name: str, nbytes: int, dt: float) -> None:
-        logger.info(
-            "Saved %s (%d bytes in %.3f s, %.1f MiB/s)",
-            self._storage.url_of(name),
-            nbytes,
-            dt,
-            nbytes / 2**20 / max(dt, 1e-9),
-        )
 
     def _follow_other_writer(self) -> None:
         """Continue from the state file on storage if another writer changed it since this manager
@@ -415,13 +381,6 @@ class CheckpointManager(_async.BackgroundSaves):
         )
         with self._lock:
             self._load_state()
-
-    def _state_file_is(self, data: bytes) -> bool | None:
-        """Whether the state file on storage is exactly ``data``; None when it cannot be read."""
-        try:
-            return read_state_bytes(self._storage) == data
-        except Exception:  # noqa: BLE001 - unreadable now: unknown
-            return None
 
     def wait_until_finished(self) -> None:
         """Block until every pending save is durable; re-raise a background failure."""
@@ -445,8 +404,9 @@ class CheckpointManager(_async.BackgroundSaves):
             _async.ASYNC_MANAGERS.discard(self)
             self._buffers.close()
             self._release_writer_lock()
-            while self._on_close:
-                self._on_close.pop()()
+            writer, self._sharded_writer = self._sharded_writer, None
+            if writer is not None:
+                writer.close()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -477,14 +437,17 @@ class CheckpointManager(_async.BackgroundSaves):
         if path is not None:
             directory, name = split_url(os.fspath(path))
             storage = Storage(directory, self._storage_options) if directory != "." else self._storage
-            if _sharding.is_sharded(into):
-                return _sharding.ops().load_into(storage.url_of(name), into, self._storage_options)
+            collective = _sharding.collective_for(into)
+            if collective is not None:
+                return collective.backend.load_into(storage.url_of(name), into, self._storage_options, None)
             return self._prepared(
                 load(storage, name, verify=True, allow_pickle=self._allow_pickle, into=into)
             )
         return self.restore_with_path(into=into)[1]
 
-    def restore_with_path(self, *, into: Any = None) -> tuple[str | None, Any]:
+    def restore_with_path(
+        self, *, into: Any = None, _collective: _sharding.Collective | None = None
+    ) -> tuple[str | None, Any]:
         """``(path, state)`` of the newest valid checkpoint, or ``(None, None)``.
 
         Like :meth:`restore` without a path, and also says which checkpoint was read (corrupt newer
@@ -492,28 +455,54 @@ class CheckpointManager(_async.BackgroundSaves):
         ``DTensor`` leaves: a collective restore on every rank (:func:`ckpt_callbacks.distributed.restore`).
         """
         self._wait(raise_error=False)
-        if _sharding.is_sharded(into):
-            path = _sharding.ops().restore(self, into)
-            return (path, into) if path is not None else (None, None)
+        if into is not None:
+            _collective = _collective or self._collective or _sharding.collective_for(into)
         with self._lock:
-            names = [r.name for r in self._records]
-            if self._latest and self._latest not in names:
-                names.append(self._latest)
-            elif self._latest:
-                names = [n for n in names if n != self._latest] + [self._latest]
-        for name in reversed(names):
-            try:
-                state = load(self._storage, name, verify=True, allow_pickle=self._allow_pickle, into=into)
-            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                warnings.warn(
-                    f"Checkpoint {self._storage.url_of(name)!r} is unusable ({e}); falling back to an older one.",
-                    stacklevel=2,
-                )
-                continue
+            names = newest_first([r.name for r in self._records], self._latest)
+        if _collective is not None:
+            backend = _collective.backend
+            name = backend.restore_newest(
+                self._storage, self._storage_options, names, into, _collective.options
+            )
+            if name is None:
+                return None, None
             self.resumed_from = name
-            self._prepare_snapshot(state)
-            return self._storage.url_of(name), state
-        return None, None
+            return self._storage.url_of(name), into
+
+        def open_one(name: str) -> Any:
+            return load(self._storage, name, verify=True, allow_pickle=self._allow_pickle, into=into)
+
+        skip = (CorruptCheckpointError, CheckpointNotFoundError)
+        found = newest_valid(self._storage, names, open_one, skip=skip, stacklevel=4)
+        if found is None:
+            return None, None
+        name, state = found
+        self.resumed_from = name
+        self._prepare_snapshot(state)
+        return self._storage.url_of(name), state
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r}, prefix={self._prefix!r}, max_to_keep={self._max_to_keep!r})"
+
+
+class _Target:
+    """What a writer sees of its manager (:class:`._writer.SaveTarget`): storage and the commit."""
+
+    def __init__(self, manager: CheckpointManager) -> None:
+        self._manager = manager
+        self.storage = manager._storage
+        self.storage_options = manager._storage_options
+
+    @property
+    def latest_checkpoint(self) -> str | None:
+        return self._manager.latest_checkpoint
+
+    def replacing(self, name: str) -> _cio.Replaced | None:
+        return self._manager._replacing(name)
+
+    def commit(self, record: Record, replacing: _cio.Replaced | None = None) -> None:
+        self._manager._commit_written(record, replacing)
+
+    def follow(self) -> None:
+        with self._manager._lock:
+            self._manager._load_state()

@@ -40,6 +40,17 @@ def in_place_or_plain(load: Callable[..., Any], into: Any) -> Any:
         return load()
 
 
+def plan_from(index: dict, make_into: Callable[[dict], Any]) -> dict | None:
+    """:func:`plan` for the tree ``make_into(index)`` gives; None (a plain load) when it gives none,
+    or one that does not fit the checkpoint (as :func:`in_place_or_plain` falls back)."""
+    try:
+        into = make_into(index)
+        return plan(index, into) if into else None
+    except IncompatibleCheckpointError as e:
+        logger.debug("Not restoring in place: %s", e)
+        return None
+
+
 def _is_tensor(obj: Any) -> bool:
     return isinstance(obj, np.ndarray) or _kinds.kind_of(obj) is not None
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
-import warnings
 from typing import Any
 
 import numpy as np
@@ -21,7 +19,15 @@ import numpy as np
 from . import _format as fmt
 from . import _kinds, _sharding, _validation
 from ._checkpoint_io import meta_doc, write_checkpoint
-from ._checkpoint_read import MAX_META_BYTES, load, read_bounded, read_tensors, written_by_us
+from ._checkpoint_read import (
+    MAX_META_BYTES,
+    load,
+    newest_first,
+    newest_valid,
+    read_bounded,
+    read_tensors,
+    written_by_us,
+)
 from ._checkpoint_read import read_index as _read_index
 from ._names import INDEX_SUFFIX, META_SUFFIX, join_url, split_url, step_of
 from ._state import CheckpointState, best_of, checked_name, no_best_error, read_state
@@ -35,7 +41,6 @@ POINTER_FORMATS = (POINTER_FORMAT, "ckpt_callbacks.lightning")
 POINTER_VERSION = 1
 MAX_POINTER_BYTES = 4096
 _POINTER_HEADS = tuple(b'{"format":"' + f.encode() + b'"' for f in POINTER_FORMATS)
-_TARGET = re.compile(r"[A-Za-z0-9_.=+-]+")
 
 
 def pointer_bytes(checkpoint: str) -> bytes:
@@ -59,7 +64,7 @@ def pointer_target(storage: Storage, name: str) -> str | None:
             f"Checkpoint marker {storage.url_of(name)!r} is not valid JSON."
         ) from None
     target = doc.get("checkpoint") if isinstance(doc, dict) else None
-    if not isinstance(target, str) or not _TARGET.fullmatch(target) or ".." in target:
+    if not fmt.is_plain_name(target):
         raise CorruptCheckpointError(
             f"Checkpoint marker {storage.url_of(name)!r} names an invalid checkpoint {str(target)[:80]!r}."
         )
@@ -96,6 +101,17 @@ def resolve_checkpoint(
     """A checkpoint path: the checkpoint ``path_or_directory`` names (see :func:`resolve_one`), or
     for a directory with a ``checkpoint`` state file its newest valid checkpoint (``checkpoint="latest"``)
     or the best one its manager kept by ``keep_best`` (``checkpoint="best"``)."""
+    return _resolved(path_or_directory, storage_options, verify, checkpoint)[0]
+
+
+def _resolved(
+    path_or_directory: str | os.PathLike,
+    storage_options: dict | None,
+    verify: bool,
+    checkpoint: str = "latest",
+) -> tuple[str, dict | None]:
+    """:func:`resolve_checkpoint`, and the checked index when choosing the checkpoint read it (a
+    directory's newest valid one, or its best), so that the load which follows does not read it again."""
     _validation.check_checkpoint_choice(checkpoint)
     p = os.fspath(path_or_directory)
     one = resolve_one(p, storage_options)
@@ -105,7 +121,7 @@ def resolve_checkpoint(
                 f"checkpoint='best' chooses among the checkpoints of a directory, but {p!r} is one "
                 "checkpoint. Pass its directory, or leave checkpoint at its default."
             )
-        return one
+        return one, None
     d = Storage(p, storage_options)
     found = read_state(d)
     if found is None:
@@ -118,25 +134,21 @@ def resolve_checkpoint(
         best = best_of(found[2])
         if best is None:
             raise no_best_error(p, ranked=False)
-        if verify:
-            _read_index(d, best)  # best means this one: corrupt is an error, not a fallback
-        elif not d.exists(best + INDEX_SUFFIX):
+        if verify:  # best means this one: corrupt is an error, not a fallback
+            return d.url_of(best), _read_index(d, best)
+        if not d.exists(best + INDEX_SUFFIX):
             raise CheckpointNotFoundError(f"The best checkpoint {d.url_of(best)!r} has no index file.")
-        return d.url_of(best)
-    names = [checked_name(n) for n in state.all_model_checkpoint_paths]
-    if state.model_checkpoint_path:
-        latest = checked_name(state.model_checkpoint_path)
-        names = [n for n in names if n != latest] + [latest]
-    for cname in reversed(names):
-        if not verify:
+        return d.url_of(best), None
+    latest = checked_name(state.model_checkpoint_path) if state.model_checkpoint_path else None
+    names = newest_first([checked_name(n) for n in state.all_model_checkpoint_paths], latest)
+    if verify:
+        chosen = newest_valid(d, names, lambda cname: _read_index(d, cname), stacklevel=4)
+        if chosen is not None:
+            return d.url_of(chosen[0]), chosen[1]
+    else:
+        for cname in names:
             if d.exists(cname + INDEX_SUFFIX):
-                return d.url_of(cname)
-            continue
-        try:
-            _read_index(d, cname)
-            return d.url_of(cname)
-        except CheckpointError as e:
-            warnings.warn(f"Skipping checkpoint {d.url_of(cname)!r}: {e}", stacklevel=2)
+                return d.url_of(cname), None
     raise CheckpointNotFoundError(f"No valid checkpoint in {p!r}.")
 
 
@@ -249,11 +261,29 @@ def load_checkpoint(
         >>> state = load_checkpoint("runs/a", into={"state_dict": module.state_dict()})  # in place
         >>> state = load_checkpoint("runs/a", checkpoint="best")  # the best kept by keep_best
     """
-    path = resolve_checkpoint(path, storage_options, checkpoint=checkpoint)
-    storage, name = open_checkpoint(path, storage_options)
-    if _sharding.is_sharded(into):
-        return _sharding.ops().load_into(storage.url_of(name), into, storage_options)
-    return load(storage, name, verify=verify, allow_pickle=allow_pickle, into=into)
+    return load_with_path(
+        path, storage_options, verify=verify, allow_pickle=allow_pickle, into=into, checkpoint=checkpoint
+    )[1]
+
+
+def load_with_path(
+    path: str | os.PathLike,
+    storage_options: dict | None = None,
+    *,
+    verify: bool = True,
+    allow_pickle: bool = False,
+    into: Any = None,
+    checkpoint: str = "latest",
+) -> tuple[str, dict]:
+    """``(checkpoint path, state)``: :func:`load_checkpoint`, also saying which checkpoint a directory
+    named (read once: the index read to choose it is the one loaded). ``into`` may also be a
+    function of the index (see :func:`._checkpoint_read.load`)."""
+    resolved, index = _resolved(path, storage_options, True, checkpoint)
+    storage, name = open_checkpoint(resolved, storage_options)
+    collective = _sharding.collective_for(into)
+    if collective is not None:
+        return resolved, collective.backend.load_into(storage.url_of(name), into, storage_options, None)
+    return resolved, load(storage, name, verify=verify, allow_pickle=allow_pickle, into=into, index=index)
 
 
 def list_variables(

@@ -1,43 +1,83 @@
-"""When a save or restore is a collective: state sharded across the ranks of a process group.
+"""When a save or restore is a collective: state sharded across processes.
 
-A state holding ``DTensor`` leaves (FSDP2, tensor parallelism, ``get_state_dict`` of a sharded model)
-has its bytes spread over every rank, so :class:`~ckpt_callbacks.CheckpointManager` and
-:func:`~ckpt_callbacks.load_checkpoint` hand it to :mod:`ckpt_callbacks.distributed` (DCP with this
-library's writer and reader), called on every rank. The core never imports torch: these checks look
-``torch.distributed`` up in ``sys.modules``, where a process that has DTensors or a process group has
-it already, and import the sharded code by name only when a state needs it.
+A state holding sharded leaves (torch ``DTensor``: FSDP2, tensor parallelism, ``get_state_dict`` of a
+sharded model) has its bytes spread over every rank, so :class:`~ckpt_callbacks.CheckpointManager`
+and :func:`~ckpt_callbacks.load_checkpoint` hand it to the :class:`ShardedBackend` registered for
+that leaf type, called on every rank. The backend's package registers itself (:func:`register`)
+when imported; :mod:`._kinds` imports it the first time a state holds one of its leaves. The core
+never imports a framework: leaf types are looked up in ``sys.modules``.
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import sys
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-_SHARDED_OPS = "ckpt_callbacks.distributed._manager"
+from . import _kinds
 
-
-def _dtensor_type() -> type | None:
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None) if module is not None else None
+if TYPE_CHECKING:
+    from ._storage import Storage
+    from ._writer import CheckpointWriter
 
 
-def is_sharded(tree: Any) -> bool:
-    """True when ``tree`` (dicts, lists, tuples) holds a ``DTensor`` leaf."""
-    dtensor = _dtensor_type()
-    if dtensor is None:
-        return False
+class ShardedBackend(Protocol):
+    """Writes and reads sharded state; every call is a collective on every rank."""
+
+    def writer(self, async_save: bool, options: dict | None) -> CheckpointWriter:
+        """A writer for a manager's sharded saves (an async manager keeps one for all of them)."""
+
+    def load_into(self, path: str, into: Any, storage_options: dict | None, options: dict | None) -> Any:
+        """Fill ``into`` in place from checkpoint ``path``; returns ``into``."""
+
+    def restore_newest(
+        self,
+        storage: Storage,
+        storage_options: dict | None,
+        names: list[str],
+        into: Any,
+        options: dict | None,
+    ) -> str | None:
+        """Fill ``into`` from the newest valid checkpoint of ``names`` (newest first); its name, or None."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """A save or restore that goes through ``backend`` on every rank; ``options`` are the backend's
+    (e.g. ``{"process_group": group}``)."""
+
+    backend: ShardedBackend
+    options: dict | None = None
+
+
+_BACKENDS: dict[str, ShardedBackend] = {}
+
+
+def register(key: str, backend: ShardedBackend) -> None:
+    """Register ``backend`` for the sharded leaves ``key`` names in :data:`._kinds.SHARDED`."""
+    _BACKENDS[key] = backend
+
+
+def collective_for(tree: Any) -> Collective | None:
+    """The collective that saves or restores ``tree`` (dicts, lists, tuples), or None when it holds
+    no sharded leaf."""
+    types = _kinds.sharded_types()
+    if not types or tree is None:
+        return None
+    leaf_types = tuple(types)
     stack = [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, dtensor):
-            return True
+        if isinstance(node, leaf_types):
+            key = next(k for t, k in types.items() if isinstance(node, t))
+            if key not in _BACKENDS:
+                _kinds.load_sharded(key)
+            return Collective(_BACKENDS[key])
         if isinstance(node, dict):
             stack.extend(node.values())
         elif isinstance(node, (list, tuple)):
             stack.extend(node)
-    return False
+    return None
 
 
 def follower_rank() -> bool:
@@ -53,8 +93,3 @@ def follower_rank() -> bool:
         )
     except (RuntimeError, ValueError):  # torn down meanwhile
         return False
-
-
-def ops() -> ModuleType:
-    """:mod:`ckpt_callbacks.distributed._manager`: ``save``, ``restore`` and ``load_into``."""
-    return importlib.import_module(_SHARDED_OPS)

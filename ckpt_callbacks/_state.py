@@ -10,18 +10,21 @@ skip. Writing this file is the commit point of a save.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ._checkpoint_read import read_bounded
-from ._format import check_name
+from ._format import is_plain_name
 from ._names import STATE_FILE_NAME, step_of
 from ._storage import Storage
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
 MAX_STATE_FILE_BYTES = 16 * 1024 * 1024
 _COMMENT_KEY = "# ckpt_callbacks: "
+logger = logging.getLogger("ckpt_callbacks")
 _FIELD = re.compile(r'\s*([a-z_]+)\s*:\s*(".*"|[-+0-9.eEinfINFa]+)\s*\Z')
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "'": "'", "\\": "\\"}
 
@@ -138,7 +141,7 @@ def _parse_records(extra: str, state: CheckpointState) -> list[Record] | None:
                 status=str(r["status"]),
                 metric=None if r.get("metric") is None else float(r["metric"]),
                 shards=None if r.get("shards") is None else int(r["shards"]),
-                refs=tuple(check_name(str(f)) for f in r.get("refs", ())),
+                refs=tuple(checked_name(str(f)) for f in r.get("refs", ())),
             )
             for r in data["checkpoints"]
         ]
@@ -167,6 +170,21 @@ def restart_records(
         )
         for n, ts in zip(state.all_model_checkpoint_paths, stamps)
     ]
+
+
+def restart(state: CheckpointState, records: list[Record] | None, now: float) -> tuple[list[Record], float]:
+    """``(records, last_preserved)`` a manager starts from (:func:`restart_records`). A clock before
+    the last preserved time restarts preservation from now, and nothing is deleted because of it."""
+    last_preserved = state.last_preserved_timestamp
+    if now < last_preserved:
+        logger.warning(
+            "The clock (%s) is before the last preserved checkpoint time (%s); time went backwards. "
+            "Preservation restarts from now and nothing is deleted because of it.",
+            now,
+            last_preserved,
+        )
+        last_preserved = now
+    return restart_records(state, records, now, last_preserved), last_preserved
 
 
 def dump_state(latest: str, records: list[Record], last_preserved: float, best: str | None = None) -> bytes:
@@ -234,11 +252,11 @@ def checked_name(path: str) -> str:
 
     Absolute paths, ``..``, separators and other schemes are refused (a hostile state file).
     """
-    if not isinstance(path, str) or "/" in path or "\\" in path or ":" in path:
+    if not is_plain_name(path):
         raise CorruptCheckpointError(
             f"Checkpoint state file names {path!r:.200}, which is not a checkpoint inside its directory."
         )
-    return check_name(path)
+    return path
 
 
 def read_state_bytes(storage: Storage) -> bytes | None:
@@ -263,3 +281,34 @@ def write_state(storage: Storage, data: bytes) -> None:
     """Write the state file: the commit point of a save."""
     storage.write_bytes(STATE_FILE_NAME, data)
     storage.sync_dir()
+
+
+def commit_state(
+    storage: Storage,
+    data: bytes,
+    remove_new_files: Callable[[], None],
+    write: Callable[[bytes], None] | None = None,
+) -> BaseException | None:
+    """Write the state file ``data``, the commit point of a save (``write``: how, default
+    :func:`write_state`), settling a failure whose outcome is unknown.
+
+    The store may have committed it although the write reported an error (a reply lost after the
+    retries, an interrupt after the rename), so on failure the state file is read back: when it is
+    ``data`` the save did commit and that error is returned (the caller says so); when it surely is
+    not, ``remove_new_files()`` (the new checkpoint's files go, or a replaced copy is put back) and
+    the error is raised; when it cannot be read, the error is raised and the files stay (a next
+    start removes them if the state file does not name them). None: committed without an error.
+    """
+    try:
+        (write or (lambda d: write_state(storage, d)))(data)
+    except BaseException as error:
+        try:
+            committed: bool | None = read_state_bytes(storage) == data
+        except Exception:  # noqa: BLE001 - unreadable now: unknown
+            committed = None
+        if committed:
+            return error
+        if committed is False:
+            remove_new_files()
+        raise
+    return None

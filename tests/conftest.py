@@ -8,6 +8,7 @@ integration/ imports it too, where this file is not on the path.)
 from __future__ import annotations
 
 import pytest
+from storage_reads import StorageReads, count_reads
 
 T0 = 1_764_086_400.0  # an arbitrary fixed epoch for injected clocks
 
@@ -45,3 +46,10 @@ def fake_clock() -> FakeClock:
 def fake_clock_cls() -> type[FakeClock]:
     """The FakeClock class, for tests that need several clocks or another start time."""
     return FakeClock
+
+
+@pytest.fixture
+def storage_reads(monkeypatch) -> StorageReads:
+    """Counts reads of checkpoint files from now on (:class:`storage_reads.StorageReads`), for tests
+    that a restore reads each byte once."""
+    return count_reads(monkeypatch.setattr)

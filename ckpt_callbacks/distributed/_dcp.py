@@ -40,13 +40,14 @@ from torch.futures import Future
 from .. import _format as fmt
 from .. import _torch
 from .._checkpoint_io import meta_doc as _meta_doc
+from .._checkpoint_io import meta_file as _meta_file
 from .._checkpoint_io import remove_quietly as _remove_quietly
 from .._checkpoint_io import write_data_file as _write_data_file
 from .._checkpoint_read import files_of, written_by_us
 from .._names import INDEX_SUFFIX, META_SUFFIX
 from .._names import split_url as _split
 from .._names import step_of as _step_of
-from .._state import Record, dump_state, parse_state, read_state_bytes, write_state
+from .._state import Record, commit_state, dump_state, parse_state, read_state_bytes, restart_records
 from .._storage import Storage
 from ..errors import (
     CheckpointWriteError,
@@ -264,17 +265,10 @@ class StorageWriter(_AtCheckpoint, dcp.StorageWriter):
                 None,
                 {"framework": "torch", "framework_versions": {"torch": torch.__version__}},
             )
-            meta_bytes = (json_dumps(meta_doc) + "\n").encode()
+            meta_bytes, meta_entry = _meta_file(name, meta_doc)
             storage.write_bytes(name + META_SUFFIX, meta_bytes)
             written.append(name + META_SUFFIX)
-            index["files"].append(
-                {
-                    "name": name + META_SUFFIX,
-                    "kind": "meta",
-                    "size": len(meta_bytes),
-                    "checksum": fmt.checksum_bytes(meta_bytes),
-                }
-            )
+            index["files"].append(meta_entry)
             storage.sync_dir()
             fmt.validate_index(index)  # what every reader will check, before it is committed
             storage.write_bytes(name + INDEX_SUFFIX, fmt.dump_index(index))
@@ -288,12 +282,6 @@ class StorageWriter(_AtCheckpoint, dcp.StorageWriter):
         # The commit cleans up after itself: it removes these files when it surely failed, and
         # leaves them when the store may have committed the state file after all.
         self._commit(storage, name, step, len(results))
-
-
-def json_dumps(doc: Any) -> str:
-    import json
-
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
 def _resolve(planner: SavePlanner, item: Any) -> np.ndarray:
@@ -439,18 +427,7 @@ def _add_to_state_file(storage: Storage, name: str, step: int, shards: int) -> N
     except BaseException:
         _remove_quietly(storage, files)
         raise
-    try:
-        write_state(storage, new)
-    except BaseException:
-        try:
-            committed: bool | None = read_state_bytes(storage) == new
-        except Exception:  # noqa: BLE001 - unreadable now: unknown
-            committed = None
-        if committed:
-            return
-        if committed is False:
-            _remove_quietly(storage, files)
-        raise
+    commit_state(storage, new, lambda: _remove_quietly(storage, files))
 
 
 def _listing_with(storage: Storage, name: str, step: int, shards: int) -> bytes:
@@ -462,11 +439,6 @@ def _listing_with(storage: Storage, name: str, step: int, shards: int) -> bytes:
     if data is not None:
         state, parsed = parse_state(data)
         last_preserved = state.last_preserved_timestamp
-        if parsed is None:
-            stamps = state.all_model_checkpoint_timestamps or [last_preserved] * len(
-                state.all_model_checkpoint_paths
-            )
-            parsed = [Record(n, _step_of(n), ts) for n, ts in zip(state.all_model_checkpoint_paths, stamps)]
-        records = [r for r in parsed if r.name != name]
+        records = [r for r in restart_records(state, parsed, now, last_preserved) if r.name != name]
     records.append(Record(name, step, now, "active", None, shards))
     return dump_state(name, records, last_preserved)

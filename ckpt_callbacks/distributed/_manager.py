@@ -1,15 +1,17 @@
 """CheckpointManager with sharded state: collective save / restore on every rank.
 
-A plain manager's ``save`` writes from one process; a sharded save is a collective (what
-``CheckpointManager.save`` / ``restore(into=)`` hand a state with ``DTensor`` leaves to, and what
-:func:`manager`'s managers always do), so it goes through DCP with :class:`StorageWriter`, and the
-coordinator's ``finish`` (after every rank reported success) commits through the manager's own
-commit (``CheckpointManager._commit_written``: the state file through retention, rolled back on
-failure, then the dropped checkpoints' files deleted: all N data files of each).
+A plain manager's ``save`` writes from one process; a sharded save is a collective, so it goes
+through DCP with :class:`StorageWriter`. :class:`_DcpBackend` is this package's
+:class:`~ckpt_callbacks._sharding.ShardedBackend`, registered when the package is imported: the
+manager asks it for a :class:`DcpWriter` (the core's writer seam, :mod:`ckpt_callbacks._writer`)
+for a state with ``DTensor`` leaves, or for every save of a manager :func:`manager` made. The
+coordinator's ``finish`` (after every rank reported success) commits through the manager's commit
+(the state file through retention, rolled back on failure, then the dropped checkpoints' files
+deleted: all N data files of each); the other ranks then follow the state file it wrote.
 
 ``async_save=True``: ``save`` blocks only for the staging copy (:mod:`._staging`: each rank copies
-its local shards into CPU buffers the manager keeps between saves); the manager's background worker
-then runs ``dcp.save`` over a gloo process group of the manager's own, created once by
+its local shards into CPU buffers the writer keeps between saves); the manager's background worker
+then runs ``dcp.save`` over a gloo process group of the writer's own, created once by
 :func:`manager` (or by the first async sharded save, a collective anyway), so the training
 collectives keep running while the checkpoint is written.
 """
@@ -17,7 +19,6 @@ collectives keep running while the checkpoint is written.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import torch.distributed as dist
@@ -25,14 +26,16 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import _format as fmt
-from .._checkpoint_io import meta_doc as _meta_doc
+from .. import _sharding
 from .._checkpoint_io import remove_quietly as _remove_quietly
+from .._checkpoint_read import newest_valid
 from .._checkpoint_read import read_index as _read_index
 from .._manager import CheckpointManager
-from .._names import INDEX_SUFFIX, checkpoint_name
-from .._state import Record
+from .._names import INDEX_SUFFIX
+from .._storage import Storage
 from .._validation import check_flags
-from ..errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
+from .._writer import SaveJob, SaveTarget
+from ..errors import CheckpointWriteError, CorruptCheckpointError
 from . import _staging
 from ._dcp import StorageWriter
 from ._reader import StorageReader, check_files
@@ -42,44 +45,103 @@ def _rank(process_group: Any) -> int:
     return dist.get_rank(process_group) if dist.is_available() and dist.is_initialized() else 0
 
 
-class _ShardedManager(CheckpointManager):
-    """The manager :func:`manager` returns: its ``save`` and ``restore(into=)`` are always the
-    collective sharded ones, whatever the state holds (a plain :class:`CheckpointManager` goes
-    sharded when the state holds ``DTensor`` leaves)."""
-
-    def save(
-        self, state: Any, step: int, metrics: dict | None = None, meta: dict | None = None, **kw: Any
-    ) -> str:
-        """A collective sharded save on every rank: the same as :func:`save` with this manager."""
-        return save(self, state, step, metrics=metrics, meta=meta, _info=kw.get("_info"))
-
-    def restore(self, path: Any = None, *, into: Any = None) -> Any:
-        """With ``into`` (the state to fill, as :func:`restore` takes it) and no ``path``: a collective
-        restore of the newest valid checkpoint into ``into``, returned filled, or None when there is
-        none. Otherwise the plain single-process :meth:`CheckpointManager.restore`."""
-        if into is None or path is not None:
-            return super().restore(path, into=into)
-        return into if restore(self, into) is not None else None
+def _group_of(options: dict | None) -> Any:
+    return (options or {}).get("process_group")
 
 
-def _own_group(mgr: CheckpointManager, ranks: list[int] | None) -> None:
-    """Give an async manager the gloo process group its background sharded saves run on (a
-    collective call on every rank of the default group), destroyed when the manager closes."""
-    if getattr(mgr, "_staging", None) is not None:
-        return
-    group = dist.new_group(ranks=ranks, backend="gloo") if dist.is_initialized() else None
-    mgr._ckpt_group = group
-    mgr._staging = {}  # each rank's CPU copies of its shards, reused between saves
+class DcpWriter:
+    """Writes one sharded checkpoint with ``dcp.save`` on every rank (a :class:`ckpt_callbacks._writer.
+    CheckpointWriter`). Async: the gloo process group and the staging buffers are its own, kept
+    between saves and released when the manager closes."""
 
-    def release() -> None:
-        mgr._staging = mgr._ckpt_group = None
+    default_info: dict | None = {"framework": "torch"}
+
+    def __init__(self, async_save: bool, options: dict | None) -> None:
+        self._group: Any = None
+        self._staging: dict | None = None
+        if async_save:
+            group = _group_of(options)
+            ranks = None if group is None else dist.get_process_group_ranks(group)
+            self._group = dist.new_group(ranks=ranks, backend="gloo") if dist.is_initialized() else None
+            self._staging = {}  # each rank's CPU copies of its shards, reused between saves
+
+    def prepare(self, state: Any, *, snapshot: bool, options: dict | None) -> Any:
+        if snapshot:
+            assert self._staging is not None, "an async sharded save needs an async DcpWriter"
+            return _staging.stage(self._staging, state), self._group
+        return state, _group_of(options)
+
+    def write(self, target: SaveTarget, job: SaveJob) -> None:
+        """``dcp.save`` through :class:`StorageWriter`, committed by the coordinator's ``finish``."""
+        state, group = job.payload
+        storage = target.storage
+
+        def commit(storage: Storage, name: str, step: int, shards: int) -> None:
+            target.commit(job.record(shards))
+
+        writer = StorageWriter(
+            storage.url_of(job.name),
+            storage_options=target.storage_options,
+            _commit=commit,
+            _meta=job.meta_doc,
+        )
+        try:
+            dcp.save(state, storage_writer=writer, process_group=group)
+        except (CheckpointException, Exception) as e:
+            # CheckpointException (a BaseException): DCP gathered a failure of some rank(s). Anything
+            # else: a collective itself failed, e.g. a peer died mid-save (gloo: "Connection closed").
+            raise _write_error(target, job.name, e, group) from None
+        if _rank(group) != 0:
+            target.follow()  # the commit the coordinator made
+
+    def close(self) -> None:
+        group, self._group, self._staging = self._group, None, None
         if group is not None and dist.is_initialized():
             try:
                 dist.destroy_process_group(group)
             except Exception:  # noqa: BLE001 - the default group is gone already: so is this one
                 pass
 
-    mgr._on_close.append(release)
+
+class _DcpBackend:
+    """This package's :class:`ckpt_callbacks._sharding.ShardedBackend`: DCP with this format."""
+
+    def writer(self, async_save: bool, options: dict | None) -> DcpWriter:
+        return DcpWriter(async_save, options)
+
+    def load_into(self, path: str, into: Any, storage_options: dict | None, options: dict | None) -> Any:
+        return load_into(path, into, storage_options, process_group=_group_of(options))
+
+    def restore_newest(
+        self,
+        storage: Storage,
+        storage_options: dict | None,
+        names: list[str],
+        into: Any,
+        options: dict | None,
+    ) -> str | None:
+        """Rank 0 picks the newest checkpoint of ``names`` whose index is valid and whose data files
+        all exist with their sizes (a corrupt one is skipped with a warning) and tells the others."""
+        group = _group_of(options)
+        chosen = [None]
+        if _rank(group) == 0:
+            chosen[0] = _newest_valid(storage, names)
+        if dist.is_initialized():
+            dist.broadcast_object_list(
+                chosen, src=dist.get_global_rank(group, 0) if group else 0, group=group
+            )
+        name = chosen[0]
+        if name is not None:
+            load_into(storage.url_of(name), into, storage_options, process_group=group)
+        return name
+
+
+_BACKEND = _DcpBackend()
+_sharding.register("torch.distributed.tensor:DTensor", _BACKEND)
+
+
+def _collective(process_group: Any) -> _sharding.Collective:
+    return _sharding.Collective(_BACKEND, {"process_group": process_group})
 
 
 def manager(directory: str | os.PathLike, *, process_group: Any = None, **kwargs: Any) -> CheckpointManager:
@@ -88,20 +150,19 @@ def manager(directory: str | os.PathLike, *, process_group: Any = None, **kwargs
     Rank 0 (DCP's coordinator) gets the directory's writer lock and does retention; the other ranks
     get a manager that only reads (no lock, no leftovers cleanup), as under DDP. ``kwargs`` are the
     manager's (``max_to_keep``, ``keep_checkpoint_every_n_hours``, ``storage_options``,
-    ``async_save``, ...).
+    ``async_save``, ...). Its ``save`` and ``restore(into=)`` (without a path) are always the
+    collective sharded ones, whatever the state holds.
 
     With ``async_save=True`` this creates a gloo process group for the background saves (over the
     ranks of ``process_group``, default all): a collective call on every rank of the default group.
     """
     check_flags(async_save=kwargs.get("async_save", False))
-    mgr = _ShardedManager(directory, _allow_concurrent_writers=_rank(process_group) != 0, **kwargs)
-    if mgr._async:
-        try:
-            _own_group(mgr, None if process_group is None else dist.get_process_group_ranks(process_group))
-        except BaseException:
-            mgr.close()
-            raise
-    return mgr
+    return CheckpointManager(
+        directory,
+        _allow_concurrent_writers=_rank(process_group) != 0,
+        _collective=_collective(process_group),
+        **kwargs,
+    )
 
 
 def _failed_ranks(e: CheckpointException) -> str:
@@ -110,19 +171,6 @@ def _failed_ranks(e: CheckpointException) -> str:
         exc = wrapped[0] if isinstance(wrapped, tuple) else wrapped
         parts.append(f"rank {rank}: {type(exc).__name__}: {exc}")
     return "; ".join(parts)
-
-
-class _Job:
-    """One sharded save for the background worker: ``dcp.save`` of the staged state over the
-    manager's own process group, then the commit (on the coordinator, inside ``finish``)."""
-
-    def __init__(
-        self, mgr: CheckpointManager, name: str, state: dict, record: Record, meta_doc: dict
-    ) -> None:
-        self.mgr, self.name, self.state, self.record, self.meta_doc = mgr, name, state, record, meta_doc
-
-    def __call__(self) -> None:
-        _collective_save(self.mgr, self.name, self.state, self.record, self.meta_doc, self.mgr._ckpt_group)
 
 
 def save(
@@ -149,48 +197,13 @@ def save(
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int >= 0. Received: step={step!r}.")
-    if mgr._closed:
-        raise CheckpointError("This CheckpointManager is closed; create a new one to save.")
-    name = checkpoint_name(mgr._prefix, step)
-    timestamp = float(mgr._clock())
-    record = Record(name, step, timestamp, "active", mgr._metric(metrics), None)
-    meta_doc = _meta_doc(step, timestamp, metrics, meta, _info or {"framework": "torch"})
-    if mgr._async:
-        _own_group(mgr, None if process_group is None else dist.get_process_group_ranks(process_group))
-        mgr._wait_previous(name)  # the staging buffers are free again; a failure of the last save raises here
-        staged = _staging.stage(mgr._staging, state)
-        mgr._submit((name, _Job(mgr, name, staged, record, meta_doc)))
-    else:
-        mgr._raise_pending_error()
-        _collective_save(mgr, name, state, record, meta_doc, process_group)
-    return mgr._storage.url_of(name)
-
-
-def _collective_save(
-    mgr: CheckpointManager, name: str, state: dict, record: Record, meta_doc: dict, group: Any
-) -> None:
-    """``dcp.save`` through :class:`StorageWriter`, committed by the manager's own commit."""
-    storage = mgr._storage
-
-    def commit(storage: Any, name: str, step: int, shards: int) -> None:
-        mgr._commit_written(Record(name, step, record.timestamp, "active", record.metric, shards))
-
-    writer = StorageWriter(
-        storage.url_of(name), storage_options=mgr._storage_options, _commit=commit, _meta=meta_doc
+    return mgr.save(
+        state, step, metrics=metrics, meta=meta, _info=_info, _collective=_collective(process_group)
     )
-    try:
-        dcp.save(state, storage_writer=writer, process_group=group)
-    except (CheckpointException, Exception) as e:
-        # CheckpointException (a BaseException): DCP gathered a failure of some rank(s). Anything
-        # else: a collective itself failed, e.g. a peer died mid-save (gloo: "Connection closed").
-        raise _write_error(mgr, name, e, group) from None
-    if _rank(group) != 0:
-        with mgr._lock:  # follow the commit the coordinator made
-            mgr._load_state()
 
 
-def _write_error(mgr: CheckpointManager, name: str, e: BaseException, group: Any) -> CheckpointWriteError:
-    storage = mgr._storage
+def _write_error(target: SaveTarget, name: str, e: BaseException, group: Any) -> CheckpointWriteError:
+    storage = target.storage
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     # Each rank removes its own data file, never committed; the coordinator's finish (or the
     # commit) removed its files already when the failure was theirs. An index still there means the
@@ -206,7 +219,7 @@ def _write_error(mgr: CheckpointManager, name: str, e: BaseException, group: Any
         "Its commit may or may not have taken place (the state file decides; a next start removes its "
         "files if it is not listed)"
         if unknown
-        else f"Nothing was committed; the latest checkpoint is still {mgr.latest_checkpoint!r}"
+        else f"Nothing was committed; the latest checkpoint is still {target.latest_checkpoint!r}"
     )
     return CheckpointWriteError(f"Sharded save of {storage.url_of(name)!r} failed on {what}. {outcome}.")
 
@@ -219,20 +232,7 @@ def restore(mgr: CheckpointManager, state: dict, *, process_group: Any = None) -
     tells the others. Works whatever the number of ranks that wrote it. Returns its path, or None
     when there is none (``state`` untouched).
     """
-    mgr._wait(raise_error=False)  # a pending async save first (its failure stays for the next save)
-    chosen = [None]
-    if _rank(process_group) == 0:
-        chosen[0] = _newest_valid(mgr)
-    if dist.is_initialized():
-        dist.broadcast_object_list(
-            chosen, src=dist.get_global_rank(process_group, 0) if process_group else 0, group=process_group
-        )
-    name = chosen[0]
-    if name is None:
-        return None
-    path = mgr._storage.url_of(name)
-    load_into(path, state, mgr._storage_options, process_group=process_group)
-    mgr.resumed_from = name
+    path, _ = mgr.restore_with_path(into=state, _collective=_collective(process_group))
     return path
 
 
@@ -249,19 +249,6 @@ def load_into(path: str, state: Any, storage_options: dict | None, *, process_gr
     return state
 
 
-def _newest_valid(mgr: CheckpointManager) -> str | None:
-    with mgr._lock:
-        names = [r.name for r in mgr._records]
-        if mgr._latest:
-            names = [n for n in names if n != mgr._latest] + [mgr._latest]
-    for name in reversed(names):
-        try:
-            check_files(mgr._storage, name, _read_index(mgr._storage, name))
-        except CheckpointError as e:
-            warnings.warn(
-                f"Checkpoint {mgr._storage.url_of(name)!r} is unusable ({e}); falling back to an older one.",
-                stacklevel=3,
-            )
-            continue
-        return name
-    return None
+def _newest_valid(storage: Storage, names: list[str]) -> str | None:
+    found = newest_valid(storage, names, lambda name: check_files(storage, name, _read_index(storage, name)))
+    return None if found is None else found[0]

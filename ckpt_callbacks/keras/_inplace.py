@@ -10,14 +10,11 @@ those backends keep loading and assigning.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
 
-from .._readinto import in_place_or_plain
-from .._resolve import read_index
 from ..errors import IncompatibleCheckpointError
 from . import _adapter
 
@@ -88,28 +85,23 @@ def variables_into(model: Any, index: dict, *, restore_optimizer: bool = True) -
     return into
 
 
-def load_into_model(
-    load: Callable[..., Any], index: Callable[[], dict], model: Any, *, restore_optimizer: bool = True
-) -> Any:
-    """``load(into=...)`` into ``model``'s own tensors (``index()``: the checkpoint's index), falling
-    back to ``load()`` whenever restoring in place does not apply or the checkpoint does not fit."""
+def into_for(model: Any, *, restore_optimizer: bool = True) -> Any:
+    """What ``into=`` takes to restore ``model`` in place: a function of the checkpoint's checked
+    index (read once, by the load itself) giving the tree of the model's own tensors, or None when
+    nothing can be written in place (not the torch backend, an unbuilt model)."""
     if keras.backend.backend() != "torch" or not model.built:
-        return load()
-    try:
-        into = variables_into(model, index(), restore_optimizer=restore_optimizer)
-    except Exception as e:  # noqa: BLE001 - an unreadable index: the usual load reports it
-        logger.debug("Not restoring in place: %s", e)
-        into = None
-    return in_place_or_plain(load, into)
+        return None
+
+    def make_into(index: dict) -> dict[str, Any] | None:
+        try:
+            return variables_into(model, index, restore_optimizer=restore_optimizer)
+        except Exception as e:  # noqa: BLE001 - an index the pairing cannot read: the usual load reports it
+            logger.debug("Not restoring in place: %s", e)
+            return None
+
+    return make_into
 
 
 def restore_with_path(manager: Any, model: Any) -> tuple[str | None, Any]:
-    """``manager.restore_with_path()``, restoring in place into ``model`` (see :func:`load_into_model`)."""
-    latest = manager.latest_checkpoint
-    if latest is None:
-        return manager.restore_with_path()
-    return load_into_model(
-        manager.restore_with_path,
-        lambda: read_index(latest, manager._storage_options),
-        model,
-    )
+    """``manager.restore_with_path()``, restoring in place into ``model`` (see :func:`into_for`)."""
+    return manager.restore_with_path(into=into_for(model))

@@ -7,7 +7,7 @@ from typing import Any
 
 import keras
 
-from .._resolve import load_checkpoint, read_index, read_meta, resolve_checkpoint
+from .._resolve import load_checkpoint, load_with_path, read_meta, resolve_checkpoint
 from ..errors import IncompatibleCheckpointError
 from . import _adapter, _compat, _inplace
 
@@ -33,12 +33,7 @@ def restore(
         >>> restore(model, "runs/a")          # newest valid checkpoint of runs/a
         'runs/a/ckpt-1200'
     """
-    path = resolve_checkpoint(path_or_directory, storage_options)
-    state = _inplace.load_into_model(
-        lambda **kw: load_checkpoint(path, storage_options=storage_options, **kw),
-        lambda: read_index(path, storage_options),
-        model,
-    )
+    path, state = load_with_path(path_or_directory, storage_options, into=_inplace.into_for(model))
     _adapter.restore_model_state(model, state)
     return path
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import posixpath
 import re
@@ -38,12 +37,13 @@ from typing import Any
 import torch
 
 from .. import _storage
+from .._checkpoint_io import jsonable
+from .._names import INDEX_SUFFIX, STATE_FILE_NAME
 from .._names import join_url as _join
 from .._resolve import POINTER_FORMAT as MARKER_FORMAT
-from .._resolve import POINTER_VERSION as MARKER_VERSION
 from .._resolve import load_checkpoint as _core_load
+from .._resolve import pointer_bytes, resolve_checkpoint, resolve_one
 from .._resolve import pointer_target as _read_marker
-from .._resolve import resolve_checkpoint, resolve_one
 from .._resolve import save_checkpoint as _core_save
 from ..errors import (
     CheckpointNotFoundError,
@@ -52,25 +52,13 @@ from ..errors import (
 )
 from . import _compat, _convert
 
-INDEX_SUFFIX = ".index"
-STATE_FILE_NAME = "checkpoint"
 _TOKEN_RE = r"[0-9a-f]{8}"
 _FILE_KINDS = r"(?:\.index|\.meta|\.data-\d{5}-of-\d{5})"
 
 
-def _jsonable(x: Any, depth: int = 0) -> Any:
+def _jsonable(x: Any) -> Any:
     """A JSON-safe description of hyper-parameters for the ``.meta`` file (repr for anything else)."""
-    if depth > 32:
-        return repr(x)[:200]
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v, depth + 1) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v, depth + 1) for v in x]
-    if x is None or isinstance(x, (bool, int, str)):
-        return x
-    if isinstance(x, float):
-        return x if math.isfinite(x) else repr(x)
-    return repr(x)[:200]
+    return jsonable(x, other=lambda v: repr(v)[:200])
 
 
 def split_path(path: str | os.PathLike) -> tuple[str, str]:
@@ -82,11 +70,6 @@ def split_path(path: str | os.PathLike) -> tuple[str, str]:
         return f"{protocol}://{head}", base
     head, base = os.path.split(p.rstrip(os.sep) or p)
     return head or ".", base
-
-
-def _marker_bytes(checkpoint_name: str) -> bytes:
-    doc = {"format": MARKER_FORMAT, "version": MARKER_VERSION, "checkpoint": checkpoint_name}
-    return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
 
 
 def resolve_ours(path: str | os.PathLike, storage_options: dict | None = None) -> str | None:
@@ -321,7 +304,7 @@ class FsspecCheckpointIO(_compat.Bound):
             _step=step if isinstance(step, int) else None,
             _info=info,
         )
-        storage.write_bytes(name, _marker_bytes(target))
+        storage.write_bytes(name, pointer_bytes(target))
         storage.sync_dir()
         _remove_unreferenced(storage, name, keep=target, also=previous)
 

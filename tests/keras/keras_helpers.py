@@ -30,7 +30,8 @@ def run_python(
     env.update(
         KERAS_BACKEND=backend,
         TF_CPP_MIN_LOG_LEVEL="3",
-        PYTHONPATH=os.pathsep.join([str(REPO), str(HERE), env.get("PYTHONPATH", "")]),
+        # HERE.parent: the helpers shared by every test directory (storage_reads)
+        PYTHONPATH=os.pathsep.join([str(REPO), str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")]),
         PYTHONHASHSEED="0",
     )
     env.update(extra_env or {})

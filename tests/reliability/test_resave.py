@@ -20,6 +20,7 @@ import pytest
 
 from ckpt_callbacks import CheckpointManager, CorruptCheckpointError, load_checkpoint
 from ckpt_callbacks import _checkpoint_io as checkpoint_io
+from ckpt_callbacks import _state as state_module
 from ckpt_callbacks._lock import LOCK_FILE_NAME
 
 OLD = {"w": np.arange(6, dtype=np.float32), "version": "old"}
@@ -153,8 +154,12 @@ def test_state_file_unreadable_after_a_failed_write_removes_nothing(tmp_path, mo
                 raise OSError("injected failure after the state file was written")
 
         monkeypatch.setattr(checkpoint_io, "_crash_point", fail)
-        monkeypatch.setattr(mgr, "_state_file_is", lambda data: None)
-        with pytest.raises(OSError, match="injected"):
+
+        def unreadable(storage):
+            raise OSError("injected: the state file cannot be read back")
+
+        with monkeypatch.context() as m, pytest.raises(OSError, match="injected"):
+            m.setattr(state_module, "read_state_bytes", unreadable)
             mgr.save(NEW, step=2)
         assert os.path.exists(os.path.join(directory, "ckpt-2.index"))
     # The state file did commit: a new manager sees ckpt-2 as the latest and keeps its files.
