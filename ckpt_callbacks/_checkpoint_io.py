@@ -22,6 +22,7 @@ import numpy as np
 from . import _format as fmt
 from . import _incremental
 from ._checkpoint_read import HASH_BEHIND_BYTES, MAX_META_BYTES, read_bounded, read_index
+from ._gather import Gather
 from ._names import INDEX_SUFFIX, META_SUFFIX, data_file_name
 from ._storage import Storage
 from .errors import CheckpointError, CheckpointWriteError
@@ -340,14 +341,14 @@ def stage_data_file(
     header, spans = fmt.safetensors_header(tensors)
     # Big chunks are hashed on a helper thread while the same chunk is being written (xxhash and
     # os.write both release the GIL): the checksum then costs no wall time. One helper thread keeps
-    # each tensor's updates in order; small tensors hash inline.
+    # each tensor's updates in order; small tensors are gathered and hashed there by batch (_gather).
     big = bool(spans) and spans[-1][1] - spans[0][0] >= HASH_BEHIND_BYTES
     pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash") if big else None
     writer = storage.writer(fname)
     entries = []
     try:
         writer.write(header)
-        pending = bytearray()
+        small = Gather(writer, pool, _COALESCE_BYTES, plan.probes if plan is not None else None)
         known = plan.checksums if plan is not None else {}
         for t, (begin, end) in zip(tensors, spans):
             arr = _array_of(t, arrays, plan)
@@ -355,14 +356,18 @@ def stage_data_file(
                 raise ValueError(
                     f"Tensor {t.name!r} changed while saving: expected {end - begin} bytes, got {arr.nbytes}."
                 )
-            checksum = known.get(t.name)
-            hasher, pending = _stream_tensor(writer, arr, pending, pool, hash_it=checksum is None)
-            if plan is not None:
-                plan.probes[t.name] = _incremental.probe(arr)
+            entry = _tensor_entry(t, begin, end, known.get(t.name))
+            if arr.nbytes < _COALESCE_BYTES:
+                small.add(memoryview(arr.reshape(-1).view(np.uint8)), entry, t.name, t.name not in known)
+            else:
+                small.flush()
+                hasher = _stream_tensor(writer, arr, pool, hash_it=t.name not in known)
+                entry["checksum"] = known.get(t.name) or fmt.checksum_str(hasher)
+                if plan is not None:
+                    plan.probes[t.name] = _incremental.probe(arr)
             del arr
-            entries.append(_tensor_entry(t, begin, end, checksum or fmt.checksum_str(hasher)))
-        if pending:
-            writer.write(pending)
+            entries.append(entry)
+        small.finish()
         size = writer.written
     except BaseException:
         writer.abort()
@@ -380,46 +385,26 @@ def _array_of(t: fmt.TensorEntry, arrays: dict | None, plan: Any) -> np.ndarray:
 
 
 def _stream_tensor(
-    writer: Any, arr: np.ndarray, pending: bytearray, pool: ThreadPoolExecutor | None, hash_it: bool = True
-) -> tuple[Any, bytearray]:
-    """Write and hash one tensor's bytes: big chunks straight through, small ones gathered in
-    ``pending`` (returned, maybe flushed). Returns the tensor's hasher (None without ``hash_it``:
-    its checksum is known) and the new ``pending``."""
+    writer: Any, arr: np.ndarray, pool: ThreadPoolExecutor | None, hash_it: bool = True
+) -> Any:
+    """Write and hash one big tensor's bytes in chunks, each hashed on ``pool`` while it is written.
+    Returns the tensor's hasher (None without ``hash_it``: its checksum is known)."""
     hasher = fmt.new_hasher() if hash_it else None
-    if arr.nbytes < _COALESCE_BYTES:  # the common small tensor: one view, hashed inline, gathered
-        data = memoryview(arr.reshape(-1).view(np.uint8))
-        if hasher is not None:
-            hasher.update(data)
-        pending += data
-        if len(pending) >= _COALESCE_BYTES:
-            writer.write(pending)
-            pending = bytearray()
-        return hasher, pending
     hashing: Future | None = None
     for chunk in fmt.iter_tensor_bytes(arr, _WRITE_CHUNK):
-        if hasher is not None and pool is not None and len(chunk) >= _COALESCE_BYTES:
-            hashing = pool.submit(hasher.update, chunk)
-        elif hasher is not None:
+        if hasher is not None and pool is not None:
             if hashing is not None:
                 hashing.result()
-                hashing = None
+            hashing = pool.submit(hasher.update, chunk)
+        elif hasher is not None:
             hasher.update(chunk)
-        if len(chunk) >= _COALESCE_BYTES:
-            if pending:
-                writer.write(pending)
-                pending = bytearray()
-            writer.write(chunk)
-        else:
-            pending += chunk
-            if len(pending) >= _COALESCE_BYTES:
-                writer.write(pending)
-                pending = bytearray()
+        writer.write(chunk)
     if hashing is not None:
         hashing.result()
-    return hasher, pending
+    return hasher
 
 
-def _tensor_entry(t: fmt.TensorEntry, begin: int, end: int, checksum: str) -> dict:
+def _tensor_entry(t: fmt.TensorEntry, begin: int, end: int, checksum: str | None) -> dict:
     return {
         "name": t.name,
         "dtype": fmt.dtype_str(t.dtype),

@@ -84,7 +84,7 @@ class Plan:
             if known.probe is not None and probe(arr) != known.probe:
                 out.append(t)
                 continue
-            checksum = fmt.checksum_bytes(_bytes_of(arr))
+            checksum = full_checksum(arr)
             if checksum == known.entry["checksum"]:
                 self.reused[t.name] = known
                 continue
@@ -151,16 +151,25 @@ def _same_layout(t: fmt.TensorEntry, entry: dict) -> bool:
     )
 
 
+def full_checksum(arr: np.ndarray) -> str:
+    """The checksum the index records, computed before writing (only for a possibly unchanged tensor)."""
+    return fmt.checksum_bytes(_bytes_of(arr))
+
+
 def _bytes_of(arr: np.ndarray) -> memoryview:
     return memoryview(arr.reshape(-1).view(np.uint8))
 
 
 def probe(arr: np.ndarray) -> str:
     """The checksum of a tensor's first, middle and last 4 KiB (all of it when small)."""
-    data = _bytes_of(arr)
+    return probe_bytes(_bytes_of(arr))
+
+
+def probe_bytes(data: memoryview, checksum: str | None = None) -> str:
+    """:func:`probe` of a tensor's bytes (``checksum``: theirs, when known: a small tensor's probe)."""
     n = len(data)
     if n <= 3 * _PROBE_PIECE:
-        return fmt.checksum_bytes(data)
+        return checksum or fmt.checksum_bytes(data)
     mid = (n - _PROBE_PIECE) // 2
     hasher = fmt.new_hasher()
     for begin in (0, mid, n - _PROBE_PIECE):
