@@ -221,7 +221,8 @@ def test_cli_verify_names_the_corrupt_file_and_tensor(run, capsys):
                     code_one = main(["verify", os.path.join(run, "ckpt-5")])
                     capsys.readouterr()
                     assert code_one == 1
-                    assert main(["verify", os.path.join(run, "ckpt-4")]) == 0
+                    if fname.startswith("ckpt-5."):  # ckpt-4 points into the same earlier data file
+                        assert main(["verify", os.path.join(run, "ckpt-4")]) == 0
                     capsys.readouterr()
                 finally:
                     _put(path, pos, old)
