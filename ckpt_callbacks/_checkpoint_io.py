@@ -110,7 +110,7 @@ def _write_store(
     """Object stores: each file one whole object, completed in order (data shards concurrently)."""
     step, meta_doc, tree = doc
     results = write_data_files(storage, name, shards, arrays, plan=plan)
-    written += [r[0] for r in results]
+    written += [r.name for r in results]
     crash_point("after_data")
     files, index_tensors = _file_table(results, plan)
     files.append(write_meta(storage, name, meta_doc))
@@ -168,24 +168,39 @@ def _num_shards(storage: Storage, total: int, n_tensors: int) -> int:
     return 1
 
 
-def _file_table(results: list[tuple], plan: Any = None) -> tuple[list[dict], dict[str, dict]]:
+@dataclass
+class WrittenFile:
+    """One data file as written: what the index says of it, and of each tensor in it (by name; an
+    entry's ``file`` number is the index's to give)."""
+
+    name: str
+    size: int
+    header_size: int
+    checksum: str  # of the safetensors header
+    tensors: dict[str, dict]
+
+    def entry(self) -> dict:
+        """Its entry in the index's ``files``."""
+        return {
+            "name": self.name,
+            "kind": "data",
+            "size": self.size,
+            "header_size": self.header_size,
+            "checksum": self.checksum,
+        }
+
+
+def _file_table(results: list[WrittenFile], plan: Any = None) -> tuple[list[dict], dict[str, dict]]:
     """The index's ``files`` entries and ``tensors`` table for the written data files, and (``plan``)
     the reused tensors' entries pointing into the earlier data files that hold them."""
-    files: list[dict] = []
-    index_tensors: dict[str, dict] = {}
-    table = {}
-    for shard_no, (fname, size, header_size, header_sum, entries) in enumerate(results):
-        files.append(
-            {"name": fname, "kind": "data", "size": size, "header_size": header_size, "checksum": header_sum}
-        )
-        for entry in entries:
-            entry["file"] = shard_no
-            tname = entry.pop("name")
-            index_tensors[tname] = entry
-            if plan is not None:
-                probe, version = plan.probes.pop(tname, None), plan.versions.get(tname)
-                table[tname] = _incremental.Known(_without_file(entry), files[shard_no], probe, version)
+    files = [r.entry() for r in results]
+    index_tensors = {n: {**e, "file": no} for no, r in enumerate(results) for n, e in r.tensors.items()}
     if plan is not None:
+        table = {
+            n: _incremental.Known(e, files[no], plan.probes.pop(n, None), plan.versions.get(n))
+            for no, r in enumerate(results)
+            for n, e in r.tensors.items()
+        }
         file_no: dict[str, int] = {}
         for tname, known in plan.reused.items():
             if known.file["name"] not in file_no:
@@ -195,10 +210,6 @@ def _file_table(results: list[tuple], plan: Any = None) -> tuple[list[dict], dic
             table[tname] = _incremental.Known(known.entry, known.file, known.probe, plan.versions.get(tname))
         plan.table = table
     return files, index_tensors
-
-
-def _without_file(entry: dict) -> dict:
-    return {k: v for k, v in entry.items() if k != "file"}
 
 
 def meta_file(name: str, meta_doc: dict) -> tuple[bytes, dict]:
@@ -285,7 +296,7 @@ def preflight(storage: Storage, name: str, tensors: list[fmt.TensorEntry]) -> in
 
 def write_data_files(
     storage: Storage, name: str, shards: list[list[fmt.TensorEntry]], arrays: dict | None, plan: Any = None
-) -> list[tuple]:
+) -> list[WrittenFile]:
     """Write one data file per shard (concurrently when several); on failure none is left."""
     if len(shards) == 1:
         return [write_data_file(storage, data_file_name(name, 0, 1), shards[0], arrays, plan=plan)]
@@ -303,7 +314,7 @@ def write_data_files(
             except BaseException as e:  # noqa: BLE001 - collect, clean up, re-raise the first
                 error = error or e
         if error is not None:
-            remove_quietly(storage, [r[0] for r in results])
+            remove_quietly(storage, [r.name for r in results])
             raise error
         return results
 
@@ -315,12 +326,11 @@ def write_data_file(
     arrays: dict | None = None,
     *,
     plan: Any = None,
-) -> tuple[str, int, int, str, list[dict]]:
+) -> WrittenFile:
     """Stream one safetensors file: header, then each tensor's bytes, hashing as they pass.
 
     ``arrays``: the tensors' bytes by name when already snapshotted (async saves), else each
-    entry converts its own source. Returns ``(fname, size, header_size, header_checksum, entries)``,
-    ``entries`` being the tensors' index entries (without their ``file`` number).
+    entry converts its own source.
     """
     writer, result = stage_data_file(storage, fname, tensors, arrays, plan=plan)
     writer.commit()
@@ -334,7 +344,7 @@ def stage_data_file(
     arrays: dict | None = None,
     *,
     plan: Any = None,
-) -> tuple[Any, tuple[str, int, int, str, list[dict]]]:
+) -> tuple[Any, WrittenFile]:
     """:func:`write_data_file` up to its commit: ``(writer, result)``, the writer written, not yet
     committed (the caller commits or aborts it). ``plan`` (incremental saves): tensors it already
     hashed or materialised are not again, and each written tensor's probe is recorded in it."""
@@ -345,7 +355,7 @@ def stage_data_file(
     big = bool(spans) and spans[-1][1] - spans[0][0] >= HASH_BEHIND_BYTES
     pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash") if big else None
     writer = storage.writer(fname)
-    entries = []
+    entries: dict[str, dict] = {}
     try:
         writer.write(header)
         small = Gather(writer, pool, _COALESCE_BYTES, plan.probes if plan is not None else None)
@@ -366,7 +376,7 @@ def stage_data_file(
                 if plan is not None:
                     plan.probes[t.name] = _incremental.probe(arr)
             del arr
-            entries.append(entry)
+            entries[t.name] = entry
         small.finish()
         size = writer.written
     except BaseException:
@@ -375,7 +385,7 @@ def stage_data_file(
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    return writer, (fname, size, len(header), fmt.checksum_bytes(header), entries)
+    return writer, WrittenFile(fname, size, len(header), fmt.checksum_bytes(header), entries)
 
 
 def _array_of(t: fmt.TensorEntry, arrays: dict | None, plan: Any) -> np.ndarray:
@@ -406,7 +416,6 @@ def _stream_tensor(
 
 def _tensor_entry(t: fmt.TensorEntry, begin: int, end: int, checksum: str | None) -> dict:
     return {
-        "name": t.name,
         "dtype": fmt.dtype_str(t.dtype),
         "shape": list(t.shape),
         "offset": begin,

@@ -191,67 +191,56 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _tree_lines(node: Any, tensors: dict, indent: str = "") -> Iterable[str]:
-    if isinstance(node, dict) and len(node) == 1:
-        ((tag, val),) = node.items()
-        if tag in ("d", "od"):
-            for k, v in val:
-                if _is_leaf(v):
-                    yield f"{indent}{k!r}: {_leaf_str(v, tensors)}"
-                else:
-                    yield f"{indent}{k!r}:"
-                    yield from _tree_lines(v, tensors, indent + "  ")
-            return
-        if tag in ("l", "t"):
-            for i, v in enumerate(val):
-                if _is_leaf(v):
-                    yield f"{indent}[{i}]: {_leaf_str(v, tensors)}"
-                else:
-                    yield f"{indent}[{i}]:"
-                    yield from _tree_lines(v, tensors, indent + "  ")
-            return
+    kind, val = _fmt.tree_view(node)
+    if kind in ("dict", "list", "tuple"):
+        for k, v in val if kind == "dict" else enumerate(val):
+            label = f"{k!r}" if kind == "dict" else f"[{k}]"
+            if _is_leaf(v):
+                yield f"{indent}{label}: {_leaf_str(v, tensors)}"
+            else:
+                yield f"{indent}{label}:"
+                yield from _tree_lines(v, tensors, indent + "  ")
+        return
     yield indent + _leaf_str(node, tensors)
 
 
 def _is_leaf(node: Any) -> bool:
-    return not (isinstance(node, dict) and len(node) == 1 and next(iter(node)) in ("d", "od", "l", "t"))
+    return _fmt.tree_view(node)[0] not in ("dict", "list", "tuple")
 
 
 def _leaf_str(node: Any, tensors: dict) -> str:
-    if isinstance(node, dict) and len(node) == 1:
-        ((tag, val),) = node.items()
-        if tag == "x":
-            t = tensors.get(val, {})
-            return f"<tensor {val} {t.get('dtype')} {tuple(t.get('shape', ()))}>"
-        if tag == "f":
-            return repr(float(val))
-        if tag == "b":
-            return f"<bytes, {len(_fmt._b64(val))} B>"
-        if tag == "s":
-            return f"<{val[0]} scalar>"
-        if tag == "p":
-            return "<pickled object>"
+    kind, val = _fmt.tree_view(node)
+    if kind == "tensor":
+        t = tensors.get(val, {})
+        return f"<tensor {val} {t.get('dtype')} {tuple(t.get('shape', ()))}>"
+    if kind == "float":
+        return repr(val)
+    if kind == "bytes":
+        return f"<bytes, {val} B>"
+    if kind == "scalar":
+        return f"<{val} scalar>"
+    if kind == "pickle":
+        return "<pickled object>"
     return repr(node)
 
 
 def _tensors_under(node: Any) -> list[str]:
-    if isinstance(node, dict) and len(node) == 1:
-        ((tag, val),) = node.items()
-        if tag == "x":
-            return [val]
-        if tag in ("d", "od"):
-            return [t for _, v in val for t in _tensors_under(v)]
-        if tag in ("l", "t"):
-            return [t for v in val for t in _tensors_under(v)]
+    kind, val = _fmt.tree_view(node)
+    if kind == "tensor":
+        return [val]
+    if kind in ("dict", "list", "tuple"):
+        children = [v for _, v in val] if kind == "dict" else val
+        return [t for v in children for t in _tensors_under(v)]
     return []
 
 
 def _top_level(tree: Any, tensors: dict) -> list[dict]:
     """One summary per top-level entry of the state tree: its kind, tensor count and bytes, or value."""
+    kind, val = _fmt.tree_view(tree)
     if _is_leaf(tree):
         pairs: list[tuple[Any, Any]] = [("(root)", tree)]
     else:
-        ((tag, val),) = tree.items()
-        pairs = list(val) if tag in ("d", "od") else list(enumerate(val))
+        pairs = list(val) if kind == "dict" else list(enumerate(val))
     out = []
     for key, node in pairs:
         names = _tensors_under(node)
@@ -262,9 +251,9 @@ def _top_level(tree: Any, tensors: dict) -> list[dict]:
             text = _leaf_str(node, tensors)
             item["value"] = text if len(text) <= 60 else text[:57] + "..."
         else:
-            tag, val = next(iter(node.items()))
-            item["kind"] = {"d": "dict", "od": "dict", "l": "list", "t": "tuple"}[tag]
-            item["entries"] = len(val)
+            node_kind, entries = _fmt.tree_view(node)
+            item["kind"] = node_kind
+            item["entries"] = len(entries)
         out.append(item)
     return out
 

@@ -12,8 +12,8 @@ Tree encoding (JSON): ``None``, ``bool``, ``str`` and ``int`` are themselves; ev
 one-key object: ``{"f": 1.5}`` / ``{"f": "nan"}`` floats, ``{"l": [...]}`` lists, ``{"t": [...]}`` tuples,
 ``{"d": [[key, value], ...]}`` dicts (str or int keys, order kept), ``{"od": ...}`` OrderedDicts,
 ``{"b": "<base64>"}`` bytes, ``{"s": [dtype, "<base64>"]}`` numpy scalars, ``{"x": name}`` tensors,
-``{"p": "<base64>"}`` pickled objects (only with ``allow_pickle=True``).
-"""
+``{"p": "<base64>"}`` pickled objects (only with ``allow_pickle=True``). Readers outside the codec
+see these tags through :func:`tree_view` only."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import xxhash
@@ -40,10 +40,10 @@ FORMAT_NAME = "ckpt_callbacks"
 FORMAT_VERSION = 1
 CHECKSUM_ALGO = "xxh3_64"
 
-# safetensors refuses headers above 100 MB; so do we, before allocating anything.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors refuses more; so do we, before allocating anything
 MAX_INDEX_BYTES = 512 * 1024 * 1024
 MAX_TREE_DEPTH = 512
+_Ranges = dict[int, list[tuple[int, int, str]]]  # data file number -> (begin, end, tensor name)
 
 # numpy dtype name -> safetensors dtype. Dtypes safetensors has no name for are stored as raw
 # bytes ("U8", shape [nbytes]); the index keeps the real dtype and shape.
@@ -128,7 +128,7 @@ class EncodedState:
     tensors: list[TensorEntry] = field(default_factory=list)
 
 
-def _path_str(path: tuple) -> str:
+def _path_str(path: tuple[Any, ...]) -> str:
     return "state" + "".join(f"[{k!r}]" for k in path)
 
 
@@ -150,7 +150,7 @@ class _Encoder:
         self.out = EncodedState(tree=None)
         self.used: set[str] = set()
 
-    def tensor_name(self, path: tuple) -> str:
+    def tensor_name(self, path: tuple[Any, ...]) -> str:
         base = "/".join(str(k) for k in path) or "tensor"
         name, n = base, 1
         while name in self.used:
@@ -159,7 +159,7 @@ class _Encoder:
         self.used.add(name)
         return name
 
-    def enc(self, obj: Any, path: tuple, depth: int) -> Any:
+    def enc(self, obj: Any, path: tuple[Any, ...], depth: int) -> Any:
         if depth > MAX_TREE_DEPTH:
             raise ValueError(
                 f"State tree is nested deeper than {MAX_TREE_DEPTH} levels at {_path_str(path)}."
@@ -195,7 +195,7 @@ class _Encoder:
             "pickle. Convert it to one of those, or pass allow_pickle=True to both save and load."
         )
 
-    def enc_dict(self, obj: dict, path: tuple, depth: int) -> dict:
+    def enc_dict(self, obj: dict[str, Any], path: tuple[Any, ...], depth: int) -> dict[str, Any]:
         items = []
         for k, v in obj.items():
             if type(k) not in (str, int):
@@ -206,7 +206,7 @@ class _Encoder:
             items.append([k, self.enc(v, (*path, k), depth + 1)])
         return {"od" if type(obj) is collections.OrderedDict else "d": items}
 
-    def add_tensor(self, obj: Any, path: tuple, tensor_kind: Any) -> str:
+    def add_tensor(self, obj: Any, path: tuple[Any, ...], tensor_kind: Any) -> str:
         if tensor_kind is None:  # a numpy array or LazyArray
             dtype, shape, kind = obj.dtype, obj.shape, _kinds.NUMPY
         else:
@@ -240,14 +240,10 @@ def _numeric(dtype: np.dtype) -> bool:
     return True
 
 
-def _key_path(path: tuple) -> str:
-    return "state" + "".join(f"[{k!r}]" for k in path)
-
-
 def decode_tree(tree: Any, tensors: dict[str, Any], *, allow_pickle: bool = False) -> Any:
     """Rebuild the state tree from its JSON form and the loaded tensors (by name)."""
 
-    def dec(node: Any, depth: int, path: tuple = ()) -> Any:
+    def dec(node: Any, depth: int, path: tuple[Any, ...] = ()) -> Any:
         if depth > MAX_TREE_DEPTH:
             raise CorruptCheckpointError(f"Checkpoint tree is nested deeper than {MAX_TREE_DEPTH} levels.")
         if node is None or isinstance(node, (bool, str, int)):
@@ -285,7 +281,7 @@ def decode_tree(tree: Any, tensors: dict[str, Any], *, allow_pickle: bool = Fals
         elif tag == "p" and isinstance(val, str):
             if not allow_pickle:
                 raise PickleRefusedError(
-                    f"{_key_path(path)} is a pickled object (it was saved with allow_pickle=True); "
+                    f"{_path_str(path)} is a pickled object (it was saved with allow_pickle=True); "
                     "refusing to unpickle it because unpickling can execute code. If you trust this "
                     "checkpoint, load it with allow_pickle=True."
                 )
@@ -295,6 +291,22 @@ def decode_tree(tree: Any, tensors: dict[str, Any], *, allow_pickle: bool = Fals
         raise CorruptCheckpointError(f"Invalid node {tag!r} in checkpoint tree.")
 
     return dec(tree, 0)
+
+
+def tree_view(node: Any) -> tuple[str, Any]:
+    """A stored tree node for readers outside the codec: ``("dict", [(key, child)])``, ``("list" | "tuple",
+    children)``, ``("tensor", name)``, ``("float" | "bytes" | "scalar" | "pickle", x | size | dtype | None)``."""
+    tag, val = next(iter(node.items())) if isinstance(node, dict) and len(node) == 1 else (None, node)
+    if tag in ("d", "od", "l", "t") and isinstance(val, list):
+        pairs = [tuple(i) for i in val if isinstance(i, list) and len(i) == 2]
+        return ("dict", pairs) if tag in ("d", "od") else ("list" if tag == "l" else "tuple", val)
+    if tag == "x" and isinstance(val, str):
+        return "tensor", val
+    if tag in ("f", "b", "s", "p"):
+        return {"f": "float", "b": "bytes", "s": "scalar", "p": "pickle"}[tag], (
+            float(val) if tag == "f" else len(_b64(val)) if tag == "b" else val[0] if tag == "s" else None
+        )
+    return "value", node
 
 
 def _b64(s: str) -> bytes:
@@ -344,7 +356,7 @@ def safetensors_header(tensors: list[TensorEntry]) -> tuple[bytes, list[tuple[in
 def iter_tensor_bytes(arr: np.ndarray, chunk: int = 64 << 20) -> Iterator[memoryview]:
     """The bytes of a C-contiguous array as memoryviews of at most ``chunk`` bytes, without a copy."""
     flat = arr.reshape(-1).view(np.uint8)
-    mv = memoryview(flat)
+    mv = flat.data
     for i in range(0, len(mv), chunk):
         yield mv[i : i + chunk]
 
@@ -370,7 +382,7 @@ _INDEX_HEAD = re.compile(
 _INDEX_TAIL = re.compile(rb',"index_checksum":"xxh3_64:([0-9a-f]{16})"\}\n\Z')
 
 
-def dump_index(index: dict) -> bytes:
+def dump_index(index: dict[str, Any]) -> bytes:
     """Serialize the index with a checksum of its own bytes as the last key (still plain JSON)."""
     body = json.dumps(index, separators=(",", ":"), allow_nan=False).encode("utf-8")
     assert body.endswith(b"}")
@@ -378,7 +390,7 @@ def dump_index(index: dict) -> bytes:
     return head + b',"index_checksum":"' + checksum_bytes(head).encode() + b'"}\n'
 
 
-def parse_index(data: bytes, *, verify: bool = True) -> dict:
+def parse_index(data: bytes, *, verify: bool = True) -> dict[str, Any]:
     """Parse and validate an index file; raises CorruptCheckpointError on any defect."""
     if len(data) > MAX_INDEX_BYTES:
         raise CorruptCheckpointError(
@@ -401,7 +413,7 @@ def parse_index(data: bytes, *, verify: bool = True) -> dict:
     if verify and checksum_bytes(head) != f"{CHECKSUM_ALGO}:{m.group(1).decode()}":
         raise CorruptCheckpointError("Checkpoint index checksum does not match its contents.")
     try:
-        index = json.loads(head + b"}")
+        index: dict[str, Any] = json.loads(head + b"}")
     except (ValueError, RecursionError):
         raise CorruptCheckpointError("Checkpoint index is not valid JSON.") from None
     validate_index(index)
@@ -434,7 +446,7 @@ def validate_index(index: Any) -> None:
         ):
             raise CorruptCheckpointError(f"Invalid file entry in checkpoint index: {str(f)[:120]!r}.")
         sizes.append(f["size"])
-    ranges: dict[int, list[tuple[int, int, str]]] = {}
+    ranges: _Ranges = {}
     for name, t in tensors.items():
         if not isinstance(t, dict):
             raise CorruptCheckpointError(f"Invalid tensor entry {name!r} in checkpoint index.")
@@ -463,7 +475,7 @@ def validate_index(index: Any) -> None:
                 raise CorruptCheckpointError(f"Tensors {a!r} and {b!r} overlap in the data file.")
 
 
-def _check_location(name: str, loc: dict, nbytes: int, sizes: list[int], ranges: dict) -> None:
+def _check_location(name: str, loc: dict[str, Any], nbytes: int, sizes: list[int], ranges: _Ranges) -> None:
     """``loc`` (a tensor entry or a chunk) holds ``nbytes`` bytes inside its data file; its byte range
     is added to ``ranges`` for the overlap check."""
     fi, off, length = loc.get("file"), loc.get("offset"), loc.get("length")
@@ -477,21 +489,21 @@ def _check_location(name: str, loc: dict, nbytes: int, sizes: list[int], ranges:
     ranges.setdefault(fi, []).append((off, off + length, name))
 
 
-def _nonneg_int(x: Any) -> bool:
+def _nonneg_int(x: Any) -> TypeGuard[int]:
     return type(x) is int and 0 <= x < 1 << 62
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.=+-][A-Za-z0-9_.=+-]*\Z")
 
 
-def _safe_name(name: Any) -> bool:
+def _safe_name(name: Any) -> TypeGuard[str]:
     """A plain file name inside the checkpoint directory: no separators, no '..', no scheme."""
     return (
         isinstance(name, str) and len(name) < 256 and bool(_SAFE_NAME.match(name)) and name not in (".", "..")
     )
 
 
-def is_plain_name(name: Any) -> bool:
+def is_plain_name(name: Any) -> TypeGuard[str]:
     """The one rule for a file name read from storage (index, state file, pointer file): a plain
     name inside the checkpoint directory, no '..' anywhere."""
     return _safe_name(name) and ".." not in name

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _format as fmt
 from . import _kinds
 from ._dtypes import dtype_from_name, dtype_str
 from .errors import CorruptCheckpointError, IncompatibleCheckpointError
@@ -77,17 +78,15 @@ def _matching(tree: Any, into: Any) -> dict[str, tuple[tuple, Any]]:
     found: dict[str, tuple[tuple, Any]] = {}
 
     def walk(node: Any, dest: Any, path: tuple) -> None:
-        if not isinstance(node, dict) or len(node) != 1:
-            return
-        ((tag, val),) = node.items()
-        if tag in ("d", "od") and isinstance(val, list) and isinstance(dest, Mapping):
-            for item in val:
-                if isinstance(item, list) and len(item) == 2 and item[0] in dest:
-                    walk(item[1], dest[item[0]], (*path, item[0]))
-        elif tag in ("l", "t") and isinstance(val, list) and isinstance(dest, (list, tuple)):
+        kind, val = fmt.tree_view(node)
+        if kind == "dict" and isinstance(dest, Mapping):
+            for key, child in val:
+                if key in dest:
+                    walk(child, dest[key], (*path, key))
+        elif kind in ("list", "tuple") and isinstance(dest, (list, tuple)):
             for i, v in enumerate(val[: len(dest)]):
                 walk(v, dest[i], (*path, i))
-        elif tag == "x" and isinstance(val, str) and _is_tensor(dest):
+        elif kind == "tensor" and _is_tensor(dest):
             found[val] = (path, dest)
 
     walk(tree, into, ())

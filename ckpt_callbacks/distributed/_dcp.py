@@ -220,14 +220,14 @@ class StorageWriter(_AtCheckpoint, dcp.StorageWriter):
             entries.append(fmt.TensorEntry(tname, dtype, tuple(chunk.sizes), lazy))
             items[tname] = item
         _crash_point("before_data", info.rank)
-        _, size, header_size, header_sum, written = _write_data_file(self._storage, fname, entries, None)
+        written = _write_data_file(self._storage, fname, entries, None)
         try:
             _crash_point("after_data", info.rank)
         except BaseException:
             _remove_quietly(self._storage, [fname])
             raise
-        for e in written:
-            item = items[e["name"]]
+        for tname, e in written.tensors.items():
+            item = items[tname]
             results.append(
                 WriteResult(
                     index=item.index,
@@ -238,14 +238,8 @@ class StorageWriter(_AtCheckpoint, dcp.StorageWriter):
         results.append(
             WriteResult(
                 index=MetadataIndex(_FILE_RESULT, [info.rank]),
-                size_in_bytes=size,
-                storage_data={
-                    "name": fname,
-                    "kind": "data",
-                    "size": size,
-                    "header_size": header_size,
-                    "checksum": header_sum,
-                },
+                size_in_bytes=written.size,
+                storage_data=written.entry(),
             )
         )
         fut: Future[list[WriteResult]] = Future()

@@ -15,6 +15,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from .. import _format as fmt
 from ..errors import IncompatibleCheckpointError
 from . import _adapter
 
@@ -30,16 +31,17 @@ def variable_tensor(v: Any) -> Any:
     return value
 
 
-def _stored(tree: Any) -> dict[str, dict[str, np.ndarray]]:
-    """``{"model": {key: placeholder}, ...}`` from an index's tree: zero-strided arrays of each saved
-    tensor's shape and dtype (no memory), which ``match_variables`` checks like the real ones."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    if not isinstance(tree, dict):
-        return out
-    for top, node in tree.get("d") or []:
-        if top not in (_adapter.MODEL_KEY, _adapter.OPTIMIZER_KEY) or not isinstance(node, dict):
-            continue
-        out[top] = {key: leaf for key, leaf in node.get("d") or [] if isinstance(leaf, dict) and "x" in leaf}
+def _stored(tree: Any) -> dict[str, dict[str, str]]:
+    """``{"model": {key: tensor name}, ...}`` from an index's tree: the saved tensors of the model's
+    and the optimizer's variables."""
+    out: dict[str, dict[str, str]] = {}
+    kind, entries = fmt.tree_view(tree)
+    for top, node in entries if kind == "dict" else []:
+        kind, leaves = fmt.tree_view(node)
+        if top in (_adapter.MODEL_KEY, _adapter.OPTIMIZER_KEY) and kind == "dict":
+            out[top] = {
+                key: name for key, leaf in leaves for k, name in [fmt.tree_view(leaf)] if k == "tensor"
+            }
     return out
 
 
@@ -60,8 +62,8 @@ def variables_into(model: Any, index: dict, *, restore_optimizer: bool = True) -
     into: dict[str, Any] = {}
     for top, variables in groups:
         placeholders, keys = {}, {}
-        for key, leaf in stored[top].items():
-            spec = tensors.get(leaf["x"]) or {}
+        for key, tensor_name in stored[top].items():
+            spec = tensors.get(tensor_name) or {}
             try:
                 dtype = _adapter._np_dtype(spec["dtype"])
                 shape = tuple(spec["shape"])
