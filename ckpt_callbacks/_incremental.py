@@ -34,7 +34,7 @@ from .errors import CheckpointError
 _PROBE_PIECE = 4 << 10
 # Materialised tensors (e.g. a GPU variable's host copy) found changed by the full hash are kept
 # for the writer up to this many bytes, instead of being materialised a second time.
-_KEEP_MATERIALISED_BYTES = 64 << 20
+_KEEP_MATERIALISED_BYTES = 16 << 20
 
 
 @dataclass

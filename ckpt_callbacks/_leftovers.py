@@ -131,7 +131,8 @@ def _stale_data_files(storage: Storage, records: list[Record], kept_data: dict[s
             continue
         named = [f["name"] for f in index["files"] if f.get("kind") != "meta"]
         stale += [f for f in files if f not in named and written_by_us(storage, f)]
-        records[i] = replace(r, shards=len(named))
+        own = [f for f in named if f.startswith(r.name + ".")]  # not those it points into (incremental)
+        records[i] = replace(r, shards=len(own), refs=tuple(sorted(set(named) - set(own))))
     return stale
 
 

@@ -259,3 +259,23 @@ def test_export_to_ckpt_is_a_self_contained_copy(tmp_path):
     with open(copy / "ckpt-2.meta") as f:
         assert json.load(f)["user"] == {"note": "kept"}
     assert cli("verify", str(copy / "ckpt-2")).returncode == 0
+
+
+def test_a_hostile_refs_record_is_not_trusted_and_the_index_decides(tmp_path):
+    with CheckpointManager(str(tmp_path / "run"), max_to_keep=1) as mgr:
+        mgr.save(_state(1), step=1)
+        mgr.save(_state(2), step=2)
+    (tmp_path / "victim").write_bytes(b"not ours")
+    state_file = tmp_path / "run" / "checkpoint"
+    state_file.write_text(state_file.read_text().replace('"refs":["ckpt-1.', '"refs":["../victim","ckpt-1.'))
+    assert parse_state(state_file.read_bytes())[1] is None  # the comment is dropped: TF's fields rule
+    with CheckpointManager(str(tmp_path / "run"), max_to_keep=1) as mgr:
+        assert mgr.removed_leftovers == []  # ckpt-2's index still says it points into ckpt-1's file
+        mgr.save(_state(3, FROZEN + 1), step=3)
+    assert (tmp_path / "victim").read_bytes() == b"not ours"
+    assert _files(tmp_path / "run") == [
+        "checkpoint",
+        "ckpt-3.data-00000-of-00001",
+        "ckpt-3.index",
+        "ckpt-3.meta",
+    ]
