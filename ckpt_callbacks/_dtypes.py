@@ -75,7 +75,7 @@ def _dtype_from_str(name: str) -> np.dtype:
 def dtype_str(dtype: np.dtype) -> str:
     """``dtype.name``, cached: numpy computes it in Python (~5 us), once per tensor per use adds up
     for states of thousands of small tensors."""
-    return dtype.name
+    return str(dtype.name)
 
 
 def dtype_name(dtype: np.dtype) -> str:

@@ -12,6 +12,7 @@ objects, exactly as Keras does, and falls back to this rule.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 logger = logging.getLogger("ckpt_callbacks")
 
@@ -61,7 +62,7 @@ class MonitoredMetric:
     def __init__(self, monitor: str | None, keep_best: int | None) -> None:
         self.monitor, self.keep_best, self.warned = monitor, keep_best, False
 
-    def __call__(self, metrics: dict | None) -> float | None:
+    def __call__(self, metrics: dict[str, Any] | None) -> float | None:
         if not self.monitor or not metrics or self.monitor not in metrics:
             if self.keep_best and not self.warned:
                 self.warned = True

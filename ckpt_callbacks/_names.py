@@ -32,7 +32,7 @@ def step_of(name: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def own_file_re(prefix: str) -> re.Pattern:
+def own_file_re(prefix: str) -> re.Pattern[str]:
     """Matches a file of a ``<prefix>-<step>`` checkpoint; group ``ckpt`` is the checkpoint name."""
     p = re.escape(prefix)
     return re.compile(rf"(?P<ckpt>{p}-\d+)(?:\.data-\d{{5}}-of-\d{{5}}|\.index|\.meta)\Z")
@@ -50,7 +50,7 @@ def may_reference(name: str, fname: str) -> bool:
     return other is not None and int(other.group(1)) < int(m.group(1))
 
 
-def split_url(path: str | os.PathLike) -> tuple[str, str]:
+def split_url(path: str | os.PathLike[str]) -> tuple[str, str]:
     """``(directory, name)`` of a checkpoint path or fsspec URL: ``"s3://b/run/ckpt-1"`` ->
     ``("s3://b/run", "ckpt-1")``, ``"memory://ckpt-1"`` -> ``("memory://", "ckpt-1")``, ``"ckpt-1"`` ->
     ``(".", "ckpt-1")``. :func:`join_url` puts them back together."""

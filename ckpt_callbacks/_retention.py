@@ -60,7 +60,9 @@ class BestN:
         # Ties go to the checkpoint that scored first, as Keras' and Lightning's monitors (a strict
         # improvement is needed to replace the best): a later save tagged with the same value never
         # displaces the checkpoint the value was measured at.
-        scored.sort(key=lambda r: (sign * r.metric, r.step, r.timestamp))
+        scored.sort(
+            key=lambda r: (sign * (r.metric if r.metric is not None else math.nan), r.step, r.timestamp)
+        )
         return scored
 
     def best(self, records: Sequence[Record]) -> set[str]:

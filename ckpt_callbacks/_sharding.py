@@ -24,19 +24,21 @@ if TYPE_CHECKING:
 class ShardedBackend(Protocol):
     """Writes and reads sharded state; every call is a collective on every rank."""
 
-    def writer(self, async_save: bool, options: dict | None) -> CheckpointWriter:
+    def writer(self, async_save: bool, options: dict[str, Any] | None) -> CheckpointWriter:
         """A writer for a manager's sharded saves (an async manager keeps one for all of them)."""
 
-    def load_into(self, path: str, into: Any, storage_options: dict | None, options: dict | None) -> Any:
+    def load_into(
+        self, path: str, into: Any, storage_options: dict[str, Any] | None, options: dict[str, Any] | None
+    ) -> Any:
         """Fill ``into`` in place from checkpoint ``path``; returns ``into``."""
 
     def restore_newest(
         self,
         storage: Storage,
-        storage_options: dict | None,
+        storage_options: dict[str, Any] | None,
         names: list[str],
         into: Any,
-        options: dict | None,
+        options: dict[str, Any] | None,
     ) -> str | None:
         """Fill ``into`` from the newest valid checkpoint of ``names`` (newest first); its name, or None."""
 
@@ -47,7 +49,7 @@ class Collective:
     (e.g. ``{"process_group": group}``)."""
 
     backend: ShardedBackend
-    options: dict | None = None
+    options: dict[str, Any] | None = None
 
 
 _BACKENDS: dict[str, ShardedBackend] = {}

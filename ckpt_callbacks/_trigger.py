@@ -56,7 +56,7 @@ class SaveTrigger:
     def step_crossed(self, step: int) -> bool:
         """Whether ``step`` is past a multiple of ``every_n_steps`` the last step seen was not."""
         n = self.every_n_steps
-        return bool(n) and step // n > self.last_step_seen // n
+        return n is not None and n > 0 and step // n > self.last_step_seen // n
 
     def batch_end(self, step: int, *, time_due: bool | None = None) -> bool:
         """A train batch ended at global step ``step``: save now? Records ``step`` as seen."""

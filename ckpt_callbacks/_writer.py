@@ -36,7 +36,7 @@ class SaveJob:
     step: int
     timestamp: float
     metric: float | None
-    meta_doc: dict
+    meta_doc: dict[str, Any]
     writer: CheckpointWriter
     payload: Any  # what ``writer.prepare`` returned
 
@@ -50,7 +50,7 @@ class SaveTarget(Protocol):
     """What the manager offers a writer: its storage, and its commit."""
 
     storage: Storage
-    storage_options: dict | None
+    storage_options: dict[str, Any] | None
 
     @property
     def latest_checkpoint(self) -> str | None: ...
@@ -69,9 +69,9 @@ class CheckpointWriter(Protocol):
     """How one checkpoint's bytes get written (see the module docstring)."""
 
     # merged into the .meta when the caller gives no ``_info`` (e.g. ``{"framework": "torch"}``)
-    default_info: dict | None
+    default_info: dict[str, Any] | None
 
-    def prepare(self, state: Any, *, snapshot: bool, options: dict | None) -> Any:
+    def prepare(self, state: Any, *, snapshot: bool, options: dict[str, Any] | None) -> Any:
         """On the caller's thread: what :meth:`write` needs. ``snapshot``: ``state`` may change as
         soon as this returns (an async save). ``options``: the writer's own, from the caller."""
 
@@ -89,14 +89,14 @@ class PlainWriter:
     (:mod:`._incremental`; the writer remembers the tensors of the last checkpoint it committed).
     """
 
-    default_info: dict | None = None
+    default_info: dict[str, Any] | None = None
 
     def __init__(self, allow_pickle: bool, buffers: _async.SnapshotBuffers, incremental: bool = True) -> None:
         self._allow_pickle = allow_pickle
         self._buffers = buffers  # the manager's snapshot buffers, kept between saves
         self._tracker = _incremental.Tracker(incremental)
 
-    def prepare(self, state: Any, *, snapshot: bool, options: dict | None) -> Any:
+    def prepare(self, state: Any, *, snapshot: bool, options: dict[str, Any] | None) -> Any:
         encoded = fmt.encode_tree(state, allow_pickle=self._allow_pickle)
         return encoded, (_async.snapshot(self._buffers, encoded) if snapshot else None)
 

@@ -3,7 +3,9 @@ test files import from here rather than from ``conftest``, which pytest re-impor
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str) -> Iterator[str]:
+    """A real moto S3 server in this process (``ThreadedMotoServer``) with ``bucket``: its URL."""
+    import pytest
+
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is needed for the S3 tests")
+    boto3 = pytest.importorskip("boto3")
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        client = boto3.client(
+            "s3",
+            endpoint_url=url,
+            aws_access_key_id=DUMMY_KEY,
+            aws_secret_access_key=DUMMY_SECRET,
+            region_name=REGION,
+        )
+        client.create_bucket(Bucket=bucket)
+        yield url
+    finally:
+        server.stop()
 
 
 def s3_options(endpoint: str, **config: Any) -> dict[str, Any]:

@@ -9,22 +9,17 @@ spending 60 s on a gRPC probe per call against an emulator that does not speak g
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-_ROOT = Path(__file__).resolve().parents[1]
-# The conformance suite lives with the unit tests; the cloud backends run the same classes.
-sys.path.insert(0, str(_ROOT / "tests" / "conformance"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from cloud_helpers import (  # noqa: E402 - needs the path above
+# The conformance suite lives with the unit tests (pyproject's pytest `pythonpath` puts it and this
+# directory on the path); the cloud backends run the same classes.
+from cloud_helpers import (
     DUMMY_KEY,
     DUMMY_SECRET,
     GCS_BUCKET,
@@ -32,6 +27,7 @@ from cloud_helpers import (  # noqa: E402 - needs the path above
     S3_BUCKET,
     free_port,
     gcs_options,
+    moto_s3,
     pending_uploads,
     s3_options,
 )
@@ -40,26 +36,8 @@ from cloud_helpers import (  # noqa: E402 - needs the path above
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """URL of a real moto S3 server in this process (``ThreadedMotoServer``), with one bucket."""
-    moto_server = pytest.importorskip(
-        "moto.server", reason="moto[server] is needed for the S3 integration tests"
-    )
-    boto3 = pytest.importorskip("boto3")
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        client = boto3.client(
-            "s3",
-            endpoint_url=url,
-            aws_access_key_id=DUMMY_KEY,
-            aws_secret_access_key=DUMMY_SECRET,
-            region_name=REGION,
-        )
-        client.create_bucket(Bucket=S3_BUCKET)
+    with moto_s3(S3_BUCKET) as url:
         yield url
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -8,32 +8,8 @@ integration/ imports it too, where this file is not on the path.)
 from __future__ import annotations
 
 import pytest
+from fakes import T0, FakeClock  # noqa: F401 - T0: re-exported for the tests' clocks
 from storage_reads import StorageReads, count_reads
-
-T0 = 1_764_086_400.0  # an arbitrary fixed epoch for injected clocks
-
-
-class FakeClock:
-    """An injectable clock: time passes only when a test says so (``clock.now += 60`` or
-    ``clock.advance(60)``); ``t`` is the same reading under its older name."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = float(now)
-
-    def __call__(self) -> float:
-        return self.now
-
-    @property
-    def t(self) -> float:
-        return self.now
-
-    @t.setter
-    def t(self, value: float) -> None:
-        self.now = float(value)
-
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
 
 
 @pytest.fixture

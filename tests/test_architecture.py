@@ -10,34 +10,6 @@ import pytest
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ckpt_callbacks")
 
-# Core modules held to the size limits (the storage package and the framework adapters have their own).
-CORE = [
-    "__init__.py",
-    "errors.py",
-    "_names.py",
-    "_dtypes.py",
-    "_format.py",
-    "_chunks.py",
-    "_kinds.py",
-    "_torch.py",
-    "_retention.py",
-    "_trigger.py",
-    "_callback_config.py",
-    "_rng.py",
-    "_state.py",
-    "_checkpoint_io.py",
-    "_checkpoint_read.py",
-    "_readinto.py",
-    "_resolve.py",
-    "_leftovers.py",
-    "_async.py",
-    "_manager.py",
-    "_sharding.py",
-    "_validation.py",
-    "_cli.py",
-    "_cli_commands.py",
-    "_cli_output.py",
-]
 MAX_MODULE_LINES = 520
 MAX_FUNCTION_LINES = 60
 
@@ -125,13 +97,13 @@ def test_no_import_cycle_among_package_modules():
             dfs(name)
 
 
-# Private uses outside a _compat.py that are known and being moved: the Lightning callback's, which
-# the Lightning adapter's split puts behind lightning/_compat.py. Pinned one by one (file and name,
-# not line), so any other private use, in any module, fails the test below.
-KNOWN_PRIVATE_USES = {
-    "lightning/_callback.py: lightning.fabric.utilities.data ['_set_sampler_epoch']",
-    "lightning/_callback.py: lightning.pytorch.utilities.migration.utils ['_pl_migrate_checkpoint']",
-    "lightning/_callback.py: ._checkpoint_connector",
+# Over the limits today, in modules other changes are rewriting; pinned at their size so they only shrink.
+KNOWN_OVERSIZE = {
+    "lightning/_callback.py": 522,  # lines
+    "lightning/_load.py:load_from_checkpoint": 75,
+    "lightning/_convert.py:_encode": 103,
+    "lightning/_convert.py:from_tree": 61,
+    "lightning/_convert.py:_decode_node": 75,
 }
 
 
@@ -157,23 +129,24 @@ def _private_uses() -> list[tuple[str, int | None, str]]:
 
 
 def test_private_names_of_other_packages_are_used_only_in_compat_modules():
-    offenders = [
-        f"{rel}:{line or '?'}: {what}"
-        for rel, line, what in _private_uses()
-        if f"{rel}: {what}" not in KNOWN_PRIVATE_USES
-    ]
+    offenders = [f"{rel}:{line or '?'}: {what}" for rel, line, what in _private_uses()]
     assert not offenders, "private names of other packages outside a _compat.py:\n" + "\n".join(offenders)
 
 
-@pytest.mark.parametrize("module", CORE)
-def test_core_module_and_function_sizes(module):
-    path = os.path.join(PKG, module)
-    source = open(path, encoding="utf-8").read()
-    assert source.count("\n") <= MAX_MODULE_LINES, f"{module} has {source.count(chr(10))} lines"
+MODULES = sorted(os.path.relpath(path, PKG) for path in _modules().values())
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_and_function_sizes(module):
+    """Every module of every package is one a reader takes in at once, and so is each function."""
+    source = open(os.path.join(PKG, module), encoding="utf-8").read()
+    lines = source.count("\n")
+    assert lines <= max(MAX_MODULE_LINES, KNOWN_OVERSIZE.get(module, 0)), f"{module} has {lines} lines"
     long = [
         f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
         for node in ast.walk(ast.parse(source))
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+        and node.end_lineno - node.lineno + 1
+        > max(MAX_FUNCTION_LINES, KNOWN_OVERSIZE.get(f"{module}:{node.name}", 0))
     ]
     assert not long, f"{module}: functions over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"

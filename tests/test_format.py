@@ -7,11 +7,11 @@ import json
 import os
 import struct
 
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
 from conformance.conformance_suite import assert_same_tree  # one definition for all suites
+from fakes import NUMERIC_DTYPES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -20,29 +20,6 @@ from safetensors import safe_open
 from ckpt_callbacks import list_variables, load_checkpoint, save_checkpoint
 from ckpt_callbacks._format import FORMAT_NAME, dump_index, parse_index
 from ckpt_callbacks.errors import CorruptCheckpointError, IncompatibleCheckpointError
-
-NUMERIC_DTYPES = [
-    np.bool_,
-    np.uint8,
-    np.int8,
-    np.uint16,
-    np.int16,
-    np.uint32,
-    np.int32,
-    np.uint64,
-    np.int64,
-    np.float16,
-    np.float32,
-    np.float64,
-    np.complex64,
-    np.complex128,
-    ml_dtypes.bfloat16,
-    ml_dtypes.float8_e4m3fn,
-    ml_dtypes.float8_e5m2,
-    ml_dtypes.float8_e4m3fnuz,
-    ml_dtypes.float8_e5m2fnuz,
-    ml_dtypes.int4,
-]
 
 
 @st.composite

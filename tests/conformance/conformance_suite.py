@@ -23,6 +23,7 @@ import fsspec
 import ml_dtypes
 import numpy as np
 import pytest
+from fakes import NUMERIC_DTYPES, T0, FakeClock
 
 import ckpt_callbacks._checkpoint_io as checkpoint_io
 from ckpt_callbacks import (
@@ -40,27 +41,7 @@ from ckpt_callbacks._format import LazyArray
 from ckpt_callbacks._lock import LOCK_FILE_NAME
 from ckpt_callbacks._resolve import read_meta
 
-DTYPES = [
-    np.bool_,
-    np.uint8,
-    np.int8,
-    np.uint16,
-    np.int16,
-    np.uint32,
-    np.int32,
-    np.uint64,
-    np.int64,
-    np.float16,
-    np.float32,
-    np.float64,
-    np.complex64,
-    np.complex128,
-    ml_dtypes.bfloat16,
-    ml_dtypes.float8_e4m3fn,
-    ml_dtypes.float8_e5m2,
-    ml_dtypes.int4,
-]
-T0 = 1_764_000_000.0  # an arbitrary fixed epoch for the injected clock
+DTYPES = NUMERIC_DTYPES
 OUR_SUFFIXES = (".index", ".meta", ".data-00000-of-00001")
 
 
@@ -101,16 +82,6 @@ class Backend:
 
     def join(self, name: str) -> str:
         return f"{self.url.rstrip('/')}/{name}"
-
-
-class FakeClock:
-    """An injectable clock: time passes only when a test says so."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def assert_same_tree(a: Any, b: Any) -> None:

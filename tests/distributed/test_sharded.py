@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from cloud_helpers import free_port, moto_s3
 
 torch = pytest.importorskip("torch", reason="torch is needed for sharded checkpoints")
 import torch.distributed.checkpoint as dcp  # noqa: E402
@@ -36,12 +36,6 @@ WORKER = os.path.join(HERE, "dist_worker.py")
 ROOT = os.path.dirname(os.path.dirname(HERE))
 # Longer than the workers' collective timeout (20 s) plus start-up: a hang fails the test instead.
 RUN_TIMEOUT = 240
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(scenario: str, world: int, directory: str, out: str, env: dict | None = None) -> list[dict]:
@@ -335,23 +329,8 @@ def test_rank_killed_mid_save_commits_nothing_and_does_not_hang(tmp_path):
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is needed for the S3 test")
-    boto3 = pytest.importorskip("boto3")
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        boto3.client(
-            "s3",
-            endpoint_url=url,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        ).create_bucket(Bucket="sharded")
+    with moto_s3("sharded") as url:
         yield url
-    finally:
-        server.stop()
 
 
 def test_two_ranks_on_s3_stream_their_own_files(s3_endpoint, tmp_path):

@@ -14,7 +14,6 @@ from keras_helpers import BACKENDS, HERE, run_python
 
 SCRIPT = r"""
 import json, os, sys, keras, numpy as np
-sys.path.insert(0, sys.argv[2])
 import keras_models as models
 from ckpt_callbacks import load_checkpoint
 from ckpt_callbacks.keras import CheckpointCallback

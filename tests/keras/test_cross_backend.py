@@ -13,7 +13,6 @@ from keras_helpers import BACKENDS, HERE, backend_available, run_python
 
 SAVE = r"""
 import os, sys, keras, numpy as np
-sys.path.insert(0, sys.argv[2])
 import keras_models as models
 from ckpt_callbacks.keras import CheckpointCallback
 keras.utils.set_random_seed(3)
@@ -27,7 +26,6 @@ np.savez(os.path.join(sys.argv[1], "expected.npz"),
 
 LOAD = r"""
 import json, os, shutil, sys, keras, numpy as np
-sys.path.insert(0, sys.argv[2])
 import keras_models as models
 from ckpt_callbacks.keras import CheckpointCallback, load_model, restore
 x, y = models.data()

@@ -9,7 +9,6 @@ from keras_helpers import BACKENDS, HERE, run_python
 
 UNBUILT = r"""
 import json, sys, warnings
-sys.path.insert(0, sys.argv[2])
 import keras, numpy as np
 import ckpt_callbacks
 from ckpt_callbacks.keras import CheckpointCallback
@@ -65,7 +64,6 @@ def test_unbuilt_model_trains_fresh_and_resume_needs_a_built_model(tmp_path, bac
 
 AFTER_A_FAILED_FIT = r"""
 import json, os, sys, warnings
-sys.path.insert(0, sys.argv[2])
 import keras, numpy as np
 import ckpt_callbacks
 from ckpt_callbacks.keras import CheckpointCallback
@@ -124,7 +122,6 @@ def test_a_callback_reused_after_a_failed_fit_resumes_from_storage(tmp_path, bac
 
 FIT_TWICE = r"""
 import json, sys, warnings
-sys.path.insert(0, sys.argv[2])
 import keras, numpy as np
 from ckpt_callbacks.keras import CheckpointCallback
 import keras_models as models

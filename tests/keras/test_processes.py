@@ -76,7 +76,6 @@ KINDS = ["sequential", "functional", "custom"]
 
 TRAIN_AND_PREDICT = r"""
 import os, sys, keras, numpy as np
-sys.path.insert(0, sys.argv[2])
 import keras_models as models, keras_custom_layers as custom_layers
 from ckpt_callbacks.keras import CheckpointCallback
 x, y = models.data()
@@ -115,7 +114,6 @@ STEPS_ON_TORCH = r"""
 import sys, re, numpy as np, keras
 import ckpt_callbacks
 from ckpt_callbacks.keras import CheckpointCallback
-sys.path.insert(0, sys.argv[2])
 import keras_models as models
 x, y = models.data()
 model = models.sequential()

@@ -25,11 +25,9 @@ import os
 import signal
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import rel_workload as wl
 
-import rel_workload as wl  # noqa: E402
-
-from ckpt_callbacks import CheckpointManager, _checkpoint_io  # noqa: E402
+from ckpt_callbacks import CheckpointManager, _checkpoint_io
 
 _OS_HOOKS = ("open", "write", "fsync", "replace", "remove", "unlink", "ftruncate", "pwrite")
 

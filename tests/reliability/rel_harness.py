@@ -10,14 +10,11 @@ import subprocess
 import sys
 
 import pytest
+import rel_workload as wl
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import rel_workload as wl  # noqa: E402
-
-from ckpt_callbacks import CheckpointManager, latest_checkpoint, load_checkpoint  # noqa: E402
-from ckpt_callbacks._lock import LOCK_FILE_NAME  # noqa: E402
-from ckpt_callbacks._state import STATE_FILE_NAME, parse_state  # noqa: E402
+from ckpt_callbacks import CheckpointManager, latest_checkpoint, load_checkpoint
+from ckpt_callbacks._lock import LOCK_FILE_NAME
+from ckpt_callbacks._state import STATE_FILE_NAME, parse_state
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_crash_child.py")
 
