@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _chunks
+from . import _chunks, _incremental
 from . import _format as fmt
 from ._checkpoint_read import HASH_BEHIND_BYTES, MAX_META_BYTES, read_bounded, read_index
+from ._gather import Gather
 from ._names import INDEX_SUFFIX, META_SUFFIX, data_file_name
 from ._storage import Storage
 from .errors import CheckpointError, CheckpointWriteError
@@ -62,8 +63,13 @@ def write_checkpoint(
     replacing: Replaced | None = None,
     *,
     defer_sync: bool = False,
+    plan: _incremental.Plan | None = None,
 ) -> int:
     """Write data file(s), then .meta, then .index. Returns the number of data shards.
+
+    ``plan`` (incremental saves): the tensors it finds unchanged since the last checkpoint are not
+    written; the index points at the data files holding them, and ``plan.table`` is set to the new
+    checkpoint's tensors.
 
     On any failure every file of this checkpoint that was written is removed again and
     CheckpointWriteError is raised. ``replacing`` (a re-save of an existing checkpoint): its data
@@ -74,17 +80,21 @@ def write_checkpoint(
     is left running; the storage's next rename (the state file's) waits for it, so its temp file is
     written and fsync'd meanwhile.
     """
-    total = preflight(storage, name, encoded)
-    shards = fmt.plan_shards(encoded.tensors, _num_shards(storage, total, len(encoded.tensors)))
+    if encoded.chunked:  # pieces of sharded arrays (JAX over several devices): written in full
+        plan = None
+    tensors = plan.split(encoded.tensors, arrays) if plan is not None else encoded.tensors
+    total = preflight(storage, name, tensors)
+    shards = fmt.plan_shards(tensors, _num_shards(storage, total, len(tensors)))
     if replacing is not None and len(shards) == replacing.shards:
         shards.append([])  # an empty safetensors file: the new data files must not overwrite the old
     written: list[str] = []
     try:
         crash_point("before_data")
+        doc = (step, meta_doc, encoded)
         if storage.is_local:
-            _write_local(storage, name, shards, arrays, (step, meta_doc, encoded), written)
+            _write_local(storage, name, shards, arrays, doc, written, plan)
         else:
-            _write_store(storage, name, shards, arrays, (step, meta_doc, encoded), written)
+            _write_store(storage, name, shards, arrays, doc, written, plan)
         storage.sync_dir(wait=not defer_sync)
         crash_point("after_index")
     except BaseException:
@@ -97,14 +107,14 @@ def write_checkpoint(
 
 
 def _write_store(
-    storage: Storage, name: str, shards: list, arrays: dict | None, doc: tuple, written: list
+    storage: Storage, name: str, shards: list, arrays: dict | None, doc: tuple, written: list, plan: Any
 ) -> None:
     """Object stores: each file one whole object, completed in order (data shards concurrently)."""
     step, meta_doc, encoded = doc
-    results = write_data_files(storage, name, shards, arrays)
+    results = write_data_files(storage, name, shards, arrays, plan=plan)
     written += [r.name for r in results]
     crash_point("after_data")
-    files, index_tensors = _file_table(results, encoded)
+    files, index_tensors = _file_table(results, encoded, plan)
     files.append(write_meta(storage, name, meta_doc))
     written.append(name + META_SUFFIX)
     crash_point("after_meta")
@@ -113,7 +123,7 @@ def _write_store(
 
 
 def _write_local(
-    storage: Storage, name: str, shards: list, arrays: dict | None, doc: tuple, written: list
+    storage: Storage, name: str, shards: list, arrays: dict | None, doc: tuple, written: list, plan: Any
 ) -> None:
     """Local disk: every file's temp written, all fsync'd at once, then renamed in order: data files
     and .meta, a directory fsync (both durable), the .index. The index never becomes visible before
@@ -123,10 +133,11 @@ def _write_local(
     try:
         results = []
         for i, shard in enumerate(shards):
-            writer, result = stage_data_file(storage, data_file_name(name, i, len(shards)), shard, arrays)
+            fname = data_file_name(name, i, len(shards))
+            writer, result = stage_data_file(storage, fname, shard, arrays, plan=plan)
             staged.append(writer)
             results.append(result)
-        files, index_tensors = _file_table(results, encoded)
+        files, index_tensors = _file_table(results, encoded, plan)
         meta_bytes, meta_entry = meta_file(name, meta_doc)
         files.append(meta_entry)
         staged.append(storage.staged_writer(name + META_SUFFIX, meta_bytes))
@@ -181,12 +192,29 @@ class WrittenFile:
         }
 
 
-def _file_table(results: list[WrittenFile], encoded: fmt.EncodedState) -> tuple[list[dict], dict[str, dict]]:
+def _file_table(
+    results: list[WrittenFile], encoded: fmt.EncodedState, plan: Any = None
+) -> tuple[list[dict], dict[str, dict]]:
     """The index's ``files`` entries and ``tensors`` table for the written data files (a chunked
-    tensor's pieces joined into its one chunked entry)."""
+    tensor's pieces joined into its one chunked entry), and (``plan``) the reused tensors' entries
+    pointing into the earlier data files that hold them."""
     files = [r.entry() for r in results]
     index_tensors = {n: {**e, "file": no} for no, r in enumerate(results) for n, e in r.tensors.items()}
     _chunks.join(index_tensors, encoded.chunked)
+    if plan is not None:
+        table = {
+            n: _incremental.Known(e, files[no], plan.probes.pop(n, None), plan.versions.get(n))
+            for no, r in enumerate(results)
+            for n, e in r.tensors.items()
+        }
+        file_no: dict[str, int] = {}
+        for tname, known in plan.reused.items():
+            if known.file["name"] not in file_no:
+                file_no[known.file["name"]] = len(files)
+                files.append(known.file)
+            index_tensors[tname] = {**known.entry, "file": file_no[known.file["name"]]}
+            table[tname] = _incremental.Known(known.entry, known.file, known.probe, plan.versions.get(tname))
+        plan.table = table
     return files, index_tensors
 
 
@@ -242,7 +270,10 @@ class Replaced:
                     small[f["name"]] = read_bounded(storage, f["name"], MAX_META_BYTES)
         except CheckpointError:
             return None
-        data = [f["name"] for f in index["files"] if f.get("kind") != "meta"]
+        # its own data files: those of earlier checkpoints it points into are not its to remove
+        data = [
+            f["name"] for f in index["files"] if f.get("kind") != "meta" and f["name"].startswith(name + ".")
+        ]
         return cls(name, len(data), data, small)
 
     def roll_back(self, storage: Storage, written: list[str]) -> None:
@@ -256,9 +287,9 @@ class Replaced:
                     logger.error("Could not restore %s after a failed re-save: %s", storage.url_of(fname), e)
 
 
-def preflight(storage: Storage, name: str, encoded: fmt.EncodedState) -> int:
+def preflight(storage: Storage, name: str, tensors: list[fmt.TensorEntry]) -> int:
     """Refuse a save that cannot fit in the free space (local disks), before anything changes."""
-    total = sum(t.nbytes for t in encoded.tensors)
+    total = sum(t.nbytes for t in tensors)
     free = storage.free_bytes()
     if free is not None and total + (1 << 20) > free:
         raise CheckpointWriteError(
@@ -270,14 +301,16 @@ def preflight(storage: Storage, name: str, encoded: fmt.EncodedState) -> int:
 
 
 def write_data_files(
-    storage: Storage, name: str, shards: list[list[fmt.TensorEntry]], arrays: dict | None
+    storage: Storage, name: str, shards: list[list[fmt.TensorEntry]], arrays: dict | None, plan: Any = None
 ) -> list[WrittenFile]:
     """Write one data file per shard (concurrently when several); on failure none is left."""
     if len(shards) == 1:
-        return [write_data_file(storage, data_file_name(name, 0, 1), shards[0], arrays)]
+        return [write_data_file(storage, data_file_name(name, 0, 1), shards[0], arrays, plan=plan)]
     with ThreadPoolExecutor(len(shards), thread_name_prefix="ckpt-shard") as pool:
         futures = [
-            pool.submit(write_data_file, storage, data_file_name(name, i, len(shards)), shard, arrays)
+            pool.submit(
+                write_data_file, storage, data_file_name(name, i, len(shards)), shard, arrays, plan=plan
+            )
             for i, shard in enumerate(shards)
         ]
         results, error = [], None
@@ -293,45 +326,64 @@ def write_data_files(
 
 
 def write_data_file(
-    storage: Storage, fname: str, tensors: list[fmt.TensorEntry], arrays: dict | None = None
+    storage: Storage,
+    fname: str,
+    tensors: list[fmt.TensorEntry],
+    arrays: dict | None = None,
+    *,
+    plan: Any = None,
 ) -> WrittenFile:
     """Stream one safetensors file: header, then each tensor's bytes, hashing as they pass.
 
     ``arrays``: the tensors' bytes by name when already snapshotted (async saves), else each
     entry converts its own source.
     """
-    writer, result = stage_data_file(storage, fname, tensors, arrays)
+    writer, result = stage_data_file(storage, fname, tensors, arrays, plan=plan)
     writer.commit()
     return result
 
 
 def stage_data_file(
-    storage: Storage, fname: str, tensors: list[fmt.TensorEntry], arrays: dict | None = None
+    storage: Storage,
+    fname: str,
+    tensors: list[fmt.TensorEntry],
+    arrays: dict | None = None,
+    *,
+    plan: Any = None,
 ) -> tuple[Any, WrittenFile]:
     """:func:`write_data_file` up to its commit: ``(writer, result)``, the writer written, not yet
-    committed (the caller commits or aborts it)."""
+    committed (the caller commits or aborts it). ``plan`` (incremental saves): tensors it already
+    hashed or materialised are not again, and each written tensor's probe is recorded in it."""
     header, spans = fmt.safetensors_header(tensors)
     # Big chunks are hashed on a helper thread while the same chunk is being written (xxhash and
     # os.write both release the GIL): the checksum then costs no wall time. One helper thread keeps
-    # each tensor's updates in order; small tensors hash inline.
+    # each tensor's updates in order; small tensors are gathered and hashed there by batch (_gather).
     big = bool(spans) and spans[-1][1] - spans[0][0] >= HASH_BEHIND_BYTES
     pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash") if big else None
     writer = storage.writer(fname)
     entries: dict[str, dict] = {}
     try:
         writer.write(header)
-        pending = bytearray()
+        small = Gather(writer, pool, _COALESCE_BYTES, plan.probes if plan is not None else None)
+        known = plan.checksums if plan is not None else {}
         for t, (begin, end) in zip(tensors, spans):
-            arr = arrays[t.name] if arrays is not None else t.array()
+            arr = _array_of(t, arrays, plan)
             if arr.nbytes != end - begin:
                 raise ValueError(
                     f"Tensor {t.name!r} changed while saving: expected {end - begin} bytes, got {arr.nbytes}."
                 )
-            hasher, pending = _stream_tensor(writer, arr, pending, pool)
+            entry = _tensor_entry(t, begin, end, known.get(t.name))
+            if arr.nbytes < _COALESCE_BYTES:
+                small.add(memoryview(arr.reshape(-1).view(np.uint8)), entry, t.name, t.name not in known)
+            else:
+                small.flush()
+                hasher = _stream_tensor(writer, arr, pool, hash_it=t.name not in known)
+                entry["checksum"] = known.get(t.name) or fmt.checksum_str(hasher)
+                if plan is not None:
+                    plan.probes[t.name] = _incremental.probe(arr)
             del arr
-            entries[t.name] = _tensor_entry(t, begin, end, hasher)
-        if pending:
-            writer.write(pending)
+            entries[t.name] = entry
+        small.finish()
         size = writer.written
     except BaseException:
         writer.abort()
@@ -342,43 +394,39 @@ def stage_data_file(
     return writer, WrittenFile(fname, size, len(header), fmt.checksum_bytes(header), entries)
 
 
+def _array_of(t: fmt.TensorEntry, arrays: dict | None, plan: Any) -> np.ndarray:
+    if plan is not None and t.name in plan.arrays:
+        return plan.arrays.pop(t.name)
+    return arrays[t.name] if arrays is not None else t.array()
+
+
 def _stream_tensor(
-    writer: Any, arr: np.ndarray, pending: bytearray, pool: ThreadPoolExecutor | None
-) -> tuple[Any, bytearray]:
-    """Write and hash one tensor's bytes: big chunks straight through, small ones gathered in
-    ``pending`` (returned, maybe flushed). Returns the tensor's hasher and the new ``pending``."""
-    hasher = fmt.new_hasher()
+    writer: Any, arr: np.ndarray, pool: ThreadPoolExecutor | None, hash_it: bool = True
+) -> Any:
+    """Write and hash one big tensor's bytes in chunks, each hashed on ``pool`` while it is written.
+    Returns the tensor's hasher (None without ``hash_it``: its checksum is known)."""
+    hasher = fmt.new_hasher() if hash_it else None
     hashing: Future | None = None
     for chunk in fmt.iter_tensor_bytes(arr, _WRITE_CHUNK):
-        if pool is not None and len(chunk) >= _COALESCE_BYTES:
-            hashing = pool.submit(hasher.update, chunk)
-        else:
+        if hasher is not None and pool is not None:
             if hashing is not None:
                 hashing.result()
-                hashing = None
+            hashing = pool.submit(hasher.update, chunk)
+        elif hasher is not None:
             hasher.update(chunk)
-        if len(chunk) >= _COALESCE_BYTES:
-            if pending:
-                writer.write(pending)
-                pending = bytearray()
-            writer.write(chunk)
-        else:
-            pending += chunk
-            if len(pending) >= _COALESCE_BYTES:
-                writer.write(pending)
-                pending = bytearray()
+        writer.write(chunk)
     if hashing is not None:
         hashing.result()
-    return hasher, pending
+    return hasher
 
 
-def _tensor_entry(t: fmt.TensorEntry, begin: int, end: int, hasher: Any) -> dict:
+def _tensor_entry(t: fmt.TensorEntry, begin: int, end: int, checksum: str | None) -> dict:
     return {
         "dtype": fmt.dtype_str(t.dtype),
         "shape": list(t.shape),
         "offset": begin,
         "length": end - begin,
-        "checksum": fmt.checksum_str(hasher),
+        "checksum": checksum,
         **({"kind": t.kind} if t.kind != "numpy" else {}),
         **({"byteorder": t.byteorder} if t.byteorder != "<" else {}),
     }

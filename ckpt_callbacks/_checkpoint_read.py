@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _chunks, _kinds, _readinto, _warn
 from . import _format as fmt
-from ._names import INDEX_SUFFIX, META_SUFFIX
+from ._names import INDEX_SUFFIX, META_SUFFIX, may_reference
 from ._storage import Storage
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
@@ -78,7 +78,9 @@ def read_index(storage: Storage, name: str, verify: bool = True, data: bytes | N
     index = fmt.parse_index(data, verify=verify)
     for f in index["files"]:
         fname = fmt.check_name(f["name"])
-        if not fname.startswith(name + "."):
+        own = fname.startswith(name + ".")
+        # An incremental checkpoint's data may live in a data file of an earlier checkpoint of its prefix.
+        if not own and (f.get("kind") == "meta" or not may_reference(name, fname)):
             raise CorruptCheckpointError(
                 f"Checkpoint index {name + INDEX_SUFFIX!r} names file {fname!r}, which belongs to another checkpoint."
             )

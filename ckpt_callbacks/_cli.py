@@ -256,7 +256,11 @@ def _add_arguments(commands: dict[str, argparse.ArgumentParser]) -> None:
     p = commands["export"]
     p.add_argument("path", help=_PATH_HELP)
     p.add_argument(
-        "--to", choices=["safetensors", "torch", "npz"], required=True, help="the output file format"
+        "--to",
+        choices=["safetensors", "torch", "npz", "ckpt"],
+        required=True,
+        help="the output file format; ckpt: a self-contained copy of the checkpoint (OUT: a checkpoint "
+        "path, local or fsspec URL), with the tensors it shares with earlier checkpoints included",
     )
     p.add_argument("--only", default="", metavar="PREFIX", help="only tensors whose name starts with PREFIX")
     p.add_argument(
@@ -266,7 +270,7 @@ def _add_arguments(commands: dict[str, argparse.ArgumentParser]) -> None:
         help="only tensors whose name starts with PREFIX, written without it (e.g. state_dict/)",
     )
     p.add_argument("--checkpoint", choices=["latest", "best"], default="latest", help=_CHOICE_HELP)
-    p.add_argument("out", help="the file to write (local path)")
+    p.add_argument("out", help="the file to write (local path; with --to ckpt a checkpoint path or URL)")
 
 
 def _missing_package(e: ImportError, args: argparse.Namespace) -> str:

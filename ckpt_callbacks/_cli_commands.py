@@ -27,7 +27,15 @@ from ._checkpoint_read import read_files
 from ._cli_output import _human, _metrics_str, _Progress, _table, _utc
 from ._foreign import refuse_foreign
 from ._names import INDEX_SUFFIX, STATE_FILE_NAME
-from ._resolve import open_checkpoint, pointer_target, read_index, read_meta, resolve_checkpoint, resolve_one
+from ._resolve import (
+    copy_checkpoint,
+    open_checkpoint,
+    pointer_target,
+    read_index,
+    read_meta,
+    resolve_checkpoint,
+    resolve_one,
+)
 from ._state import checked_name, read_state
 from ._storage import Storage
 from .errors import CheckpointError, CheckpointNotFoundError
@@ -108,16 +116,21 @@ def _describe(storage: Storage, name: str, options: dict | None) -> dict:
     path = storage.url_of(name)
     try:
         index = read_index(path, options, verify=False)
+        # an incremental checkpoint points into earlier checkpoints' data files: those bytes are shared
+        shared = sum(f["size"] for f in index["files"] if not f["name"].startswith(name + "."))
         size = sum(f["size"] for f in index["files"]) + (storage.size(name + INDEX_SUFFIX) or 0)
         meta = _meta_of(path, options)
         return {
             "step": index.get("step"),
             "size": size,
+            "written": size - shared,
+            "referenced": shared,
             "metrics": meta.get("metrics") or {},
             "meta_time": meta.get("time"),
         }
     except CheckpointError as e:
-        return {"step": None, "size": None, "metrics": {}, "meta_time": None, "error": str(e)}
+        unknown = dict.fromkeys(["step", "size", "written", "referenced", "meta_time"])
+        return {**unknown, "metrics": {}, "error": str(e)}
 
 
 def _ls_row(e: dict) -> list[str]:
@@ -188,6 +201,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     legend = "* = latest; " if latest else ""
     print(f"{storage.url}  ({len(rows)} checkpoints; {legend}kept-because: see ckpt-callbacks ls --help)")
     print(_table(rows, ["step", "time (UTC)", "size", "kept-because", "metrics", "checkpoint"]))
+    shared = [e for e in doc if e.get("referenced")]
+    if shared:  # incremental checkpoints: size counts the bytes they share with earlier ones
+        written, referenced = (_human(sum(e[k] for e in shared)) for k in ("written", "referenced"))
+        print(f"{len(shared)} incremental checkpoint(s): {written} written, {referenced} shared (in size)")
     return EXIT_OK
 
 
@@ -455,6 +472,14 @@ def _select(everything: dict[str, Any], only: str, strip: str) -> dict[str, Any]
 def cmd_export(args: argparse.Namespace) -> int:
     _readable(args.path, args.storage_options)
     path = resolve_checkpoint(args.path, args.storage_options, checkpoint=args.checkpoint)
+    if (
+        args.to == "ckpt"
+    ):  # the whole checkpoint, tree and .meta included; --only / --strip-prefix do not apply
+        if args.only or args.strip_prefix:
+            raise UsageError("export --to ckpt copies the whole checkpoint: drop --only / --strip-prefix.")
+        copy_checkpoint(path, args.out, args.storage_options)
+        print(f"copied {path} to {args.out} (self-contained)")
+        return EXIT_OK
     state = load_checkpoint(path, storage_options=args.storage_options, verify=True)
     tensors = _select(_flat_tensors(state), args.only, args.strip_prefix)
     progress = _Progress(len(tensors), f"export {args.to}")

@@ -1,7 +1,8 @@
-"""The startup sweep: files of interrupted saves, removed when a manager opens its directory.
+"""The startup sweep: files of interrupted saves, removed when a manager opens its directory; and
+after each commit, the files of the checkpoints retention dropped (:func:`remove_dropped`).
 
 Only files of this format are touched (by name and by content), and only those no state file
-names: temp files of unfinished writes, checkpoints whose save died before its commit, data files
+names (a data file an incremental checkpoint the state file lists points into is named too): temp files of unfinished writes, checkpoints whose save died before its commit, data files
 an interrupted re-save left next to a listed checkpoint, and pending S3 multipart uploads.
 """
 
@@ -11,8 +12,9 @@ import logging
 import re
 from dataclasses import dataclass, field, replace
 
-from ._checkpoint_io import remove_quietly
+from ._checkpoint_io import crash_point, remove_quietly
 from ._checkpoint_read import read_index, written_by_us
+from ._incremental import files_to_delete, held_files
 from ._names import INDEX_SUFFIX, STATE_FILE_NAME, data_file_name, own_file_re, step_of
 from ._state import Record
 from ._storage import TEMP_MARK, Storage
@@ -45,6 +47,9 @@ def sweep(
     own = own_file_re(prefix)
     doomed, kept_data = _classify(storage, names, keep, own)
     doomed += _stale_data_files(storage, records, kept_data)
+    if any(".data-" in f for f in doomed):  # never the bytes a kept (incremental) checkpoint points into
+        held = held_files(storage, records)
+        doomed = [f for f in doomed if f not in held]
     if not state_found:
         doomed = _spare_complete_checkpoints(storage, doomed, set(names), own)
     # Index first: once it is gone the checkpoint no longer exists for any reader.
@@ -126,5 +131,23 @@ def _stale_data_files(storage: Storage, records: list[Record], kept_data: dict[s
             continue
         named = [f["name"] for f in index["files"] if f.get("kind") != "meta"]
         stale += [f for f in files if f not in named and written_by_us(storage, f)]
-        records[i] = replace(r, shards=len(named))
+        own = [f for f in named if f.startswith(r.name + ".")]  # not those it points into (incremental)
+        records[i] = replace(r, shards=len(own), refs=tuple(sorted(set(named) - set(own))))
     return stale
+
+
+def remove_dropped(storage: Storage, dropped: list[Record], kept: list[Record], replaced: list[str]) -> None:
+    """After a commit: remove the files of the checkpoints retention ``dropped`` and the ``replaced``
+    data files of a re-saved step, except data files a ``kept`` checkpoint still points into."""
+    held = held_files(storage, kept) if dropped or replaced else set()
+    if replaced:
+        remove_quietly(storage, [n for n in replaced if n not in held])
+    for r in dropped:
+        if r.shards is None and not written_by_us(storage, r.name + INDEX_SUFFIX):
+            # Listed by a state file another writer (TensorFlow) wrote, in another format: only
+            # files of this format are ever deleted. It just stops being listed.
+            logger.info("Not deleting %s: not a ckpt_callbacks checkpoint", storage.url_of(r.name))
+            continue
+        crash_point("before_delete")
+        remove_quietly(storage, files_to_delete(storage, r, held))
+        crash_point("after_delete")

@@ -64,6 +64,9 @@ class CheckpointManager(_async.BackgroundSaves):
         allow_pickle: store (and load) leaves that are not plain tree types with pickle. Off by default:
             loading never executes code unless this is passed on both sides.
         clock: zero-argument callable returning POSIX seconds; tests inject a fake one.
+        incremental: a tensor whose dtype, shape and bytes equal the last checkpoint's is not written
+            again; the new checkpoint points at the data file holding it (retention keeps such files
+            while a kept checkpoint points at them). ``False``: every save writes every tensor.
 
     Example:
         >>> with CheckpointManager("runs/a", max_to_keep=3, keep_checkpoint_every_n_hours=1) as mgr:
@@ -88,12 +91,13 @@ class CheckpointManager(_async.BackgroundSaves):
         async_save: bool = False,
         allow_pickle: bool = False,
         clock: Callable[[], float] = time.time,
+        incremental: bool = True,
         _allow_concurrent_writers: bool = False,
         _collective: _sharding.Collective | None = None,
     ) -> None:
         _validation.check_directory(directory)
         _validation.check_storage_options(storage_options)
-        _validation.check_flags(async_save=async_save, allow_pickle=allow_pickle)
+        _validation.check_flags(async_save=async_save, allow_pickle=allow_pickle, incremental=incremental)
         _validation.check_manager_args(
             prefix, max_to_keep, keep_checkpoint_every_n_hours, keep_best, monitor, mode, clock
         )
@@ -116,7 +120,7 @@ class CheckpointManager(_async.BackgroundSaves):
         self._lock_deferred = not _allow_concurrent_writers and _sharding.follower_rank()
         reader = _allow_concurrent_writers or self._lock_deferred
         self._writer_lock = None if reader else _lock.acquire(self._storage, self)
-        self._plain = PlainWriter(allow_pickle, self._buffers)
+        self._plain = PlainWriter(allow_pickle, self._buffers, incremental)
         # Every save and restore(into=) is this collective (ckpt_callbacks.distributed.manager), or
         # only those of sharded state; an async manager keeps one sharded writer for all of them.
         self._collective = _collective
@@ -293,10 +297,10 @@ class CheckpointManager(_async.BackgroundSaves):
         Every save commits here, through :class:`_Target` (what a writer sees of the manager).
         """
         decision = self._commit(record, replacing)
-        if replacing is not None:  # the replaced copy's data files (its .meta and .index were overwritten)
-            new = set(files_of(record.name, record.shards))
-            _cio.remove_quietly(self._storage, [n for n in replacing.data_files if n not in new])
-        self._delete_rotated(decision.deleted)
+        replaced = []  # the replaced copy's data files (its .meta and .index were overwritten)
+        if replacing is not None:
+            replaced = [n for n in replacing.data_files if n not in files_of(record.name, record.shards)]
+        _leftovers.remove_dropped(self._storage, decision.deleted, decision.kept, replaced)
 
     def _replacing(self, name: str) -> _cio.Replaced | None:
         """What a re-save of the already listed ``name`` must be able to put back; None for a new step.
@@ -358,19 +362,6 @@ class CheckpointManager(_async.BackgroundSaves):
                 if self.resumed_from is not None and self.resumed_from != name:
                     self.resumed_from = None  # a newer checkpoint is committed: no longer protected
         return decision
-
-    def _delete_rotated(self, deleted: list[Record]) -> None:
-        """Remove the files of the checkpoints retention just dropped from the state file."""
-        storage = self._storage
-        for r in deleted:
-            if r.shards is None and not written_by_us(storage, r.name + INDEX_SUFFIX):
-                # Listed by a state file another writer (TensorFlow) wrote, in another format: only
-                # files of this format are ever deleted. It just stops being listed.
-                logger.info("Not deleting %s: not a ckpt_callbacks checkpoint", storage.url_of(r.name))
-                continue
-            _cio.crash_point("before_delete")
-            _cio.remove_quietly(storage, [r.name + INDEX_SUFFIX, *files_of(r.name, r.shards, storage)])
-            _cio.crash_point("after_delete")
 
     def _follow_other_writer(self) -> None:
         """Continue from the state file on storage if another writer changed it since this manager

@@ -38,6 +38,18 @@ def own_file_re(prefix: str) -> re.Pattern[str]:
     return re.compile(rf"(?P<ckpt>{p}-\d+)(?:\.data-\d{{5}}-of-\d{{5}}|\.index|\.meta)\Z")
 
 
+def may_reference(name: str, fname: str) -> bool:
+    """Whether checkpoint ``name``'s index may name ``fname`` as a data file: its own files, or (an
+    incremental checkpoint) a data file of an earlier ``<prefix>-<step>`` checkpoint (a lower step)."""
+    if fname.startswith(name + "."):
+        return True
+    m = _STEP.search(name)
+    if m is None:
+        return False
+    other = re.fullmatch(rf"{re.escape(name[: m.start()])}-(\d+)\.data-\d{{5}}-of-\d{{5}}", fname)
+    return other is not None and int(other.group(1)) < int(m.group(1))
+
+
 def split_url(path: str | os.PathLike[str]) -> tuple[str, str]:
     """``(directory, name)`` of a checkpoint path or fsspec URL: ``"s3://b/run/ckpt-1"`` ->
     ``("s3://b/run", "ckpt-1")``, ``"memory://ckpt-1"`` -> ``("memory://", "ckpt-1")``, ``"ckpt-1"`` ->

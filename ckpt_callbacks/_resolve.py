@@ -14,10 +14,20 @@ import os
 import time
 from typing import Any
 
+import numpy as np
+
 from . import _format as fmt
-from . import _sharding, _validation
+from . import _kinds, _sharding, _validation
 from ._checkpoint_io import meta_doc, write_checkpoint
-from ._checkpoint_read import MAX_META_BYTES, load, newest_first, newest_valid, read_bounded, written_by_us
+from ._checkpoint_read import (
+    MAX_META_BYTES,
+    load,
+    newest_first,
+    newest_valid,
+    read_bounded,
+    read_tensors,
+    written_by_us,
+)
 from ._checkpoint_read import read_index as _read_index
 from ._names import INDEX_SUFFIX, META_SUFFIX, join_url, split_url, step_of
 from ._state import CheckpointState, best_of, checked_name, no_best_error, read_state
@@ -352,3 +362,36 @@ def latest_checkpoint(directory: str | os.PathLike, storage_options: dict | None
         return None
     name = checked_name(found[0].model_checkpoint_path)
     return storage.url_of(name) if storage.exists(name + INDEX_SUFFIX) else None
+
+
+def copy_checkpoint(
+    path: str | os.PathLike, out: str | os.PathLike, storage_options: dict | None = None
+) -> None:
+    """Copy one checkpoint (any form :func:`resolve_checkpoint` accepts) to the checkpoint path ``out``
+    (local or any fsspec URL), self-contained: every tensor, those it points into earlier data files
+    for included (incremental checkpoints), in data files of its own; its tree and ``.meta`` as they
+    are. Every checksum is verified on the way. ``out`` is read back by its path, as a
+    :func:`save_checkpoint` one is (no state file is written)."""
+    storage, name = open_checkpoint(resolve_checkpoint(path, storage_options), storage_options)
+    index = _read_index(storage, name)
+    entries = {n: dict(t) for n, t in index["tensors"].items()}  # read_tensors rewrites chunked ones
+    tensors = read_tensors(storage, index, verify=True)
+    meta = json.loads(read_bounded(storage, name + META_SUFFIX, MAX_META_BYTES))
+    encoded = fmt.EncodedState(index["tree"])
+    arrays = {}
+    for tname, t in entries.items():
+        arr, kind = tensors[tname], t.get("kind", _kinds.NUMPY)
+        arr = (
+            _kinds.get(kind).to_numpy(arr)
+            if kind != _kinds.NUMPY and not isinstance(arr, np.ndarray)
+            else arr
+        )
+        arrays[tname] = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        dtype = fmt.dtype_from_name(t["dtype"])
+        encoded.tensors.append(
+            fmt.TensorEntry(tname, dtype, tuple(t["shape"]), None, kind, t.get("byteorder", "<"))
+        )
+    directory, out_name = split_url(os.fspath(out))
+    target = Storage(directory, storage_options)
+    target.makedirs()
+    write_checkpoint(target, fmt.check_name(out_name), encoded, index["step"], meta, arrays)

@@ -53,6 +53,9 @@ class Record:
     status: str = "active"  # "active" (in the max_to_keep window), "hourly" or "best"
     metric: float | None = None
     shards: int | None = None
+    # Data files of other checkpoints this one points into (incremental saves); None: unknown (a
+    # record rebuilt from TensorFlow's fields only), read from its index when it matters.
+    refs: tuple[str, ...] | None = ()
 
 
 def _unquote(s: str) -> str:
@@ -138,10 +141,11 @@ def _parse_records(extra: str, state: CheckpointState) -> list[Record] | None:
                 status=str(r["status"]),
                 metric=None if r.get("metric") is None else float(r["metric"]),
                 shards=None if r.get("shards") is None else int(r["shards"]),
+                refs=tuple(checked_name(str(f)) for f in r.get("refs", ())),
             )
             for r in data["checkpoints"]
         ]
-    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError, CorruptCheckpointError):
         return None  # fall back to the TF fields, which are authoritative
     # The comment is only trusted when it agrees with the fields TensorFlow reads.
     if [r.name for r in records] != state.all_model_checkpoint_paths or any(
@@ -161,7 +165,9 @@ def restart_records(
         return [replace(r, timestamp=min(r.timestamp, now)) for r in records]
     stamps = state.all_model_checkpoint_timestamps or [last_preserved] * len(state.all_model_checkpoint_paths)
     return [
-        Record(n, step_of(n), min(ts, now), "active" if min(ts, now) > last_preserved else "hourly")
+        Record(
+            n, step_of(n), min(ts, now), "active" if min(ts, now) > last_preserved else "hourly", refs=None
+        )
         for n, ts in zip(state.all_model_checkpoint_paths, stamps)
     ]
 
@@ -197,6 +203,7 @@ def dump_state(latest: str, records: list[Record], last_preserved: float, best: 
                 "status": r.status,
                 "metric": r.metric if r.metric is not None and math.isfinite(r.metric) else None,
                 "shards": r.shards,
+                **({"refs": list(r.refs)} if r.refs else {}),
             }
             for r in records
         ],

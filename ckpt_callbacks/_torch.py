@@ -91,6 +91,15 @@ class TorchKind:
     from_numpy = staticmethod(from_numpy)
 
     @staticmethod
+    def version(t: torch.Tensor) -> int | None:
+        """torch's in-place-modification counter of ``t``: a new value proves ``t`` changed (the
+        same value proves nothing: ``.data`` writes do not count), so incremental saves skip hashing it."""
+        try:
+            return int(t._version)
+        except (AttributeError, RuntimeError):  # inference tensors keep no counter
+            return None
+
+    @staticmethod
     def copy_into(buf: np.ndarray, t: torch.Tensor) -> bool:
         """Copy ``t`` straight into the host buffer ``buf`` (any device, any strides); False for a
         tensor with a lazy conjugate / negation bit, which :func:`to_numpy` resolves instead."""

@@ -18,9 +18,10 @@ import logging
 import time
 from typing import Any, Protocol
 
-from . import _async
+from . import _async, _incremental
 from . import _checkpoint_io as _cio
 from . import _format as fmt
+from ._names import split_url
 from ._state import Record
 from ._storage import Storage
 
@@ -39,9 +40,10 @@ class SaveJob:
     writer: CheckpointWriter
     payload: Any  # what ``writer.prepare`` returned
 
-    def record(self, shards: int | None) -> Record:
-        """The state file's record of this checkpoint, once its ``shards`` data files are written."""
-        return Record(self.name, self.step, self.timestamp, "active", self.metric, shards)
+    def record(self, shards: int | None, refs: tuple[str, ...] = ()) -> Record:
+        """The state file's record of this checkpoint, once its ``shards`` data files are written
+        (``refs``: the earlier checkpoints' data files it points into)."""
+        return Record(self.name, self.step, self.timestamp, "active", self.metric, shards, refs)
 
 
 class SaveTarget(Protocol):
@@ -81,13 +83,18 @@ class CheckpointWriter(Protocol):
 
 
 class PlainWriter:
-    """This process writes every file: :func:`._checkpoint_io.write_checkpoint`, then the commit."""
+    """This process writes every file: :func:`._checkpoint_io.write_checkpoint`, then the commit.
+
+    ``incremental``: tensors unchanged since the latest checkpoint are not written again
+    (:mod:`._incremental`; the writer remembers the tensors of the last checkpoint it committed).
+    """
 
     default_info: dict[str, Any] | None = None
 
-    def __init__(self, allow_pickle: bool, buffers: _async.SnapshotBuffers) -> None:
+    def __init__(self, allow_pickle: bool, buffers: _async.SnapshotBuffers, incremental: bool = True) -> None:
         self._allow_pickle = allow_pickle
         self._buffers = buffers  # the manager's snapshot buffers, kept between saves
+        self._tracker = _incremental.Tracker(incremental)
 
     def prepare(self, state: Any, *, snapshot: bool, options: dict[str, Any] | None) -> Any:
         encoded = fmt.encode_tree(state, allow_pickle=self._allow_pickle)
@@ -100,11 +107,14 @@ class PlainWriter:
         storage.makedirs()
         encoded, arrays = job.payload
         replacing = target.replacing(job.name)
+        latest = target.latest_checkpoint
+        plan = self._tracker.plan(storage, job.name, split_url(latest)[1] if latest else None, replacing)
         # defer_sync: the state file's temp is written while the last directory fsync runs
         shards = _cio.write_checkpoint(
-            storage, job.name, encoded, job.step, job.meta_doc, arrays, replacing, defer_sync=True
+            storage, job.name, encoded, job.step, job.meta_doc, arrays, replacing, defer_sync=True, plan=plan
         )
-        target.commit(job.record(shards), replacing)
+        target.commit(job.record(shards, _incremental.refs_of(plan)), replacing)
+        self._tracker.committed(job.name, plan)
         dt, nbytes = time.perf_counter() - t0, sum(t.nbytes for t in encoded.tensors)
         logger.info(
             "Saved %s (%d bytes in %.3f s, %.1f MiB/s)",

@@ -137,6 +137,7 @@ def test_every_file_of_a_save_is_byte_identical_to_the_golden_copy(tmp_path, fix
         keep_best=1,
         monitor="loss",
         clock=clock,
+        incremental=False,  # the full format; test_incremental.py covers references
     ) as mgr:
         for step in (1, 2, 3):
             clock.t += 1800.5

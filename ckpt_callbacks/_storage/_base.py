@@ -64,6 +64,20 @@ class AtomicWriter:
             raise write_error(self.storage, self.name, e) from e
         self.written += memoryview(data).nbytes
 
+    def write_many(self, views: list[memoryview]) -> None:
+        """Write ``views`` one after the other (local disk: one gathered write, no copy)."""
+        try:
+            self._write_many(views)
+        except CheckpointWriteError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any backend error is a write failure
+            raise write_error(self.storage, self.name, e) from e
+        self.written += sum(v.nbytes for v in views)
+
+    def _write_many(self, views: list[memoryview]) -> None:
+        for view in views:
+            self._write(view)
+
     def prepare(self) -> None:
         self._finishing(self._prepare)
 

@@ -37,6 +37,23 @@ class LocalWriter(AtomicWriter):
             n = os.write(self.fd, view)
             view = view[n:]
 
+    def _write_many(self, views: list[memoryview]) -> None:
+        """``os.writev`` of up to 512 views at a time (IOV_MAX is 1024 on Linux), partial writes resumed."""
+        if not hasattr(os, "writev"):
+            super()._write_many(views)
+            return
+        pending = [v.cast("B") if v.format != "B" or v.ndim != 1 else v for v in views if v.nbytes]
+        while pending:
+            batch = pending[:512]
+            n = os.writev(self.fd, batch)
+            done = 0
+            while done < len(batch) and n >= batch[done].nbytes:
+                n -= batch[done].nbytes
+                done += 1
+            pending = pending[done:]
+            if n:  # a view written in part: the rest goes first next time
+                pending[0] = pending[0][n:]
+
     def _prepare(self) -> None:
         if self.fd is not None:
             os.fsync(self.fd)

@@ -265,6 +265,31 @@ class ManagerConformance:
         on_storage = {n.split(".")[0] for n in backend.names() if n.startswith("ckpt-")}
         assert on_storage == {"ckpt-4", "ckpt-5", "ckpt-6"}
 
+    @pytest.mark.parametrize("async_save", [False, True])
+    def test_incremental_saves_upload_only_what_changed(self, backend: Backend, async_save: bool) -> None:
+        """Unchanged tensors are not written again (on object stores: not uploaded again); the bytes
+        a kept checkpoint points into outlive the checkpoint that wrote them."""
+        frozen = np.arange(256 * 1024, dtype=np.float32)  # 1 MiB
+        with CheckpointManager(
+            backend.url, storage_options=backend.so, max_to_keep=2, async_save=async_save
+        ) as mgr:
+            for step in range(1, 5):
+                mgr.save({"frozen": frozen, "head": small(step)["w"], "step": step}, step=step)
+            mgr.wait_until_finished()
+            assert names_of(mgr.checkpoints) == ["ckpt-3", "ckpt-4"]
+        names = backend.names()
+        data = sorted(n for n in names if ".data-" in n)
+        assert data == [f"ckpt-{s}.data-00000-of-00001" for s in (1, 3, 4)]
+        assert {n.split(".")[0] for n in names if n.startswith("ckpt-") and ".data-" not in n} == {
+            "ckpt-3",
+            "ckpt-4",
+        }
+        assert len(backend.read("ckpt-4.data-00000-of-00001")) < frozen.nbytes // 10
+        for step in (3, 4):
+            state = load_checkpoint(backend.join(f"ckpt-{step}"), storage_options=backend.so)
+            np.testing.assert_array_equal(state["frozen"], frozen)
+            np.testing.assert_array_equal(state["head"], small(step)["w"])
+
     # Saves every half hour, max_to_keep=2, one kept per hour: TensorFlow's CheckpointManager keeps
     # ckpt-3 (1 h after the manager started) and ckpt-5 (1 h after ckpt-3) forever.
     HOURLY_EXPECTED = ["ckpt-3", "ckpt-5", "ckpt-6", "ckpt-7"]

@@ -153,6 +153,33 @@ def test_single_process_load_checkpoint_gives_full_tensors(sharded):
     assert ("model.0.weight", "float32", (16, 8)) in ckpt_callbacks.list_variables(directory)
 
 
+def test_plain_incremental_saves_after_sharded_ones_share_a_directory(sharded, tmp_path):
+    """Sharded saves write full checkpoints; plain (incremental) saves continue in the same directory:
+    the first one writes everything (a sharded index's chunks are never pointed into), the next one
+    points into it, and retention drops the sharded checkpoints whole."""
+    directory = str(tmp_path / "mixed")
+    shutil.copytree(sharded[0], directory)
+    full = load_checkpoint(os.path.join(directory, "ckpt-3"))
+    with CheckpointManager(directory, max_to_keep=2) as mgr:
+        mgr.save(full, step=4)
+        first = read_index(os.path.join(directory, "ckpt-4"))
+        assert all(f["name"].startswith("ckpt-4.") for f in first["files"])
+        mgr.save(full, step=5)
+        mgr.save(full, step=6)
+    latest = read_index(os.path.join(directory, "ckpt-6"))
+    assert {f["name"] for f in latest["files"]} == {
+        "ckpt-6.meta",
+        "ckpt-6.data-00000-of-00001",
+        "ckpt-4.data-00000-of-00001",
+    }
+    assert sorted(n for n in os.listdir(directory) if n.startswith("ckpt-") and ".data-" in n) == [
+        "ckpt-4.data-00000-of-00001",
+        "ckpt-5.data-00000-of-00001",
+        "ckpt-6.data-00000-of-00001",
+    ]
+    assert_same(flat_tensors(load_checkpoint(os.path.join(directory, "ckpt-6"))), flat_tensors(full))
+
+
 def test_a_rank_1_error_raises_on_every_rank_and_commits_nothing(sharded):
     directory, _, results = sharded
     for r in results:

@@ -104,6 +104,8 @@ def verify_after_crash(directory: str, min_latest: int, max_latest: int) -> dict
     expected = set(wl.FOREIGN_FILES)
     for s in listed:
         expected |= set(wl.checkpoint_files(directory, f"{wl.PREFIX}-{s}"))
+    for r in records or () if latest else ():  # data files of dropped checkpoints that kept ones point into
+        expected |= set(r.refs)
     if latest:
         expected.add(STATE_FILE_NAME)
     before = set(os.listdir(directory)) - {LOCK_FILE_NAME}

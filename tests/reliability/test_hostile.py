@@ -410,7 +410,8 @@ def test_state_file_retention_comment_is_untrusted(ckpt, tmp_path, comment):
     text = [ln for ln in text if not ln.startswith("# ckpt_callbacks:")] + ["# ckpt_callbacks: " + comment]
     (ckpt / "checkpoint").write_text("\n".join(text) + "\n")
     before = _outside(tmp_path)
-    with CheckpointManager(str(ckpt), max_to_keep=1) as mgr:
+    # incremental=False: the same state again would point into ckpt-1's data file, which then stays
+    with CheckpointManager(str(ckpt), max_to_keep=1, incremental=False) as mgr:
         assert [os.path.basename(p) for p in mgr.checkpoints] == ["ckpt-1"]
         mgr.save(_state(), step=2)
     assert sorted(f for f in os.listdir(ckpt) if f.startswith("ckpt-")) == [
