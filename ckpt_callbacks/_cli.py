@@ -22,12 +22,12 @@ from ._cli_commands import (
     EXIT_OK,
     EXIT_USAGE,
     UsageError,
-    cmd_export,
     cmd_gc,
     cmd_inspect,
     cmd_ls,
     cmd_verify,
 )
+from ._cli_export import cmd_export
 from .errors import CheckpointError, CorruptCheckpointError
 
 # Which extra brings the fsspec backend of a URL scheme (the message for a missing one names it).
