@@ -24,9 +24,11 @@ bytes go changes:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import _storage, _validation
@@ -34,7 +36,7 @@ from .._manager import CheckpointManager
 from ..errors import CheckpointError
 from . import _compat, _convert
 from ._io import _DispatchingCheckpointIO, _marker_bytes, _read_marker_quietly, load_any, split_path
-from ._trainer import _info, _metrics, _rank_zero, check_strategy
+from ._trainer import _fn, _info, _metrics, _rank_zero, check_strategy
 
 Trainer = LightningModule = Any  # either namespace's (see _compat)
 
@@ -157,7 +159,9 @@ class ModelCheckpoint(_compat.Bound):
         self._replaced_io: tuple[Any, Any] | None = None
         self._pending: tuple[str, Any] | None = None  # (path, trainer) of the save this callback asked for
         self._ranked: float | None = None  # the monitored value Lightning ranked that save by
-        self._saved: tuple[int, str] | None = None  # (step, checkpoint name) of this run's newest save
+        self._saved: tuple[int, str, bool] | None = None  # (step, checkpoint name, ranked) of the newest save
+        self._measured: tuple[int, float] | None = None  # (step, monitored value) of the last validation
+        self._topk_pending = False  # a top-k save waits for the next validation (its value was stale)
         self._pointers: dict[str, str] = {}  # pointer name -> checkpoint name, written
         self._unwritten: list[tuple[str, str]] = []  # pointers whose checkpoint is not committed yet
         self._warned_hparams: set[str] = set()
@@ -194,6 +198,19 @@ class ModelCheckpoint(_compat.Bound):
                 trainer, f"{_NAME}: resuming from {path} (global step {checkpoint.get('global_step')})."
             )
 
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor) if self.monitor else None
+        fresh = value is not None and not trainer.sanity_checking
+        if fresh:
+            self._measured = (trainer.global_step, float(value))
+        super().on_validation_end(trainer, pl_module)
+        if self._topk_pending and fresh and not self._skip(trainer):
+            # Rank the weights this value was measured on: a checkpoint of this step (a pointer to
+            # the one just saved, if any), never a later one carrying the value over.
+            self._topk_pending = False
+            if self._saved is None or self._saved[0] != trainer.global_step or not self._saved[2]:
+                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if self._mgr is not None:
@@ -210,7 +227,30 @@ class ModelCheckpoint(_compat.Bound):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._release(trainer)
 
-    # ------------------------------------------------------------------ Lightning's storage seams
+    # ------------------------------------------------------------------ Lightning's seams
+
+    def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Any]) -> None:
+        """Lightning's top-k, ranking only values measured at this step (the save between two
+        validations waits for the next one: Lightning would rank it by the last validation's value)."""
+        if self.monitor is not None and self.save_top_k != 0 and self._stale(trainer, monitor_candidates):
+            self._topk_pending = True
+            if monitor_candidates.get(self.monitor) is not None:
+                if self.save_top_k == -1:  # every save is kept: save it now, rank it never
+                    path = self._get_metric_interpolated_filepath_name(monitor_candidates, trainer)
+                    self._save_checkpoint(trainer, path)
+                return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _stale(self, trainer: Trainer, monitor_candidates: dict[str, Any]) -> bool:
+        current = monitor_candidates.get(self.monitor)
+        if current is None:
+            return True  # not measured yet (Lightning warns, or raises once validation has run)
+        if self._measured is None or self._measured[0] == trainer.global_step:
+            return False
+        return float(current) == self._measured[1]  # a validation value carried over to a later step
+
+    def _skip(self, trainer: Trainer) -> bool:
+        return bool(trainer.fast_dev_run) or trainer.sanity_checking or _fn(trainer) != "fit"
 
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         value = self.best_k_models.get(filepath) if self.monitor else None
@@ -303,17 +343,19 @@ class ModelCheckpoint(_compat.Bound):
         """Rank zero, inside ``trainer.save_checkpoint``: the dict becomes ``<prefix>-<step>``; ``path`` its pointer."""
         mgr = self._manager()
         step = int(checkpoint.get("global_step") or 0)
-        if self._saved is not None and self._saved[0] == step:
+        ranked = self._ranked is not None
+        if self._saved is not None and self._saved[0] == step and (self._saved[2] or not ranked):
             target = self._saved[1]  # a second pointer of this step (a top-k save, then last.ckpt)
-        else:
+        else:  # a new step, or this step again now ranked (its value measured just after the save)
             metrics = _metrics(trainer)
             metrics.pop(self.monitor, None)
             if self._ranked is not None:
                 metrics[self.monitor] = self._ranked
             tree = _convert.to_tree(checkpoint, allow_pickle=self.allow_pickle, warned=self._warned_hparams)
             info = _info(trainer, trainer.lightning_module)
-            target = split_path(mgr.save(tree, step=step, metrics=metrics, _info=info))[1]
-            self._saved = (step, target)
+            with _quiet_replace(self._saved is not None and self._saved[0] == step):
+                target = split_path(mgr.save(tree, step=step, metrics=metrics, _info=info))[1]
+            self._saved = (step, target, ranked)
         name = split_path(path)[1]
         self._unwritten = [(p, t) for p, t in self._unwritten if p != name] + [(name, target)]
 
@@ -367,12 +409,35 @@ class ModelCheckpoint(_compat.Bound):
             strategy.checkpoint_io = original
             self._replaced_io = None
         if self._mgr is not None:
+            try:  # after an exception too: the pointers of the saves still in flight
+                self._mgr.wait_until_finished()
+                self._sync(trainer, final=True)
+            except CheckpointError as e:
+                _rank_zero(trainer, f"{_NAME}: a background save had failed: {e}", warn=True)
             mgr, self._mgr = self._mgr, None
             self._saved = None
             try:
                 mgr.close()
             except CheckpointError as e:  # already raised in on_train_end unless fit failed
                 _rank_zero(trainer, f"{_NAME}: a background save had failed: {e}", warn=True)
+
+
+@contextlib.contextmanager
+def _quiet_replace(expected: bool) -> Iterator[None]:
+    """Without the manager's "Replacing existing checkpoint" warning where replacing is the plan."""
+    if not expected:
+        yield
+        return
+    log = logging.getLogger("ckpt_callbacks")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Replacing existing checkpoint")
+
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
 
 
 def _check_filename(filename: Any) -> None:
