@@ -30,6 +30,7 @@ from ._state import (
     Record,
     checked_name,
     dump_state,
+    no_best_error,
     read_state,
     read_state_bytes,
     restart_records,
@@ -184,6 +185,19 @@ class CheckpointManager(_async.BackgroundSaves):
             return self._storage.url_of(self._latest) if self._latest else None
 
     @property
+    def best_checkpoint(self) -> str | None:
+        """Path of the best kept checkpoint by ``metrics[monitor]`` (``keep_best``), or None.
+
+        None without ``keep_best`` or a kept checkpoint scored; a tie goes to the one scored first.
+        """
+        with self._lock:
+            best = self._best_of(self._records)
+            return self._storage.url_of(best) if best else None
+
+    def _best_of(self, records: list[Record]) -> str | None:
+        return BestN(self._keep_best, self._monitor, self._mode).top(records) if self._keep_best else None
+
+    @property
     def checkpoints(self) -> list[str]:
         """Every committed checkpoint the manager keeps (preserved ones included), oldest first."""
         with self._lock:
@@ -317,10 +331,11 @@ class CheckpointManager(_async.BackgroundSaves):
                 records = [r for r in self._records if r.name != name]  # a re-saved step: the new copy
                 records.append(record)
                 decision = self._retention(name).apply(records, self._last_preserved)
-            state_bytes = dump_state(name, decision.kept, decision.last_preserved)
+            best = self._best_of(decision.kept)
+            state_bytes = dump_state(name, decision.kept, decision.last_preserved, best)
             try:
                 _cio.crash_point("before_state")
-                self._commit_state(state_bytes)
+                write_state(self._storage, state_bytes)  # the commit point
                 _cio.crash_point("after_state")
             except BaseException as e:
                 self._after_failed_commit(e, state_bytes, record, replacing)
@@ -383,17 +398,13 @@ class CheckpointManager(_async.BackgroundSaves):
             nbytes / 2**20 / max(dt, 1e-9),
         )
 
-    def _commit_state(self, data: bytes) -> None:
-        """Write the state file: the commit point of a save."""
-        write_state(self._storage, data)
-
     def _follow_other_writer(self) -> None:
         """Continue from the state file on storage if another writer changed it since this manager
         last read or wrote it (a second manager on this directory in this process: the writer lock
         is per process). Without this, this commit would drop the other writer's checkpoints from
         the state file and the next start would delete them as leftovers. One small read per save."""
         try:
-            data = self._stored_state()
+            data = read_state_bytes(self._storage)
         except CheckpointError:
             return  # unreadable now: the commit itself will tell
         if data == self._state_bytes:
@@ -406,14 +417,10 @@ class CheckpointManager(_async.BackgroundSaves):
         with self._lock:
             self._load_state()
 
-    def _stored_state(self) -> bytes | None:
-        """The state file's bytes on storage; None when there is none."""
-        return read_state_bytes(self._storage)
-
     def _state_file_is(self, data: bytes) -> bool | None:
         """Whether the state file on storage is exactly ``data``; None when it cannot be read."""
         try:
-            return self._stored_state() == data
+            return read_state_bytes(self._storage) == data
         except Exception:  # noqa: BLE001 - unreadable now: unknown
             return None
 
@@ -453,6 +460,8 @@ class CheckpointManager(_async.BackgroundSaves):
     def restore(self, path: str | os.PathLike | None = None, *, into: Any = None) -> Any:
         """The state of ``path``, or of the newest valid checkpoint (None when there is none).
 
+        ``path`` may be ``"latest"`` (the default) or ``"best"`` (:attr:`best_checkpoint`, or CheckpointNotFoundError).
+
         ``into``: restore in place, as :func:`load_checkpoint` does (async: snapshot buffers mapped too).
         With a path, missing or corrupt checkpoints raise CheckpointNotFoundError /
         CorruptCheckpointError. Without one, corrupt checkpoints are skipped with a warning.
@@ -461,6 +470,11 @@ class CheckpointManager(_async.BackgroundSaves):
         checkpoints that did commit can still be restored.
         """
         self._wait(raise_error=False)
+        if path == "best":
+            path = self.best_checkpoint
+            if path is None:
+                raise no_best_error(self.directory, ranked=bool(self._keep_best))
+        path = None if path == "latest" else path
         if path is not None:
             directory, name = split_url(os.fspath(path))
             storage = Storage(directory, self._storage_options) if directory != "." else self._storage

@@ -17,12 +17,12 @@ import warnings
 from typing import Any
 
 from . import _format as fmt
-from . import _sharding
+from . import _sharding, _validation
 from ._checkpoint_io import meta_doc, write_checkpoint
 from ._checkpoint_read import MAX_META_BYTES, load, read_bounded, written_by_us
 from ._checkpoint_read import read_index as _read_index
 from ._names import INDEX_SUFFIX, META_SUFFIX, join_url, split_url, step_of
-from ._state import CheckpointState, checked_name, read_state
+from ._state import CheckpointState, best_of, checked_name, no_best_error, read_state
 from ._storage import Storage
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
@@ -86,13 +86,23 @@ def resolve_one(path: str | os.PathLike, storage_options: dict | None = None) ->
 
 
 def resolve_checkpoint(
-    path_or_directory: str | os.PathLike, storage_options: dict | None = None, verify: bool = True
+    path_or_directory: str | os.PathLike,
+    storage_options: dict | None = None,
+    verify: bool = True,
+    checkpoint: str = "latest",
 ) -> str:
     """A checkpoint path: the checkpoint ``path_or_directory`` names (see :func:`resolve_one`), or
-    the newest valid checkpoint of a directory with a ``checkpoint`` state file."""
+    for a directory with a ``checkpoint`` state file its newest valid checkpoint (``checkpoint="latest"``)
+    or the best one its manager kept by ``keep_best`` (``checkpoint="best"``)."""
+    _validation.check_checkpoint_choice(checkpoint)
     p = os.fspath(path_or_directory)
     one = resolve_one(p, storage_options)
     if one is not None:
+        if checkpoint == "best":
+            raise ValueError(
+                f"checkpoint='best' chooses among the checkpoints of a directory, but {p!r} is one "
+                "checkpoint. Pass its directory, or leave checkpoint at its default."
+            )
         return one
     d = Storage(p, storage_options)
     found = read_state(d)
@@ -102,6 +112,15 @@ def resolve_checkpoint(
             "'checkpoint' state file."
         )
     state = found[0]
+    if checkpoint == "best":
+        best = best_of(found[2])
+        if best is None:
+            raise no_best_error(p, ranked=False)
+        if verify:
+            _read_index(d, best)  # best means this one: corrupt is an error, not a fallback
+        elif not d.exists(best + INDEX_SUFFIX):
+            raise CheckpointNotFoundError(f"The best checkpoint {d.url_of(best)!r} has no index file.")
+        return d.url_of(best)
     names = [checked_name(n) for n in state.all_model_checkpoint_paths]
     if state.model_checkpoint_path:
         latest = checked_name(state.model_checkpoint_path)
@@ -180,6 +199,7 @@ def load_checkpoint(
     verify: bool = True,
     allow_pickle: bool = False,
     into: Any = None,
+    checkpoint: str = "latest",
 ) -> dict:
     """Load one checkpoint's state tree; with ``verify`` every checksum is checked.
 
@@ -202,6 +222,8 @@ def load_checkpoint(
             Saved tensors with no destination in ``into`` are simply loaded. An ``into`` holding
             ``DTensor`` leaves (sharded state) is filled by ``torch.distributed.checkpoint.load``, a
             collective call on every rank, whatever the number of ranks that wrote the checkpoint.
+        checkpoint: for a directory, which checkpoint: ``"latest"`` (the newest valid one) or
+            ``"best"`` (the best one its manager kept by ``keep_best``).
 
     Returns:
         The state tree as saved: dicts, lists, tuples, numpy arrays, numbers, strings. Tensors saved
@@ -223,15 +245,17 @@ def load_checkpoint(
         >>> state = load_checkpoint("runs/mnist")         # the newest valid checkpoint of a directory
         >>> state = load_checkpoint("s3://bucket/run/ckpt-1000", storage_options={"anon": False})
         >>> state = load_checkpoint("runs/a", into={"state_dict": module.state_dict()})  # in place
+        >>> state = load_checkpoint("runs/a", checkpoint="best")  # the best kept by keep_best
     """
-    storage, name = open_checkpoint(resolve_checkpoint(path, storage_options), storage_options)
+    path = resolve_checkpoint(path, storage_options, checkpoint=checkpoint)
+    storage, name = open_checkpoint(path, storage_options)
     if _sharding.is_sharded(into):
         return _sharding.ops().load_into(storage.url_of(name), into, storage_options)
     return load(storage, name, verify=verify, allow_pickle=allow_pickle, into=into)
 
 
 def list_variables(
-    path: str | os.PathLike, storage_options: dict | None = None
+    path: str | os.PathLike, storage_options: dict | None = None, *, checkpoint: str = "latest"
 ) -> list[tuple[str, str, tuple]]:
     """``(name, dtype, shape)`` of every tensor in a checkpoint (or a directory's latest), by name.
 
@@ -243,7 +267,7 @@ def list_variables(
         >>> list_variables("runs/a/ckpt-10")
         [('model/w', 'float32', (4, 4))]
     """
-    path = resolve_checkpoint(path, storage_options, verify=False)
+    path = resolve_checkpoint(path, storage_options, verify=False, checkpoint=checkpoint)
     index = _read_index(*open_checkpoint(path, storage_options))
     return sorted((n, t["dtype"], tuple(t["shape"])) for n, t in index["tensors"].items())
 

@@ -53,12 +53,23 @@ class BestN:
     mode: str = "min"
     reason: str = "best"
 
-    def best(self, records: Sequence[Record]) -> set[str]:
+    def ranked(self, records: Sequence[Record]) -> list[Record]:
+        """The records that carry a score, best first."""
         scored = [r for r in records if r.metric is not None and not math.isnan(r.metric)]
         sign = 1.0 if self.mode == "min" else -1.0
-        # Ties go to the newer checkpoint, like a monitor that prefers the latest equal score.
-        scored.sort(key=lambda r: (sign * r.metric, -r.step))
-        return {r.name for r in scored[: self.k]}
+        # Ties go to the checkpoint that scored first, as Keras' and Lightning's monitors (a strict
+        # improvement is needed to replace the best): a later save tagged with the same value never
+        # displaces the checkpoint the value was measured at.
+        scored.sort(key=lambda r: (sign * r.metric, r.step, r.timestamp))
+        return scored
+
+    def best(self, records: Sequence[Record]) -> set[str]:
+        return {r.name for r in self.ranked(records)[: self.k]}
+
+    def top(self, records: Sequence[Record]) -> str | None:
+        """The name of the best record, or None when none carries a score."""
+        ranked = self.ranked(records)
+        return ranked[0].name if ranked else None
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,8 @@ def restart_records(
     ]
 
 
-def dump_state(latest: str, records: list[Record], last_preserved: float) -> bytes:
+def dump_state(latest: str, records: list[Record], last_preserved: float, best: str | None = None) -> bytes:
+    """The state file's bytes; ``best`` (the best kept checkpoint by ``keep_best``) rides in the comment."""
     lines = [f"model_checkpoint_path: {_quote(latest)}"]
     lines += [f"all_model_checkpoint_paths: {_quote(r.name)}" for r in records]
     lines += [f"all_model_checkpoint_timestamps: {_fmt(r.timestamp)}" for r in records]
@@ -182,8 +183,39 @@ def dump_state(latest: str, records: list[Record], last_preserved: float) -> byt
             for r in records
         ],
     }
+    if best is not None:
+        extra["best"] = best
     lines.append(_COMMENT_KEY + json.dumps(extra, separators=(",", ":")))
     return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def best_of(data: bytes) -> str | None:
+    """The best checkpoint a state file records (written by managers with ``keep_best``), or None.
+
+    Trusted only when it is one of the checkpoints the TensorFlow fields list.
+    """
+    state, _ = parse_state(data)
+    for line in data.decode("utf-8").splitlines():
+        if line.startswith(_COMMENT_KEY):
+            try:
+                best = json.loads(line[len(_COMMENT_KEY) :]).get("best")
+            except (ValueError, AttributeError, RecursionError):
+                return None
+            return best if isinstance(best, str) and best in state.all_model_checkpoint_paths else None
+    return None
+
+
+def no_best_error(directory: str, ranked: bool) -> CheckpointNotFoundError:
+    """Asked for the best checkpoint of a directory that has none."""
+    why = (
+        "no kept checkpoint carries the monitored metric yet"
+        if ranked
+        else "its checkpoints are not ranked (saved without keep_best)"
+    )
+    return CheckpointNotFoundError(
+        f"No best checkpoint in {directory!r}: {why}. Save with keep_best=1 and monitor=<metric name> "
+        "to keep and name the best one, or ask for checkpoint='latest'."
+    )
 
 
 def _fmt(x: float) -> str:

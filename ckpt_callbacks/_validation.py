@@ -144,3 +144,19 @@ def check_triggers(steps: Any, seconds: Any, on_epoch_end: bool, on_train_end: b
             "save_every_n_seconds=None, save_on_epoch_end=False, save_on_train_end=False. "
             "Enable at least one, e.g. save_every_n_steps=1000."
         )
+
+
+CHECKPOINT_CHOICES = ("latest", "best")
+
+
+def check_checkpoint_choice(checkpoint: Any) -> None:
+    """``checkpoint=``: which checkpoint of a directory a reader picks."""
+    if checkpoint not in CHECKPOINT_CHOICES:
+        _fail(
+            "checkpoint",
+            checkpoint,
+            '"latest" or "best"',
+            'Use "latest" for the newest valid checkpoint, "best" for the best one kept by keep_best, '
+            "or pass the checkpoint's own path instead of its directory.",
+            wrong_type=not isinstance(checkpoint, str),
+        )

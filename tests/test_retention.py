@@ -96,3 +96,22 @@ def test_hourly_decision_is_made_once_per_checkpoint():
     policy = Retention(LatestN(1), EveryNHours(1.0), BestN(1, "loss"))
     steps, status, _ = run(policy, [(1, 0.0, 0.1), (2, 0.2, 5.0), (3, 3.0, 6.0)])
     assert status[1] == "best" and 2 not in status and status[3] == "active"
+
+
+@pytest.mark.parametrize(
+    "mode, metrics, top",
+    [
+        ("max", [0.5, 0.9, 0.9, 0.7], 2),  # a later save tagged with the same value does not win
+        ("min", [3.0, 1.0, 1.0, 1.0], 2),
+        ("min", [None, 2.0, None], 2),  # saves without the value never rank
+        ("min", [None, None], None),
+    ],
+)
+def test_best_ties_go_to_the_checkpoint_that_scored_first(mode, metrics, top):
+    rs = [Record(f"ckpt-{i + 1}", i + 1, float(i), "active", m) for i, m in enumerate(metrics)]
+    best = BestN(1, "m", mode)
+    assert best.top(rs) == (f"ckpt-{top}" if top else None)
+    policy = Retention(LatestN(1), None, best)
+    steps, _, _ = run(policy, [(i + 1, i, m) for i, m in enumerate(metrics)])
+    if top is not None:
+        assert top in steps
