@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -215,7 +216,7 @@ class ModelCheckpoint(_compat.Bound):
         super().on_train_end(trainer, pl_module)
         if self._mgr is not None:
             self._mgr.wait_until_finished()  # a failed background save raises here, before fit returns
-            self._sync(trainer, final=True)
+        self._sync(trainer, final=True)  # on every rank: it broadcasts the pointers dropped
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Lightning calls no teardown hook after an exception: release the manager and the IO here.
@@ -260,6 +261,24 @@ class ModelCheckpoint(_compat.Bound):
         finally:
             self._pending = self._ranked = None
         self._sync(trainer)
+
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
+        """``last*.ckpt`` pointers for ``ckpt_path="last"``, listed with ``storage_options`` and named
+        with their URL scheme (Lightning's listing drops it, and then finds nothing remote)."""
+        dirpath = os.fspath(
+            self.dirpath if self.dirpath is not None else _compat.resolve_ckpt_dir(self, trainer)
+        )
+        names = _storage.Storage(dirpath, self.storage_options).list_names()
+        last = re.compile(rf"{self.CHECKPOINT_NAME_LAST}(-\d+)?.*{re.escape(self.FILE_EXTENSION)}\Z")
+        return {os.path.join(dirpath, n) for n in names if last.match(n)}
+
+    def file_exists(self, filepath: Any, trainer: Trainer) -> bool:
+        """Lightning's check (version counter), counting pointers still waiting for their checkpoint."""
+        name = split_path(os.fspath(filepath))[1]
+        local = False
+        if trainer.is_global_zero:
+            local = any(p == name for p, _ in self._unwritten) or self._fs.exists(os.fspath(filepath))
+        return bool(trainer.strategy.reduce_boolean_decision(local, all=False))
 
     def _link_checkpoint(self, trainer: Trainer, filepath: str, linkpath: str) -> None:
         """``save_last="link"``: ``linkpath`` becomes a pointer to ``filepath``'s checkpoint (any storage)."""
@@ -364,7 +383,7 @@ class ModelCheckpoint(_compat.Bound):
         self._storage.sync_dir()
         self._pointers[name] = target
 
-    def _sync(self, trainer: Trainer, final: bool = False) -> None:
+    def _sync(self, trainer: Trainer, final: bool = False, collective: bool = True) -> None:
         """Write the pointers of committed checkpoints; drop those whose checkpoint retention deleted."""
         gone: list[str] = []
         if trainer.is_global_zero and self._mgr is not None:
@@ -383,7 +402,7 @@ class ModelCheckpoint(_compat.Bound):
                 del self._pointers[name]
             self._storage.remove(dead)
             gone += dead
-        if trainer.world_size > 1:
+        if collective and trainer.world_size > 1:
             gone = trainer.strategy.broadcast(gone, src=0)
         if gone:
             self._forget([self._join(name) for name in gone])
@@ -411,7 +430,7 @@ class ModelCheckpoint(_compat.Bound):
         if self._mgr is not None:
             try:  # after an exception too: the pointers of the saves still in flight
                 self._mgr.wait_until_finished()
-                self._sync(trainer, final=True)
+                self._sync(trainer, final=True, collective=False)  # rank zero only holds a manager
             except CheckpointError as e:
                 _rank_zero(trainer, f"{_NAME}: a background save had failed: {e}", warn=True)
             mgr, self._mgr = self._mgr, None
