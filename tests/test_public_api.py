@@ -99,3 +99,14 @@ def test_unsupported_storage_library_error_lives_in_the_tree_and_where_it_was():
     assert from_storage is cls and from_compat is cls
     assert issubclass(cls, RuntimeError) and not issubclass(cls, errors.CheckpointError)
     assert "UnsupportedStorageLibraryError(RuntimeError)" in errors.__doc__
+
+
+def test_lightning_exports():
+    lightning = pytest.importorskip("ckpt_callbacks.lightning")
+    assert lightning.__all__ == [
+        "CheckpointCallback",
+        "FsspecCheckpointIO",
+        "ModelCheckpoint",
+        "load_from_checkpoint",
+    ]
+    assert all(getattr(lightning, name) is not None for name in lightning.__all__)
