@@ -45,6 +45,20 @@ _NAME = "ckpt_callbacks.lightning.ModelCheckpoint"
 _PICKLED_AWAY = ("_mgr", "_storage", "_replaced_io")
 
 
+class _LinkCheckpoint:
+    """``_link_checkpoint``: a pointer when called on an instance (``save_last="link"``); Lightning's own
+    static helper (a symlink between two local files) when called on the class, as Lightning's tests do."""
+
+    def __get__(self, obj: Any, owner: type) -> Callable[..., None]:
+        if obj is None:
+            for base in owner.__mro__[1:]:
+                if "_link_checkpoint" in vars(base) and not isinstance(
+                    vars(base)["_link_checkpoint"], _LinkCheckpoint
+                ):
+                    return vars(base)["_link_checkpoint"].__get__(None, owner)
+        return obj._link_pointer
+
+
 class ModelCheckpoint(_compat.Bound):
     """Lightning's ``ModelCheckpoint``, saving pickle-free checkpoints of this library to any fsspec URL.
 
@@ -115,9 +129,9 @@ class ModelCheckpoint(_compat.Bound):
         _validation.check_manager_args(
             prefix, max_to_keep, keep_checkpoint_every_n_hours, None, None, "min", clock
         )
-        if dirpath is not None:
+        if dirpath:  # "" is Lightning's "the working directory"
             _validation.check_directory(dirpath)
-        _check_filename(filename)
+        _check_filename(filename, auto_insert_metric_name)
         if max_to_keep is not None and save_top_k in (0, -1):
             raise ValueError(
                 f"max_to_keep cannot be combined with save_top_k={save_top_k}: save_top_k=0 keeps only the "
@@ -154,7 +168,7 @@ class ModelCheckpoint(_compat.Bound):
         self.allow_pickle = allow_pickle
         self._clock = clock
         if self.dirpath is not None:
-            self._fs = _storage.Storage(os.fspath(self.dirpath), self.storage_options).fs
+            self._fs = _storage.Storage(self._dir(), self.storage_options).fs
         self._mgr: CheckpointManager | None = None
         self._storage: Any = None  # the Storage of dirpath (pointer files), with the manager
         self._replaced_io: tuple[Any, Any] | None = None
@@ -272,6 +286,8 @@ class ModelCheckpoint(_compat.Bound):
         last = re.compile(rf"{self.CHECKPOINT_NAME_LAST}(-\d+)?.*{re.escape(self.FILE_EXTENSION)}\Z")
         return {os.path.join(dirpath, n) for n in names if last.match(n)}
 
+    _link_checkpoint = _LinkCheckpoint()
+
     def file_exists(self, filepath: Any, trainer: Trainer) -> bool:
         """Lightning's check (version counter), counting pointers still waiting for their checkpoint."""
         name = split_path(os.fspath(filepath))[1]
@@ -280,7 +296,7 @@ class ModelCheckpoint(_compat.Bound):
             local = any(p == name for p, _ in self._unwritten) or self._fs.exists(os.fspath(filepath))
         return bool(trainer.strategy.reduce_boolean_decision(local, all=False))
 
-    def _link_checkpoint(self, trainer: Trainer, filepath: str, linkpath: str) -> None:
+    def _link_pointer(self, trainer: Trainer, filepath: str, linkpath: str) -> None:
         """``save_last="link"``: ``linkpath`` becomes a pointer to ``filepath``'s checkpoint (any storage)."""
         if trainer.is_global_zero and filepath != linkpath:
             name, link = split_path(filepath)[1], split_path(linkpath)[1]
@@ -295,7 +311,7 @@ class ModelCheckpoint(_compat.Bound):
         if not trainer.is_global_zero:
             return
         directory, name = split_path(filepath)
-        storage = self._storage if directory.rstrip("/") == os.fspath(self.dirpath).rstrip("/") else None
+        storage = self._storage if directory.rstrip("/") == self._dir().rstrip("/") else None
         if storage is None or _read_marker_quietly(storage, name) is None:
             trainer.strategy.remove_checkpoint(filepath)  # not ours: as Lightning would
             return
@@ -304,6 +320,9 @@ class ModelCheckpoint(_compat.Bound):
         storage.remove([name])
 
     # ------------------------------------------------------------------ internals
+
+    def _dir(self) -> str:
+        return os.fspath(self.dirpath) or "."
 
     def _join(self, name: str) -> str:
         return os.path.join(os.fspath(self.dirpath), name)  # as Lightning's format_checkpoint_name joins
@@ -332,7 +351,7 @@ class ModelCheckpoint(_compat.Bound):
                 self.max_to_keep if self.max_to_keep is not None else (None if self.save_top_k == -1 else 1)
             )
             self._mgr = CheckpointManager(
-                os.fspath(self.dirpath),
+                self._dir(),
                 prefix=self.prefix,
                 max_to_keep=window,
                 keep_checkpoint_every_n_hours=self.keep_checkpoint_every_n_hours,
@@ -344,7 +363,7 @@ class ModelCheckpoint(_compat.Bound):
                 allow_pickle=self.allow_pickle,
                 clock=self._clock,
             )
-            self._storage = _storage.Storage(os.fspath(self.dirpath), self.storage_options)
+            self._storage = _storage.Storage(self._dir(), self.storage_options)
             self._pointers = self._existing_pointers()
         return self._mgr
 
@@ -459,16 +478,23 @@ def _quiet_replace(expected: bool) -> Iterator[None]:
         log.removeFilter(drop)
 
 
-def _check_filename(filename: Any) -> None:
+def _check_filename(filename: Any, auto_insert_metric_name: bool) -> None:
+    """Refuse a template whose names would have a directory part (Lightning would make subdirectories)."""
     if filename is None:
         return
     if not isinstance(filename, str):
         raise TypeError(f"filename must be a str or None. Received: filename={filename!r}.")
-    if "/" in filename or os.sep in filename:
+    # Outside braces a "/" is a directory; inside, Lightning inserts the metric name ("val/loss=0.31").
+    outside = re.sub(r"\{[^}]*\}", "", filename)
+    inserted = auto_insert_metric_name and any(
+        "/" in g or os.sep in g for g in re.findall(r"\{([^}:]*)", filename)
+    )
+    if "/" in outside or os.sep in outside or inserted:
         raise ValueError(
             "filename must name a file in dirpath: its pointer and the checkpoint it names live side by side "
-            f"there. Received: filename={filename!r}. Put the directory part in dirpath instead (e.g. "
-            f"dirpath=os.path.join(dirpath, {os.path.dirname(filename)!r}))."
+            f"there, so a name cannot have a directory part. Received: filename={filename!r}, "
+            f"auto_insert_metric_name={auto_insert_metric_name!r}. Put a directory part in dirpath instead; for "
+            "a metric logged as 'val/loss' pass auto_insert_metric_name=False (e.g. filename='{epoch}-{val/loss:.2f}')."
         )
 
 

@@ -201,6 +201,7 @@ def test_setup_alone_starts_no_thread_and_exception_saves(pl, tmp_path):
     "kwargs, match",
     [
         ({"filename": "sub/{epoch}"}, "filename='sub/{epoch}'"),
+        ({"filename": "{epoch}-{val/loss:.2f}"}, "auto_insert_metric_name=True"),
         ({"save_top_k": -1, "max_to_keep": 3}, "max_to_keep=3"),
         ({"save_top_k": -2}, "save_top_k=-2"),
         ({"save_top_k": 3}, "monitor=None"),
