@@ -8,7 +8,7 @@ state (``best_k_models``, ``kth_value``, ...), ``state_dict`` keys and ``state_k
 bytes go changes:
 
 - A save is ``trainer.save_checkpoint(path)``, as in Lightning, so strategy-specific saving and
-  ``on_save_checkpoint`` overrides apply. A checkpoint IO installed at setup (:class:`_ManagedIO`)
+  ``on_save_checkpoint`` overrides apply. A checkpoint IO installed at setup (:class:`ManagedIO`)
   takes the dict for the path this callback asked for and hands it to a ``CheckpointManager``:
   it becomes ``<prefix>-<global_step>`` in ``dirpath`` (retention, ``checkpoint`` state file, async).
 - The path Lightning named (``epoch=0-step=10.ckpt``, ``last.ckpt``) becomes a pointer file naming
@@ -24,39 +24,24 @@ bytes go changes:
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from .. import _storage, _validation
 from .._manager import CheckpointManager
 from ..errors import CheckpointError
 from . import _compat, _convert
-from ._io import _DispatchingCheckpointIO, _marker_bytes, _read_marker_quietly, load_any, split_path
+from ._io import _marker_bytes, _read_marker_quietly, load_any, split_path
+from ._model_checkpoint_parts import LinkCheckpoint, ManagedIO, check_filename, quiet_replace
 from ._trainer import _fn, _info, _metrics, _rank_zero, check_strategy
 
 Trainer = LightningModule = Any  # either namespace's (see _compat)
 
 _NAME = "ckpt_callbacks.lightning.ModelCheckpoint"
 _PICKLED_AWAY = ("_mgr", "_storage", "_replaced_io")
-
-
-class _LinkCheckpoint:
-    """``_link_checkpoint``: a pointer when called on an instance (``save_last="link"``); Lightning's own
-    static helper (a symlink between two local files) when called on the class, as Lightning's tests do."""
-
-    def __get__(self, obj: Any, owner: type) -> Callable[..., None]:
-        if obj is None:
-            for base in owner.__mro__[1:]:
-                if "_link_checkpoint" in vars(base) and not isinstance(
-                    vars(base)["_link_checkpoint"], _LinkCheckpoint
-                ):
-                    return vars(base)["_link_checkpoint"].__get__(None, owner)
-        return obj._link_pointer
 
 
 class ModelCheckpoint(_compat.Bound):
@@ -131,7 +116,7 @@ class ModelCheckpoint(_compat.Bound):
         )
         if dirpath:  # "" is Lightning's "the working directory"
             _validation.check_directory(dirpath)
-        _check_filename(filename, auto_insert_metric_name)
+        check_filename(filename, auto_insert_metric_name)
         if max_to_keep is not None and save_top_k in (0, -1):
             raise ValueError(
                 f"max_to_keep cannot be combined with save_top_k={save_top_k}: save_top_k=0 keeps only the "
@@ -286,7 +271,7 @@ class ModelCheckpoint(_compat.Bound):
         last = re.compile(rf"{self.CHECKPOINT_NAME_LAST}(-\d+)?.*{re.escape(self.FILE_EXTENSION)}\Z")
         return {os.path.join(dirpath, n) for n in names if last.match(n)}
 
-    _link_checkpoint = _LinkCheckpoint()
+    _link_checkpoint = LinkCheckpoint()
 
     def file_exists(self, filepath: Any, trainer: Trainer) -> bool:
         """Lightning's check (version counter), counting pointers still waiting for their checkpoint."""
@@ -332,7 +317,7 @@ class ModelCheckpoint(_compat.Bound):
         if self._replaced_io is not None and self._replaced_io[0] is strategy:
             return  # setup again without teardown
         current = strategy.checkpoint_io
-        io_class = _compat.bound_class(_ManagedIO, "checkpoint_io", (ns,))
+        io_class = _compat.bound_class(ManagedIO, "checkpoint_io", (ns,))
         try:
             strategy.checkpoint_io = io_class(current, self.storage_options, self.allow_pickle, self)
         except (TypeError, ValueError, AssertionError) as e:
@@ -391,7 +376,7 @@ class ModelCheckpoint(_compat.Bound):
                 metrics[self.monitor] = self._ranked
             tree = _convert.to_tree(checkpoint, allow_pickle=self.allow_pickle, warned=self._warned_hparams)
             info = _info(trainer, trainer.lightning_module)
-            with _quiet_replace(self._saved is not None and self._saved[0] == step):
+            with quiet_replace(self._saved is not None and self._saved[0] == step):
                 target = split_path(mgr.save(tree, step=step, metrics=metrics, _info=info))[1]
             self._saved = (step, target, ranked)
         name = split_path(path)[1]
@@ -458,57 +443,3 @@ class ModelCheckpoint(_compat.Bound):
                 mgr.close()
             except CheckpointError as e:  # already raised in on_train_end unless fit failed
                 _rank_zero(trainer, f"{_NAME}: a background save had failed: {e}", warn=True)
-
-
-@contextlib.contextmanager
-def _quiet_replace(expected: bool) -> Iterator[None]:
-    """Without the manager's "Replacing existing checkpoint" warning where replacing is the plan."""
-    if not expected:
-        yield
-        return
-    log = logging.getLogger("ckpt_callbacks")
-
-    def drop(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Replacing existing checkpoint")
-
-    log.addFilter(drop)
-    try:
-        yield
-    finally:
-        log.removeFilter(drop)
-
-
-def _check_filename(filename: Any, auto_insert_metric_name: bool) -> None:
-    """Refuse a template whose names would have a directory part (Lightning would make subdirectories)."""
-    if filename is None:
-        return
-    if not isinstance(filename, str):
-        raise TypeError(f"filename must be a str or None. Received: filename={filename!r}.")
-    # Outside braces a "/" is a directory; inside, Lightning inserts the metric name ("val/loss=0.31").
-    outside = re.sub(r"\{[^}]*\}", "", filename)
-    inserted = auto_insert_metric_name and any(
-        "/" in g or os.sep in g for g in re.findall(r"\{([^}:]*)", filename)
-    )
-    if "/" in outside or os.sep in outside or inserted:
-        raise ValueError(
-            "filename must name a file in dirpath: its pointer and the checkpoint it names live side by side "
-            f"there, so a name cannot have a directory part. Received: filename={filename!r}, "
-            f"auto_insert_metric_name={auto_insert_metric_name!r}. Put a directory part in dirpath instead; for "
-            "a metric logged as 'val/loss' pass auto_insert_metric_name=False (e.g. filename='{epoch}-{val/loss:.2f}')."
-        )
-
-
-class _ManagedIO(_DispatchingCheckpointIO):
-    """Installed by :class:`ModelCheckpoint`: the save it asked for goes to its manager; anything else
-    (another callback's, ``trainer.save_checkpoint`` by the user) to the strategy's own IO."""
-
-    def __init__(self, inner: Any, storage_options: dict | None, allow_pickle: bool, owner: Any) -> None:
-        super().__init__(inner, storage_options, allow_pickle)
-        self.owner = owner
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        pending = self.owner._pending
-        if pending is not None and os.fspath(path) == pending[0]:
-            self.owner._write(checkpoint, pending[0], pending[1])
-            return
-        super().save_checkpoint(checkpoint, path, storage_options=storage_options)
