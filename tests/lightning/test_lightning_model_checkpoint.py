@@ -232,3 +232,34 @@ def test_two_instances_and_pickling(pl, tmp_path):
     copy = pickle.loads(pickle.dumps(fresh))  # ddp_spawn, Trainer copies
     assert isinstance(copy, pl.callbacks.ModelCheckpoint) and copy.state_key == a.state_key
     assert torch.is_tensor(a.best_model_score)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed with gloo")
+def test_ddp_ranks_agree_and_only_rank_zero_writes(tmp_path):
+    import json
+    import subprocess
+
+    from lightning_helpers import HERE, PYTHON, script_env
+
+    d, out = str(tmp_path / "ckpts"), str(tmp_path / "out")
+    script = os.path.join(HERE, "lightning_ddp_model_checkpoint_script.py")
+    proc = subprocess.run(
+        [PYTHON, script, "--dir", d, "--out", out],
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = []
+    for rank in (0, 1):
+        with open(os.path.join(out, f"rank{rank}.json")) as f:
+            ranks.append(json.load(f))
+    assert {k: v for k, v in ranks[0].items() if k != "rank"} == {
+        k: v for k, v in ranks[1].items() if k != "rank"
+    }
+    # 3 steps per epoch and rank (48 samples, 8 a batch, 2 ranks): validations at steps 3 and 6.
+    assert ranks[0]["global_step"] == 6 and os.path.exists(ranks[0]["best_model_path"])
+    assert all(os.path.exists(p) for p in ranks[0]["best_k_models"])
+    assert load_checkpoint(os.path.join(d, "last.ckpt"))["global_step"] == 6
