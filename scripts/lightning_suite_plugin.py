@@ -10,6 +10,12 @@ still wins.
 tests import, and the default callback a Trainer adds) is ``ckpt_callbacks.lightning.ModelCheckpoint``.
 Set before the test modules are collected, so their ``from lightning.pytorch.callbacks import
 ModelCheckpoint`` gets ours; Lightning's own ``isinstance`` checks still hold (ours is a subclass).
+
+``CKPT_SUITE_VIEW=pointers`` (with ``modelcheckpoint``), to classify failures: ``os.listdir`` leaves out
+this format's own files (``ckpt-N.index`` / ``.meta`` / ``.data-*`` and the ``checkpoint`` state file)
+and ``torch.load`` of a pointer file loads the checkpoint it names. A test that passes only with this
+view differs from stock only in the file names or the bytes it reads; one that still fails differs in
+behaviour.
 """
 
 from __future__ import annotations
@@ -53,10 +59,39 @@ def _substitute_model_checkpoint() -> None:
         module.ModelCheckpoint = bound
 
 
+def _pointer_view() -> None:
+    import re
+
+    import torch
+
+    from ckpt_callbacks.lightning._io import load_any
+
+    ours = re.compile(
+        r"(?:ckpt-\d+(?:\.index|\.meta|\.data-\d{5}-of-\d{5})|checkpoint|\.ckpt_callbacks\.lock)\Z"
+    )
+    listdir, torch_load = os.listdir, torch.load
+
+    def view_listdir(path="."):
+        return [n for n in listdir(path) if not ours.match(n)]
+
+    def view_load(f, *args, **kwargs):
+        path = f if isinstance(f, (str, os.PathLike)) else getattr(f, "path", getattr(f, "name", None))
+        if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
+            with open(path, "rb") as fh:
+                head = fh.read(40)
+            if head.startswith(b'{"format":"ckpt_callbacks'):  # a pointer (also opened by Lightning's _load)
+                return load_any(os.fspath(path), None, False)[1]
+        return torch_load(f, *args, **kwargs)
+
+    os.listdir, torch.load = view_listdir, view_load
+
+
 def pytest_configure(config):
     mode = os.environ.get("CKPT_SUITE_IO")
     if mode == "modelcheckpoint":
         _substitute_model_checkpoint()
+        if os.environ.get("CKPT_SUITE_VIEW") == "pointers":
+            _pointer_view()
         return
     if mode != "ours":
         return
