@@ -227,6 +227,14 @@ class ModelCheckpoint(_compat.Bound):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._release(trainer)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning's, then without the checkpoints retention deleted since that state was saved."""
+        super().load_state_dict(state_dict)
+        named = {*self.best_k_models, self.best_model_path, self.kth_best_model_path} - {""}
+        gone = [p for p in named if not self._fs.exists(p)]
+        if gone:
+            self._forget(gone)
+
     # ------------------------------------------------------------------ Lightning's seams
 
     def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Any]) -> None:

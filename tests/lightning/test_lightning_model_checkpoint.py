@@ -263,3 +263,17 @@ def test_ddp_ranks_agree_and_only_rank_zero_writes(tmp_path):
     assert ranks[0]["global_step"] == 6 and os.path.exists(ranks[0]["best_model_path"])
     assert all(os.path.exists(p) for p in ranks[0]["best_k_models"])
     assert load_checkpoint(os.path.join(d, "last.ckpt"))["global_step"] == 6
+
+
+def test_state_loaded_without_checkpoints_deleted_since(pl, tmp_path):
+    d = tmp_path / "ckpts"
+    cb = ModelCheckpoint(dirpath=str(d), monitor="val_acc", mode="max", save_top_k=2)
+    fit(pl, tmp_path, [cb], max_epochs=2)
+    state = cb.state_dict()
+    os.remove(cb.best_model_path)  # as retention would have, after this state was saved
+    again = ModelCheckpoint(dirpath=str(d), monitor="val_acc", mode="max", save_top_k=2)
+    again.load_state_dict(state)
+    assert again.best_model_path == str(d / "epoch=0-step=6.ckpt") and list(again.best_k_models) == [
+        again.best_model_path
+    ]
+    assert again.best_model_score == pytest.approx(0.5)
