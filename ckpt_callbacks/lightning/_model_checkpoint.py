@@ -228,10 +228,12 @@ class ModelCheckpoint(_compat.Bound):
         self._release(trainer)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Lightning's, then without the checkpoints retention deleted since that state was saved."""
+        """Lightning's, then without the checkpoints of ``dirpath`` deleted since that state was saved
+        (resuming from an older checkpoint); paths elsewhere are restored as Lightning does."""
         super().load_state_dict(state_dict)
         named = {*self.best_k_models, self.best_model_path, self.kth_best_model_path} - {""}
-        gone = [p for p in named if not self._fs.exists(p)]
+        mine = [p for p in named if split_path(p)[0].rstrip("/") == self._dir().rstrip("/")]
+        gone = [p for p in mine if not self._fs.exists(p)]
         if gone:
             self._forget(gone)
 
