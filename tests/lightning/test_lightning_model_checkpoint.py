@@ -277,3 +277,24 @@ def test_state_loaded_without_checkpoints_deleted_since(pl, tmp_path):
         again.best_model_path
     ]
     assert again.best_model_score == pytest.approx(0.5)
+
+
+def test_fsspec_url_with_link_best_and_last(pl, tmp_path):
+    import uuid
+
+    import fsspec
+
+    url = f"memory://mc-{uuid.uuid4().hex[:8]}/run"
+    cb = ModelCheckpoint(dirpath=url, monitor="val_acc", mode="max", save_top_k=1, save_last="link")
+    trainer, model = fit(pl, tmp_path, [cb])
+    assert cb.best_model_path == f"{url}/epoch=1-step=12.ckpt" and cb.last_model_path == f"{url}/last.ckpt"
+    fs = fsspec.filesystem("memory")
+    assert sorted(n.rsplit("/", 1)[1] for n in fs.ls(url, detail=False) if n.endswith(".ckpt")) == [
+        "epoch=1-step=12.ckpt",
+        "last.ckpt",
+    ]
+    trainer.test(model, make_loader(), ckpt_path="best")
+    assert same_weights(weights(model), model.weights_at[12])
+    cb2 = ModelCheckpoint(dirpath=url, monitor="val_acc", mode="max", save_top_k=1, save_last="link")
+    trainer, _ = fit(pl, tmp_path, [cb2], ckpt_path="last", max_epochs=5)
+    assert trainer.global_step == 30 and load_checkpoint(f"{url}/last.ckpt")["global_step"] == 30
