@@ -1,6 +1,7 @@
 """``ckpt-callbacks`` (also ``python -m ckpt_callbacks``): look at, check and export checkpoints.
 
-Exit status: 0 ok, 1 corruption found, 2 usage error or nothing found (one line on stderr, no
+Exit status (the table of ``ckpt-callbacks --help``): 0 success, 1 corruption found, 2 usage
+errors, a missing path or backend, and another tool's files, named as such (one line on stderr, no
 traceback). Core only: no framework is imported except ``torch`` by ``export --to torch``.
 
 This module is the parser and the entry point (exceptions -> exit status); the commands are in
@@ -70,8 +71,6 @@ def _options(pairs: list[str]) -> dict:
 _DESCRIPTION = """\
 Inspect, verify, clean and export ckpt_callbacks checkpoints, on local disk or any fsspec URL
 (s3://, gs://, memory://, ...).
-
-exit status: 0 ok, 1 corruption found, 2 usage error or nothing found
 """
 
 _EPILOG = """\
@@ -82,6 +81,15 @@ examples:
   ckpt-callbacks export runs/lit/last.ckpt --to safetensors --strip-prefix state_dict/ model.safetensors
 
 'ckpt-callbacks COMMAND --help' describes each command.
+
+exit status:
+  0    success
+  1    corruption found: a checksum, size or header of a checkpoint of this library is wrong (verify
+       names the file and tensor)
+  2    usage error; a path that does not exist, or holds no checkpoint; a missing storage backend or
+       package; files of another tool (TensorFlow, torch.save / Lightning .ckpt, Keras .keras /
+       .weights.h5, safetensors, Orbax), named as such with what reads them, never called corrupt
+  130  interrupted (Ctrl-C)
 """
 
 _STORAGE_HELP = (
@@ -93,6 +101,11 @@ _STORAGE_HELP = (
 _PATH_HELP = (
     "a checkpoint: its path without suffix (runs/a/ckpt-100), its .index file, a marker file written by "
     "FsspecCheckpointIO (runs/lit/last.ckpt), or a directory (its newest valid checkpoint)"
+)
+
+_CHOICE_HELP = (
+    "for a directory: its newest valid checkpoint (latest, the default) or the best one its manager kept "
+    "by keep_best (best)"
 )
 
 _COMMANDS: dict[str, dict[str, str]] = {
@@ -127,6 +140,7 @@ bytes, framework, epoch, step, metrics, and the top level of the state tree. --f
 examples:
   ckpt-callbacks inspect runs/mnist                       # the newest checkpoint of a directory
   ckpt-callbacks inspect runs/mnist/ckpt-1000 --full
+  ckpt-callbacks inspect runs/mnist --checkpoint best     # the best one kept by keep_best
   ckpt-callbacks inspect gs://bucket/run/ckpt-1000 --json --storage-option project=my-project
 """,
     },
@@ -175,6 +189,7 @@ examples:
   ckpt-callbacks export runs/lit/last.ckpt --to torch --strip-prefix state_dict/ weights.pt
       then: model.load_state_dict(torch.load("weights.pt"))
   ckpt-callbacks export runs/mnist --to safetensors model.safetensors
+  ckpt-callbacks export runs/mnist --checkpoint best --to safetensors best.safetensors
   ckpt-callbacks export runs/mnist/ckpt-1000 --to npz --only model/ arrays.npz
 """,
     },
@@ -218,9 +233,17 @@ def _add_arguments(commands: dict[str, argparse.ArgumentParser]) -> None:
     p = commands["inspect"]
     p.add_argument("path", help=_PATH_HELP)
     p.add_argument("--full", action="store_true", help="every tensor, the whole state tree and the meta JSON")
+    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest", help=_CHOICE_HELP)
 
     all_of_dir = _PATH_HELP.replace("(its newest valid checkpoint)", "(all its checkpoints)")
     commands["verify"].add_argument("path", help=all_of_dir)
+    commands["verify"].add_argument(
+        "--checkpoint",
+        choices=["latest", "best"],
+        default=None,
+        help="for a directory, verify only its newest checkpoint (latest) or the best one its manager kept "
+        "by keep_best (best); default: every checkpoint of the directory",
+    )
 
     p = commands["gc"]
     p.add_argument("directory", help="a checkpoint directory: local path or fsspec URL")
@@ -242,6 +265,7 @@ def _add_arguments(commands: dict[str, argparse.ArgumentParser]) -> None:
         metavar="PREFIX",
         help="only tensors whose name starts with PREFIX, written without it (e.g. state_dict/)",
     )
+    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest", help=_CHOICE_HELP)
     p.add_argument("out", help="the file to write (local path)")
 
 
@@ -262,7 +286,8 @@ def _missing_package(e: ImportError, args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 corruption, 2 usage or not found)."""
+    """Run the command line; returns the exit status (0 ok, 1 corruption, 2 usage, not found, or
+    another tool's files: see the epilog's table)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -25,6 +25,7 @@ from . import CheckpointManager, _chunks, load_checkpoint
 from . import _format as _fmt
 from ._checkpoint_read import read_files
 from ._cli_output import _human, _metrics_str, _Progress, _table, _utc
+from ._foreign import refuse_foreign
 from ._names import INDEX_SUFFIX, STATE_FILE_NAME
 from ._resolve import open_checkpoint, pointer_target, read_index, read_meta, resolve_checkpoint, resolve_one
 from ._state import checked_name, read_state
@@ -39,6 +40,25 @@ _KEPT_BECAUSE = {"active": "recent", "hourly": "hourly", "best": "best"}
 
 class UsageError(ValueError):
     """A problem with what was asked (not with a checkpoint): one line on stderr, exit status 2."""
+
+
+def _readable(path: str, options: dict | None) -> None:
+    """Before a command reads ``path``: CheckpointNotFoundError when a local path does not exist, and
+    IncompatibleCheckpointError naming another tool's file or directory (exit status 2 for both).
+
+    Object-store "directories" are prefixes, which exist as soon as a file is under them: for those
+    the command's own reading says what is missing.
+    """
+    storage = Storage(path, options)
+    if (
+        storage.is_local
+        and not os.path.exists(storage.root)
+        and not os.path.exists(storage.root + INDEX_SUFFIX)
+    ):
+        raise CheckpointNotFoundError(
+            f"No checkpoint directory or file at {path!r}: the path does not exist."
+        )
+    refuse_foreign(path, options)
 
 
 def _meta_of(path: str, options: dict | None) -> dict:
@@ -124,6 +144,7 @@ def _state_and_markers(storage: Storage, not_found: str) -> tuple[Any, list[tupl
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    _readable(args.directory, args.storage_options)
     storage = Storage(args.directory, args.storage_options)
     parsed, markers = _state_and_markers(
         storage,
@@ -283,7 +304,8 @@ def _print_meta_summary(summary: dict) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    path = resolve_checkpoint(args.path, args.storage_options)
+    _readable(args.path, args.storage_options)
+    path = resolve_checkpoint(args.path, args.storage_options, checkpoint=args.checkpoint)
     index = read_index(path, args.storage_options)
     meta = _meta_of(path, args.storage_options)
     tensors = index["tensors"]
@@ -339,6 +361,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _verify_targets(args: argparse.Namespace) -> list[str]:
+    if args.checkpoint:  # one checkpoint of the directory, not skipped when it is corrupt (verify=False)
+        return [resolve_checkpoint(args.path, args.storage_options, verify=False, checkpoint=args.checkpoint)]
     one = resolve_one(args.path, args.storage_options)  # a checkpoint, its .index, or a marker
     if one is not None:
         return [one]
@@ -358,6 +382,7 @@ def _verify_targets(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    _readable(args.path, args.storage_options)
     targets = _verify_targets(args)
     total = 0
     for path in targets:
@@ -391,8 +416,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     storage = Storage(args.directory, args.storage_options)
     # A local path that does not exist would be created; object-store "directories" are prefixes,
     # which may hold nothing but a killed save's pending uploads.
+    _readable(args.directory, args.storage_options)
     if storage.is_local and not os.path.isdir(storage.root):
-        raise CheckpointNotFoundError(f"No checkpoint directory at {args.directory!r}.")
+        raise UsageError(f"gc takes a checkpoint directory; {args.directory!r} is a file.")
     mgr = CheckpointManager(
         args.directory, prefix=args.prefix, max_to_keep=None, storage_options=args.storage_options
     )
@@ -438,7 +464,8 @@ def _select(everything: dict[str, Any], only: str, strip: str) -> dict[str, Any]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    path = resolve_checkpoint(args.path, args.storage_options)
+    _readable(args.path, args.storage_options)
+    path = resolve_checkpoint(args.path, args.storage_options, checkpoint=args.checkpoint)
     state = load_checkpoint(path, storage_options=args.storage_options, verify=True)
     tensors = _select(_flat_tensors(state), args.only, args.strip_prefix)
     progress = _Progress(len(tensors), f"export {args.to}")

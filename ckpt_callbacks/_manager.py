@@ -13,13 +13,12 @@ import logging
 import os
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from . import _async, _foreign, _leftovers, _lock, _sharding, _validation
+from . import _async, _foreign, _leftovers, _lock, _sharding, _validation, _warn
 from . import _checkpoint_io as _cio
 from . import _format as fmt
 from ._checkpoint_read import files_of, load, written_by_us
@@ -506,9 +505,8 @@ class CheckpointManager(_async.BackgroundSaves):
             try:
                 state = load(self._storage, name, verify=True, allow_pickle=self._allow_pickle, into=into)
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                warnings.warn(
-                    f"Checkpoint {self._storage.url_of(name)!r} is unusable ({e}); falling back to an older one.",
-                    stacklevel=2,
+                _warn.warn(
+                    f"Checkpoint {self._storage.url_of(name)!r} is unusable ({e}); falling back to an older one."
                 )
                 continue
             self.resumed_from = name

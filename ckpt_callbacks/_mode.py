@@ -55,26 +55,31 @@ def resolve_mode(monitor: str | None, mode: str) -> str:
 
 
 class MonitoredMetric:
-    """A save's ``metrics[monitor]`` as the number ``keep_best`` ranks by, or None when it lacks it
-    (warned once: saves between evaluations legitimately do)."""
+    """A save's ``metrics[monitor]`` as the number ``keep_best`` ranks by, or None when it lacks it.
+
+    Saves between evaluations legitimately lack it (the callbacks leave a validation metric out of
+    saves made where it was not measured), so this is said once, and only while no save has carried
+    it: a monitor that is never logged means keep_best keeps nothing.
+    """
 
     def __init__(self, monitor: str | None, keep_best: int | None) -> None:
-        self.monitor, self.keep_best, self.warned = monitor, keep_best, False
+        self.monitor, self.keep_best, self.warned, self.seen = monitor, keep_best, False, False
 
     def __call__(self, metrics: dict | None) -> float | None:
         if not self.monitor or not metrics or self.monitor not in metrics:
-            if self.keep_best and not self.warned:
+            if self.keep_best and not self.warned and not self.seen:
                 self.warned = True
                 logger.warning(
-                    "keep_best=%d ranks checkpoints by metrics[%r], but this save has no such metric "
-                    "(metrics: %s); it is kept only by max_to_keep / hourly retention. Log %r (e.g. pass "
-                    "validation data) or change monitor.",
+                    "keep_best=%d ranks checkpoints by metrics[%r], and no save has carried it so far "
+                    "(this one has: %s). A save without it is kept only by max_to_keep / hourly retention, "
+                    "which is expected between evaluations; if %r is never logged, log it or change monitor.",
                     self.keep_best,
                     self.monitor,
                     sorted(metrics or {}),
                     self.monitor,
                 )
             return None
+        self.seen = True
         try:
             return float(metrics[self.monitor])
         except (TypeError, ValueError):

@@ -13,11 +13,10 @@ import json
 import os
 import re
 import time
-import warnings
 from typing import Any
 
 from . import _format as fmt
-from . import _sharding, _validation
+from . import _sharding, _validation, _warn
 from ._checkpoint_io import meta_doc, write_checkpoint
 from ._checkpoint_read import MAX_META_BYTES, load, read_bounded, written_by_us
 from ._checkpoint_read import read_index as _read_index
@@ -134,7 +133,7 @@ def resolve_checkpoint(
             _read_index(d, cname)
             return d.url_of(cname)
         except CheckpointError as e:
-            warnings.warn(f"Skipping checkpoint {d.url_of(cname)!r}: {e}", stacklevel=2)
+            _warn.warn(f"Skipping checkpoint {d.url_of(cname)!r}: {e}")
     raise CheckpointNotFoundError(f"No valid checkpoint in {p!r}.")
 
 

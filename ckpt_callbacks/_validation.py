@@ -41,6 +41,19 @@ def check_directory(directory: Any) -> None:
         )
     if not os.fspath(directory):
         _fail("directory", directory, "a non-empty path or fsspec URL", "Pass e.g. 'runs/exp1'.")
+    path = os.fspath(directory)
+    if "://" not in path and os.path.isfile(path):  # os.makedirs would fail with "File exists"
+        from . import _foreign  # reads the file's head: what it is
+
+        kind = _foreign.identify_file(*_foreign.split_file(path))
+        parent = os.path.dirname(path) or "."
+        _fail(
+            "directory",
+            directory,
+            "a directory to write checkpoints into (existing or not), not a file",
+            f"The path is an existing file{': ' + kind.what if kind else ''}. Pass a directory, e.g. "
+            f"{os.path.join(parent, 'checkpoints')!r}; checkpoints are named inside it (ckpt-<step>).",
+        )
 
 
 def check_storage_options(storage_options: Any) -> None:

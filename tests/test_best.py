@@ -77,3 +77,10 @@ def test_best_of_one_checkpoint_path_is_refused(tmp_path):
     _, _, paths = _save_all(tmp_path, [0.5])
     with pytest.raises(ValueError, match="Pass its directory"):
         load_checkpoint(paths[0], checkpoint="best")
+
+
+def test_saves_between_evaluations_do_not_warn_once_the_metric_was_seen(tmp_path, caplog):
+    with CheckpointManager(tmp_path, keep_best=1, monitor="val_acc") as mgr:
+        mgr.save({"w": np.zeros(2)}, step=1, metrics={"val_acc": 0.5})
+        mgr.save({"w": np.zeros(2)}, step=2, metrics={"loss": 0.3})  # a save between evaluations
+    assert not [r for r in caplog.records if "ranks checkpoints by" in r.message]

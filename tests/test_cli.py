@@ -1,6 +1,7 @@
 """The command line: every command, its help and its exit status, through the real entry point.
 
-Exit status: 0 ok, 1 corruption, 2 usage error or nothing found (one line on stderr, no traceback).
+Exit status: 0 ok, 1 corruption, 2 usage error, nothing found or another tool's files (one line on stderr,
+no traceback).
 """
 
 from __future__ import annotations
@@ -185,7 +186,11 @@ def test_help_of_every_command_describes_arguments_with_examples(command, capsys
 def test_top_level_help_lists_commands_and_exit_status():
     out = cli("--help")
     assert out.returncode == 0
-    assert all(c in out.stdout for c in COMMANDS) and "exit status: 0 ok, 1 corruption" in out.stdout
+    assert all(c in out.stdout for c in COMMANDS)
+    table = out.stdout.split("exit status:\n", 1)[1]
+    codes = [line.split()[0] for line in table.splitlines() if line[:3].strip().isdigit()]
+    assert codes == ["0", "1", "2", "130"], table
+    assert "corruption found" in table and "never called corrupt" in table and "does not exist" in table
 
 
 def test_gc_removes_only_leftovers(run_dir):
@@ -336,3 +341,22 @@ def test_lightning_model_checkpoint_directory(tmp_path):
     fresh.load_state_dict(torch.load(str(out_file), weights_only=True))  # strict: every key matches
     for k, v in model.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[k], v)
+
+
+def test_checkpoint_choice_latest_or_best_for_a_directory(run_dir, tmp_path):
+    """run_dir keeps the best by loss (keep_best=1): step 100, loss 0.5; the newest is 600."""
+    best = json.loads(cli("inspect", str(run_dir), "--checkpoint", "best", "--json").stdout)
+    latest = json.loads(cli("inspect", str(run_dir), "--checkpoint", "latest", "--json").stdout)
+    assert (best["step"], latest["step"]) == (100, 600)
+    assert json.loads(cli("inspect", str(run_dir), "--json").stdout)["step"] == 600  # latest by default
+    out = cli("verify", str(run_dir), "--checkpoint", "best", "--json")
+    assert [c["checkpoint"] for c in json.loads(out.stdout)["checkpoints"]] == [str(run_dir / "ckpt-100")]
+    out = cli("export", str(run_dir), "--checkpoint", "best", "--to", "npz", str(tmp_path / "best.npz"))
+    assert out.returncode == 0, out.stderr
+    assert (np.load(tmp_path / "best.npz")["model/w"] == 1).all()  # step 100 saved w = 1
+    one_line_error(
+        cli("inspect", str(run_dir / "ckpt-600"), "--checkpoint", "best")
+    )  # one checkpoint: no choice
+    with CheckpointManager(str(tmp_path / "plain")) as mgr:  # no keep_best: no best checkpoint
+        mgr.save({"w": np.zeros(2)}, step=1)
+    assert "best" in one_line_error(cli("inspect", str(tmp_path / "plain"), "--checkpoint", "best"))

@@ -27,16 +27,23 @@ def test_api_reference_builds_without_warnings(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Warning: " not in out.stderr, out.stderr[-3000:]
-    pages = {
-        name: (tmp_path / name).read_text()
-        for name in [
-            "index.html",
-            "ckpt_callbacks.html",
-            "ckpt_callbacks/errors.html",
-            "ckpt_callbacks/keras.html",
-            "ckpt_callbacks/lightning.html",
-        ]
-    }
+    # Every public module has its page: found on disk here, independently of the build script's list.
+    public = ["ckpt_callbacks"] + [
+        f"ckpt_callbacks.{n.removesuffix('.py')}"
+        for n in sorted(os.listdir(os.path.join(ROOT, "ckpt_callbacks")))
+        if not n.startswith(("_", "."))
+        and (n.endswith(".py") or os.path.isdir(os.path.join(ROOT, "ckpt_callbacks", n)))
+    ]
+    assert "ckpt_callbacks.distributed" in public
+    pages = {"index.html": (tmp_path / "index.html").read_text()}
+    for module in public:
+        page = tmp_path / (module.replace(".", "/") + ".html")
+        assert page.exists(), f"no API reference page for the public module {module}"
+        pages[str(page.relative_to(tmp_path))] = page.read_text()
+    # Base classes by their public names, never a framework's private module.
+    assert ">keras.callbacks.Callback<" in pages["ckpt_callbacks/keras.html"]
+    assert all("keras.src" not in html and "ckpt_callbacks._" not in html for html in pages.values())
+    assert 'id="StorageWriter"' in pages["ckpt_callbacks/distributed.html"]
     core = pages["ckpt_callbacks.html"]
     for name in [
         "load_checkpoint",
@@ -63,3 +70,19 @@ def test_docs_cite_no_document_outside_the_repository(path):
     for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):  # relative Markdown links
         linked = os.path.normpath(os.path.join(ROOT, os.path.dirname(path), target))
         assert os.path.exists(linked) or target.startswith("docs/api"), f"{path} links to missing {target}"
+
+
+def test_a_public_name_without_a_docstring_fails_the_reference_build(tmp_path, monkeypatch):
+    pytest.importorskip("pdoc")
+    (tmp_path / "pkgx").mkdir()
+    (tmp_path / "pkgx" / "__init__.py").write_text(
+        '"""A documented module."""\n\n\ndef documented():\n    """Yes."""\n\n\ndef bare():\n    pass\n\n\n'
+        "class Bare:\n    def method(self):\n        pass\n\n    def _private(self):\n        pass\n\n\n"
+        "def _hidden():\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    import docs
+
+    assert docs.undocumented(["pkgx"]) == ["pkgx.bare", "pkgx.Bare", "pkgx.Bare.method"]
+    assert "ckpt_callbacks.distributed" in docs.public_modules()

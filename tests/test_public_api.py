@@ -110,3 +110,43 @@ def test_lightning_exports():
         "load_from_checkpoint",
     ]
     assert all(getattr(lightning, name) is not None for name in lightning.__all__)
+    # Lightning's own ModelCheckpoint arguments, in order and with its defaults, then ours as keywords.
+    import inspect
+
+    from lightning.pytorch.callbacks import ModelCheckpoint as Stock
+
+    stock = inspect.signature(Stock).parameters
+    drop_in = inspect.signature(lightning.ModelCheckpoint).parameters
+    assert [(p.name, p.default) for p in list(drop_in.values())[: len(stock)]] == [
+        (p.name, p.default) for p in stock.values()
+    ]
+    assert all(p.kind is p.KEYWORD_ONLY for p in list(drop_in.values())[len(stock) :])
+
+
+def test_keras_public_names_and_drop_in_signatures():
+    pytest.importorskip("keras")
+    import inspect
+
+    import keras
+
+    import ckpt_callbacks.keras as ck
+
+    assert ck.__all__ == [
+        "BackupAndRestore",
+        "CheckpointCallback",
+        "ResumableDataset",
+        "load_model",
+        "restore",
+    ]
+    assert set(ck.__all__) <= set(vars(ck))
+    # Keras' own BackupAndRestore arguments, in order and with its defaults, then ours as keywords.
+    theirs = inspect.signature(keras.callbacks.BackupAndRestore).parameters
+    ours = inspect.signature(ck.BackupAndRestore).parameters
+    assert [(p.name, p.default) for p in list(ours.values())[: len(theirs)]] == [
+        (p.name, p.default) for p in theirs.values()
+    ]
+    assert all(p.kind is p.KEYWORD_ONLY for p in list(ours.values())[len(theirs) :])
+    callback = inspect.signature(ck.CheckpointCallback).parameters
+    assert {"save_freq", "save_best_only", "initial_value_threshold"} <= set(callback)
+    for fn in (ck.restore, ck.load_model):
+        assert inspect.signature(fn).parameters["checkpoint"].default == "latest"

@@ -17,7 +17,6 @@ collectives keep running while the checkpoint is written.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import torch.distributed as dist
@@ -25,6 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import _format as fmt
+from .. import _warn
 from .._checkpoint_io import meta_doc as _meta_doc
 from .._checkpoint_io import remove_quietly as _remove_quietly
 from .._checkpoint_read import read_index as _read_index
@@ -258,9 +258,8 @@ def _newest_valid(mgr: CheckpointManager) -> str | None:
         try:
             check_files(mgr._storage, name, _read_index(mgr._storage, name))
         except CheckpointError as e:
-            warnings.warn(
-                f"Checkpoint {mgr._storage.url_of(name)!r} is unusable ({e}); falling back to an older one.",
-                stacklevel=3,
+            _warn.warn(
+                f"Checkpoint {mgr._storage.url_of(name)!r} is unusable ({e}); falling back to an older one."
             )
             continue
         return name

@@ -1,4 +1,5 @@
-"""Keras 3 integration: ``CheckpointCallback`` for ``model.fit``, ``restore``, ``load_model``.
+"""Keras 3 integration: ``CheckpointCallback`` for ``model.fit``, ``BackupAndRestore`` (a drop-in for
+Keras' own), ``restore``, ``load_model``.
 
 Works on every Keras 3 backend (TensorFlow, PyTorch, JAX). ``ResumableDataset`` is the data-position
 mechanism for an exact mid-epoch resume (see docs/keras.md).
@@ -93,8 +94,9 @@ if not keras.__version__.startswith("3."):  # pragma: no cover - depends on the 
         "'keras>=3'."
     )
 
+from ._backup import BackupAndRestore  # noqa: E402
 from ._callback import CheckpointCallback  # noqa: E402
 from ._data import ResumableDataset  # noqa: E402
 from ._restore import load_model, restore  # noqa: E402
 
-__all__ = ["CheckpointCallback", "ResumableDataset", "load_model", "restore"]
+__all__ = ["BackupAndRestore", "CheckpointCallback", "ResumableDataset", "load_model", "restore"]

@@ -13,12 +13,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from .. import _foreign
+from .. import _foreign, _warn
 from .._callback_config import CallbackConfig, prepare_snapshot_once
 from .._manager import CheckpointManager
 from .._mode import direction_from_name, resolve_mode
 from ..errors import IncompatibleCheckpointError
-from . import _adapter, _compat, _inplace
+from . import _adapter, _compat, _inplace, _keras_args
 
 # Keras ends an epoch whose input runs out early with this warning; a ResumableDataset does that on
 # purpose for the epoch a mid-epoch resume re-enters, so that one warning is silenced for that epoch.
@@ -77,9 +77,21 @@ class CheckpointCallback(keras.callbacks.Callback):
             default, so that loading never executes code.
         clock: zero-argument callable returning POSIX seconds, read for ``save_every_n_seconds`` and
             for retention timestamps; tests inject a fake one.
+        save_freq: Keras' spelling of the triggers (``keras.callbacks.ModelCheckpoint``,
+            ``OrbaxCheckpoint``): ``"epoch"`` is ``save_on_epoch_end=True``, an int N is
+            ``save_every_n_steps=N``. Combined with a ``save_every_n_steps`` that says otherwise, it
+            raises ValueError.
+        save_best_only: as in Keras' ``ModelCheckpoint``: a save (step, epoch end or train end) is
+            made only when ``logs[monitor]`` is strictly better (by ``mode``) than at every earlier
+            save of the run; a save whose logs lack ``monitor`` is made, with a warning, as Keras does.
+            The best value travels in the checkpoint, so a resumed run keeps comparing with it.
+        initial_value_threshold: with ``save_best_only``, the value the first save must beat.
 
     A save whose step ends an epoch is written in ``on_epoch_end`` instead of after the batch, so it
-    carries that epoch's validation metrics and resumes at the start of the next epoch.
+    carries that epoch's validation metrics and resumes at the start of the next epoch. When
+    ``keep_best`` or ``save_best_only`` monitors a validation metric (``val_*``), every epoch whose
+    validation ran also ends with a save, carrying that value: checkpoints are ranked only on values
+    measured at their own step (a step save between validations carries none).
 
     Attributes:
         last_checkpoint: path of the newest checkpoint this callback wrote, or None.
@@ -92,6 +104,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         ...                         keep_checkpoint_every_n_hours=1)   # example values, not defaults
         >>> model.fit(x, y, epochs=10, callbacks=[cb])   # rerun after a crash: continues where it stopped
     """
+
+    _repeats_epoch_silently = False  # a resume inside an epoch without a ResumableDataset warns
 
     def __init__(
         self,
@@ -113,17 +127,25 @@ class CheckpointCallback(keras.callbacks.Callback):
         prefix: str = "ckpt",
         allow_pickle: bool = False,
         clock: Callable[[], float] = time.time,
+        save_freq: str | int | None = None,
+        save_best_only: bool = False,
+        initial_value_threshold: float | None = None,
     ) -> None:
         super().__init__()
+        save_every_n_steps, save_on_epoch_end = _keras_args.triggers(
+            save_freq, save_every_n_steps, save_on_epoch_end
+        )
+        _keras_args.check_best_only(save_best_only, initial_value_threshold, monitor)
         self._config = CallbackConfig.validated(locals())  # the arguments above, checked as the manager does
+        self.save_freq, self.save_best_only = save_freq, save_best_only
+        self.initial_value_threshold = initial_value_threshold
         if save_every_n_steps is None and save_every_n_seconds is None and not save_on_epoch_end:
-            warnings.warn(
+            _warn.warn(
                 "CheckpointCallback saves only when fit returns (save_every_n_steps=None, "
                 "save_every_n_seconds=None, save_on_epoch_end=False): a crash before then loses the whole "
                 "run. Add a periodic save, e.g. save_every_n_steps=1000, save_every_n_seconds=600 or "
                 "save_on_epoch_end=True.",
                 UserWarning,
-                stacklevel=2,
             )
         # directory, save_every_n_steps, ..., as public attributes; the clock (retention timestamps and
         # save_every_n_seconds) as _clock.
@@ -143,6 +165,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         # Steps / seconds since the last save; the step saved last (never saved twice); saves made.
         self._trigger = self._config.make_trigger()
         self._pending_epoch_save = False
+        self.best: float | None = self.initial_value_threshold  # save_best_only: the value to beat
+        self._declined_step: int | None = None  # save_best_only: the step judged no improvement
         self._resume_epoch: int | None = None
         self._resume_skip = 0
         self._epoch_rng: dict | None = None
@@ -175,7 +199,9 @@ class CheckpointCallback(keras.callbacks.Callback):
     def manager(self) -> CheckpointManager:
         """The CheckpointManager writing this callback's checkpoints (created on first use)."""
         if self._manager is None:
-            self._manager = self._config.make_manager(mode=self._resolved_mode)
+            # save_best_only ranks its saves too, so that checkpoint="best" names the best one.
+            keep_best = self.keep_best or (1 if self.save_best_only else None)
+            self._manager = self._config.make_manager(mode=self._resolved_mode, keep_best=keep_best)
         return self._manager
 
     # ------------------------------------------------------------------ Keras hooks
@@ -246,12 +272,11 @@ class CheckpointCallback(keras.callbacks.Callback):
         epochs = (self.params or {}).get("epochs")
         if epochs is None or self._epoch < int(epochs):
             return
-        warnings.warn(
+        _warn.warn(
             f"CheckpointCallback resumed from {path!r} at epoch {self._epoch} (global step "
             f"{self._trigger.last_saved_step}), at or past fit(epochs={epochs}): this fit trains nothing. `epochs` "
             "counts from the start of the run, not from the resume. To train further, raise `epochs` "
-            f"(e.g. epochs={self._epoch + int(epochs)}); to start over, pass resume=False or another directory.",
-            stacklevel=3,
+            f"(e.g. epochs={self._epoch + int(epochs)}); to start over, pass resume=False or another directory."
         )
 
     def _apply_resume(self, state: dict) -> None:
@@ -271,16 +296,17 @@ class CheckpointCallback(keras.callbacks.Callback):
             _adapter.restore_rng(rng.get("at_save"))
         self._epoch = epoch
         self._trigger.resumed(step, int(trainer.get("save_count", 0)))
+        if self.save_best_only and trainer.get("best") is not None:
+            self.best = float(trainer["best"])
         if consumed:
             if self._live_datasets():
                 self._resume_epoch, self._resume_skip = epoch, consumed
-            else:
-                warnings.warn(
+            elif not self._repeats_epoch_silently:
+                _warn.warn(
                     f"Resuming inside epoch {epoch} at global step {step}: the {consumed} batches of that epoch "
                     "seen before the checkpoint will be seen again, because the input pipeline's position is "
                     "not restorable. For an exact mid-epoch resume, feed fit() a "
-                    "ckpt_callbacks.keras.ResumableDataset(..., callback=cb).",
-                    stacklevel=2,
+                    "ckpt_callbacks.keras.ResumableDataset(..., callback=cb)."
                 )
         # Keras' fit reads model._initial_epoch right after on_train_begin (as BackupAndRestore uses it).
         self._saved_initial_epoch = _compat.get_initial_epoch(self.model)
@@ -301,9 +327,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         try:
             self._release_manager()
         except Exception as e:  # noqa: BLE001 - the fit that started this save has already failed
-            warnings.warn(
-                f"CheckpointCallback: a background save of the previous, failed fit had failed too: {e}",
-                stacklevel=3,
+            _warn.warn(
+                f"CheckpointCallback: a background save of the previous, failed fit had failed too: {e}"
             )
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -351,7 +376,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         if steps is not None and self._consumed >= steps:
             self._pending_epoch_save = True  # the epoch ends here: save in on_epoch_end (see class doc)
         else:
-            self._save(step, logs)
+            self._save_if_best(step, logs)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._restore_warnings()
@@ -363,11 +388,16 @@ class CheckpointCallback(keras.callbacks.Callback):
             guard, self._exhaust_guard = self._exhaust_guard, None
             _adapter.assign_pairs(guard)
         self._epoch, self._offset, self._consumed = epoch + 1, 0, 0
-        if self.save_on_epoch_end or self._pending_epoch_save:
+        if self.save_on_epoch_end or self._pending_epoch_save or self._validated(logs):
             self._pending_epoch_save = False
             step = self._global_step()
             if not self._trigger.is_saved(step):
-                self._save(step, logs)
+                self._save_if_best(step, logs)
+
+    def _validated(self, logs: dict | None) -> bool:
+        """Whether this epoch's logs carry a validation value ``keep_best`` / ``save_best_only`` ranks."""
+        ranked = self.keep_best or self.save_best_only
+        return bool(ranked) and self.monitor.startswith("val_") and self.monitor in (logs or {})
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self._restore_warnings()
@@ -379,7 +409,7 @@ class CheckpointCallback(keras.callbacks.Callback):
             due = self.save_on_train_end or self._pending_epoch_save
             # A model that trained no step may still be unbuilt: there is nothing to save then.
             if due and not self._trigger.is_saved(step) and _adapter.is_built(self.model):
-                self._save(step, logs)
+                self._save_if_best(step, logs)
         finally:
             self._release_manager()  # waits for background saves: fit returns with every checkpoint durable
 
@@ -389,6 +419,30 @@ class CheckpointCallback(keras.callbacks.Callback):
             manager.close()
 
     # ------------------------------------------------------------------ saving
+
+    def _save_if_best(self, step: int, logs: dict | None) -> str | None:
+        """``_save``, or under ``save_best_only`` nothing unless ``logs[monitor]`` improved (Keras' rule)."""
+        if self.save_best_only:
+            if step == self._declined_step:  # judged already (an epoch end, then the train end)
+                return None
+            current = _scalar_logs(logs).get(self.monitor)
+            if current is None:
+                _warn.warn(
+                    f"Can save best model only with {self.monitor} available: saving at step {step} without "
+                    f"comparing (logs: {sorted(logs or {})}). Log {self.monitor!r} (e.g. pass validation "
+                    "data), change monitor, or save only at epoch ends (save_freq='epoch')."
+                )
+            elif not _keras_args.improved(current, self.best, self._resolved_mode):
+                self._declined_step = step
+                return None
+            else:
+                previous, self.best = self.best, current  # the checkpoint records its own value as best
+                try:
+                    return self._save(step, logs)
+                except BaseException:
+                    self.best = previous
+                    raise
+        return self._save(step, logs)
 
     def _save(self, step: int, logs: dict | None) -> str:
         state = _adapter.model_state(self.model, self.save_optimizer)
@@ -406,6 +460,8 @@ class CheckpointCallback(keras.callbacks.Callback):
             "steps_per_epoch": self._steps_per_epoch(),
             "save_count": self._trigger.num_saves + 1,
         }
+        if self.save_best_only:
+            state[_adapter.TRAINER_KEY]["best"] = self.best
         path = self.manager.save(
             state, step, metrics=_scalar_logs(logs), _info={**self._info, "epoch": self._epoch}
         )

@@ -7,22 +7,30 @@ from typing import Any
 
 import keras
 
-from .._resolve import load_checkpoint, read_index, read_meta, resolve_checkpoint
+from .._resolve import load_checkpoint, open_checkpoint, read_index, read_meta, resolve_checkpoint
 from ..errors import IncompatibleCheckpointError
 from . import _adapter, _compat, _inplace
 
 
 def restore(
-    model: keras.Model, path_or_directory: str | os.PathLike, *, storage_options: dict | None = None
+    model: keras.Model,
+    path_or_directory: str | os.PathLike,
+    *,
+    storage_options: dict | None = None,
+    checkpoint: str = "latest",
 ) -> str:
     """Load a checkpoint's weights (and optimizer variables, when the model is compiled) into ``model``.
 
     ``path_or_directory`` is one checkpoint (``"runs/a/ckpt-1000"``) or a directory, meaning its newest
-    valid checkpoint. Every variable is checked before any is written, so a mismatch leaves the model
+    valid checkpoint (``checkpoint="latest"``, the default) or, with ``checkpoint="best"``, the best
+    one its callback kept by ``keep_best`` / ``save_best_only`` (CheckpointNotFoundError when its
+    checkpoints are not ranked). Every variable is checked before any is written, so a mismatch leaves the model
     untouched. Training position and global RNG states are not touched: that is what
     ``CheckpointCallback(resume=True)`` is for.
 
-    Returns the path of the checkpoint that was loaded.
+    Returns the checkpoint that was loaded in one form whatever the argument's form (a directory, a
+    relative or absolute checkpoint path, its ``.index`` file): an absolute path, or the full URL on
+    other storage, as ``CheckpointManager.latest_checkpoint`` gives it.
 
     Raises IncompatibleCheckpointError when the variables do not fit (listing the missing, unexpected
     and wrongly shaped or typed ones), CheckpointNotFoundError, CorruptCheckpointError.
@@ -31,16 +39,19 @@ def restore(
         >>> model = build_model()
         >>> model.compile(optimizer="adam", loss="mse")
         >>> restore(model, "runs/a")          # newest valid checkpoint of runs/a
-        'runs/a/ckpt-1200'
+        '/home/me/runs/a/ckpt-1200'
+        >>> restore(model, "runs/a", checkpoint="best")   # the best by the callback's monitor
+        '/home/me/runs/a/ckpt-800'
     """
-    path = resolve_checkpoint(path_or_directory, storage_options)
+    path = resolve_checkpoint(path_or_directory, storage_options, checkpoint=checkpoint)
     state = _inplace.load_into_model(
         lambda **kw: load_checkpoint(path, storage_options=storage_options, **kw),
         lambda: read_index(path, storage_options),
         model,
     )
     _adapter.restore_model_state(model, state)
-    return path
+    storage, name = open_checkpoint(path, storage_options)
+    return storage.url_of(name)
 
 
 def load_model(
@@ -49,6 +60,7 @@ def load_model(
     compile: bool = True,
     custom_objects: dict[str, Any] | None = None,
     storage_options: dict | None = None,
+    checkpoint: str = "latest",
 ) -> keras.Model:
     """Rebuild a model from a checkpoint alone: its ``.meta`` model description plus its variables.
 
@@ -60,11 +72,15 @@ def load_model(
     With ``compile=True`` and a compiled model in the checkpoint, the model is compiled again with
     the same optimizer, loss and metrics, and the optimizer variables are restored too.
 
+    A directory means its newest valid checkpoint, or with ``checkpoint="best"`` the best one kept by
+    ``keep_best`` / ``save_best_only`` (as for :func:`restore`).
+
     Example:
         >>> model = load_model("s3://bucket/run")     # newest valid checkpoint
         >>> model.predict(x)
+        >>> best = load_model("s3://bucket/run", checkpoint="best")
     """
-    path = resolve_checkpoint(path_or_directory, storage_options)
+    path = resolve_checkpoint(path_or_directory, storage_options, checkpoint=checkpoint)
     meta = read_meta(path, storage_options)
     desc = meta.get("model") if isinstance(meta, dict) else None
     if not isinstance(desc, dict) or "class_name" not in desc:

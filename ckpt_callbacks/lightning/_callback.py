@@ -28,24 +28,32 @@ from .._callback_config import CallbackConfig, prepare_snapshot_once
 from .._manager import CheckpointManager
 from .._mode import resolve_mode
 from .._names import join_url as _join
-from .._resolve import get_checkpoint_state
+from .._resolve import get_checkpoint_state, resolve_checkpoint
 from .._resolve import load_checkpoint as _core_load
-from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError
+from ..errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    IncompatibleCheckpointError,
+)
 from . import _compat, _convert, _inplace, _rng, _sharded
-from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO
+from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO, refuse_stock_checkpoints
 from ._trainer import _fast_forward, _fn, _gather, _info, _metrics, _no_trainer, _rank_zero, check_strategy  # noqa: F401 (check_strategy: public here)
 
 Trainer = LightningModule = Any  # either namespace's (see _compat)
 
 _STATE_VERSION = 1
 _SHARDED_LAST = (
-    "ckpt_path='last' is not supported with CheckpointCallback under ModelParallelStrategy (Lightning "
-    "would load it through the strategy's own checkpoint format). Received: ckpt_path='last'. Leave "
-    "ckpt_path unset: resume=True (the default) restores the newest valid checkpoint on every rank."
+    "ckpt_path='last' outside fit is not supported with CheckpointCallback under ModelParallelStrategy "
+    "(Lightning would load it through the strategy's own checkpoint format). Received: ckpt_path='last'. "
+    "Load the weights with ckpt_callbacks.load_checkpoint(directory) (full tensors) instead."
 )
 _NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
+# Lightning's warning when no ModelCheckpoint named a "last" path; wrong when this callback resumes itself.
+_NO_LAST_WARNING = r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint available'
 # Errors re-raised on the other ranks under their own class; anything else becomes CheckpointWriteError.
 _REMOTE_ERRORS: dict[str, type[BaseException]] = {
+    "IncompatibleCheckpointError": IncompatibleCheckpointError,
     "TypeError": TypeError,
     "ValueError": ValueError,
     "CheckpointError": CheckpointError,
@@ -105,6 +113,8 @@ class CheckpointCallback(_compat.Bound):
     # Tests switch this off to show that without the RNG restore a resumed run diverges.
     _restore_rng = True
     _sharded_path = False  # set at setup: the strategy saves through _sharded (every rank writes its shards)
+    _best_path = ""  # best_model_path
+    _best_looked_up = False  # whether best_model_path read the directory's recorded best
 
     def __init__(
         self,
@@ -148,16 +158,19 @@ class CheckpointCallback(_compat.Bound):
         self._resume_rng: dict | None = None  # this rank's RNG states of the checkpoint being resumed
         self._resume_consumed = 0  # batches of the interrupted epoch to skip (mid-epoch resume)
         self._best_metric: float | None = None
+        # The global step of the last validation in this fit and the metrics it logged: a value
+        # measured there ranks (keep_best) only the save of that step, never a later one.
+        self._validated: tuple[int, set[str]] | None = None
         self._deferred_to_epoch_end = False
-        self._warning_filter: Any = None
-        self._preloaded: tuple[str, Any] | None = None
+        self._warning_filters: list[Any] = []  # ours in warnings.filters, removed when they no longer apply
+        self._last_requested = False  # fit(ckpt_path="last"): resumed by on_fit_start, as resume=True
         self._warned_hparams: set[str] = set()  # hparams left out of the checkpoints, warned once
 
     def __getstate__(self) -> dict[str, Any]:
         # Picklable for ddp_spawn and for Trainer copies: live resources stay with this process.
         state = self.__dict__.copy()
         state.update(
-            _trainer_ref=_no_trainer, _mgr=None, _replaced_io=None, _warning_filter=None, _preloaded=None
+            _trainer_ref=_no_trainer, _mgr=None, _replaced_io=None, _warning_filters=[], _last_requested=False
         )
         return state
 
@@ -200,44 +213,58 @@ class CheckpointCallback(_compat.Bound):
             if state_dict.get("mid_epoch"):
                 self._resume_consumed = int(state_dict.get("batches_consumed") or 0)
 
+    @property
+    def best_model_path(self) -> str:
+        """The best checkpoint by ``monitor`` (``keep_best``); without ``keep_best``, the newest saved.
+
+        Before this callback ranked a save of its own (a new process, ``trainer.test(ckpt_path="best")``
+        before any ``fit``), the best checkpoint the directory records, looked up once.
+        """
+        if not self._best_path and getattr(self, "keep_best", None) and not self._best_looked_up:
+            self._best_looked_up = True
+            with contextlib.suppress(CheckpointError, ValueError):
+                self._best_path = resolve_checkpoint(
+                    self.directory, self.storage_options, verify=False, checkpoint="best"
+                )
+        return self._best_path
+
+    @best_model_path.setter
+    def best_model_path(self, value: str) -> None:
+        self._best_path = value
+
     # ------------------------------------------------------------------ ckpt_path="last"
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
-        """The newest valid checkpoint's index file: what ``ckpt_path="last"`` resolves to.
+        """What ``ckpt_path="last"`` resolves to.
 
-        Valid means fully verified (checksums), like ``resume=True``; a corrupt newest checkpoint is
-        skipped with a warning. The state read for the check is kept for the load that follows, so
-        the checkpoint is read once.
+        In ``fit``: nothing; the callback resumes itself in ``on_fit_start`` exactly as ``resume=True``
+        does (the newest valid checkpoint, read once, through ``storage_options``; under a sharded
+        strategy every rank reads its shards). Lightning would otherwise stat the path it is handed with
+        default fsspec options (no endpoint, no credentials of ``storage_options``) and then load it a
+        second time. ``trainer.ckpt_path`` still names the checkpoint's ``.index`` file.
+
+        Elsewhere (``validate`` / ``test`` / ``predict``): the newest checkpoint whose index reads,
+        loaded by Lightning through the callback's checkpoint IO.
         """
-        self._preloaded = None
-        if self._sharded_path:
-            raise ValueError(_SHARDED_LAST)
+        self._last_requested = False
         state_file = get_checkpoint_state(self.directory, self.storage_options)
-        if state_file is None:
+        if state_file is None or not state_file.model_checkpoint_path:
             return set()
-        names = [p for p in state_file.all_model_checkpoint_paths if p != state_file.model_checkpoint_path]
-        for path in reversed([*names, state_file.model_checkpoint_path]):
-            try:
-                state = _core_load(path, storage_options=self.storage_options, allow_pickle=self.allow_pickle)
-            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                warnings.warn(
-                    f"Checkpoint {path!r} is unusable ({e}); falling back to an older one.", stacklevel=2
-                )
-                continue
-            self._preloaded = (path + INDEX_SUFFIX, state)
-            return {path + INDEX_SUFFIX}
-        return set()
-
-    def _take_preloaded(self, path: str) -> Any:
-        """The state read by ``_find_last_checkpoints`` if ``path`` is the one it returned, else None."""
-        preloaded, self._preloaded = self._preloaded, None
-        if preloaded is not None and os.fspath(path) == preloaded[0]:
-            return preloaded[1]
-        return None
+        if _fn(trainer) == "fit":
+            self._last_requested = True
+            self._ignore_warning(_NO_LAST_WARNING)
+            return set()
+        if _sharded.applies(trainer.strategy):
+            raise ValueError(_SHARDED_LAST)
+        try:
+            return {resolve_checkpoint(self.directory, self.storage_options) + INDEX_SUFFIX}
+        except CheckpointNotFoundError:
+            return set()
 
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._drop_warning_filters()  # Lightning's "last" resolution is over
         ns = self._check_namespace(trainer)
         self._sharded_path = _sharded.applies(trainer.strategy)
         check_strategy(trainer.strategy, sharded=self._sharded_path)
@@ -254,8 +281,9 @@ class CheckpointCallback(_compat.Bound):
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.resume and trainer.ckpt_path is None and not trainer.fast_dev_run:
-            self._auto_resume(trainer)
+        last, self._last_requested = self._last_requested, False
+        if (self.resume or last) and trainer.ckpt_path is None and not trainer.fast_dev_run:
+            self._auto_resume(trainer, shown_suffix=INDEX_SUFFIX if last else "")
         # Exact resume. Lightning makes the train data iterator (drawing the shuffling
         # seed from the global RNG) right after this hook; the sanity check runs in isolate_rng.
         # - Saved at an epoch boundary: restore the RNGs of the save now; the next epoch's iterator
@@ -273,7 +301,7 @@ class CheckpointCallback(_compat.Bound):
         self._epoch_rng = _rng.capture()
         self._epoch_start_seen = False
         self._deferred_to_epoch_end = False
-        self._preloaded = None
+        self._validated = None
 
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
@@ -294,8 +322,7 @@ class CheckpointCallback(_compat.Bound):
                 if _fast_forward(trainer, self._resume_consumed):
                     # Lightning's "dataloader is not resumable" warning (issued before the first
                     # batch) does not apply: the position was restored.
-                    warnings.filterwarnings("ignore", message=_NOT_RESUMABLE_WARNING)
-                    self._warning_filter = warnings.filters[0]
+                    self._ignore_warning(_NOT_RESUMABLE_WARNING)
             _rng.restore(self._resume_rng["save"])
             self._resume_rng = None
             self._resume_consumed = 0
@@ -303,13 +330,17 @@ class CheckpointCallback(_compat.Bound):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._drop_warning_filter()
+        self._drop_warning_filters()
 
-    def _drop_warning_filter(self) -> None:
-        if self._warning_filter is not None:
+    def _ignore_warning(self, message: str) -> None:
+        warnings.filterwarnings("ignore", message=message)
+        self._warning_filters.append(warnings.filters[0])
+
+    def _drop_warning_filters(self) -> None:
+        for f in self._warning_filters:
             with contextlib.suppress(ValueError):
-                warnings.filters.remove(self._warning_filter)
-            self._warning_filter = None
+                warnings.filters.remove(f)
+        self._warning_filters = []
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The first epoch of a fit() got its iterator before on_train_start (captured in
@@ -343,7 +374,16 @@ class CheckpointCallback(_compat.Bound):
                 self._save(trainer, pl_module)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        pass  # ModelCheckpoint saves here; this callback does not.
+        if self._skip(trainer):
+            return
+        step = trainer.global_step
+        self._validated = (step, _compat.evaluation_metric_names(trainer))
+        # keep_best on a metric measured here: the checkpoint of this step is the one it ranks.
+        if self.keep_best and self.monitor in self._validated[1] and not self._trigger.is_saved(step):
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                self._deferred_to_epoch_end = True  # see on_train_batch_end; no step in between
+            else:
+                self._save(trainer, pl_module)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # No save on failure: the last committed checkpoint is the resume point. Lightning calls no
@@ -373,8 +413,8 @@ class CheckpointCallback(_compat.Bound):
             strategy.checkpoint_io = original
             self._replaced_io = None
         self._resume_rng = None
-        self._preloaded = None
-        self._drop_warning_filter()
+        self._last_requested = False
+        self._drop_warning_filters()
         if self._mgr is not None:
             mgr, self._mgr = self._mgr, None
             try:
@@ -427,15 +467,18 @@ class CheckpointCallback(_compat.Bound):
             return
         self._replaced_io = (strategy, current)
 
-    def _auto_resume(self, trainer: Trainer) -> None:
+    def _auto_resume(self, trainer: Trainer, shown_suffix: str = "") -> None:
         if self._sharded_path:
-            _sharded.auto_resume(self, trainer)
+            if _sharded.auto_resume(self, trainer) is None:
+                refuse_stock_checkpoints(self.directory, self.storage_options)  # on every rank
             return
         path, state, error = None, None, None
         if trainer.is_global_zero:
             try:
                 assert self._mgr is not None
                 path, state = _inplace.load_into_module(self._mgr.restore_with_path, trainer.lightning_module)
+                if path is None:
+                    refuse_stock_checkpoints(self.directory, self.storage_options)
             except Exception as e:  # noqa: BLE001 - broadcast, then raised on every rank
                 error = e
         self._raise_everywhere(trainer, error, "Restoring the newest checkpoint")
@@ -451,7 +494,7 @@ class CheckpointCallback(_compat.Bound):
                 trainer.lightning_module,
             )
         checkpoint = _convert.from_tree(state)
-        _compat.restore_before_setup(trainer, path, checkpoint)
+        _compat.restore_before_setup(trainer, path + shown_suffix, checkpoint)
         _rank_zero(
             trainer,
             f"CheckpointCallback: resuming from {path} (global step {checkpoint.get('global_step')}).",
@@ -461,12 +504,12 @@ class CheckpointCallback(_compat.Bound):
         step = trainer.global_step
         self._trigger.saved(step)  # before the dump: the checkpoint's callback state counts this save
         self._rng_for_save = _gather(trainer, self._local_rng())
-        metrics = _metrics(trainer)
+        metrics = self._measured_now(_metrics(trainer), step)
         # Tracked before the dump, so that the checkpoint's own callback state names the paths that
         # are right once it is committed (a resume from it then reports existing checkpoints).
         self._track_paths(_join(self.directory, f"{self.prefix}-{step}"), metrics)
         try:
-            checkpoint = _compat.dump_checkpoint(trainer)
+            checkpoint = (_sharded.dump if self._sharded_path else _compat.dump_checkpoint)(trainer)
         finally:
             self._rng_for_save = None
         if not self.save_optimizer:
@@ -492,6 +535,18 @@ class CheckpointCallback(_compat.Bound):
             self.best_model_path, self.last_model_path = trainer.strategy.broadcast(
                 (self.best_model_path, self.last_model_path), src=0
             )
+
+    def _measured_now(self, metrics: dict[str, float], step: int) -> dict[str, float]:
+        """``metrics`` without ``monitor`` when it was logged by a validation at an earlier step.
+
+        Lightning keeps the last validation's values in ``callback_metrics``; a save between two
+        validations that carried them would rank as if measured there and displace the checkpoint
+        they were measured at.
+        """
+        validated = self._validated
+        if self.keep_best and validated is not None and self.monitor in validated[1] and validated[0] != step:
+            return {k: v for k, v in metrics.items() if k != self.monitor}
+        return metrics
 
     def _track_paths(self, path: str, metrics: dict[str, float]) -> None:
         self.last_model_path = path

@@ -14,10 +14,12 @@ it, with an error naming the Lightning version, never ``import ckpt_callbacks.li
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
 import types
+from collections.abc import Iterator
 from typing import Any
 
 NAMESPACES = ("lightning", "pytorch_lightning")
@@ -152,6 +154,22 @@ def dump_checkpoint(trainer: Any) -> dict[str, Any]:
     return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
 
 
+@contextlib.contextmanager
+def sharded_state_dicts(strategy: Any) -> Iterator[None]:
+    """Within it, ``ModelParallelStrategy`` dumps sharded (DTensor) model and optimizer state dicts.
+
+    With ``save_distributed_checkpoint=False`` it would gather full state dicts on rank zero and hand
+    the other ranks empty ones (``_save_distributed_checkpoint``), which a per-rank sharded save
+    cannot restore.
+    """
+    saved = strategy._save_distributed_checkpoint
+    strategy._save_distributed_checkpoint = True
+    try:
+        yield
+    finally:
+        strategy._save_distributed_checkpoint = saved
+
+
 def migrate_checkpoint(ns: str, checkpoint: dict[str, Any], path: str | None) -> dict[str, Any]:
     """Lightning's upgrade of older checkpoint dicts (``_pl_migrate_checkpoint``)."""
     utils = submodule(ns, "pytorch", "utilities.migration.utils")
@@ -170,6 +188,18 @@ def restore_before_setup(trainer: Any, path: str, checkpoint: dict[str, Any]) ->
     connector.restore_model()
     connector.restore_datamodule()
     connector.restore_callbacks()
+
+
+def evaluation_metric_names(trainer: Any) -> set[str]:
+    """The ``callback_metrics`` names the running validation logged (``trainer._results``)."""
+    results = trainer._results
+    if results is None:
+        return set()
+    names: set[str] = set()
+    for metric in results.values():
+        for on_step in (False, True):
+            names.update(results._forked_name(metric, on_step))
+    return names
 
 
 def fit_data(trainer: Any) -> tuple[Any, Any, bool]:

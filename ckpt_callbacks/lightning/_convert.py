@@ -23,13 +23,13 @@ import enum
 import importlib
 import pathlib
 import sys
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from .. import _warn
 from ..errors import CorruptCheckpointError
 
 RESERVED_KEY = "__ckpt_callbacks__"
@@ -154,12 +154,11 @@ def _warn_dropped(dropped: list[tuple[str, str]], warned: set[str]) -> None:
     if not new:
         return
     warned.update(p for p, _ in dropped)
-    warnings.warn(
+    _warn.warn(
         f"Hyper-parameters that cannot be saved without pickle are left out of the checkpoint: "
         f"{', '.join(new)}. Training goes on; loading the model from the checkpoint will need them as "
         "keyword arguments. Fix: save_hyperparameters(ignore=[...]) with their names, or "
-        "allow_pickle=True on both the saving and the loading side.",
-        stacklevel=4,
+        "allow_pickle=True on both the saving and the loading side."
     )
 
 
@@ -289,10 +288,9 @@ def from_tree(tree: Any, dropped: list | None = None, ns: str | None = None) -> 
     if not isinstance(info, dict) or not isinstance(info.get("types"), list):
         raise CorruptCheckpointError(f"Invalid {RESERVED_KEY!r} entry in the checkpoint.")
     if info.get("version", 0) > _CONVERTER_VERSION:
-        warnings.warn(
+        _warn.warn(
             f"The checkpoint was written by a newer ckpt_callbacks (Lightning converter version "
-            f"{info.get('version')}); some container types may come back as plain dicts or lists.",
-            stacklevel=2,
+            f"{info.get('version')}); some container types may come back as plain dicts or lists."
         )
     if dropped is not None:
         dropped.extend(
@@ -350,7 +348,7 @@ def _decode_node(node: Any, tag: str, extra: Any, ns: str | None = None) -> Any:
     if tag == "dataclass" and isinstance(node, dict):
         cls = resolve_class(extra)
         if cls is None or not dataclasses.is_dataclass(cls):
-            warnings.warn(f"Dataclass {extra!r} is not imported; keeping its fields as a dict.", stacklevel=3)
+            _warn.warn(f"Dataclass {extra!r} is not imported; keeping its fields as a dict.")
             return node
         obj = object.__new__(cls)  # no __init__ / __post_init__: the fields are the saved ones
         for k, v in node.items():
@@ -367,10 +365,7 @@ def _decode_node(node: Any, tag: str, extra: Any, ns: str | None = None) -> Any:
             if k in extra:
                 cls = resolve_class(k)
                 if cls is None:
-                    warnings.warn(
-                        f"Class {k!r} (a checkpoint dict key) is not imported; keeping its name.",
-                        stacklevel=3,
-                    )
+                    _warn.warn(f"Class {k!r} (a checkpoint dict key) is not imported; keeping its name.")
                 out[cls if cls is not None else k] = v
             else:
                 out[k] = v
@@ -395,16 +390,14 @@ def _decode_node(node: Any, tag: str, extra: Any, ns: str | None = None) -> Any:
         cls = resolve_class(extra)
         if cls is not None and issubclass(cls, enum.Enum):
             return cls(node)
-        warnings.warn(f"Enum class {extra!r} is not imported; keeping the raw value {node!r}.", stacklevel=3)
+        _warn.warn(f"Enum class {extra!r} is not imported; keeping the raw value {node!r}.")
         return node
     if tag == "type" and isinstance(node, str):
         if node.startswith("omegaconf.") and "omegaconf" not in sys.modules:
             import omegaconf  # noqa: F401 - the hparams type of a Hydra config
         cls = resolve_class(node)
         if cls is None:
-            warnings.warn(
-                f"Class {node!r} named in the checkpoint is not imported; keeping its name.", stacklevel=3
-            )
+            _warn.warn(f"Class {node!r} named in the checkpoint is not imported; keeping its name.")
             return node
         return cls
     raise CorruptCheckpointError(

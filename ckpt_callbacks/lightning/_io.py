@@ -32,12 +32,12 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from .. import _storage
+from .. import _foreign, _storage
 from .._names import join_url as _join
 from .._resolve import POINTER_FORMAT as MARKER_FORMAT
 from .._resolve import POINTER_VERSION as MARKER_VERSION
@@ -45,6 +45,7 @@ from .._resolve import load_checkpoint as _core_load
 from .._resolve import pointer_target as _read_marker
 from .._resolve import resolve_checkpoint, resolve_one
 from .._resolve import save_checkpoint as _core_save
+from .._validation import check_checkpoint_choice
 from ..errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -215,8 +216,23 @@ def load_any(
     allow_pickle: bool,
     dropped: list | None = None,
     ns: str | None = None,
+    checkpoint: str = "latest",
 ) -> tuple[str, dict[str, Any]] | None:
-    """(checkpoint path, Lightning checkpoint dict) for any path form this format accepts, else None."""
+    """(checkpoint path, Lightning checkpoint dict) for any path form this format accepts, else None.
+
+    ``checkpoint="best"``: the best checkpoint a directory's manager kept (``keep_best``); ``path``
+    must then be that directory.
+    """
+    check_checkpoint_choice(checkpoint)
+    if checkpoint != "latest":
+        if is_http(path):
+            raise ValueError(
+                f"checkpoint={checkpoint!r} is not supported over http(s). Received: {os.fspath(path)!r}. "
+                "Pass the checkpoint's own URL instead of its directory's."
+            )
+        target = resolve_checkpoint(os.fspath(path), storage_options, checkpoint=checkpoint)
+        state = _core_load(target, storage_options=storage_options, allow_pickle=allow_pickle)
+        return target, _convert.from_tree(state, dropped=dropped, ns=ns)
     if is_http(path):
         with fetched_over_http(os.fspath(path), storage_options) as local:
             state = _core_load(local, allow_pickle=allow_pickle)
@@ -347,10 +363,12 @@ class FsspecCheckpointIO(_compat.Bound):
             return torch_io.TorchCheckpointIO().load_checkpoint(
                 path, map_location=map_location, weights_only=weights_only
             )
+        what = _foreign.identify(path, self._options()) or (
+            f"{os.fspath(path)!r} is not a ckpt_callbacks checkpoint (probably a torch.save file)."
+        )
         raise IncompatibleCheckpointError(
-            f"{os.fspath(path)!r} is not a ckpt_callbacks checkpoint (probably a torch.save file). Loading it "
-            "would unpickle it; pass FsspecCheckpointIO(allow_pickle=True) if you trust it, or re-save it "
-            "with FsspecCheckpointIO."
+            f"{what} Loading it through FsspecCheckpointIO would unpickle it: pass "
+            "FsspecCheckpointIO(allow_pickle=True) if you trust it, or re-save it with FsspecCheckpointIO."
         )
 
     def remove_checkpoint(self, path: Any) -> None:
@@ -369,6 +387,34 @@ class FsspecCheckpointIO(_compat.Bound):
             return
         if storage.fs.exists(storage.path(name)):
             storage.fs.rm(storage.path(name), recursive=True)
+
+
+def refuse_stock_checkpoints(directory: str, storage_options: dict | None, shown: int = 5) -> None:
+    """Raise IncompatibleCheckpointError when ``directory`` holds Lightning ``.ckpt`` files of ``torch.save``.
+
+    Called when a resume found no checkpoint of this format there: training would start from step 0
+    next to someone's checkpoints. Markers written by :class:`FsspecCheckpointIO` are this format and
+    do not count. Only names and 64-byte heads are read; the files are never modified or deleted.
+    """
+    storage = _storage.Storage(directory, storage_options)
+    names = sorted(
+        (n for n in storage.list_names() if n.endswith(".ckpt")), key=lambda n: (n != "last.ckpt", n)
+    )
+    found = [n for n in names if not storage.read_bytes(n, max_bytes=64).startswith(b'{"format":')]
+    if not found:
+        return
+    listed = ", ".join(found[:shown]) + (f", ... ({len(found)} in all)" if len(found) > shown else "")
+    newest = _join(directory, found[0])
+    raise IncompatibleCheckpointError(
+        f"{storage.url!r} holds Lightning checkpoint files written by torch.save ({listed}) and no checkpoint "
+        "of ckpt_callbacks, so resume=True has nothing to resume from and training would start from step 0 "
+        "next to them. Expected a new directory or one written by ckpt_callbacks. Received: "
+        f"directory={storage.url!r}. To continue from one of them, pass it once: "
+        f"trainer.fit(model, ckpt_path={newest!r}) with CheckpointCallback(..., allow_pickle=True) (it is "
+        "unpickled: only if you trust it); the saves that follow are in this library's format and resume "
+        "from here. To start from scratch, use another directory or resume=False. Their files are left "
+        "untouched."
+    )
 
 
 def _read_marker_quietly(storage: _storage.Storage, name: str) -> str | None:
@@ -415,18 +461,11 @@ class _DispatchingCheckpointIO(_compat.Bound):
 
     _role = "checkpoint_io"
 
-    def __init__(
-        self,
-        inner: Any,
-        storage_options: dict | None,
-        allow_pickle: bool,
-        preloaded: Callable[[str], Any] | None = None,
-    ) -> None:
+    def __init__(self, inner: Any, storage_options: dict | None, allow_pickle: bool) -> None:
         self.inner = inner
         self.ours = _compat.bound_class(FsspecCheckpointIO, self._role, self._namespaces)(
             storage_options, allow_pickle
         )
-        self.preloaded = preloaded
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
@@ -434,9 +473,6 @@ class _DispatchingCheckpointIO(_compat.Bound):
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        state = self.preloaded(os.fspath(path)) if self.preloaded is not None else None
-        if state is not None:
-            return _to_map_location(_convert.from_tree(state), map_location)
         if is_http(path):
             return self.ours.load_checkpoint(path, map_location=map_location)
         try:

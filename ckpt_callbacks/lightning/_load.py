@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .. import _foreign
 from ..errors import CheckpointNotFoundError
 from . import _compat
 from ._io import _to_map_location, load_any
@@ -28,6 +29,7 @@ def load_from_checkpoint(
     *,
     storage_options: dict | None = None,
     allow_pickle: bool = False,
+    checkpoint: str = "latest",
     **kwargs: Any,
 ) -> Any:
     """A ``LightningModule`` / ``LightningDataModule`` of class ``cls`` from a ckpt_callbacks checkpoint.
@@ -46,9 +48,12 @@ def load_from_checkpoint(
             or a ``{"cpu": device}`` dict).
         storage_options: passed to fsspec.
         allow_pickle: load leaves that were stored with pickle (only if saved with ``allow_pickle=True``).
+        checkpoint: for a directory, ``"latest"`` (its newest valid checkpoint) or ``"best"`` (the best
+            one its callback or manager kept with ``keep_best``).
 
     Example:
         >>> model = load_from_checkpoint(MyModule, "s3://bucket/run", map_location="cpu", lr=0.01)
+        >>> model = load_from_checkpoint(MyModule, "s3://bucket/run", checkpoint="best")
     """
     if not isinstance(cls, type):
         raise TypeError(
@@ -62,8 +67,11 @@ def load_from_checkpoint(
             f"Expected a LightningModule or LightningDataModule subclass. Received: cls={cls.__qualname__}."
         )
     dropped: list[tuple[str, str]] = []
-    found = load_any(checkpoint_path, storage_options, allow_pickle, dropped=dropped, ns=ns)
+    found = load_any(
+        checkpoint_path, storage_options, allow_pickle, dropped=dropped, ns=ns, checkpoint=checkpoint
+    )
     if found is None:
+        _foreign.refuse_foreign(checkpoint_path, storage_options)  # a torch.save file: what reads it
         raise CheckpointNotFoundError(
             f"No ckpt_callbacks checkpoint at {os.fspath(checkpoint_path)!r}: expected a checkpoint path "
             "(with a '.index' file), its '.index' file, a marker file written by FsspecCheckpointIO, or a "

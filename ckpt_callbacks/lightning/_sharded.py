@@ -57,6 +57,17 @@ def manager(cb: Any) -> Any:
     )
 
 
+def dump(trainer: Any) -> dict[str, Any]:
+    """Lightning's checkpoint dict with the model and optimizer states sharded (DTensors), on every rank.
+
+    The same for either ``save_distributed_checkpoint``: each rank writes its own shards, and the
+    checkpoint still loads as full tensors in one process (``load_checkpoint``), which is what
+    ``save_distributed_checkpoint=False`` asks of Lightning's own format.
+    """
+    with _compat.sharded_state_dicts(trainer.strategy):
+        return _compat.dump_checkpoint(trainer)
+
+
 def save(cb: Any, checkpoint: dict[str, Any], step: int, metrics: dict, info: dict) -> str:
     """Collective save of Lightning's checkpoint dict (DTensors stay sharded); on every rank."""
     from .. import distributed as cd
@@ -81,7 +92,7 @@ def auto_resume(cb: Any, trainer: Any) -> str | None:
     # per rank gives the list its saved shape, with tensors DCP fills in place.
     cb._rng_for_save = [{"save": _rng.capture(), "epoch": _rng.capture()} for _ in range(world)]
     try:
-        checkpoint = _compat.dump_checkpoint(trainer)
+        checkpoint = dump(trainer)
     finally:
         cb._rng_for_save = None
     if not cb.save_optimizer:

@@ -1,8 +1,9 @@
 """Fits a tiny FSDP2 model under ModelParallelStrategy (2 CPU processes, gloo) with CheckpointCallback.
 
-Usage: ``lightning_sharded_script.py NAMESPACE DIRECTORY MAX_STEPS KILL_AT [async]``. With ``KILL_AT`` > 0
-every rank SIGKILLs itself at the start of the batch where ``global_step == KILL_AT``; ``async``
-saves with ``async_save=True``.
+Usage: ``lightning_sharded_script.py NAMESPACE DIRECTORY MAX_STEPS KILL_AT [async] [consolidated]``. With
+``KILL_AT`` > 0 every rank SIGKILLs itself at the start of the batch where ``global_step == KILL_AT``;
+``async`` saves with ``async_save=True``; ``consolidated`` builds the strategy with
+``save_distributed_checkpoint=False``; ``last`` resumes through ``fit(ckpt_path="last")`` with ``resume=False``.
 """
 
 from __future__ import annotations
@@ -51,13 +52,19 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     model_cls = type("ShardedModel", (_ShardedModel, pl.LightningModule), {"__module__": __name__})
-    strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    async_save = sys.argv[5:] == ["async"]
-    cb = CheckpointCallback(directory, save_every_n_steps=2, max_to_keep=2, async_save=async_save)
+    flags = sys.argv[5:]
+    strategy = pl.strategies.ModelParallelStrategy(
+        data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint="consolidated" not in flags
+    )
+    async_save = "async" in flags
+    last = "last" in flags
+    cb = CheckpointCallback(
+        directory, save_every_n_steps=2, max_to_keep=2, async_save=async_save, resume=not last
+    )
     trainer = make_trainer(
         directory + ".root", [Kill(), cb], pl=pl, strategy=strategy, devices=2, max_steps=max_steps
     )
-    trainer.fit(model_cls(), make_loader(shuffle=True))
+    trainer.fit(model_cls(), make_loader(shuffle=True), ckpt_path="last" if last else None)
     print(f"TRAINED rank={trainer.global_rank} step={trainer.global_step}", flush=True)
 
 
