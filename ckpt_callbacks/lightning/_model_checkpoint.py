@@ -24,9 +24,11 @@ bytes go changes:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +43,8 @@ from ._trainer import _fn, _info, _metrics, _rank_zero, check_strategy
 Trainer = LightningModule = Any  # either namespace's (see _compat)
 
 _NAME = "ckpt_callbacks.lightning.ModelCheckpoint"
-_PICKLED_AWAY = ("_mgr", "_storage", "_replaced_io")
+_PICKLED_AWAY = ("_mgr", "_storage", "_replaced_io", "_warning_filter")
+_NO_LAST_WARNING = r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint available'
 
 
 class ModelCheckpoint(_compat.Bound):
@@ -162,6 +165,8 @@ class ModelCheckpoint(_compat.Bound):
         self._saved: tuple[int, str, bool] | None = None  # (step, checkpoint name, ranked) of the newest save
         self._measured: tuple[int, float] | None = None  # (step, monitored value) of the last validation
         self._topk_pending = False  # a top-k save waits for the next validation (its value was stale)
+        self._last_requested: str | None = None  # fit(ckpt_path="last") on a URL: loaded in on_fit_start
+        self._warning_filter: Any = None
         self._pointers: dict[str, str] = {}  # pointer name -> checkpoint name, written
         self._unwritten: list[tuple[str, str]] = []  # pointers whose checkpoint is not committed yet
         self._warned_hparams: set[str] = set()
@@ -188,14 +193,22 @@ class ModelCheckpoint(_compat.Bound):
         self._install_io(trainer, ns)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.resume or trainer.ckpt_path is not None or trainer.fast_dev_run:
+        last, self._last_requested = self._last_requested, None
+        if self._warning_filter is not None:
+            with contextlib.suppress(ValueError):
+                warnings.filters.remove(self._warning_filter)
+            self._warning_filter = None
+        if last is not None:
+            found = load_any(last, self.storage_options, self.allow_pickle)
+        elif self.resume and trainer.ckpt_path is None and not trainer.fast_dev_run:
+            found = load_any(self._dir(), self.storage_options, self.allow_pickle)
+        else:
             return
-        found = load_any(self.dirpath, self.storage_options, self.allow_pickle)
         if found is not None:
             path, checkpoint = found
-            _compat.restore_before_setup(trainer, path, checkpoint)
+            _compat.restore_before_setup(trainer, last or path, checkpoint)
             _rank_zero(
-                trainer, f"{_NAME}: resuming from {path} (global step {checkpoint.get('global_step')})."
+                trainer, f"{_NAME}: resuming from {last or path} (step {checkpoint.get('global_step')})."
             )
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -277,9 +290,17 @@ class ModelCheckpoint(_compat.Bound):
         dirpath = os.fspath(
             self.dirpath if self.dirpath is not None else _compat.resolve_ckpt_dir(self, trainer)
         )
-        names = _storage.Storage(dirpath, self.storage_options).list_names()
+        storage = _storage.Storage(dirpath, self.storage_options)
         last = re.compile(rf"{self.CHECKPOINT_NAME_LAST}(-\d+)?.*{re.escape(self.FILE_EXTENSION)}\Z")
-        return {os.path.join(dirpath, n) for n in names if last.match(n)}
+        found = {os.path.join(dirpath, n) for n in storage.list_names() if last.match(n)}
+        if found and "://" in dirpath and not dirpath.startswith("file://") and _fn(trainer) == "fit":
+            # Lightning would stat these with default fsspec options (no endpoint or credentials of
+            # storage_options): the newest is picked here and loaded in on_fit_start instead.
+            self._last_requested = max(found, key=lambda p: (storage.fs.modified(p), p))
+            warnings.filterwarnings("ignore", message=_NO_LAST_WARNING)
+            self._warning_filter = warnings.filters[0]
+            return set()
+        return found
 
     _link_checkpoint = LinkCheckpoint()
 
@@ -307,12 +328,13 @@ class ModelCheckpoint(_compat.Bound):
             return
         directory, name = split_path(filepath)
         storage = self._storage if directory.rstrip("/") == self._dir().rstrip("/") else None
-        if storage is None or _read_marker_quietly(storage, name) is None:
-            trainer.strategy.remove_checkpoint(filepath)  # not ours: as Lightning would
-            return
         self._unwritten = [(p, t) for p, t in self._unwritten if p != name]
-        self._pointers.pop(name, None)
-        storage.remove([name])
+        if storage is not None and (self._pointers.pop(name, None) or not storage.exists(name)):
+            storage.remove([name])  # ours, or already gone with its checkpoint (retention)
+        elif storage is None or _read_marker_quietly(storage, name) is None:
+            trainer.strategy.remove_checkpoint(filepath)  # not ours: as Lightning would
+        else:
+            storage.remove([name])  # a pointer of an earlier run
 
     # ------------------------------------------------------------------ internals
 
