@@ -58,6 +58,7 @@ def test_api_reference_builds_without_warnings(tmp_path):
         assert f'id="{name}"' in core or f'id="CheckpointManager.{name}"' in core, name
     assert 'id="CheckpointCallback"' in pages["ckpt_callbacks/keras.html"]
     assert 'id="FsspecCheckpointIO"' in pages["ckpt_callbacks/lightning.html"]
+    assert 'id="ModelCheckpoint"' in pages["ckpt_callbacks/lightning.html"]
     for name, html in pages.items():
         assert not re.search(r"SPEC\b", html), f"{name} cites a document the repository does not ship"
 

@@ -101,6 +101,28 @@ def test_unsupported_storage_library_error_lives_in_the_tree_and_where_it_was():
     assert "UnsupportedStorageLibraryError(RuntimeError)" in errors.__doc__
 
 
+def test_lightning_exports():
+    lightning = pytest.importorskip("ckpt_callbacks.lightning")
+    assert lightning.__all__ == [
+        "CheckpointCallback",
+        "FsspecCheckpointIO",
+        "ModelCheckpoint",
+        "load_from_checkpoint",
+    ]
+    assert all(getattr(lightning, name) is not None for name in lightning.__all__)
+    # Lightning's own ModelCheckpoint arguments, in order and with its defaults, then ours as keywords.
+    import inspect
+
+    from lightning.pytorch.callbacks import ModelCheckpoint as Stock
+
+    stock = inspect.signature(Stock).parameters
+    drop_in = inspect.signature(lightning.ModelCheckpoint).parameters
+    assert [(p.name, p.default) for p in list(drop_in.values())[: len(stock)]] == [
+        (p.name, p.default) for p in stock.values()
+    ]
+    assert all(p.kind is p.KEYWORD_ONLY for p in list(drop_in.values())[len(stock) :])
+
+
 def test_keras_public_names_and_drop_in_signatures():
     pytest.importorskip("keras")
     import inspect

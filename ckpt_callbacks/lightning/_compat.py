@@ -224,3 +224,30 @@ def load_state(cls: type, checkpoint: dict[str, Any], strict: bool | None, **kwa
 # Lightning's SLURM requeue (``_CheckpointConnector.__max_ckpt_version_in_folder``) takes every file
 # name in the folder that contains this key and reads the digits after it as a version number.
 HPC_NAME_KEY = "ckpt_"
+
+
+# ---------------------------------------------------------------------- ModelCheckpoint's own privates
+
+
+def resolve_ckpt_dir(callback: Any, trainer: Any) -> Any:
+    """``ModelCheckpoint``'s ``dirpath`` rule: its own, else the logger's dir, else
+    ``default_root_dir``, plus ``checkpoints`` (``ModelCheckpoint.__resolve_ckpt_dir``)."""
+    return callback._ModelCheckpoint__resolve_ckpt_dir(trainer)
+
+
+def warn_if_dir_not_empty(callback: Any, dirpath: Any) -> None:
+    callback._ModelCheckpoint__warn_if_dir_not_empty(dirpath)
+
+
+_AS_VALUE_ERROR: dict[type, type] = {}
+
+
+def as_value_error(error: BaseException) -> BaseException:
+    """Lightning's ``MisconfigurationException`` (an ``Exception``) as one that is also a ``ValueError``,
+    so callers of either library catch it; any other error unchanged."""
+    cls = type(error)
+    if cls.__name__ != "MisconfigurationException" or isinstance(error, ValueError):
+        return error
+    if cls not in _AS_VALUE_ERROR:
+        _AS_VALUE_ERROR[cls] = type(cls.__name__, (cls, ValueError), {"__module__": cls.__module__})
+    return _AS_VALUE_ERROR[cls](*error.args)

@@ -91,6 +91,24 @@ def test_bases_and_state_key(pl):
     assert "_find_last_checkpoints" in vars(pl.callbacks.ModelCheckpoint)
 
 
+def test_model_checkpoint_seams_of_the_drop_in(pl, tmp_path):
+    """What ``ckpt_callbacks.lightning.ModelCheckpoint`` overrides or calls on Lightning's class."""
+    base = pl.callbacks.ModelCheckpoint
+    for name in ("_save_checkpoint", "_save_topk_checkpoint", "_remove_checkpoint", "file_exists",
+                 "_get_metric_interpolated_filepath_name", "_monitor_candidates", "_find_last_checkpoints",
+                 "on_validation_end", "on_exception", "on_train_end", "load_state_dict"):  # fmt: skip
+        assert callable(getattr(base, name)), name
+    assert isinstance(vars(base)["_link_checkpoint"], staticmethod)
+    cb = base(dirpath=None)
+    trainer = make_trainer(str(tmp_path), [cb], pl=pl, max_steps=1)
+    assert _compat.resolve_ckpt_dir(cb, trainer) == os.path.join(str(tmp_path), "checkpoints")
+    _compat.warn_if_dir_not_empty(cb, str(tmp_path))
+    with pytest.raises(Exception) as info:
+        base(save_top_k=-2)
+    error = _compat.as_value_error(info.value)
+    assert isinstance(error, ValueError) and isinstance(error, type(info.value))
+
+
 def test_private_lightning_names_are_used_only_in_compat():
     """No ``_``-prefixed import from Lightning, and no private Trainer attribute, outside _compat.py."""
     private_attr = re.compile(
