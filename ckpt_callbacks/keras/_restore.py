@@ -7,7 +7,8 @@ from typing import Any
 
 import keras
 
-from .._resolve import load_checkpoint, load_with_path, open_checkpoint, read_meta, resolve_checkpoint
+from .._checkpoint_read import load
+from .._resolve import _resolved, load_with_path, open_checkpoint, read_meta, resolve_checkpoint
 from ..errors import IncompatibleCheckpointError
 from . import _adapter, _compat, _inplace
 
@@ -82,7 +83,8 @@ def load_model(
         >>> model.predict(x)
         >>> best = load_model("s3://bucket/run", checkpoint="best")
     """
-    path = resolve_checkpoint(path_or_directory, storage_options, checkpoint=checkpoint)
+    # Read once: the index read to choose (and check) the checkpoint is the one loaded below.
+    path, index = _resolved(path_or_directory, storage_options, True, checkpoint)
     meta = read_meta(path, storage_options)
     desc = meta.get("model") if isinstance(meta, dict) else None
     if not isinstance(desc, dict) or "class_name" not in desc:
@@ -101,6 +103,7 @@ def load_model(
             f"The model described in {path!r} could not be built from its config (no input shape). "
             "Build the model in code and use ckpt_callbacks.keras.restore(model, path)."
         )
-    state = load_checkpoint(path, storage_options=storage_options)
+    storage, name = open_checkpoint(path, storage_options)
+    state = load(storage, name, verify=True, allow_pickle=False, index=index)
     _adapter.restore_model_state(model, state, restore_optimizer=compile)
     return model

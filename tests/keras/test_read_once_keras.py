@@ -1,5 +1,5 @@
-"""The Keras resume (``CheckpointCallback`` at train begin) and ``restore(model, directory)`` read the
-index once and each data file once: in place on the PyTorch backend, load + assign on TensorFlow.
+"""The Keras resume (``CheckpointCallback`` at train begin), ``restore(model, directory)`` and
+``load_model(directory)`` read the index once and each data file once: in place on the PyTorch backend, load + assign on TensorFlow.
 Reads of the real files are counted in a fresh process per backend (``storage_reads``)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ SCRIPT = r"""
 import json, sys, keras
 import keras_models as models
 from storage_reads import count_reads
-from ckpt_callbacks.keras import CheckpointCallback, restore
+from ckpt_callbacks.keras import CheckpointCallback, load_model, restore
 
 directory = sys.argv[1]
 keras.utils.set_random_seed(3)
@@ -38,6 +38,9 @@ fresh.optimizer.build(fresh.trainable_variables)
 reads.reset()
 restore(fresh, directory)
 out["restore"] = dict(reads.counts)
+reads.reset()
+load_model(directory)
+out["load_model"] = dict(reads.counts)
 print("RESULT" + json.dumps(out))
 """
 
@@ -47,7 +50,7 @@ def test_keras_resume_and_restore_read_each_file_once(backend, tmp_path):
     proc = run_python(SCRIPT, tmp_path / "run", HERE, backend=backend)
     out = json.loads(proc.stdout.rsplit("RESULT", 1)[1])
     assert out["restored_from"]
-    for what in ("resume", "restore"):
+    for what in ("resume", "restore", "load_model"):
         counts = out[what]
         assert any(n.endswith(".index") for n in counts), (what, counts)
         assert any(".data-" in n for n in counts), (what, counts)
