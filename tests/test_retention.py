@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ckpt_callbacks._retention import BestN, EveryNHours, LatestN, Retention
-from ckpt_callbacks._state import Record
+from ckpt_callbacks._manager._retention import BestN, EveryNHours, LatestN, Retention
+from ckpt_callbacks._manager._state import Record
 
 H = 3600.0
 

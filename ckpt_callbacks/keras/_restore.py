@@ -7,7 +7,7 @@ from typing import Any
 
 import keras
 
-from .._resolve import load_checkpoint, load_with_path, open_checkpoint, read_meta, resolve_checkpoint
+from .._api._resolve import load_checkpoint, load_with_path, open_checkpoint, read_meta, resolve_checkpoint
 from ..errors import IncompatibleCheckpointError
 from . import _adapter, _compat, _inplace
 

@@ -16,11 +16,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from ._checkpoint_read import read_bounded
-from ._format import is_plain_name
-from ._names import STATE_FILE_NAME, step_of
-from ._storage import Storage
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .._checkpoint._checkpoint_read import read_bounded
+from .._format._format import is_plain_name
+from .._format._names import STATE_FILE_NAME, step_of
+from .._storage import Storage
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 
 MAX_STATE_FILE_BYTES = 16 * 1024 * 1024
 _COMMENT_KEY = "# ckpt_callbacks: "
