@@ -18,7 +18,7 @@ from .._checkpoint._incremental import files_to_delete, held_files
 from .._format._names import INDEX_SUFFIX, STATE_FILE_NAME, data_file_name, own_file_re, step_of
 from .._storage import TEMP_MARK, Storage
 from ..errors import CheckpointError
-from ._state import Record
+from ._retention import Record
 
 logger = logging.getLogger("ckpt_callbacks")
 

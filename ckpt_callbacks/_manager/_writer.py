@@ -24,7 +24,7 @@ from .._format import _format as fmt
 from .._format._names import split_url
 from .._storage import Storage
 from . import _async
-from ._state import Record
+from ._retention import Record
 
 logger = logging.getLogger("ckpt_callbacks")
 

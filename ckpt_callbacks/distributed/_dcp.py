@@ -47,7 +47,8 @@ from .._format import _torch
 from .._format._names import INDEX_SUFFIX, META_SUFFIX
 from .._format._names import split_url as _split
 from .._format._names import step_of as _step_of
-from .._manager._state import Record, commit_state, dump_state, parse_state, read_state_bytes, restart_records
+from .._manager._retention import Record
+from .._manager._state import commit_state, dump_state, parse_state, read_state_bytes, restart_records
 from .._storage import Storage
 from ..errors import (
     CheckpointWriteError,

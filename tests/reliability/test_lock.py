@@ -1,4 +1,4 @@
-"""One writer per directory (ckpt_callbacks/_lock.py): refused, taken over when stale, re-entrant in-process."""
+"""One writer per directory (ckpt_callbacks/_manager/_lock.py): refused, taken over when stale, re-entrant in-process."""
 
 from __future__ import annotations
 
