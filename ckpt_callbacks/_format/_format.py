@@ -126,9 +126,7 @@ class TensorEntry:
 class EncodedState:
     tree: Any
     tensors: list[TensorEntry] = field(default_factory=list)
-    chunked: dict[str, tuple[Any, ...]] = field(
-        default_factory=dict
-    )  # ChunkedArray leaves: see _chunks.add_pieces
+    chunked: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # see _chunks.add_pieces
 
 
 def _path_str(path: tuple[Any, ...]) -> str:
