@@ -212,10 +212,7 @@ def restore_with_path(manager: Any, storage_options: dict | None) -> tuple[str |
 
     def pick() -> str | None:
         found = newest_valid(
-            storage,
-            names,
-            lambda n: load_state(storage.url_of(n), storage_options, tensors=False),
-            stacklevel=5,
+            storage, names, lambda n: load_state(storage.url_of(n), storage_options, tensors=False)
         )
         return storage.url_of(found[0]) if found else None
 

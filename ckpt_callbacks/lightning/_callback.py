@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +23,6 @@ from typing import Any
 import torch
 
 from .._api._resolve import get_checkpoint_state, resolve_checkpoint
-from .._api._resolve import load_checkpoint as _core_load
 from .._callbacks._callback_config import CallbackConfig, prepare_snapshot_once
 from .._format._names import join_url as _join
 from .._manager import _foreign
@@ -33,12 +31,23 @@ from .._manager._mode import resolve_mode
 from ..errors import (
     CheckpointError,
     CheckpointNotFoundError,
-    CheckpointWriteError,
-    IncompatibleCheckpointError,
 )
-from . import _compat, _convert, _inplace, _rng, _sharded
-from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO, refuse_stock_checkpoints
-from ._trainer import _fast_forward, _fn, _gather, _info, _metrics, _no_trainer, _rank_zero, check_strategy  # noqa: F401 (check_strategy: public here)
+from . import _compat, _convert, _inplace, _resume, _rng, _sharded
+from ._io import INDEX_SUFFIX, FsspecCheckpointIO, _DispatchingCheckpointIO
+from ._trainer import (  # noqa: F401 (check_strategy: public here)
+    WarningFilters,
+    _fast_forward,
+    _fn,
+    _gather,
+    _info,
+    _metrics,
+    _no_trainer,
+    _rank_zero,
+    check_strategy,
+    position,
+    raise_everywhere,
+    time_due_everywhere,
+)
 
 Trainer = LightningModule = Any  # either namespace's (see _compat)
 
@@ -51,15 +60,6 @@ _SHARDED_LAST = (
 _NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 # Lightning's warning when no ModelCheckpoint named a "last" path; wrong when this callback resumes itself.
 _NO_LAST_WARNING = r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint available'
-# Errors re-raised on the other ranks under their own class; anything else becomes CheckpointWriteError.
-_REMOTE_ERRORS: dict[str, type[BaseException]] = {
-    "IncompatibleCheckpointError": IncompatibleCheckpointError,
-    "TypeError": TypeError,
-    "ValueError": ValueError,
-    "CheckpointError": CheckpointError,
-    "CheckpointWriteError": CheckpointWriteError,
-    "CheckpointNotFoundError": CheckpointNotFoundError,
-}
 
 
 class CheckpointCallback(_compat.Bound):
@@ -162,7 +162,7 @@ class CheckpointCallback(_compat.Bound):
         # measured there ranks (keep_best) only the save of that step, never a later one.
         self._validated: tuple[int, set[str]] | None = None
         self._deferred_to_epoch_end = False
-        self._warning_filters: list[Any] = []  # ours in warnings.filters, removed when they no longer apply
+        self._filters = WarningFilters()  # ours in warnings.filters, removed when they no longer apply
         self._last_requested = False  # fit(ckpt_path="last"): resumed by on_fit_start, as resume=True
         self._warned_hparams: set[str] = set()  # hparams left out of the checkpoints, warned once
 
@@ -170,7 +170,11 @@ class CheckpointCallback(_compat.Bound):
         # Picklable for ddp_spawn and for Trainer copies: live resources stay with this process.
         state = self.__dict__.copy()
         state.update(
-            _trainer_ref=_no_trainer, _mgr=None, _replaced_io=None, _warning_filters=[], _last_requested=False
+            _trainer_ref=_no_trainer,
+            _mgr=None,
+            _replaced_io=None,
+            _filters=WarningFilters(),
+            _last_requested=False,
         )
         return state
 
@@ -252,7 +256,7 @@ class CheckpointCallback(_compat.Bound):
             return set()
         if _fn(trainer) == "fit":
             self._last_requested = True
-            self._ignore_warning(_NO_LAST_WARNING)
+            self._filters.ignore(_NO_LAST_WARNING)
             return set()
         if _sharded.applies(trainer.strategy):
             raise ValueError(_SHARDED_LAST)
@@ -264,7 +268,7 @@ class CheckpointCallback(_compat.Bound):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._drop_warning_filters()  # Lightning's "last" resolution is over
+        self._filters.drop()  # Lightning's "last" resolution is over
         ns = self._check_namespace(trainer)
         self._sharded_path = _sharded.applies(trainer.strategy)
         check_strategy(trainer.strategy, sharded=self._sharded_path)
@@ -283,7 +287,7 @@ class CheckpointCallback(_compat.Bound):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         last, self._last_requested = self._last_requested, False
         if (self.resume or last) and trainer.ckpt_path is None and not trainer.fast_dev_run:
-            self._auto_resume(trainer, shown_suffix=INDEX_SUFFIX if last else "")
+            _resume.auto_resume(self, trainer, shown_suffix=INDEX_SUFFIX if last else "")
         # Exact resume. Lightning makes the train data iterator (drawing the shuffling
         # seed from the global RNG) right after this hook; the sanity check runs in isolate_rng.
         # - Saved at an epoch boundary: restore the RNGs of the save now; the next epoch's iterator
@@ -322,7 +326,7 @@ class CheckpointCallback(_compat.Bound):
                 if _fast_forward(trainer, self._resume_consumed):
                     # Lightning's "dataloader is not resumable" warning (issued before the first
                     # batch) does not apply: the position was restored.
-                    self._ignore_warning(_NOT_RESUMABLE_WARNING)
+                    self._filters.ignore(_NOT_RESUMABLE_WARNING)
             _rng.restore(self._resume_rng["save"])
             self._resume_rng = None
             self._resume_consumed = 0
@@ -330,17 +334,7 @@ class CheckpointCallback(_compat.Bound):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._drop_warning_filters()
-
-    def _ignore_warning(self, message: str) -> None:
-        warnings.filterwarnings("ignore", message=message)
-        self._warning_filters.append(warnings.filters[0])
-
-    def _drop_warning_filters(self) -> None:
-        for f in self._warning_filters:
-            with contextlib.suppress(ValueError):
-                warnings.filters.remove(f)
-        self._warning_filters = []
+        self._filters.drop()
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The first epoch of a fit() got its iterator before on_train_start (captured in
@@ -357,7 +351,9 @@ class CheckpointCallback(_compat.Bound):
         if not self._sharded_path:  # a sharded async save stages into buffers of its own
             prepare_snapshot_once(self._mgr, lambda: _inplace.snapshot_like(trainer, self.save_optimizer))
         step = trainer.global_step
-        time_due = self._time_due(trainer)  # a collective under DDP: every rank calls it here
+        time_due = time_due_everywhere(
+            trainer, self._trigger, self.save_every_n_seconds
+        )  # a collective under DDP: every rank calls it here
         if self._trigger.batch_end(step, time_due=time_due):
             if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
                 # Saved here, Lightning (2.6) would count this epoch twice after a second resume (its
@@ -402,7 +398,7 @@ class CheckpointCallback(_compat.Bound):
                 self._mgr.wait_until_finished()
             except Exception as e:  # noqa: BLE001 - broadcast, then raised on every rank
                 error = e
-        self._raise_everywhere(trainer, error, "Finishing the background checkpoint saves")
+        raise_everywhere(trainer, error, "Finishing the background checkpoint saves")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._release(trainer)
@@ -414,7 +410,7 @@ class CheckpointCallback(_compat.Bound):
             self._replaced_io = None
         self._resume_rng = None
         self._last_requested = False
-        self._drop_warning_filters()
+        self._filters.drop()
         if self._mgr is not None:
             mgr, self._mgr = self._mgr, None
             try:
@@ -428,29 +424,11 @@ class CheckpointCallback(_compat.Bound):
         return bool(trainer.fast_dev_run) or trainer.sanity_checking or _fn(trainer) != "fit"
 
     def _position(self) -> tuple[bool, int]:
-        """(saved between two batches of an epoch?, batches of that epoch already trained on)."""
         trainer = self._trainer_ref()
-        if trainer is None or _fn(trainer) != "fit":
-            return False, 0
-        epoch = trainer.fit_loop.epoch_progress.current
-        progress = trainer.fit_loop.epoch_loop.batch_progress
-        # Lightning resumes mid-epoch only when the epoch was started but not processed.
-        if epoch.processed >= epoch.ready or progress.is_last_batch or progress.current.ready == 0:
-            return False, 0
-        return True, int(progress.current.ready)
+        return (False, 0) if trainer is None or _fn(trainer) != "fit" else position(trainer)
 
     def _local_rng(self) -> dict[str, Any]:
         return {"save": _rng.capture(), "epoch": self._epoch_rng}
-
-    def _time_due(self, trainer: Trainer) -> bool:
-        if self.save_every_n_seconds is None:
-            return False
-        due = False
-        if trainer.is_global_zero:
-            due = self._trigger.time_due()
-        if trainer.world_size > 1:
-            due = bool(trainer.strategy.broadcast(due, src=0))
-        return due
 
     def _install_io(self, trainer: Trainer, ns: str) -> None:
         """Let the strategy load our checkpoints (``ckpt_path="last"``, a checkpoint path) with any plugin."""
@@ -466,39 +444,6 @@ class CheckpointCallback(_compat.Bound):
             # path of this format through ckpt_path then needs FsspecCheckpointIO as the plugin.
             return
         self._replaced_io = (strategy, current)
-
-    def _auto_resume(self, trainer: Trainer, shown_suffix: str = "") -> None:
-        if self._sharded_path:
-            if _sharded.auto_resume(self, trainer) is None:
-                refuse_stock_checkpoints(self.directory, self.storage_options)  # on every rank
-            return
-        path, state, error = None, None, None
-        if trainer.is_global_zero:
-            try:
-                assert self._mgr is not None
-                path, state = _inplace.load_into_module(self._mgr.restore_with_path, trainer.lightning_module)
-                if path is None:
-                    refuse_stock_checkpoints(self.directory, self.storage_options)
-            except Exception as e:  # noqa: BLE001 - broadcast, then raised on every rank
-                error = e
-        self._raise_everywhere(trainer, error, "Restoring the newest checkpoint")
-        if trainer.world_size > 1:
-            path = trainer.strategy.broadcast(path, src=0)
-        if path is None:
-            return
-        if state is None:
-            state = _inplace.load_into_module(
-                lambda **kw: _core_load(
-                    path, storage_options=self.storage_options, allow_pickle=self.allow_pickle, **kw
-                ),
-                trainer.lightning_module,
-            )
-        checkpoint = _convert.from_tree(state)
-        _compat.restore_before_setup(trainer, path + shown_suffix, checkpoint)
-        _rank_zero(
-            trainer,
-            f"CheckpointCallback: resuming from {path} (global step {checkpoint.get('global_step')}).",
-        )
 
     def _save(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
@@ -530,7 +475,7 @@ class CheckpointCallback(_compat.Bound):
                 self.last_model_path = path
             except Exception as e:  # noqa: BLE001 - broadcast, then raised on every rank
                 error = e
-        self._raise_everywhere(trainer, error, f"Saving the checkpoint of step {step}")
+        raise_everywhere(trainer, error, f"Saving the checkpoint of step {step}")
         if trainer.world_size > 1:
             self.best_model_path, self.last_model_path = trainer.strategy.broadcast(
                 (self.best_model_path, self.last_model_path), src=0
@@ -562,16 +507,3 @@ class CheckpointCallback(_compat.Bound):
             self._best_metric = value
             self.best_model_path = path
             self.best_model_score = torch.tensor(value)
-
-    def _raise_everywhere(self, trainer: Trainer, error: BaseException | None, what: str) -> None:
-        """Rank zero's outcome, broadcast: every rank raises, or none does (no rank waits forever)."""
-        status = None if error is None else (type(error).__name__, str(error))
-        if trainer.world_size > 1:
-            status = trainer.strategy.broadcast(status, src=0)
-        if status is None:
-            return
-        if error is not None:
-            raise error
-        name, message = status
-        cls = _REMOTE_ERRORS.get(name, CheckpointWriteError)
-        raise cls(f"{what} failed on global rank 0 ({name}): {message}")

@@ -10,7 +10,7 @@ without pickle and then runs Lightning's own code for the rest (``_load_state``:
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -55,6 +55,40 @@ def load_from_checkpoint(
         >>> model = load_from_checkpoint(MyModule, "s3://bucket/run", map_location="cpu", lr=0.01)
         >>> model = load_from_checkpoint(MyModule, "s3://bucket/run", checkpoint="best")
     """
+    ns, pl = _module_namespace(cls)
+    dropped: list[tuple[str, str]] = []
+    found = load_any(
+        checkpoint_path, storage_options, allow_pickle, dropped=dropped, ns=ns, checkpoint=checkpoint
+    )
+    if found is None:
+        _not_found(checkpoint_path, storage_options)
+    path, checkpoint = found
+    checkpoint = _to_map_location(checkpoint, _device_of(map_location))
+    checkpoint = _compat.migrate_checkpoint(ns, checkpoint, path)
+    if hparams_file is not None:
+        checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY] = _read_hparams_file(ns, hparams_file)
+        dropped = []
+    checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
+    checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY].update(kwargs)
+    model = _build(cls, pl, checkpoint, strict, dropped, kwargs)
+    if issubclass(cls, pl.LightningDataModule):
+        return model
+    tensors = (t for t in checkpoint.get("state_dict", {}).values() if isinstance(t, torch.Tensor))
+    first = next(tensors, None)
+    return model.to(first.device) if first is not None else model
+
+
+def _not_found(checkpoint_path: str | os.PathLike, storage_options: dict | None) -> NoReturn:
+    _foreign.refuse_foreign(checkpoint_path, storage_options)  # a torch.save file: what reads it
+    raise CheckpointNotFoundError(
+        f"No ckpt_callbacks checkpoint at {os.fspath(checkpoint_path)!r}: expected a checkpoint path "
+        "(with a '.index' file), its '.index' file, a marker file written by FsspecCheckpointIO, or a "
+        "directory with a 'checkpoint' state file. For a torch.save file use cls.load_from_checkpoint."
+    )
+
+
+def _module_namespace(cls: Any) -> tuple[str, Any]:
+    """``(namespace, its lightning.pytorch module)`` of a LightningModule / LightningDataModule class."""
     if not isinstance(cls, type):
         raise TypeError(
             "load_from_checkpoint takes the class first, as in load_from_checkpoint(MyModule, path). "
@@ -66,29 +100,16 @@ def load_from_checkpoint(
         raise TypeError(
             f"Expected a LightningModule or LightningDataModule subclass. Received: cls={cls.__qualname__}."
         )
-    dropped: list[tuple[str, str]] = []
-    found = load_any(
-        checkpoint_path, storage_options, allow_pickle, dropped=dropped, ns=ns, checkpoint=checkpoint
-    )
-    if found is None:
-        _foreign.refuse_foreign(checkpoint_path, storage_options)  # a torch.save file: what reads it
-        raise CheckpointNotFoundError(
-            f"No ckpt_callbacks checkpoint at {os.fspath(checkpoint_path)!r}: expected a checkpoint path "
-            "(with a '.index' file), its '.index' file, a marker file written by FsspecCheckpointIO, or a "
-            "directory with a 'checkpoint' state file. For a torch.save file use cls.load_from_checkpoint."
-        )
-    path, checkpoint = found
-    checkpoint = _to_map_location(checkpoint, _device_of(map_location))
-    checkpoint = _compat.migrate_checkpoint(ns, checkpoint, path)
-    if hparams_file is not None:
-        checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY] = _read_hparams_file(ns, hparams_file)
-        dropped = []
-    checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
-    checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY].update(kwargs)
+    return ns, pl
+
+
+def _build(cls: type, pl: Any, checkpoint: dict, strict: bool | None, dropped: list, kwargs: dict) -> Any:
+    """Lightning's own ``_load_state``; a TypeError from ``__init__`` names the hyper-parameters that
+    could not be saved without pickle."""
     try:
         if issubclass(cls, pl.LightningDataModule):
             return _compat.load_state(cls, checkpoint, None, **kwargs)
-        model = _compat.load_state(cls, checkpoint, strict, **kwargs)
+        return _compat.load_state(cls, checkpoint, strict, **kwargs)
     except TypeError as e:
         missing = [key for key, _ in dropped if key.rsplit("'", 2)[-2] not in kwargs]
         if missing:
@@ -99,9 +120,6 @@ def load_from_checkpoint(
                 "allow_pickle=True."
             ) from e
         raise
-    tensors = (t for t in checkpoint.get("state_dict", {}).values() if isinstance(t, torch.Tensor))
-    first = next(tensors, None)
-    return model.to(first.device) if first is not None else model
 
 
 def _device_of(map_location: Any) -> Any:

@@ -47,6 +47,34 @@ _PICKLED_AWAY = ("_mgr", "_storage", "_replaced_io", "_warning_filter")
 _NO_LAST_WARNING = r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint available'
 
 
+def _check_extras(args: dict[str, Any]) -> None:
+    """This library's keyword arguments, and the combinations Lightning's do not refuse themselves."""
+    _validation.check_storage_options(args["storage_options"])
+    _validation.check_flags(
+        async_save=args["async_save"], resume=args["resume"], allow_pickle=args["allow_pickle"]
+    )
+    _validation.check_manager_args(
+        args["prefix"],
+        args["max_to_keep"],
+        args["keep_checkpoint_every_n_hours"],
+        None,
+        None,
+        "min",
+        args["clock"],
+    )
+    if args["dirpath"]:  # "" is Lightning's "the working directory"
+        _validation.check_directory(args["dirpath"])
+    check_filename(args["filename"], args["auto_insert_metric_name"])
+    save_top_k, max_to_keep = args["save_top_k"], args["max_to_keep"]
+    if max_to_keep is not None and save_top_k in (0, -1):
+        raise ValueError(
+            f"max_to_keep cannot be combined with save_top_k={save_top_k}: save_top_k=0 keeps only the "
+            "last checkpoint and save_top_k=-1 keeps every one. Received: "
+            f"save_top_k={save_top_k!r}, max_to_keep={max_to_keep!r}. Drop max_to_keep, or use "
+            "save_top_k=k with a monitor (the best k, plus the newest max_to_keep)."
+        )
+
+
 class ModelCheckpoint(_compat.Bound):
     """Lightning's ``ModelCheckpoint``, saving pickle-free checkpoints of this library to any fsspec URL.
 
@@ -112,21 +140,7 @@ class ModelCheckpoint(_compat.Bound):
         allow_pickle: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        _validation.check_storage_options(storage_options)
-        _validation.check_flags(async_save=async_save, resume=resume, allow_pickle=allow_pickle)
-        _validation.check_manager_args(
-            prefix, max_to_keep, keep_checkpoint_every_n_hours, None, None, "min", clock
-        )
-        if dirpath:  # "" is Lightning's "the working directory"
-            _validation.check_directory(dirpath)
-        check_filename(filename, auto_insert_metric_name)
-        if max_to_keep is not None and save_top_k in (0, -1):
-            raise ValueError(
-                f"max_to_keep cannot be combined with save_top_k={save_top_k}: save_top_k=0 keeps only the "
-                "last checkpoint and save_top_k=-1 keeps every one. Received: "
-                f"save_top_k={save_top_k!r}, max_to_keep={max_to_keep!r}. Drop max_to_keep, or use "
-                "save_top_k=k with a monitor (the best k, plus the newest max_to_keep)."
-            )
+        _check_extras(locals())
         try:
             super().__init__(
                 dirpath=dirpath,
@@ -157,6 +171,10 @@ class ModelCheckpoint(_compat.Bound):
         self._clock = clock
         if self.dirpath is not None:
             self._fs = _storage.Storage(self._dir(), self.storage_options).fs
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """The callback's own working state, beside Lightning's."""
         self._mgr: CheckpointManager | None = None
         self._storage: Any = None  # the Storage of dirpath (pointer files), with the manager
         self._replaced_io: tuple[Any, Any] | None = None

@@ -5,18 +5,88 @@ guard. Either Lightning namespace's ``Trainer``; private Lightning names only th
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Any
 
 import torch
 
+from ..errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    IncompatibleCheckpointError,
+)
 from . import _compat
 from ._io import _jsonable
 
 Trainer = LightningModule = Any  # either namespace's (see _compat)
 
 
+# Errors re-raised on the other ranks under their own class; anything else becomes CheckpointWriteError.
+_REMOTE_ERRORS: dict[str, type[BaseException]] = {
+    "IncompatibleCheckpointError": IncompatibleCheckpointError,
+    "TypeError": TypeError,
+    "ValueError": ValueError,
+    "CheckpointError": CheckpointError,
+    "CheckpointWriteError": CheckpointWriteError,
+    "CheckpointNotFoundError": CheckpointNotFoundError,
+}
+
+
 def _no_trainer() -> None:
     return None
+
+
+def raise_everywhere(trainer: Trainer, error: BaseException | None, what: str) -> None:
+    """Rank zero's outcome, broadcast: every rank raises, or none does (no rank waits forever)."""
+    status = None if error is None else (type(error).__name__, str(error))
+    if trainer.world_size > 1:
+        status = trainer.strategy.broadcast(status, src=0)
+    if status is None:
+        return
+    if error is not None:
+        raise error
+    name, message = status
+    cls = _REMOTE_ERRORS.get(name, CheckpointWriteError)
+    raise cls(f"{what} failed on global rank 0 ({name}): {message}")
+
+
+def time_due_everywhere(trainer: Trainer, trigger: Any, seconds: float | None) -> bool:
+    """Whether ``save_every_n_seconds`` is due, by rank zero's clock on every rank (a collective)."""
+    if seconds is None:
+        return False
+    due = bool(trainer.is_global_zero and trigger.time_due())
+    if trainer.world_size > 1:
+        due = bool(trainer.strategy.broadcast(due, src=0))
+    return due
+
+
+def position(trainer: Trainer) -> tuple[bool, int]:
+    """(saved between two batches of an epoch?, batches of that epoch already trained on)."""
+    epoch = trainer.fit_loop.epoch_progress.current
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    # Lightning resumes mid-epoch only when the epoch was started but not processed.
+    if epoch.processed >= epoch.ready or progress.is_last_batch or progress.current.ready == 0:
+        return False, 0
+    return True, int(progress.current.ready)
+
+
+class WarningFilters:
+    """The callback's own entries in ``warnings.filters``, removed once they no longer apply."""
+
+    def __init__(self) -> None:
+        self.added: list[Any] = []
+
+    def ignore(self, message: str) -> None:
+        warnings.filterwarnings("ignore", message=message)
+        self.added.append(warnings.filters[0])
+
+    def drop(self) -> None:
+        for f in self.added:
+            with contextlib.suppress(ValueError):
+                warnings.filters.remove(f)
+        self.added = []
 
 
 def _fast_forward(trainer: Trainer, consumed: int) -> bool:
