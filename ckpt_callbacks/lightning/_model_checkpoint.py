@@ -33,10 +33,11 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _storage, _validation
+from .._api._resolve import pointer_bytes
 from .._manager._manager import CheckpointManager
 from ..errors import CheckpointError
 from . import _compat, _convert
-from ._io import _marker_bytes, _read_marker_quietly, load_any, split_path
+from ._io import _read_marker_quietly, load_any, split_path
 from ._model_checkpoint_parts import LinkCheckpoint, ManagedIO, check_filename, quiet_replace
 from ._trainer import _fn, _info, _metrics, _rank_zero, check_strategy
 
@@ -433,7 +434,7 @@ class ModelCheckpoint(_compat.Bound):
         self._unwritten = [(p, t) for p, t in self._unwritten if p != name] + [(name, target)]
 
     def _point(self, name: str, target: str) -> None:
-        self._storage.write_bytes(name, _marker_bytes(target))
+        self._storage.write_bytes(name, pointer_bytes(target))
         self._storage.sync_dir()
         self._pointers[name] = target
 
