@@ -64,7 +64,8 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, warnings
     import numpy as np
-    from ckpt_callbacks import CheckpointManager, _checkpoint_io
+    from ckpt_callbacks import CheckpointManager
+    from ckpt_callbacks._checkpoint import _checkpoint_io
 
     directory, point = sys.argv[1], sys.argv[2]
     new = {"w": np.arange(6, dtype=np.float32) * -1, "b": np.ones(3), "version": "new"}
