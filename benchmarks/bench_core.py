@@ -48,13 +48,9 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from ckpt_callbacks import (  # noqa: E402
-    CheckpointManager,
-    _checkpoint_io,  # noqa: E402
-    _manager,  # noqa: E402
-    load_checkpoint,
-    save_checkpoint,
-)
+from ckpt_callbacks import CheckpointManager, load_checkpoint, save_checkpoint  # noqa: E402
+from ckpt_callbacks._checkpoint import _checkpoint_io  # noqa: E402
+from ckpt_callbacks._manager import _manager  # noqa: E402
 from ckpt_callbacks._storage import Storage  # noqa: E402
 
 MiB = 1 << 20

@@ -71,7 +71,7 @@ def worker(case: str, d: str, layers: int) -> None:
     import safetensors.torch
     import torch
 
-    import ckpt_callbacks._torch  # noqa: F401 - imported before the cache drop, like safetensors
+    import ckpt_callbacks._format._torch  # noqa: F401 - imported before the cache drop, like safetensors
     from ckpt_callbacks import load_checkpoint
 
     model = build_model(layers)

@@ -25,15 +25,15 @@ The ``ckpt-callbacks`` command lists, inspects, verifies, cleans and exports che
 
 __version__ = "0.1.0"
 
-from ._manager import CheckpointManager
-from ._resolve import (
+from ._api._resolve import (
     get_checkpoint_state,
     latest_checkpoint,
     list_variables,
     load_checkpoint,
     save_checkpoint,
 )
-from ._state import CheckpointState
+from ._manager._manager import CheckpointManager
+from ._manager._state import CheckpointState
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,

@@ -1,3 +1,3 @@
-from ckpt_callbacks._cli import main
+from ckpt_callbacks._cli._main import main
 
 raise SystemExit(main())

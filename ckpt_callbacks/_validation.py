@@ -43,7 +43,7 @@ def check_directory(directory: Any) -> None:
         _fail("directory", directory, "a non-empty path or fsspec URL", "Pass e.g. 'runs/exp1'.")
     path = os.fspath(directory)
     if "://" not in path and os.path.isfile(path):  # os.makedirs would fail with "File exists"
-        from . import _foreign  # reads the file's head: what it is
+        from ._manager import _foreign  # reads the file's head: what it is
 
         kind = _foreign.identify_file(*_foreign.split_file(path))
         parent = os.path.dirname(path) or "."

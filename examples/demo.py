@@ -238,7 +238,7 @@ def demo(kind: str, base: str, out: str, kill_at: int, opts: dict) -> bool:
         f"  -> final weights {'IDENTICAL to' if same else 'DIFFERENT from'} an uninterrupted run", flush=True
     )
     print(f"\n$ ckpt-callbacks ls {directory}", flush=True)
-    from ckpt_callbacks._cli import main as cli
+    from ckpt_callbacks._cli._main import main as cli
 
     cli(["ls", directory, *[f"--storage-option={k}={json.dumps(v)}" for k, v in opts.items()]])
     return same
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--only", choices=["core", "keras", "lightning"], action="append")
     a = p.parse_args(argv)
-    from ckpt_callbacks._cli import _options
+    from ckpt_callbacks._cli._main import _options
 
     opts = _options(a.storage_option)
     if a.url.startswith("memory://"):

@@ -17,7 +17,7 @@ import numpy as np
 from cloud_helpers import ROOT, S3_BUCKET, pending_uploads
 
 from ckpt_callbacks import CheckpointManager, latest_checkpoint
-from ckpt_callbacks._cli import main as cli_main
+from ckpt_callbacks._cli._main import main as cli_main
 
 # Killed after this many parts of the data file went up; the file has four 8 MiB parts.
 KILL_SCRIPT = textwrap.dedent(

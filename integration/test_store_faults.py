@@ -39,7 +39,7 @@ import pytest
 from cloud_helpers import GCS_BUCKET, S3_BUCKET, gcs_options, object_keys, pending_uploads, s3_options
 from faultproxy import DROP, DROP_AFTER, ERROR_502, ERROR_503, FaultProxy
 
-import ckpt_callbacks._checkpoint_io as checkpoint_io
+import ckpt_callbacks._checkpoint._checkpoint_io as checkpoint_io
 from ckpt_callbacks import CheckpointManager, CheckpointWriteError, latest_checkpoint
 from ckpt_callbacks._storage import _retry, _s3
 

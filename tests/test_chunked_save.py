@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ckpt_callbacks import load_checkpoint, save_checkpoint
-from ckpt_callbacks._chunks import ChunkedArray
-from ckpt_callbacks._format import LazyArray
+from ckpt_callbacks._format._chunks import ChunkedArray
+from ckpt_callbacks._format._format import LazyArray
 
 
 def _piece(arr):

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 import ckpt_callbacks
 from ckpt_callbacks import CheckpointManager
-from ckpt_callbacks._cli import _options, main
+from ckpt_callbacks._cli._main import _options, main
 
 COMMANDS = ["ls", "inspect", "verify", "gc", "export"]
 
@@ -154,7 +154,7 @@ def test_missing_fsspec_backend_names_the_extra(url, module, extra):
     """A process where the backend cannot be imported, as on a machine without it installed."""
     code = (
         f"import sys; sys.modules[{module!r}] = None\n"
-        "from ckpt_callbacks._cli import main\n"
+        "from ckpt_callbacks._cli._main import main\n"
         f"sys.exit(main(['ls', {url!r}]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

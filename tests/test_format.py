@@ -18,7 +18,7 @@ from hypothesis.extra import numpy as hnp
 from safetensors import safe_open
 
 from ckpt_callbacks import list_variables, load_checkpoint, save_checkpoint
-from ckpt_callbacks._format import FORMAT_NAME, dump_index, parse_index
+from ckpt_callbacks._format._format import FORMAT_NAME, dump_index, parse_index
 from ckpt_callbacks.errors import CorruptCheckpointError, IncompatibleCheckpointError
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from ckpt_callbacks import CheckpointManager, CorruptCheckpointError, load_checkpoint
-from ckpt_callbacks._checkpoint_read import read_index
-from ckpt_callbacks._format import dump_index
-from ckpt_callbacks._state import parse_state
+from ckpt_callbacks._checkpoint._checkpoint_read import read_index
+from ckpt_callbacks._format._format import dump_index
+from ckpt_callbacks._manager._state import parse_state
 from ckpt_callbacks._storage import Storage
 
 FROZEN = np.arange(64 * 1024, dtype=np.float32).reshape(256, 256)  # 256 KiB, never trained
@@ -174,7 +174,7 @@ def test_resaving_a_referenced_step_keeps_the_bytes_a_later_checkpoint_points_in
 
 def test_torch_version_counter_skips_hashing_a_trained_tensor(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch", reason="the torch kind's version counter")
-    from ckpt_callbacks import _incremental
+    from ckpt_callbacks._checkpoint import _incremental
 
     frozen, head = torch.arange(4096, dtype=torch.float32), torch.zeros(5000)  # both over the probe's 12 KiB
     hashed = []

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ckpt_callbacks import CheckpointManager, CorruptCheckpointError, load_checkpoint, save_checkpoint
-from ckpt_callbacks._resolve import read_index
+from ckpt_callbacks._api._resolve import read_index
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="mapped loads are POSIX-only")
 

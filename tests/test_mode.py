@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ckpt_callbacks import CheckpointManager
-from ckpt_callbacks._mode import direction_from_name, resolve_mode
+from ckpt_callbacks._manager._mode import direction_from_name, resolve_mode
 
 
 @pytest.mark.parametrize(

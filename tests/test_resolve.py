@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ckpt_callbacks import load_checkpoint, save_checkpoint
-from ckpt_callbacks._names import join_url, split_url
-from ckpt_callbacks._resolve import POINTER_FORMAT, pointer_bytes, resolve_one
+from ckpt_callbacks._api._resolve import POINTER_FORMAT, pointer_bytes, resolve_one
+from ckpt_callbacks._format._names import join_url, split_url
 from ckpt_callbacks.errors import CorruptCheckpointError
 
 

@@ -14,7 +14,7 @@ from ckpt_callbacks import (
     load_checkpoint,
     save_checkpoint,
 )
-from ckpt_callbacks._resolve import read_index
+from ckpt_callbacks._api._resolve import read_index
 
 
 def _state():
@@ -173,7 +173,7 @@ def test_manager_restore_into_falls_back_past_a_corrupt_checkpoint(tmp_path):
 
 
 def test_big_tensor_read_in_chunks_with_hashing_behind(tmp_path, monkeypatch):
-    from ckpt_callbacks import _checkpoint_read
+    from ckpt_callbacks._checkpoint import _checkpoint_read
 
     monkeypatch.setattr(_checkpoint_read, "READ_CHUNK", 1 << 16)
     monkeypatch.setattr(_checkpoint_read, "HASH_BEHIND_BYTES", 1 << 10)
@@ -239,7 +239,7 @@ def test_prepare_snapshot_at_train_start_maps_the_buffers_the_first_save_uses(tm
 
 
 def test_chunked_tensor_of_a_sharded_save_is_assembled_into_the_destination(tmp_path):
-    from ckpt_callbacks import _format as fmt
+    from ckpt_callbacks._format import _format as fmt
 
     full = np.arange(32, dtype=np.float32).reshape(8, 4)
     path = str(tmp_path / "ckpt-1")

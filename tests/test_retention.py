@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ckpt_callbacks._retention import BestN, EveryNHours, LatestN, Retention
-from ckpt_callbacks._state import Record
+from ckpt_callbacks._manager._retention import BestN, EveryNHours, LatestN, Record, Retention
 
 H = 3600.0
 

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from ckpt_callbacks import _rng
+from ckpt_callbacks._callbacks import _rng
 
 
 def _draws() -> tuple:

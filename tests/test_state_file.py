@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ckpt_callbacks import CheckpointManager, get_checkpoint_state, latest_checkpoint
-from ckpt_callbacks._state import CheckpointState, parse_state
+from ckpt_callbacks._manager._state import CheckpointState, parse_state
 from ckpt_callbacks.errors import CorruptCheckpointError, IncompatibleCheckpointError
 
 

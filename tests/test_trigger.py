@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ckpt_callbacks._trigger import SaveTrigger
+from ckpt_callbacks._callbacks._trigger import SaveTrigger
 
 # (every_n_steps, every_n_seconds, [(global step at a batch end, seconds passed before it)], steps saved)
 TABLE = [

@@ -35,8 +35,8 @@ only lazily, inside functions, so ``import ckpt_callbacks`` imports none of them
     ``Storage``: one directory on any fsspec filesystem (names, reads, deletes, listing) and which
     writer each store gets.
 
-``ckpt_callbacks._lock`` (the writer lock / lease) stays a top-level module: it takes a ``Storage``
-and uses only public fsspec calls (no private library API to gather here), and the lock tests patch
+``ckpt_callbacks._manager._lock`` (the writer lock / lease) lives with the manager: it takes a
+``Storage`` and uses only public fsspec calls (no private library API to gather here), and the lock tests patch
 its module globals (``os``, ``fcntl``, ``LEASE_SECONDS``), which a re-exporting shim would not reach.
 """
 

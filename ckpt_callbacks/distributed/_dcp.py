@@ -37,17 +37,18 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from .. import _format as fmt
-from .. import _torch
-from .._checkpoint_io import meta_doc as _meta_doc
-from .._checkpoint_io import meta_file as _meta_file
-from .._checkpoint_io import remove_quietly as _remove_quietly
-from .._checkpoint_io import write_data_file as _write_data_file
-from .._checkpoint_read import files_of, written_by_us
-from .._names import INDEX_SUFFIX, META_SUFFIX
-from .._names import split_url as _split
-from .._names import step_of as _step_of
-from .._state import Record, commit_state, dump_state, parse_state, read_state_bytes, restart_records
+from .._checkpoint._checkpoint_io import meta_doc as _meta_doc
+from .._checkpoint._checkpoint_io import meta_file as _meta_file
+from .._checkpoint._checkpoint_io import remove_quietly as _remove_quietly
+from .._checkpoint._checkpoint_io import write_data_file as _write_data_file
+from .._checkpoint._checkpoint_read import files_of, written_by_us
+from .._format import _format as fmt
+from .._format import _torch
+from .._format._names import INDEX_SUFFIX, META_SUFFIX
+from .._format._names import split_url as _split
+from .._format._names import step_of as _step_of
+from .._manager._retention import Record
+from .._manager._state import commit_state, dump_state, parse_state, read_state_bytes, restart_records
 from .._storage import Storage
 from ..errors import (
     CheckpointWriteError,

@@ -2,8 +2,8 @@
 
 A plain manager's ``save`` writes from one process; a sharded save is a collective, so it goes
 through DCP with :class:`StorageWriter`. :class:`_DcpBackend` is this package's
-:class:`~ckpt_callbacks._sharding.ShardedBackend`, registered when the package is imported: the
-manager asks it for a :class:`DcpWriter` (the core's writer seam, :mod:`ckpt_callbacks._writer`)
+:class:`~ckpt_callbacks._manager._sharding.ShardedBackend`, registered when the package is imported: the
+manager asks it for a :class:`DcpWriter` (the core's writer seam, :mod:`ckpt_callbacks._manager._writer`)
 for a state with ``DTensor`` leaves, or for every save of a manager :func:`manager` made. The
 coordinator's ``finish`` (after every rank reported success) commits through the manager's commit
 (the state file through retention, rolled back on failure, then the dropped checkpoints' files
@@ -25,16 +25,16 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .. import _format as fmt
-from .. import _sharding
-from .._checkpoint_io import remove_quietly as _remove_quietly
-from .._checkpoint_read import newest_valid
-from .._checkpoint_read import read_index as _read_index
-from .._manager import CheckpointManager
-from .._names import INDEX_SUFFIX
+from .._checkpoint._checkpoint_io import remove_quietly as _remove_quietly
+from .._checkpoint._checkpoint_read import newest_valid
+from .._checkpoint._checkpoint_read import read_index as _read_index
+from .._format import _format as fmt
+from .._format._names import INDEX_SUFFIX
+from .._manager import _sharding
+from .._manager._manager import CheckpointManager
+from .._manager._writer import SaveJob, SaveTarget
 from .._storage import Storage
 from .._validation import check_flags
-from .._writer import SaveJob, SaveTarget
 from ..errors import CheckpointWriteError, CorruptCheckpointError
 from . import _staging
 from ._dcp import StorageWriter
@@ -50,7 +50,7 @@ def _group_of(options: dict | None) -> Any:
 
 
 class DcpWriter:
-    """Writes one sharded checkpoint with ``dcp.save`` on every rank (a :class:`ckpt_callbacks._writer.
+    """Writes one sharded checkpoint with ``dcp.save`` on every rank (a :class:`ckpt_callbacks._manager._writer.
     CheckpointWriter`). Async: the gloo process group and the staging buffers are its own, kept
     between saves and released when the manager closes."""
 
@@ -104,7 +104,7 @@ class DcpWriter:
 
 
 class _DcpBackend:
-    """This package's :class:`ckpt_callbacks._sharding.ShardedBackend`: DCP with this format."""
+    """This package's :class:`ckpt_callbacks._manager._sharding.ShardedBackend`: DCP with this format."""
 
     def writer(self, async_save: bool, options: dict | None) -> DcpWriter:
         return DcpWriter(async_save, options)

@@ -29,9 +29,9 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.futures import Future
 
-from .. import _format as fmt
-from .. import _torch
-from .._checkpoint_read import read_index as _read_index
+from .._checkpoint._checkpoint_read import read_index as _read_index
+from .._format import _format as fmt
+from .._format import _torch
 from .._storage import Storage
 from ..errors import (
     CorruptCheckpointError,

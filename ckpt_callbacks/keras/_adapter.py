@@ -13,8 +13,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from .. import _rng as _core_rng
-from .._format import LazyArray
+from .._callbacks import _rng as _core_rng
+from .._format._format import LazyArray
 from ..errors import IncompatibleCheckpointError
 from . import _compat
 

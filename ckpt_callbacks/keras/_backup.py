@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .._names import STATE_FILE_NAME, data_file_name, own_file_re
-from .._resolve import get_checkpoint_state
+from .._api._resolve import get_checkpoint_state
+from .._format._names import STATE_FILE_NAME, data_file_name, own_file_re
 from .._storage import Storage
 from . import _keras_args
 from ._callback import CheckpointCallback

@@ -13,10 +13,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from .. import _foreign, _warn
-from .._callback_config import CallbackConfig, prepare_snapshot_once
-from .._manager import CheckpointManager
-from .._mode import direction_from_name, resolve_mode
+from .. import _warn
+from .._callbacks._callback_config import CallbackConfig, prepare_snapshot_once
+from .._manager import _foreign
+from .._manager._manager import CheckpointManager
+from .._manager._mode import direction_from_name, resolve_mode
 from ..errors import IncompatibleCheckpointError
 from . import _adapter, _compat, _inplace, _keras_args
 

@@ -15,7 +15,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from .. import _format as fmt
+from .._format import _format as fmt
 from ..errors import IncompatibleCheckpointError
 from . import _adapter
 

@@ -25,13 +25,14 @@ from typing import Any
 
 import jax
 
-from .. import _async, _chunks
-from .. import _format as fmt
-from .._checkpoint_io import crash_point, meta_file, remove_quietly, write_data_file
-from .._names import INDEX_SUFFIX, META_SUFFIX, data_file_name
-from .._sharding import Collective
+from .._checkpoint._checkpoint_io import crash_point, meta_file, remove_quietly, write_data_file
+from .._format import _chunks
+from .._format import _format as fmt
+from .._format._names import INDEX_SUFFIX, META_SUFFIX, data_file_name
+from .._manager import _async
+from .._manager._sharding import Collective
+from .._manager._writer import SaveJob, SaveTarget
 from .._storage import Storage
-from .._writer import SaveJob, SaveTarget
 from ..errors import CheckpointError, CheckpointWriteError
 from . import _compat
 

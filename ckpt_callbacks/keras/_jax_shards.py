@@ -19,10 +19,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from .. import _chunks
-from .. import _format as fmt
-from .._checkpoint_read import _check_size, newest_first, newest_valid, read_data_file, read_files, read_index
-from .._resolve import open_checkpoint
+from .._api._resolve import open_checkpoint
+from .._checkpoint._checkpoint_read import (
+    _check_size,
+    newest_first,
+    newest_valid,
+    read_data_file,
+    read_files,
+    read_index,
+)
+from .._format import _chunks
+from .._format import _format as fmt
 from .._storage import Storage
 from . import _compat
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import keras
 
-from .._checkpoint_read import load
-from .._resolve import _resolved, load_with_path, open_checkpoint, read_meta, resolve_checkpoint
+from .._api._resolve import _resolved, load_with_path, open_checkpoint, read_meta, resolve_checkpoint
+from .._checkpoint._checkpoint_read import load
 from ..errors import IncompatibleCheckpointError
 from . import _adapter, _compat, _inplace
 

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from .. import _foreign
-from .._callback_config import CallbackConfig, prepare_snapshot_once
-from .._manager import CheckpointManager
-from .._mode import resolve_mode
-from .._names import join_url as _join
-from .._resolve import get_checkpoint_state, resolve_checkpoint
+from .._api._resolve import get_checkpoint_state, resolve_checkpoint
+from .._callbacks._callback_config import CallbackConfig, prepare_snapshot_once
+from .._format._names import join_url as _join
+from .._manager import _foreign
+from .._manager._manager import CheckpointManager
+from .._manager._mode import resolve_mode
 from ..errors import (
     CheckpointError,
     CheckpointNotFoundError,

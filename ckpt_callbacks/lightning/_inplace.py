@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .._readinto import in_place_or_plain
+from .._checkpoint._readinto import in_place_or_plain
 
 
 def module_into(module: Any) -> dict[str, Any] | None:

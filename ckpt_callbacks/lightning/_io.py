@@ -36,15 +36,16 @@ from typing import Any
 
 import torch
 
-from .. import _foreign, _storage
-from .._checkpoint_io import jsonable
-from .._names import INDEX_SUFFIX, STATE_FILE_NAME
-from .._names import join_url as _join
-from .._resolve import POINTER_FORMAT as MARKER_FORMAT
-from .._resolve import load_checkpoint as _core_load
-from .._resolve import pointer_bytes, resolve_checkpoint, resolve_one
-from .._resolve import pointer_target as _read_marker
-from .._resolve import save_checkpoint as _core_save
+from .. import _storage
+from .._api._resolve import POINTER_FORMAT as MARKER_FORMAT
+from .._api._resolve import load_checkpoint as _core_load
+from .._api._resolve import pointer_bytes, resolve_checkpoint, resolve_one
+from .._api._resolve import pointer_target as _read_marker
+from .._api._resolve import save_checkpoint as _core_save
+from .._checkpoint._checkpoint_io import jsonable
+from .._format._names import INDEX_SUFFIX, STATE_FILE_NAME
+from .._format._names import join_url as _join
+from .._manager import _foreign
 from .._validation import check_checkpoint_choice
 from ..errors import (
     CheckpointNotFoundError,
@@ -152,7 +153,7 @@ def fetched_over_http(url: str, storage_options: dict | None = None) -> Iterator
         elif body is not None and url.endswith(INDEX_SUFFIX):
             prefix, index = url[: -len(INDEX_SUFFIX)], body
         else:
-            from .._state import parse_state
+            from .._manager._state import parse_state
 
             state_file = get(f"{url}/{STATE_FILE_NAME}")
             if state_file is None:

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from .. import _foreign
+from .._manager import _foreign
 from ..errors import CheckpointNotFoundError
 from . import _compat
 from ._io import _to_map_location, load_any

@@ -33,8 +33,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _storage, _validation
-from .._manager import CheckpointManager
-from .._resolve import pointer_bytes
+from .._api._resolve import pointer_bytes
+from .._manager._manager import CheckpointManager
 from ..errors import CheckpointError
 from . import _compat, _convert
 from ._io import _read_marker_quietly, load_any, split_path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._resolve import load_checkpoint as _core_load
+from .._api._resolve import load_checkpoint as _core_load
 from . import _compat, _convert, _inplace, _sharded
 from ._io import refuse_stock_checkpoints
 from ._trainer import _rank_zero, raise_everywhere

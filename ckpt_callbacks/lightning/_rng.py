@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .. import _rng as _core_rng
+from .._callbacks import _rng as _core_rng
 
 
 def capture() -> dict[str, Any]:

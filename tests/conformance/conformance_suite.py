@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from fakes import NUMERIC_DTYPES, T0, FakeClock
 
-import ckpt_callbacks._checkpoint_io as checkpoint_io
+import ckpt_callbacks._checkpoint._checkpoint_io as checkpoint_io
 from ckpt_callbacks import (
     CheckpointError,
     CheckpointManager,
@@ -37,9 +37,9 @@ from ckpt_callbacks import (
     load_checkpoint,
     save_checkpoint,
 )
-from ckpt_callbacks._format import LazyArray
-from ckpt_callbacks._lock import LOCK_FILE_NAME
-from ckpt_callbacks._resolve import read_meta
+from ckpt_callbacks._api._resolve import read_meta
+from ckpt_callbacks._format._format import LazyArray
+from ckpt_callbacks._manager._lock import LOCK_FILE_NAME
 
 DTYPES = NUMERIC_DTYPES
 OUR_SUFFIXES = (".index", ".meta", ".data-00000-of-00001")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ckpt_callbacks import CorruptCheckpointError, _chunks
+from ckpt_callbacks import CorruptCheckpointError
+from ckpt_callbacks._format import _chunks
 
 
 def entry(shape, *boxes, itemsize=4):

@@ -22,8 +22,8 @@ from torch.distributed.checkpoint._nested_dict import flatten_state_dict  # noqa
 
 import ckpt_callbacks  # noqa: E402
 from ckpt_callbacks import CheckpointManager, CorruptCheckpointError, get_checkpoint_state, load_checkpoint  # noqa: E402
-from ckpt_callbacks import _format as fmt  # noqa: E402
-from ckpt_callbacks._resolve import read_index  # noqa: E402
+from ckpt_callbacks._api._resolve import read_index  # noqa: E402
+from ckpt_callbacks._format import _format as fmt  # noqa: E402
 from ckpt_callbacks.distributed import StorageReader  # noqa: E402
 
 pytestmark = pytest.mark.skipif(

@@ -77,7 +77,7 @@ data = ResumableDataset(x, y, batch_size=8, callback=cb, seed=7)
 
 
 if os.environ.get("CRASH_AT"):  # "PROCESS:SAVE:POINT": that process dies at that point of its n-th save
-    from ckpt_callbacks import _checkpoint_io
+    from ckpt_callbacks._checkpoint import _checkpoint_io
 
     who, nth, point, how = (os.environ["CRASH_AT"] + ":kill").split(":")[:4]
     seen = []

@@ -58,7 +58,7 @@ def test_epoch_end_and_train_end_never_save_twice_at_one_step(tmp_path):
 
 
 def test_epoch_end_save_carries_validation_metrics_and_epoch(tmp_path):
-    from ckpt_callbacks._resolve import read_meta
+    from ckpt_callbacks._api._resolve import read_meta
 
     x, y = data()
     model = sequential()

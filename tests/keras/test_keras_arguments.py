@@ -13,7 +13,7 @@ from keras_helpers import HERE, run_python
 from keras_models import ScriptedValScore, data, sequential
 
 import ckpt_callbacks
-from ckpt_callbacks._resolve import read_meta
+from ckpt_callbacks._api._resolve import read_meta
 from ckpt_callbacks.keras import CheckpointCallback, load_model, restore
 
 
@@ -188,7 +188,7 @@ OTHER_BACKEND = r"""
 import re, sys, warnings
 sys.path.insert(0, sys.argv[2])
 import ckpt_callbacks
-from ckpt_callbacks._resolve import read_meta
+from ckpt_callbacks._api._resolve import read_meta
 from ckpt_callbacks.keras import CheckpointCallback, load_model, restore
 from keras_models import ScriptedValScore, data, sequential
 

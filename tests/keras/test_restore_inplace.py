@@ -12,7 +12,7 @@ SCRIPT = r"""
 import json, os, sys, keras, numpy as np
 import keras_models as models
 from ckpt_callbacks import load_checkpoint
-from ckpt_callbacks._resolve import read_index
+from ckpt_callbacks._api._resolve import read_index
 from ckpt_callbacks.keras import CheckpointCallback, restore
 from ckpt_callbacks.keras import _inplace
 

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.parsing import AttributeDict
 from lightning_helpers import TinyModel, make_loader, make_trainer, same_weights, weights
 
 from ckpt_callbacks import CheckpointManager, get_checkpoint_state, load_checkpoint
-from ckpt_callbacks._resolve import read_meta
+from ckpt_callbacks._api._resolve import read_meta
 from ckpt_callbacks.errors import CheckpointWriteError
 from ckpt_callbacks.lightning import CheckpointCallback, FsspecCheckpointIO
 

@@ -291,7 +291,7 @@ def _same(a, b) -> bool:
 @given(tree=_trees)
 def test_any_lightning_like_tree_round_trips_in_memory(tree):
     """to_tree -> core encode/decode (no I/O) -> from_tree gives the same types and values."""
-    from ckpt_callbacks import _format
+    from ckpt_callbacks._format import _format
 
     checkpoint = {"x": tree}
     encoded = _format.encode_tree(to_tree(checkpoint))
@@ -301,7 +301,7 @@ def test_any_lightning_like_tree_round_trips_in_memory(tree):
 
 
 def _to_loaded(entry):
-    from ckpt_callbacks import _torch
+    from ckpt_callbacks._format import _torch
 
     arr = entry.array().copy()
     return _torch.from_numpy(arr) if entry.kind == "torch" else arr

@@ -8,8 +8,8 @@ import os
 import torch
 from lightning_helpers import make_loader, make_trainer, model_class
 
-from ckpt_callbacks._checkpoint_read import read_index
-from ckpt_callbacks._state import read_state
+from ckpt_callbacks._checkpoint._checkpoint_read import read_index
+from ckpt_callbacks._manager._state import read_state
 from ckpt_callbacks._storage import Storage
 from ckpt_callbacks.lightning import CheckpointCallback, load_from_checkpoint
 

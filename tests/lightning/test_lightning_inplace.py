@@ -74,7 +74,7 @@ def test_resume_of_a_module_with_extra_keys_falls_back_to_the_normal_load(pl, tm
 
 
 def test_async_callback_prepares_snapshot_buffers_after_the_first_step(pl, tmp_path):
-    from ckpt_callbacks import _callback_config
+    from ckpt_callbacks._callbacks import _callback_config
 
     cb = CheckpointCallback(str(tmp_path / "run"), save_every_n_steps=3, async_save=True)
     seen = []

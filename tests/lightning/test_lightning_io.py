@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_helpers import TinyModel, make_loader, make_trainer, same_weights, weights
 
 from ckpt_callbacks import list_variables, load_checkpoint
-from ckpt_callbacks._cli import main as cli_main
-from ckpt_callbacks._resolve import read_meta
+from ckpt_callbacks._api._resolve import read_meta
+from ckpt_callbacks._cli._main import main as cli_main
 from ckpt_callbacks.errors import CheckpointNotFoundError, IncompatibleCheckpointError
 from ckpt_callbacks.lightning import FsspecCheckpointIO
 

@@ -12,7 +12,7 @@ import torch
 from lightning_helpers import make_loader, make_trainer, model_class
 
 from ckpt_callbacks import IncompatibleCheckpointError
-from ckpt_callbacks._cli import main
+from ckpt_callbacks._cli._main import main
 from ckpt_callbacks.lightning import CheckpointCallback, load_from_checkpoint
 
 

@@ -273,7 +273,7 @@ def test_buffer_replaced_when_shape_changes_and_dropped_when_tensor_goes(tmp_pat
 def test_snapshot_copies_numpy_state_in_pieces_on_several_threads_bit_exactly(tmp_path, monkeypatch):
     """Large contiguous arrays are split into pieces, small ones batched, views copied whole; every
     byte lands where it belongs, whatever ran on which copy thread."""
-    from ckpt_callbacks import _async
+    from ckpt_callbacks._manager import _async
 
     monkeypatch.setattr(_async, "_COPY_PIECE", 1 << 16)  # 64 KiB pieces: many tasks on small arrays
     monkeypatch.setattr(_async, "_COPY_THREADS", 3)

@@ -27,7 +27,8 @@ import sys
 
 import rel_workload as wl
 
-from ckpt_callbacks import CheckpointManager, _checkpoint_io
+from ckpt_callbacks import CheckpointManager
+from ckpt_callbacks._checkpoint import _checkpoint_io
 
 _OS_HOOKS = ("open", "write", "fsync", "replace", "remove", "unlink", "ftruncate", "pwrite")
 

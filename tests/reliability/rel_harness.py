@@ -13,8 +13,8 @@ import pytest
 import rel_workload as wl
 
 from ckpt_callbacks import CheckpointManager, latest_checkpoint, load_checkpoint
-from ckpt_callbacks._lock import LOCK_FILE_NAME
-from ckpt_callbacks._state import STATE_FILE_NAME, parse_state
+from ckpt_callbacks._manager._lock import LOCK_FILE_NAME
+from ckpt_callbacks._manager._state import STATE_FILE_NAME, parse_state
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_crash_child.py")
 

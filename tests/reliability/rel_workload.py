@@ -74,7 +74,7 @@ def reference_survivors(
 ) -> set[int]:
     """Steps on storage after steps 1..last_step were committed, by TensorFlow's CheckpointManager rules.
 
-    Written independently of ckpt_callbacks._retention: an ordered "maybe delete" queue swept oldest
+    Written independently of ckpt_callbacks._manager._retention: an ordered "maybe delete" queue swept oldest
     first, preserving one per ``hours`` measured from ``last_preserved`` (initially the first
     manager's clock minus one second, like TF).
     """

@@ -19,7 +19,7 @@ import pytest
 import rel_workload as wl
 
 from ckpt_callbacks import CheckpointManager, CorruptCheckpointError, load_checkpoint
-from ckpt_callbacks._resolve import read_index
+from ckpt_callbacks._api._resolve import read_index
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -200,7 +200,7 @@ def test_restore_falls_back_to_the_newest_valid_checkpoint_with_a_warning(run, r
 
 
 def test_cli_verify_names_the_corrupt_file_and_tensor(run, capsys):
-    from ckpt_callbacks._cli import main  # the CLI ships with the package: a broken import must fail
+    from ckpt_callbacks._cli._main import main  # the CLI ships with the package: a broken import must fail
 
     assert main(["verify", run]) == 0
     checked = 0

@@ -30,8 +30,8 @@ from ckpt_callbacks import (
     list_variables,
     load_checkpoint,
 )
-from ckpt_callbacks import _format as fmt
-from ckpt_callbacks._resolve import read_meta, resolve_checkpoint
+from ckpt_callbacks._api._resolve import read_meta, resolve_checkpoint
+from ckpt_callbacks._format import _format as fmt
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -372,7 +372,7 @@ def test_state_file_paths_outside_the_directory(ckpt, tmp_path, where, bad):
     assert _outside(tmp_path) == before
     assert sorted(os.listdir(ckpt)) == inside
     try:
-        from ckpt_callbacks._cli import main
+        from ckpt_callbacks._cli._main import main
     except ImportError:
         return
     for cmd in (["verify", d], ["gc", d]):

@@ -1,4 +1,4 @@
-"""One writer per directory (ckpt_callbacks/_lock.py): refused, taken over when stale, re-entrant in-process."""
+"""One writer per directory (ckpt_callbacks/_manager/_lock.py): refused, taken over when stale, re-entrant in-process."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import time
 
 import pytest
 
-from ckpt_callbacks import CheckpointManager, CheckpointWriteError, _lock
-from ckpt_callbacks._lock import LOCK_FILE_NAME
+from ckpt_callbacks import CheckpointManager, CheckpointWriteError
+from ckpt_callbacks._manager import _lock
+from ckpt_callbacks._manager._lock import LOCK_FILE_NAME
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from ckpt_callbacks import CheckpointManager, CorruptCheckpointError, load_checkpoint
-from ckpt_callbacks import _checkpoint_io as checkpoint_io
-from ckpt_callbacks import _state as state_module
-from ckpt_callbacks._lock import LOCK_FILE_NAME
+from ckpt_callbacks._checkpoint import _checkpoint_io as checkpoint_io
+from ckpt_callbacks._manager import _state as state_module
+from ckpt_callbacks._manager._lock import LOCK_FILE_NAME
 
 OLD = {"w": np.arange(6, dtype=np.float32), "version": "old"}
 NEW = {"w": np.arange(6, dtype=np.float32) * -1, "b": np.ones(3), "version": "new"}
@@ -64,7 +64,8 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, warnings
     import numpy as np
-    from ckpt_callbacks import CheckpointManager, _checkpoint_io
+    from ckpt_callbacks import CheckpointManager
+    from ckpt_callbacks._checkpoint import _checkpoint_io
 
     directory, point = sys.argv[1], sys.argv[2]
     new = {"w": np.arange(6, dtype=np.float32) * -1, "b": np.ones(3), "version": "new"}

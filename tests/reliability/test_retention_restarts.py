@@ -1,7 +1,7 @@
 """Retention under restarts, crashes, clock jumps and foreign files, against a reference model.
 
 The reference model is written here from TensorFlow ``CheckpointManager`` semantics,
-independently of ``ckpt_callbacks._retention``: an ordered queue of active checkpoints swept oldest
+independently of ``ckpt_callbacks._manager._retention``: an ordered queue of active checkpoints swept oldest
 first; one leaving the window is preserved forever when its timestamp is >= ``hours`` after
 ``last_preserved`` (which moves to it), else deleted. A restart continues the same queue (our state
 file carries it), with TF's restart rule for clocks: ``last_preserved`` and the timestamps are
@@ -23,9 +23,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from ckpt_callbacks import CheckpointManager, _checkpoint_io
-from ckpt_callbacks._lock import LOCK_FILE_NAME
-from ckpt_callbacks._state import STATE_FILE_NAME, parse_state
+from ckpt_callbacks import CheckpointManager
+from ckpt_callbacks._checkpoint import _checkpoint_io
+from ckpt_callbacks._manager._lock import LOCK_FILE_NAME
+from ckpt_callbacks._manager._state import STATE_FILE_NAME, parse_state
 
 H = 3600.0
 COMMITTED_POINTS = ("after_state", "before_delete", "after_delete")

@@ -29,7 +29,7 @@ import rel_workload as wl
 from fsspec.implementations.memory import MemoryFileSystem
 
 from ckpt_callbacks import CheckpointManager, CheckpointWriteError, load_checkpoint
-from ckpt_callbacks._lock import LOCK_FILE_NAME
+from ckpt_callbacks._manager._lock import LOCK_FILE_NAME
 from ckpt_callbacks._storage import _local
 
 ERRNOS = [errno.ENOSPC, errno.EIO, errno.EACCES]

@@ -19,11 +19,11 @@ import re
 import uuid
 from collections.abc import Callable
 
-from ._checkpoint_read import written_by_us as _written_by_us
-from ._names import INDEX_SUFFIX, split_url
+from .._checkpoint._checkpoint_read import written_by_us as _written_by_us
+from .._format._names import INDEX_SUFFIX, split_url
+from .._storage import Storage
+from ..errors import CheckpointError, CheckpointWriteError, IncompatibleCheckpointError
 from ._state import _COMMENT_KEY, MAX_STATE_FILE_BYTES, STATE_FILE_NAME, parse_state
-from ._storage import Storage
-from .errors import CheckpointError, CheckpointWriteError, IncompatibleCheckpointError
 
 _INDEX_SUFFIX = INDEX_SUFFIX
 _LISTED = 5

@@ -10,7 +10,7 @@ import functools
 
 import numpy as np
 
-from .errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError
 
 # ml_dtypes' dtypes by name. ml_dtypes itself is imported only when one of them is used (a state
 # or checkpoint holding bfloat16 / float8 ...): most saves never need it, and it is slow to import.

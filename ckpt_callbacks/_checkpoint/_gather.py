@@ -14,7 +14,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
-from . import _format as fmt
+from .._format import _format as fmt
 from . import _incremental
 
 _IN_FLIGHT = 2

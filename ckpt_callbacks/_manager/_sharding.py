@@ -14,10 +14,10 @@ import dataclasses
 import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import _kinds
+from .._format import _kinds
 
 if TYPE_CHECKING:
-    from ._storage import Storage
+    from .._storage import Storage
     from ._writer import CheckpointWriter
 
 

@@ -18,12 +18,13 @@ import logging
 import time
 from typing import Any, Protocol
 
-from . import _async, _incremental
-from . import _checkpoint_io as _cio
-from . import _format as fmt
-from ._names import split_url
-from ._state import Record
-from ._storage import Storage
+from .._checkpoint import _checkpoint_io as _cio
+from .._checkpoint import _incremental
+from .._format import _format as fmt
+from .._format._names import split_url
+from .._storage import Storage
+from . import _async
+from ._retention import Record
 
 logger = logging.getLogger("ckpt_callbacks")
 

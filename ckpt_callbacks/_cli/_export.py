@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from . import _format as _fmt
-from . import load_checkpoint
-from ._cli_commands import EXIT_OK, UsageError, _readable
-from ._cli_output import _Progress
-from ._resolve import copy_checkpoint, resolve_checkpoint
+from .. import load_checkpoint
+from .._api._resolve import copy_checkpoint, resolve_checkpoint
+from .._format import _format as _fmt
+from ._commands import EXIT_OK, UsageError, _readable
+from ._output import _Progress
 
 
 def _flat_tensors(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -67,7 +67,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 "export --to torch needs PyTorch: pip install torch (or 'ckpt-callbacks[lightning]'); "
                 "--to safetensors or --to npz need nothing more."
             ) from None
-        from . import _torch
+        from .._format import _torch
 
         out = {
             k: v if isinstance(v, torch.Tensor) else _torch.from_numpy(np.ascontiguousarray(v))
@@ -99,6 +99,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _to_numpy(t: Any) -> np.ndarray:
-    from . import _torch
+    from .._format import _torch
 
     return _torch.to_numpy(t)

@@ -31,10 +31,10 @@ from typing import Any, TypeGuard
 import numpy as np
 import xxhash
 
+from ..errors import CorruptCheckpointError, IncompatibleCheckpointError, PickleRefusedError
 from . import _chunks, _kinds
 from ._dtypes import _ML_DTYPE_NAMES, _parse_dtype, dtype_from_name, dtype_name, dtype_str  # noqa: F401
 from ._names import data_file_name  # noqa: F401 - re-exported: the name of a data shard
-from .errors import CorruptCheckpointError, IncompatibleCheckpointError, PickleRefusedError
 
 FORMAT_NAME = "ckpt_callbacks"
 FORMAT_VERSION = 1

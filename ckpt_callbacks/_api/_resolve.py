@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _format as fmt
-from . import _kinds, _sharding, _validation
-from ._checkpoint_io import meta_doc, write_checkpoint
-from ._checkpoint_read import (
+from .. import _validation
+from .._checkpoint._checkpoint_io import meta_doc, write_checkpoint
+from .._checkpoint._checkpoint_read import (
     MAX_META_BYTES,
     load,
     newest_first,
@@ -28,11 +27,14 @@ from ._checkpoint_read import (
     read_tensors,
     written_by_us,
 )
-from ._checkpoint_read import read_index as _read_index
-from ._names import INDEX_SUFFIX, META_SUFFIX, join_url, split_url, step_of
-from ._state import CheckpointState, best_of, checked_name, no_best_error, read_state
-from ._storage import Storage
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from .._checkpoint._checkpoint_read import read_index as _read_index
+from .._format import _format as fmt
+from .._format import _kinds
+from .._format._names import INDEX_SUFFIX, META_SUFFIX, join_url, split_url, step_of
+from .._manager import _sharding
+from .._manager._state import CheckpointState, best_of, checked_name, no_best_error, read_state
+from .._storage import Storage
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
 # Pointer files: ``{"format": POINTER_FORMAT, "version": 1, "checkpoint": "<name>"}``. Files written
 # before pointers had a neutral name carry ``"ckpt_callbacks.lightning"`` and are read the same.

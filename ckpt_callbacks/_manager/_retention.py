@@ -16,7 +16,20 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from ._state import Record
+
+@dataclass
+class Record:
+    """One kept checkpoint as retention sees it."""
+
+    name: str
+    step: int
+    timestamp: float
+    status: str = "active"  # "active" (in the max_to_keep window), "hourly" or "best"
+    metric: float | None = None
+    shards: int | None = None
+    # Data files of other checkpoints this one points into (incremental saves); None: unknown (a
+    # record rebuilt from TensorFlow's fields only), read from its index when it matters.
+    refs: tuple[str, ...] | None = ()
 
 
 @dataclass(frozen=True)

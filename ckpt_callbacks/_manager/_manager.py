@@ -19,11 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from . import _async, _foreign, _leftovers, _lock, _sharding, _validation
-from . import _checkpoint_io as _cio
-from ._checkpoint_read import files_of, load, newest_first, newest_valid, written_by_us
+from .. import _validation
+from .._checkpoint import _checkpoint_io as _cio
+from .._checkpoint._checkpoint_read import files_of, load, newest_first, newest_valid, written_by_us
+from .._format._names import INDEX_SUFFIX, checkpoint_name, split_url
+from .._storage import Storage
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from . import _async, _foreign, _leftovers, _lock, _sharding
 from ._mode import MonitoredMetric, resolve_mode
-from ._names import INDEX_SUFFIX, checkpoint_name, split_url
 from ._retention import BestN, EveryNHours, LatestN, Retention
 from ._state import (
     Record,
@@ -36,9 +39,7 @@ from ._state import (
     restart,
     write_state,
 )
-from ._storage import Storage
 from ._writer import CheckpointWriter, PlainWriter, SaveJob
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
 logger = logging.getLogger("ckpt_callbacks")
 

@@ -26,7 +26,7 @@ import sys
 from typing import Any
 
 # top-level module of the tensor type -> "module:attr" of its kind
-KINDS: dict[str, str] = {"torch": "ckpt_callbacks._torch:TorchKind"}
+KINDS: dict[str, str] = {"torch": "ckpt_callbacks._format._torch:TorchKind"}
 # "module:attr" of a sharded leaf type -> the package that registers its backend with _sharding
 SHARDED: dict[str, str] = {"torch.distributed.tensor:DTensor": "ckpt_callbacks.distributed"}
 NUMPY = "numpy"

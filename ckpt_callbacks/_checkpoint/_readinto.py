@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _format as fmt
-from . import _kinds
-from ._dtypes import dtype_from_name, dtype_str
-from .errors import CorruptCheckpointError, IncompatibleCheckpointError
+from .._format import _format as fmt
+from .._format import _kinds
+from .._format._dtypes import dtype_from_name, dtype_str
+from ..errors import CorruptCheckpointError, IncompatibleCheckpointError
 
 logger = logging.getLogger("ckpt_callbacks")
 

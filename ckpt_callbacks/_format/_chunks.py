@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import CorruptCheckpointError
 from . import _kinds
 from ._dtypes import dtype_from_name, dtype_str
-from .errors import CorruptCheckpointError
 
 # More chunks than this for one tensor is no save this library writes (one per rank and piece).
 MAX_CHUNKS = 1 << 20

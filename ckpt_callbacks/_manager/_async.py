@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _format as fmt
-from . import _kinds
-from .errors import CheckpointError, CheckpointWriteError
+from .._format import _format as fmt
+from .._format import _kinds
+from ..errors import CheckpointError, CheckpointWriteError
 
 logger = logging.getLogger("ckpt_callbacks")
 

@@ -30,7 +30,7 @@ import uuid
 import weakref
 from typing import Any
 
-from .errors import CheckpointWriteError
+from ..errors import CheckpointWriteError
 
 logger = logging.getLogger("ckpt_callbacks")
 

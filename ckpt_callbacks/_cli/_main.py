@@ -16,19 +16,10 @@ import os
 import sys
 from typing import Any
 
-from . import __version__
-from ._cli_commands import (
-    EXIT_CORRUPT,
-    EXIT_OK,
-    EXIT_USAGE,
-    UsageError,
-    cmd_gc,
-    cmd_inspect,
-    cmd_ls,
-    cmd_verify,
-)
-from ._cli_export import cmd_export
-from .errors import CheckpointError, CorruptCheckpointError
+from .. import __version__
+from ..errors import CheckpointError, CorruptCheckpointError
+from ._commands import EXIT_CORRUPT, EXIT_OK, EXIT_USAGE, UsageError, cmd_gc, cmd_inspect, cmd_ls, cmd_verify
+from ._export import cmd_export
 
 # Which extra brings the fsspec backend of a URL scheme (the message for a missing one names it).
 _BACKEND_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}

@@ -17,11 +17,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import _chunks, _kinds, _readinto, _warn
-from . import _format as fmt
-from ._names import INDEX_SUFFIX, META_SUFFIX, may_reference
-from ._storage import Storage
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from .. import _warn
+from .._format import _chunks, _kinds
+from .._format import _format as fmt
+from .._format._names import INDEX_SUFFIX, META_SUFFIX, may_reference
+from .._storage import Storage
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from . import _readinto
 
 MAX_META_BYTES = 64 * 1024 * 1024
 # Files at least this big are verified with chunk N hashed on a helper thread while N+1 is read.

@@ -18,13 +18,8 @@ from typing import Any
 # few documented internals (path resolution and the index / meta / pointer readers of _resolve, the
 # state-file reader, the storage handle, and the data-file reader that verifies without keeping
 # tensors).
-from . import CheckpointManager, _chunks
-from . import _format as _fmt
-from ._checkpoint_read import read_files
-from ._cli_output import _human, _metrics_str, _Progress, _table, _utc
-from ._foreign import refuse_foreign
-from ._names import INDEX_SUFFIX, STATE_FILE_NAME
-from ._resolve import (
+from .. import CheckpointManager
+from .._api._resolve import (
     open_checkpoint,
     pointer_target,
     read_index,
@@ -32,9 +27,15 @@ from ._resolve import (
     resolve_checkpoint,
     resolve_one,
 )
-from ._state import checked_name, read_state
-from ._storage import Storage
-from .errors import CheckpointError, CheckpointNotFoundError
+from .._checkpoint._checkpoint_read import read_files
+from .._format import _chunks
+from .._format import _format as _fmt
+from .._format._names import INDEX_SUFFIX, STATE_FILE_NAME
+from .._manager._foreign import refuse_foreign
+from .._manager._state import checked_name, read_state
+from .._storage import Storage
+from ..errors import CheckpointError, CheckpointNotFoundError
+from ._output import _human, _metrics_str, _Progress, _table, _utc
 
 EXIT_OK, EXIT_CORRUPT, EXIT_USAGE = 0, 1, 2
 

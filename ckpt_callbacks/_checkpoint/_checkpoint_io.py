@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from . import _chunks, _incremental
-from . import _format as fmt
+from .._format import _chunks
+from .._format import _format as fmt
+from .._format._names import INDEX_SUFFIX, META_SUFFIX, data_file_name
+from .._storage import Storage
+from ..errors import CheckpointError, CheckpointWriteError
+from . import _incremental
 from ._checkpoint_read import HASH_BEHIND_BYTES, MAX_META_BYTES, read_bounded, read_index
 from ._gather import Gather
-from ._names import INDEX_SUFFIX, META_SUFFIX, data_file_name
-from ._storage import Storage
-from .errors import CheckpointError, CheckpointWriteError
 
 logger = logging.getLogger("ckpt_callbacks")
 
@@ -498,6 +499,6 @@ def meta_doc(step: int, timestamp: float, metrics: dict | None, meta: dict | Non
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__

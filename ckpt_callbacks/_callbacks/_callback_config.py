@@ -14,8 +14,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from . import _validation
-from ._manager import CheckpointManager
+from .. import _validation
+from .._manager._manager import CheckpointManager
 from ._trigger import SaveTrigger
 
 

@@ -16,11 +16,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from ._checkpoint_read import read_bounded
-from ._format import is_plain_name
-from ._names import STATE_FILE_NAME, step_of
-from ._storage import Storage
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .._checkpoint._checkpoint_read import read_bounded
+from .._format._format import is_plain_name
+from .._format._names import STATE_FILE_NAME, step_of
+from .._storage import Storage
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ._retention import Record
 
 MAX_STATE_FILE_BYTES = 16 * 1024 * 1024
 _COMMENT_KEY = "# ckpt_callbacks: "
@@ -41,21 +42,6 @@ class CheckpointState:
     all_model_checkpoint_paths: list[str] = field(default_factory=list)
     all_model_checkpoint_timestamps: list[float] = field(default_factory=list)
     last_preserved_timestamp: float = 0.0
-
-
-@dataclass
-class Record:
-    """One kept checkpoint as retention sees it."""
-
-    name: str
-    step: int
-    timestamp: float
-    status: str = "active"  # "active" (in the max_to_keep window), "hourly" or "best"
-    metric: float | None = None
-    shards: int | None = None
-    # Data files of other checkpoints this one points into (incremental saves); None: unknown (a
-    # record rebuilt from TensorFlow's fields only), read from its index when it matters.
-    refs: tuple[str, ...] | None = ()
 
 
 def _unquote(s: str) -> str:

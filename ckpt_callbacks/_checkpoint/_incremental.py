@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from . import _chunks, _kinds
-from . import _format as fmt
+from .._format import _chunks, _kinds
+from .._format import _format as fmt
+from .._format._names import INDEX_SUFFIX, may_reference
+from .._storage import Storage
+from ..errors import CheckpointError
 from ._checkpoint_read import files_of, read_index
-from ._names import INDEX_SUFFIX, may_reference
-from ._storage import Storage
-from .errors import CheckpointError
 
 _PROBE_PIECE = 4 << 10
 # Materialised tensors (e.g. a GPU variable's host copy) found changed by the full hash are kept

@@ -12,13 +12,13 @@ import logging
 import re
 from dataclasses import dataclass, field, replace
 
-from ._checkpoint_io import crash_point, remove_quietly
-from ._checkpoint_read import read_index, written_by_us
-from ._incremental import files_to_delete, held_files
-from ._names import INDEX_SUFFIX, STATE_FILE_NAME, data_file_name, own_file_re, step_of
-from ._state import Record
-from ._storage import TEMP_MARK, Storage
-from .errors import CheckpointError
+from .._checkpoint._checkpoint_io import crash_point, remove_quietly
+from .._checkpoint._checkpoint_read import read_index, written_by_us
+from .._checkpoint._incremental import files_to_delete, held_files
+from .._format._names import INDEX_SUFFIX, STATE_FILE_NAME, data_file_name, own_file_re, step_of
+from .._storage import TEMP_MARK, Storage
+from ..errors import CheckpointError
+from ._retention import Record
 
 logger = logging.getLogger("ckpt_callbacks")
 

@@ -1,0 +1,1 @@
+"""One-shot functions over checkpoints by URL: resolve, load, copy, delete."""

@@ -1,0 +1,1 @@
+"""One checkpoint on storage: write its data files and index, read and verify them back."""
