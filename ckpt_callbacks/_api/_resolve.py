@@ -30,6 +30,7 @@ from .._checkpoint._checkpoint_read import (
 from .._checkpoint._checkpoint_read import read_index as _read_index
 from .._format import _format as fmt
 from .._format import _kinds
+from .._format._index import Index
 from .._format._names import INDEX_SUFFIX, META_SUFFIX, join_url, split_url, step_of
 from .._manager import _sharding
 from .._manager._state import CheckpointState, best_of, checked_name, no_best_error, read_state
@@ -317,7 +318,7 @@ def read_meta(path: str | os.PathLike, storage_options: dict | None = None) -> d
         raise CorruptCheckpointError(f"{os.fspath(path) + META_SUFFIX!r} is not valid JSON.") from None
 
 
-def read_index(path: str | os.PathLike, storage_options: dict | None = None, verify: bool = True) -> dict:
+def read_index(path: str | os.PathLike, storage_options: dict | None = None, verify: bool = True) -> Index:
     """The checked ``.index`` of a checkpoint (any form :func:`resolve_one` accepts)."""
     storage, name = open_checkpoint(resolve_one(path, storage_options) or os.fspath(path), storage_options)
     return _read_index(storage, name, verify=verify)

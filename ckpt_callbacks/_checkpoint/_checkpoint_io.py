@@ -21,6 +21,7 @@ import numpy as np
 
 from .._format import _chunks
 from .._format import _format as fmt
+from .._format._index import FileEntry, IndexTensor
 from .._format._names import INDEX_SUFFIX, META_SUFFIX, data_file_name
 from .._storage import Storage
 from ..errors import CheckpointError, CheckpointWriteError
@@ -180,9 +181,9 @@ class WrittenFile:
     size: int
     header_size: int
     checksum: str  # of the safetensors header
-    tensors: dict[str, dict]
+    tensors: dict[str, IndexTensor]
 
-    def entry(self) -> dict:
+    def entry(self) -> FileEntry:
         """Its entry in the index's ``files``."""
         return {
             "name": self.name,
@@ -195,7 +196,7 @@ class WrittenFile:
 
 def _file_table(
     results: list[WrittenFile], encoded: fmt.EncodedState, plan: Any = None
-) -> tuple[list[dict], dict[str, dict]]:
+) -> tuple[list[FileEntry], dict[str, IndexTensor]]:
     """The index's ``files`` entries and ``tensors`` table for the written data files (a chunked
     tensor's pieces joined into its one chunked entry), and (``plan``) the reused tensors' entries
     pointing into the earlier data files that hold them."""
@@ -234,7 +235,7 @@ def write_meta(storage: Storage, name: str, meta_doc: dict) -> dict:
     return entry
 
 
-def index_bytes(step: int, files: list[dict], tensors: dict, tree: Any) -> bytes:
+def index_bytes(step: int, files: list[FileEntry], tensors: dict[str, IndexTensor], tree: Any) -> bytes:
     index = {
         "format": fmt.FORMAT_NAME,
         "format_version": fmt.FORMAT_VERSION,
@@ -246,7 +247,9 @@ def index_bytes(step: int, files: list[dict], tensors: dict, tree: Any) -> bytes
     return fmt.dump_index(index)
 
 
-def write_index(storage: Storage, name: str, step: int, files: list[dict], tensors: dict, tree: Any) -> None:
+def write_index(
+    storage: Storage, name: str, step: int, files: list[FileEntry], tensors: dict[str, IndexTensor], tree: Any
+) -> None:
     """Write ``<name>.index``: from now on the checkpoint exists for every reader."""
     storage.write_bytes(name + INDEX_SUFFIX, index_bytes(step, files, tensors, tree))
 
@@ -362,7 +365,7 @@ def stage_data_file(
     big = bool(spans) and spans[-1][1] - spans[0][0] >= HASH_BEHIND_BYTES
     pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash") if big else None
     writer = storage.writer(fname)
-    entries: dict[str, dict] = {}
+    entries: dict[str, IndexTensor] = {}
     try:
         writer.write(header)
         small = Gather(writer, pool, _COALESCE_BYTES, plan.probes if plan is not None else None)
@@ -421,7 +424,7 @@ def _stream_tensor(
     return hasher
 
 
-def _tensor_entry(t: fmt.TensorEntry, begin: int, end: int, checksum: str | None) -> dict:
+def _tensor_entry(t: fmt.TensorEntry, begin: int, end: int, checksum: str | None) -> IndexTensor:
     return {
         "dtype": fmt.dtype_str(t.dtype),
         "shape": list(t.shape),

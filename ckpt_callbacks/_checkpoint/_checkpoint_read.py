@@ -20,6 +20,7 @@ import numpy as np
 from .. import _warn
 from .._format import _chunks, _kinds
 from .._format import _format as fmt
+from .._format._index import Index
 from .._format._names import INDEX_SUFFIX, META_SUFFIX, may_reference
 from .._storage import Storage
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
@@ -73,7 +74,7 @@ def written_by_us(storage: Storage, fname: str) -> bool:
     return head.startswith(FORMAT_HEAD) or head[8:].startswith(b'{"__metadata__":' + FORMAT_HEAD)
 
 
-def read_index(storage: Storage, name: str, verify: bool = True, data: bytes | None = None) -> dict:
+def read_index(storage: Storage, name: str, verify: bool = True, data: bytes | None = None) -> Index:
     """The checked index of checkpoint ``name`` (``data``: its bytes, when already read)."""
     if data is None:
         data = read_bounded(storage, name + INDEX_SUFFIX, fmt.MAX_INDEX_BYTES)
@@ -90,7 +91,7 @@ def read_index(storage: Storage, name: str, verify: bool = True, data: bytes | N
     return index
 
 
-def _check_placement(index: dict) -> None:
+def _check_placement(index: Index) -> None:
     """Header sizes and tensor placement, checked for every reader (list_variables reads no data file)."""
     header_sizes = {}
     for i, f in enumerate(index["files"]):
@@ -125,7 +126,7 @@ def read_meta_file(storage: Storage, f: dict) -> None:
 
 def read_files(
     storage: Storage,
-    index: dict,
+    index: Index,
     out: dict,
     *,
     verify: bool,
@@ -160,7 +161,9 @@ def read_files(
             on_file(f["size"])
 
 
-def read_tensors(storage: Storage, index: dict, *, verify: bool, dests: dict | None = None) -> dict[str, Any]:
+def read_tensors(
+    storage: Storage, index: Index, *, verify: bool, dests: dict | None = None
+) -> dict[str, Any]:
     """Every tensor of a checked index by name, as stored (numpy) or as its recorded kind; those in
     ``dests`` are read into (and given back as) their destination (a chunked one is assembled,
     then copied in)."""
@@ -189,7 +192,7 @@ def load(
     verify: bool,
     allow_pickle: bool,
     into: Any = None,
-    index: dict | None = None,
+    index: Index | None = None,
 ) -> dict:
     """The state tree of checkpoint ``name``; with ``verify`` every checksum is checked. Tensors of
     ``into`` are restored in place (see :mod:`._readinto`; checked before anything is read).

@@ -26,6 +26,7 @@ import numpy as np
 
 from .._format import _chunks, _kinds
 from .._format import _format as fmt
+from .._format._index import Index
 from .._format._names import INDEX_SUFFIX, may_reference
 from .._storage import Storage
 from ..errors import CheckpointError
@@ -177,7 +178,7 @@ def probe_bytes(data: memoryview, checksum: str | None = None) -> str:
     return fmt.checksum_str(hasher)
 
 
-def table_of(index: dict) -> dict[str, Known]:
+def table_of(index: Index) -> dict[str, Known]:
     """The reusable tensors of a committed checkpoint's index (chunked ones, of a sharded save, are not)."""
     files = index["files"]
     table = {}
@@ -189,7 +190,7 @@ def table_of(index: dict) -> dict[str, Known]:
     return table
 
 
-def referenced_files(index: dict, name: str) -> list[str]:
+def referenced_files(index: Index, name: str) -> list[str]:
     """The data files an index names that belong to other checkpoints (incremental references)."""
     return sorted(
         f["name"] for f in index["files"] if f.get("kind") != "meta" and not f["name"].startswith(name + ".")

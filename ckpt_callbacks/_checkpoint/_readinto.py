@@ -23,6 +23,7 @@ import numpy as np
 from .._format import _format as fmt
 from .._format import _kinds
 from .._format._dtypes import dtype_from_name, dtype_str
+from .._format._index import Index
 from ..errors import CorruptCheckpointError, IncompatibleCheckpointError
 
 logger = logging.getLogger("ckpt_callbacks")
@@ -41,7 +42,7 @@ def in_place_or_plain(load: Callable[..., Any], into: Any) -> Any:
         return load()
 
 
-def plan_from(index: dict, make_into: Callable[[dict], Any]) -> dict | None:
+def plan_from(index: Index, make_into: Callable[[Index], Any]) -> dict | None:
     """:func:`plan` for the tree ``make_into(index)`` gives; None (a plain load) when it gives none,
     or one that does not fit the checkpoint (as :func:`in_place_or_plain` falls back)."""
     try:
@@ -93,7 +94,7 @@ def _matching(tree: Any, into: Any) -> dict[str, tuple[tuple, Any]]:
     return found
 
 
-def _refuse_unmatched(missing: list[tuple], index: dict) -> None:
+def _refuse_unmatched(missing: list[tuple], index: Index) -> None:
     saved = sorted(index["tensors"])
     shown = ", ".join(_key_path(p) for p in missing[:5])
     more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -106,7 +107,7 @@ def _refuse_unmatched(missing: list[tuple], index: dict) -> None:
     )
 
 
-def plan(index: dict, into: Any) -> dict[str, Any]:
+def plan(index: Index, into: Any) -> dict[str, Any]:
     """Tensor name -> destination (numpy array or framework tensor) for every tensor leaf of ``into``.
 
     Raises IncompatibleCheckpointError, before anything is read or written, when ``into`` holds a

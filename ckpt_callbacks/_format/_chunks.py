@@ -29,6 +29,7 @@ import numpy as np
 from ..errors import CorruptCheckpointError
 from . import _kinds
 from ._dtypes import dtype_from_name, dtype_str
+from ._index import Index, IndexTensor
 
 # More chunks than this for one tensor is no save this library writes (one per rank and piece).
 MAX_CHUNKS = 1 << 20
@@ -163,7 +164,7 @@ def _check_disjoint(name: str, boxes: list[tuple[list[int], list[int]]]) -> None
         active.append((off, size))
 
 
-def split(index: dict) -> dict[str, list[str]]:
+def split(index: Index) -> dict[str, list[str]]:
     """Replace each chunked entry of ``index["tensors"]`` with one plain entry per chunk, in place.
 
     Returns ``{tensor name: [chunk entry names]}`` for :func:`assemble`. The chunk entries carry no
@@ -199,7 +200,7 @@ def split(index: dict) -> dict[str, list[str]]:
     return parts
 
 
-def assemble(index: dict, parts: dict[str, list[str]], arrays: dict[str, Any]) -> None:
+def assemble(index: Index, parts: dict[str, list[str]], arrays: dict[str, Any]) -> None:
     """Build each chunked tensor from its chunks' arrays (numpy, chunk-shaped) in ``arrays``, in place:
     the chunk entries are replaced by the full tensor (of its recorded ``kind``, see :mod:`._kinds`)."""
     for name, cnames in parts.items():
@@ -215,7 +216,7 @@ def assemble(index: dict, parts: dict[str, list[str]], arrays: dict[str, Any]) -
         arrays[name] = _kinds.from_numpy(entry.get("kind", "numpy"), full)
 
 
-def join(tensors: dict[str, dict], chunked: dict[str, tuple]) -> None:
+def join(tensors: dict[str, IndexTensor], chunked: dict[str, tuple]) -> None:
     """Replace the written pieces of each chunked tensor (``EncodedState.chunked``) in the index's
     ``tensors`` table by the tensor's one chunked entry, in place. One piece that is the whole tensor
     stays a plain entry, which every reader of this format understands."""

@@ -34,6 +34,7 @@ import xxhash
 from ..errors import CorruptCheckpointError, IncompatibleCheckpointError, PickleRefusedError
 from . import _chunks, _kinds
 from ._dtypes import _ML_DTYPE_NAMES, _parse_dtype, dtype_from_name, dtype_name, dtype_str  # noqa: F401
+from ._index import Index
 from ._names import data_file_name  # noqa: F401 - re-exported: the name of a data shard
 
 FORMAT_NAME = "ckpt_callbacks"
@@ -385,7 +386,7 @@ _INDEX_HEAD = re.compile(
 _INDEX_TAIL = re.compile(rb',"index_checksum":"xxh3_64:([0-9a-f]{16})"\}\n\Z')
 
 
-def dump_index(index: dict[str, Any]) -> bytes:
+def dump_index(index: Index) -> bytes:
     """Serialize the index with a checksum of its own bytes as the last key (still plain JSON)."""
     body = json.dumps(index, separators=(",", ":"), allow_nan=False).encode("utf-8")
     assert body.endswith(b"}")
@@ -393,14 +394,13 @@ def dump_index(index: dict[str, Any]) -> bytes:
     return head + b',"index_checksum":"' + checksum_bytes(head).encode() + b'"}\n'
 
 
-def parse_index(data: bytes, *, verify: bool = True) -> dict[str, Any]:
+def parse_index(data: bytes, *, verify: bool = True) -> Index:
     """Parse and validate an index file; raises CorruptCheckpointError on any defect."""
     if len(data) > MAX_INDEX_BYTES:
         raise CorruptCheckpointError(
             f"Checkpoint index is {len(data)} bytes, over the {MAX_INDEX_BYTES} limit."
         )
-    # The index starts with its format and version, whatever else a later version changes (its
-    # checksum included): a newer checkpoint is reported as newer, not as corrupt.
+    # Format and version come first, whatever a later version changes: newer is not corrupt.
     v = _INDEX_HEAD.match(data)
     if v is not None and int(v.group(1)) > FORMAT_VERSION:
         raise IncompatibleCheckpointError(
@@ -416,7 +416,7 @@ def parse_index(data: bytes, *, verify: bool = True) -> dict[str, Any]:
     if verify and checksum_bytes(head) != f"{CHECKSUM_ALGO}:{m.group(1).decode()}":
         raise CorruptCheckpointError("Checkpoint index checksum does not match its contents.")
     try:
-        index: dict[str, Any] = json.loads(head + b"}")
+        index: Index = json.loads(head + b"}")
     except (ValueError, RecursionError):
         raise CorruptCheckpointError("Checkpoint index is not valid JSON.") from None
     validate_index(index)
