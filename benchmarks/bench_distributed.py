@@ -8,7 +8,8 @@
       vs 64 MiB + the largest local tensor
   D4  async_save=True: how long ckpt_callbacks.distributed.save blocks the training thread vs the
       bare staging copy (each rank copying its local shards into preallocated CPU tensors)
-      (target <= 1.5x); the write itself is waited for outside the timing; three pairs per rep
+      (target <= 1.5x); the write itself is waited for outside the timing; three pairs per rep;
+      full saves (incremental=False): the state does not change between these saves
 
 The state is an FSDP2 (fully_shard) MLP and its Adam state: about --mb MiB of parameters, three
 times that with the optimizer. Every save writes a new checkpoint on the same local disk (fsync'd
@@ -132,7 +133,8 @@ def rank_main(rank: int, world: int, port: str, directory: str, mb: int, reps: i
         dist.barrier()
         return time.perf_counter() - t0
 
-    amgr = cd.manager(os.path.join(directory, "async"), max_to_keep=1, async_save=True)
+    # incremental=False: the same state saved again would write nothing; a training step changes it all
+    amgr = cd.manager(os.path.join(directory, "async"), max_to_keep=1, async_save=True, incremental=False)
     bufs = [torch.empty_like(t, device="cpu") for t in local]
 
     def async_block(i: int) -> float:
