@@ -95,6 +95,7 @@ class CheckpointManager(_async.BackgroundSaves):
         incremental: bool = True,
         _allow_concurrent_writers: bool = False,
         _collective: _sharding.Collective | None = None,
+        _keep: frozenset[str] = frozenset(),
     ) -> None:
         _validation.check_directory(directory)
         _validation.check_storage_options(storage_options)
@@ -122,6 +123,7 @@ class CheckpointManager(_async.BackgroundSaves):
         reader = _allow_concurrent_writers or self._lock_deferred
         self._writer_lock = None if reader else _lock.acquire(self._storage, self)
         self._plain = PlainWriter(allow_pickle, self._buffers, incremental)
+        self._keep = _keep  # never deleted by this manager (Lightning: the checkpoint a run resumed from)
         # Every save and restore(into=) is this collective (ckpt_callbacks.distributed.manager), or
         # only those of sharded state; an async manager keeps one sharded writer for all of them.
         self._collective = _collective
@@ -204,7 +206,7 @@ class CheckpointManager(_async.BackgroundSaves):
         manager would have).
         """
         resumed = self.resumed_from
-        protected = frozenset({resumed} if resumed and resumed == committing else ())
+        protected = frozenset({resumed} if resumed and resumed == committing else ()) | self._keep
         return Retention(
             LatestN(self._max_to_keep),
             EveryNHours(self._hours) if self._hours else None,

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _storage, _validation
-from .._api._resolve import pointer_bytes
+from .._api._resolve import pointer_bytes, resolve_one
 from .._manager._manager import CheckpointManager
 from ..errors import CheckpointError
 from . import _compat, _convert
@@ -185,6 +185,7 @@ class ModelCheckpoint(_compat.Bound):
         self._measured: tuple[int, float] | None = None  # (step, monitored value) of the last validation
         self._topk_pending = False  # a top-k save waits for the next validation (its value was stale)
         self._last_requested: str | None = None  # fit(ckpt_path="last") on a URL: loaded in on_fit_start
+        self._resumed: str | None = None  # the checkpoint of dirpath this fit resumed from
         self._warning_filter: Any = None
         self._pointers: dict[str, str] = {}  # pointer name -> checkpoint name, written
         self._unwritten: list[tuple[str, str]] = []  # pointers whose checkpoint is not committed yet
@@ -212,6 +213,7 @@ class ModelCheckpoint(_compat.Bound):
         self._install_io(trainer, ns)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._resumed = self._resumed_name(trainer.ckpt_path)
         last, self._last_requested = self._last_requested, None
         if self._warning_filter is not None:
             with contextlib.suppress(ValueError):
@@ -398,10 +400,23 @@ class ModelCheckpoint(_compat.Bound):
                 async_save=self.async_save,
                 allow_pickle=self.allow_pickle,
                 clock=self._clock,
+                _keep=frozenset({self._resumed} if self._resumed else ()),
             )
             self._storage = _storage.Storage(self._dir(), self.storage_options)
             self._pointers = self._existing_pointers()
         return self._mgr
+
+    def _resumed_name(self, ckpt_path: Any) -> str | None:
+        """The checkpoint of ``dirpath`` that ``fit(ckpt_path=...)`` resumed from. Lightning never deletes
+        the checkpoint a run resumed from, so its manager keeps it for the whole run."""
+        with contextlib.suppress(CheckpointError, ValueError, OSError, TypeError):
+            target = resolve_one(os.fspath(ckpt_path), self.storage_options) if ckpt_path else None
+            if target is not None:
+                directory, name = split_path(target)
+                options = self.storage_options
+                if _storage.Storage(directory, options).url == _storage.Storage(self._dir(), options).url:
+                    return name
+        return None
 
     def _existing_pointers(self) -> dict[str, str]:
         """Pointers of earlier runs in ``dirpath`` (a resumed run removes them with their checkpoint)."""

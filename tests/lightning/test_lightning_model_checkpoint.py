@@ -298,3 +298,28 @@ def test_fsspec_url_with_link_best_and_last(pl, tmp_path):
     cb2 = ModelCheckpoint(dirpath=url, monitor="val_acc", mode="max", save_top_k=1, save_last="link")
     trainer, _ = fit(pl, tmp_path, [cb2], ckpt_path="last", max_epochs=5)
     assert trainer.global_step == 30 and load_checkpoint(f"{url}/last.ckpt")["global_step"] == 30
+
+
+@pytest.mark.parametrize("same_folder", [True, False])
+def test_the_checkpoint_a_run_resumed_from_is_never_deleted(pl, tmp_path, same_folder):
+    """As Lightning's ModelCheckpoint: top-k of the resumed run never deletes the checkpoint it resumed from."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    kwargs = dict(monitor="step", mode="max", save_top_k=2, every_n_train_steps=2)
+    fit(pl, tmp_path, [ModelCheckpoint(dirpath=str(first), **kwargs)], max_steps=5, limit_val_batches=0)
+    assert steps_kept(first) == [2, 4]
+    resumed = ModelCheckpoint(dirpath=str(first if same_folder else second), **kwargs)
+    fit(
+        pl,
+        tmp_path,
+        [resumed],
+        max_steps=8,
+        limit_val_batches=0,
+        ckpt_path=str(first / "epoch=0-step=4.ckpt"),
+    )
+    if same_folder:
+        assert steps_kept(first) == [4, 6, 8]
+        pointers = [n for n in names(first) if n.endswith(".ckpt")]
+        assert len(pointers) == 3 and pointers[0] == "epoch=0-step=4.ckpt"  # and steps 6, 8
+        assert load_checkpoint(str(first / "ckpt-4"))["global_step"] == 4
+    else:
+        assert steps_kept(first) == [2, 4] and steps_kept(second) == [6, 8]
