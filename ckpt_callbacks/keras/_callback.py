@@ -203,7 +203,7 @@ class CheckpointCallback(keras.callbacks.Callback):
             # save_best_only ranks its saves too, so that checkpoint="best" names the best one.
             keep_best = self.keep_best or (1 if self.save_best_only else None)
             shards = _adapter.jax_shards()
-            extra = shards.process_manager_kwargs() if shards is not None else {}
+            extra = shards.process_manager_kwargs(self.directory, self.storage_options) if shards else {}
             self._manager = self._config.make_manager(mode=self._resolved_mode, keep_best=keep_best, **extra)
         return self._manager
 

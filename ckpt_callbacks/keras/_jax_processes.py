@@ -41,6 +41,8 @@ logger = logging.getLogger("ckpt_callbacks")
 # How long a process waits for the others' reports (process 0) or for the commit's outcome (the
 # others): a process that died or hangs fails the save after this many seconds, not never.
 BARRIER_TIMEOUT_S = 600.0
+# How long each process waits, when its callback starts, for every other process to start one too.
+ROLL_CALL_TIMEOUT_S = 120.0
 _counters: dict[str, itertools.count] = {}
 
 
@@ -201,6 +203,24 @@ def manager_kwargs() -> dict:
     """What the callback's manager takes on a multi-process job: this collective for every save,
     and on processes other than 0 no writer lock (process 0 commits)."""
     return {"_collective": COLLECTIVE, "_allow_concurrent_writers": jax.process_index() != 0}
+
+
+def roll_call(directory: str, storage_options: dict | None) -> None:
+    """Every process of the job runs the callback (its saves and resumes are collective): each says
+    so, and a process whose peer never does fails here with ValueError, before training, instead of
+    in the first save's barrier or the resume's assignment (a collective the other never enters)."""
+    me, world = jax.process_index(), jax.process_count()
+    key = _key(Storage(directory, storage_options), "roll-call")
+    _publish(f"{key}/{me}", {"ok": True})
+    for p in range(world):
+        doc = {"ok": True} if p == me else _wait_for(f"{key}/{p}", f"process {p}", ROLL_CALL_TIMEOUT_S)
+        if not doc.get("ok"):
+            raise ValueError(
+                f"CheckpointCallback({directory!r}) runs on process {me} of a {world}-process JAX job, but "
+                f"process {p} started none ({doc.get('error')}). Expected the same CheckpointCallback(directory) "
+                "in model.fit on every process: each writes its own shards and process 0 commits once all "
+                "reported. Add it to every process's fit (or run the job as one process)."
+            )
 
 
 def agree_on_checkpoint(directory: str, storage_options: dict | None, pick: Any) -> str | None:

@@ -192,13 +192,15 @@ def _deferred_names(tree: Any) -> set[str]:
     return {name for group in stored_names(tree).values() for name in group.values()}
 
 
-def process_manager_kwargs() -> dict:
+def process_manager_kwargs(directory: str, storage_options: dict | None) -> dict:
     """Extra arguments of the callback's manager: on a multi-process job, saves through
-    :mod:`._jax_processes` (process 0 commits); none in one process."""
+    :mod:`._jax_processes` (process 0 commits), once every process has said it runs the callback;
+    none in one process."""
     if jax.process_count() == 1:
         return {}
     from . import _jax_processes
 
+    _jax_processes.roll_call(directory, storage_options)
     return _jax_processes.manager_kwargs()
 
 

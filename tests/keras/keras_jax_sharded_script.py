@@ -5,7 +5,7 @@ LAYOUT: "model" (ModelParallel: kernels split over the "model" axis of a (2, D/2
 processes that axis spans both), "data" (DataParallel) or "none" (one device). The number of devices
 per process comes from XLA_FLAGS; NUM_PROCESSES / PROCESS_ID / COORDINATOR make it one process of a
 ``jax.distributed`` job (gloo CPU collectives; OUT.npz gets the process id appended). ASYNC_SAVE=1 turns
-on async_save. CRASH_AT="P:N:POINT[:raise]" SIGKILLs process P (or raises OSError there) at crash point POINT of its
+on async_save; CALLBACK_ONLY_ON=P runs the callback on process P alone. CRASH_AT="P:N:POINT[:raise]" SIGKILLs process P (or raises OSError there) at crash point POINT of its
 N-th save. With KILL_AT_STEP the process SIGKILLs itself after that global step, once (a marker
 file in DIRECTORY remembers it), so rerunning the same command resumes. OUT.npz gets every model and
 optimizer variable, the checkpoint resumed from, each variable's sharding spec and whether any
@@ -73,7 +73,13 @@ model.compile(keras.optimizers.Adam(1e-2), "mse")
 cb = CheckpointCallback(
     directory, save_every_n_steps=4, max_to_keep=2, async_save=os.environ.get("ASYNC_SAVE") == "1"
 )
-data = ResumableDataset(x, y, batch_size=8, callback=cb, seed=7)
+# CALLBACK_ONLY_ON=P: only process P runs the callback (a mistake the callback must name).
+only_on = os.environ.get("CALLBACK_ONLY_ON")
+if only_on is not None:
+    _jax_processes.ROLL_CALL_TIMEOUT_S = 5.0
+    if int(only_on) != jax.process_index():
+        cb = None
+data = ResumableDataset(x, y, batch_size=8, callback=cb, seed=7) if cb is not None else (x, y)
 
 
 if os.environ.get("CRASH_AT"):  # "PROCESS:SAVE:POINT": that process dies at that point of its n-th save
@@ -102,7 +108,10 @@ class Killer(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-model.fit(data, epochs=4, shuffle=False, callbacks=[cb, Killer()], verbose=0)
+inputs = {"x": data} if cb is not None else {"x": data[0], "y": data[1], "batch_size": 8}
+model.fit(
+    **inputs, epochs=4, shuffle=False, callbacks=[c for c in (cb, Killer()) if c is not None], verbose=0
+)
 cb.manager.wait_until_finished()
 variables = list(model.variables) + list(model.optimizer.variables)
 cached = any(getattr(v.value, "_npy_value", None) is not None for v in variables)

@@ -144,3 +144,12 @@ def test_two_process_checkpoint_restores_in_one_process(references, devices, lay
     run_python(
         RESTORE_ELSEWHERE, d / "ckpt" / "ckpt-20", d / "final.0.npz", layout, backend="jax", env=_env(devices)
     )
+
+
+def test_a_callback_on_one_process_only_is_named_before_training(tmp_path):
+    """Issue 23 point 5: the callback on process 0 alone. Saves and resumes are collective, so the
+    process that runs it refuses to start training, saying that every process must run it."""
+    done = _run_job(tmp_path / "ckpt", tmp_path / "final.npz", "model", CALLBACK_ONLY_ON="0", timeout=180)
+    assert done[0].returncode != 0
+    assert "ValueError" in done[0].stderr and "on every process" in done[0].stderr, done[0].stderr[-2000:]
+    assert not (tmp_path / "ckpt" / "checkpoint").exists()
