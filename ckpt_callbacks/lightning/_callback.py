@@ -287,7 +287,8 @@ class CheckpointCallback(_compat.Bound):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         last, self._last_requested = self._last_requested, False
         if (self.resume or last) and trainer.ckpt_path is None and not trainer.fast_dev_run:
-            _resume.auto_resume(self, trainer, shown_suffix=INDEX_SUFFIX if last else "")
+            suffix = INDEX_SUFFIX if last else ""
+            _resume.auto_resume(self, trainer, self._mgr, self._sharded_path, shown_suffix=suffix)
         # Exact resume. Lightning makes the train data iterator (drawing the shuffling
         # seed from the global RNG) right after this hook; the sanity check runs in isolate_rng.
         # - Saved at an epoch boundary: restore the RNGs of the save now; the next epoch's iterator

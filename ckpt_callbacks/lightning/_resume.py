@@ -12,19 +12,20 @@ from ._trainer import _rank_zero, raise_everywhere
 Trainer = Any  # either namespace's (see _compat)
 
 
-def auto_resume(cb: Any, trainer: Trainer, shown_suffix: str = "") -> None:
+def auto_resume(cb: Any, trainer: Trainer, mgr: Any, sharded: bool, shown_suffix: str = "") -> None:
     """Restore the newest valid checkpoint of callback ``cb`` into ``trainer`` before training starts
     (``resume=True`` and ``fit(ckpt_path="last")``): weights in place, then Lightning's own restore of
-    the rest; a directory of stock ``.ckpt`` files and no checkpoint of ours is refused."""
-    if cb._sharded_path:
+    the rest; a directory of stock ``.ckpt`` files and no checkpoint of ours is refused. ``mgr``: the
+    callback's manager (rank zero's); ``sharded``: a sharded strategy, where every rank restores its shards."""
+    if sharded:
         if _sharded.auto_resume(cb, trainer) is None:
             refuse_stock_checkpoints(cb.directory, cb.storage_options)  # on every rank
         return
     path, state, error = None, None, None
     if trainer.is_global_zero:
         try:
-            assert cb._mgr is not None
-            path, state = _inplace.load_into_module(cb._mgr.restore_with_path, trainer.lightning_module)
+            assert mgr is not None
+            path, state = _inplace.load_into_module(mgr.restore_with_path, trainer.lightning_module)
             if path is None:
                 refuse_stock_checkpoints(cb.directory, cb.storage_options)
         except Exception as e:  # noqa: BLE001 - broadcast, then raised on every rank
