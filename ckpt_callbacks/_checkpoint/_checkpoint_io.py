@@ -82,8 +82,6 @@ def write_checkpoint(
     is left running; the storage's next rename (the state file's) waits for it, so its temp file is
     written and fsync'd meanwhile.
     """
-    if encoded.chunked:  # pieces of sharded arrays (JAX over several devices): written in full
-        plan = None
     tensors = plan.split(encoded.tensors, arrays) if plan is not None else encoded.tensors
     total = preflight(storage, name, tensors)
     shards = fmt.plan_shards(tensors, _num_shards(storage, total, len(tensors)))
@@ -202,7 +200,6 @@ def _file_table(
     pointing into the earlier data files that hold them."""
     files = [r.entry() for r in results]
     index_tensors = {n: {**e, "file": no} for no, r in enumerate(results) for n, e in r.tensors.items()}
-    _chunks.join(index_tensors, encoded.chunked)
     if plan is not None:
         table = {
             n: _incremental.Known(e, files[no], plan.probes.pop(n, None), plan.versions.get(n))
@@ -217,6 +214,7 @@ def _file_table(
             index_tensors[tname] = {**known.entry, "file": file_no[known.file["name"]]}
             table[tname] = _incremental.Known(known.entry, known.file, known.probe, plan.versions.get(tname))
         plan.table = table
+    _chunks.join(index_tensors, encoded.chunked)  # a piece reused or written alike
     return files, index_tensors
 
 

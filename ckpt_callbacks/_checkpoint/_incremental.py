@@ -68,7 +68,7 @@ class Plan:
         kept_bytes = 0
         out = []
         for t in tensors:
-            known = self.previous.get(t.name)
+            known = _known(self.previous, t)
             version = _version_of(t)
             self.versions[t.name] = version
             if (
@@ -179,15 +179,34 @@ def probe_bytes(data: memoryview, checksum: str | None = None) -> str:
 
 
 def table_of(index: Index) -> dict[str, Known]:
-    """The reusable tensors of a committed checkpoint's index (chunked ones, of a sharded save, are not)."""
+    """The reusable tensors of a committed checkpoint's index. A chunked tensor (a sharded save's)
+    gives one entry per chunk, named as the writers name its pieces (``<name>@<offsets>``), so a
+    piece that did not change is found whichever process writes it."""
     files = index["files"]
     table = {}
     for name, t in index["tensors"].items():
         if _chunks.is_chunked(t):
+            keep = {k: t[k] for k in ("dtype", "byteorder") if k in t}
+            for c in t["chunks"]:
+                piece = {**keep, "shape": c["sizes"], **{k: c[k] for k in ("offset", "length", "checksum")}}
+                table[_chunks.piece_name(name, c["offsets"])] = Known(piece, files[c["file"]])
             continue
         entry = {k: v for k, v in t.items() if k != "file"}
         table[name] = Known(entry, files[t["file"]])
     return table
+
+
+def _known(previous: dict[str, Known], t: fmt.TensorEntry) -> Known | None:
+    """The last checkpoint's tensor at ``t``'s name; for a piece that is a whole tensor
+    (``<name>@0,0``: its sharding changed), that tensor's plain entry (the same bytes)."""
+    known = previous.get(t.name)
+    if known is not None:
+        return known
+    name, at, _ = t.name.rpartition("@")
+    plain = previous.get(name) if at else None
+    if plain is None or t.name != _chunks.piece_name(name, [0] * len(t.shape)):
+        return None
+    return Known({k: v for k, v in plain.entry.items() if k != "kind"}, plain.file, plain.probe)
 
 
 def referenced_files(index: Index, name: str) -> list[str]:

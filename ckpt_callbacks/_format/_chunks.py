@@ -72,13 +72,19 @@ def add_pieces(obj: ChunkedArray, name: str, encoder: Any, entry_type: type) -> 
     entry name, offsets)])``, from which :func:`join` makes the index's one chunked entry."""
     out, used = encoder.out, encoder.used
     whole = out.tensors.pop()
-    pieces = [(f"{name}@{','.join(map(str, o))}", o, p) for o, p in obj.chunks]
+    pieces = [(piece_name(name, o), o, p) for o, p in obj.chunks]
     if used & {n for n, _, _ in pieces}:
         raise ValueError(f"Pieces of tensor {name!r} take the name of another tensor.")
     used.update(n for n, _, _ in pieces)
     out.tensors += [entry_type(n, whole.dtype, p.shape, p) for n, _, p in pieces]
     out.chunked[name] = (whole.dtype, whole.shape, [(n, o) for n, o, _ in pieces])
     return name
+
+
+def piece_name(name: str, offsets: Any) -> str:
+    """The name of the piece of tensor ``name`` at ``offsets`` while it is written (every sharded
+    writer's; an incremental save finds an unchanged piece of the last checkpoint by it)."""
+    return f"{name}@{','.join(map(str, offsets))}"
 
 
 def is_chunked(entry: Any) -> bool:
