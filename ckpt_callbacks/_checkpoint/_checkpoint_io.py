@@ -201,19 +201,8 @@ def _file_table(
     files = [r.entry() for r in results]
     index_tensors = {n: {**e, "file": no} for no, r in enumerate(results) for n, e in r.tensors.items()}
     if plan is not None:
-        table = {
-            n: _incremental.Known(e, files[no], plan.probes.pop(n, None), plan.versions.get(n))
-            for no, r in enumerate(results)
-            for n, e in r.tensors.items()
-        }
-        file_no: dict[str, int] = {}
-        for tname, known in plan.reused.items():
-            if known.file["name"] not in file_no:
-                file_no[known.file["name"]] = len(files)
-                files.append(known.file)
-            index_tensors[tname] = {**known.entry, "file": file_no[known.file["name"]]}
-            table[tname] = _incremental.Known(known.entry, known.file, known.probe, plan.versions.get(tname))
-        plan.table = table
+        plan.learn([(f, r.tensors) for f, r in zip(files, results)])
+        _incremental.place_reused(files, index_tensors, plan.report())
     _chunks.join(index_tensors, encoded.chunked)  # a piece reused or written alike
     return files, index_tensors
 

@@ -96,6 +96,23 @@ class Plan:
             out.append(t)
         return out
 
+    def learn(self, written: list[tuple[dict, dict[str, dict]]]) -> None:
+        """Set :attr:`table` (this writer's memory for its next save) from the data files written,
+        each ``(its files entry, its tensors' entries by name)``, and the tensors reused."""
+        table = {
+            n: Known(e, f, self.probes.pop(n, None), self.versions.get(n))
+            for f, tensors in written
+            for n, e in tensors.items()
+        }
+        for n, known in self.reused.items():
+            table[n] = Known(known.entry, known.file, known.probe, self.versions.get(n))
+        self.table = table
+
+    def report(self) -> dict[str, dict]:
+        """The reused tensors as the index needs them (JSON, for a coordinator of a sharded save):
+        ``{name: {"entry": its entry without "file", "file": the data file's files entry}}``."""
+        return {n: {"entry": k.entry, "file": k.file} for n, k in self.reused.items()}
+
     def refs(self) -> list[str]:
         """The data files of other checkpoints the new one points into, each once."""
         return sorted({k.file["name"] for k in self.reused.values()})
@@ -124,6 +141,22 @@ class Tracker:
         """``name`` was committed, written with ``plan``."""
         if plan is not None and plan.table is not None:
             self.source, self.table = name, plan.table
+
+
+def place_reused(files: list, tensors: dict, reused: dict[str, dict]) -> tuple[str, ...]:
+    """Point the index's entries of ``reused`` tensors (:meth:`Plan.report`, of every process of a
+    sharded save) into the data files that hold them, each file added to ``files`` once, in place.
+    Returns those files' names (the state file's ``refs`` of the new checkpoint)."""
+    file_no = {f["name"]: i for i, f in enumerate(files)}
+    refs = []
+    for name, r in reused.items():
+        fname = r["file"]["name"]
+        if fname not in file_no:
+            file_no[fname] = len(files)
+            files.append(r["file"])
+            refs.append(fname)
+        tensors[name] = {**r["entry"], "file": file_no[fname]}
+    return tuple(sorted(refs))
 
 
 def refs_of(plan: Plan | None) -> tuple[str, ...]:
