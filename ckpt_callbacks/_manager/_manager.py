@@ -108,6 +108,7 @@ class CheckpointManager(_async.BackgroundSaves):
         self._prefix, self._max_to_keep, self._hours = prefix, max_to_keep, keep_checkpoint_every_n_hours
         self._keep_best, self._monitor, self._mode = keep_best, monitor, resolve_mode(monitor, mode)
         self._async, self._allow_pickle, self._clock = async_save, allow_pickle, clock
+        self._incremental, self._keep = incremental, _keep  # _keep: never deleted (Lightning: resumed from)
         self._lock = threading.RLock()
         self._buffers = _async.SnapshotBuffers()  # async snapshot buffers, kept between saves
         self._metric = MonitoredMetric(monitor, keep_best)  # metrics[monitor] as a number, or None
@@ -123,9 +124,8 @@ class CheckpointManager(_async.BackgroundSaves):
         reader = _allow_concurrent_writers or self._lock_deferred
         self._writer_lock = None if reader else _lock.acquire(self._storage, self)
         self._plain = PlainWriter(allow_pickle, self._buffers, incremental)
-        self._keep = _keep  # never deleted by this manager (Lightning: the checkpoint a run resumed from)
-        # Every save and restore(into=) is this collective (ckpt_callbacks.distributed.manager), or
-        # only those of sharded state; an async manager keeps one sharded writer for all of them.
+        # Every save and restore(into=) is this collective (distributed.manager), or only those of sharded
+        # state; one sharded writer serves them all (async: its own process group; incremental: its memory).
         self._collective = _collective
         self._sharded_writer: CheckpointWriter | None = None
         self._target = _Target(self)
@@ -134,7 +134,7 @@ class CheckpointManager(_async.BackgroundSaves):
             self.aborted_uploads: list[str] = []  # names whose pending multipart upload was aborted
             self.removed_leftovers = [] if reader else self._remove_leftovers()
             if _collective is not None and async_save:  # its process group: a collective, made now
-                self._sharded_writer = _collective.backend.writer(True, _collective.options)
+                self._sharded_writer = _collective.backend.writer(True, _collective.options, incremental)
         except BaseException:
             self._release_writer_lock()
             raise
@@ -283,10 +283,10 @@ class CheckpointManager(_async.BackgroundSaves):
         collective = collective or self._collective or _sharding.collective_for(state)
         if collective is None:
             return self._plain, None
-        if not self._async:
-            return collective.backend.writer(False, collective.options), collective.options
         if self._sharded_writer is None:
-            self._sharded_writer = collective.backend.writer(True, collective.options)
+            self._sharded_writer = collective.backend.writer(
+                self._async, collective.options, self._incremental
+            )
         return self._sharded_writer, collective.options
 
     def _run_job(self, job: SaveJob) -> None:

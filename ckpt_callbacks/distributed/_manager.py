@@ -56,7 +56,8 @@ class DcpWriter:
 
     default_info: dict | None = {"framework": "torch"}
 
-    def __init__(self, async_save: bool, options: dict | None) -> None:
+    def __init__(self, async_save: bool, options: dict | None, incremental: bool = True) -> None:
+        self._incremental = incremental
         self._group: Any = None
         self._staging: dict | None = None
         if async_save:
@@ -106,8 +107,8 @@ class DcpWriter:
 class _DcpBackend:
     """This package's :class:`ckpt_callbacks._manager._sharding.ShardedBackend`: DCP with this format."""
 
-    def writer(self, async_save: bool, options: dict | None) -> DcpWriter:
-        return DcpWriter(async_save, options)
+    def writer(self, async_save: bool, options: dict | None, incremental: bool) -> DcpWriter:
+        return DcpWriter(async_save, options, incremental)
 
     def load_into(self, path: str, into: Any, storage_options: dict | None, options: dict | None) -> Any:
         return load_into(path, into, storage_options, process_group=_group_of(options))

@@ -25,10 +25,12 @@ from typing import Any
 
 import jax
 
+from .._checkpoint import _incremental
 from .._checkpoint._checkpoint_io import crash_point, meta_file, remove_quietly, write_data_file
+from .._checkpoint._incremental import place_reused
 from .._format import _chunks
 from .._format import _format as fmt
-from .._format._names import INDEX_SUFFIX, META_SUFFIX, data_file_name
+from .._format._names import INDEX_SUFFIX, META_SUFFIX, data_file_name, split_url
 from .._manager import _async
 from .._manager._sharding import Collective
 from .._manager._writer import SaveJob, SaveTarget
@@ -74,8 +76,9 @@ class ProcessWriter:
 
     default_info: dict | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, incremental: bool = True) -> None:
         self._buffers = _async.SnapshotBuffers()
+        self._tracker = _incremental.Tracker(incremental)
 
     def prepare(self, state: Any, *, snapshot: bool, options: dict | None) -> Any:
         encoded = fmt.encode_tree(state)
@@ -90,15 +93,22 @@ class ProcessWriter:
         # Process 0 writes the state's small, unsharded leaves; every process its own shards.
         tensors = [t for t in encoded.tensors if me == 0 or t.name in pieces]
         fname = data_file_name(name, me, world)
+        latest = target.latest_checkpoint
+        plan = self._tracker.plan(storage, name, split_url(latest)[1] if latest else None, None)
         try:
             storage.makedirs()
             crash_point("before_data")
-            wrote = write_data_file(storage, fname, tensors, arrays)
+            # incremental: the pieces unchanged since the latest checkpoint are reported, not written
+            tensors = plan.split(tensors, arrays) if plan is not None else tensors
+            wrote = write_data_file(storage, fname, tensors, arrays, plan=plan)
             crash_point("after_data")
+            if plan is not None:
+                plan.learn([(wrote.entry(), wrote.tensors)])
             report = {
                 "ok": True,
                 "file": wrote.entry(),
                 "tensors": wrote.tensors,
+                "reused": plan.report() if plan is not None else {},
                 "chunked": {n: parts for n, (_, _, parts) in encoded.chunked.items()},
             }
         except Exception as e:  # noqa: BLE001 - reported to process 0, raised below
@@ -114,7 +124,9 @@ class ProcessWriter:
                 target.follow()
             elif not outcome.get("unknown") and not storage.exists(name + INDEX_SUFFIX):
                 remove_quietly(storage, [fname])
-        if not outcome.get("ok"):
+        if outcome.get("ok"):
+            self._tracker.committed(name, plan)
+        else:
             raise CheckpointWriteError(
                 f"Multi-process save of {storage.url_of(name)!r} failed: {outcome.get('error')}. Nothing was "
                 f"committed; the latest checkpoint is still {target.latest_checkpoint!r}."
@@ -135,18 +147,20 @@ class ProcessWriter:
             return {"ok": False, "error": "; ".join(failed)}
         written = list(data_files)
         try:
-            index_tensors, chunked = {}, {}
+            index_tensors, chunked, reused = {}, {}, {}
             for p, r in enumerate(reports):
                 for n, entry in r["tensors"].items():
                     index_tensors[n] = {**entry, "file": p}
                 for n, parts in r["chunked"].items():
                     chunked.setdefault(n, []).extend(parts)
+                reused.update(r["reused"])
+            files = [r["file"] for r in reports]
+            refs = place_reused(files, index_tensors, reused)  # pieces in earlier checkpoints' files
             layout = {
                 n: (d, s, [(p, tuple(o)) for p, o in chunked.get(n, [])])
                 for n, (d, s, _) in encoded.chunked.items()
             }
             _chunks.join(index_tensors, layout)
-            files = [r["file"] for r in reports]
             meta_bytes, meta_entry = meta_file(name, job.meta_doc)
             storage.write_bytes(name + META_SUFFIX, meta_bytes)
             written.append(name + META_SUFFIX)
@@ -170,7 +184,7 @@ class ProcessWriter:
             return {"ok": False, "error": f"process 0: {type(e).__name__}: {e}"}
         t0 = time.perf_counter()
         try:
-            target.commit(job.record(world))
+            target.commit(job.record(world, refs))
         except Exception as e:  # noqa: BLE001 - the manager's commit cleaned up after itself
             return {"ok": False, "unknown": storage.exists(name + INDEX_SUFFIX), "error": f"process 0: {e}"}
         logger.info(
@@ -186,8 +200,8 @@ class _Backend:
     """The sharded backend of :mod:`.._sharding` for a Keras model on a multi-process JAX job. Only
     saves go through the seam; the callback restores through :func:`agree_on_checkpoint`."""
 
-    def writer(self, async_save: bool, options: dict | None) -> ProcessWriter:
-        return ProcessWriter()
+    def writer(self, async_save: bool, options: dict | None, incremental: bool) -> ProcessWriter:
+        return ProcessWriter(incremental)
 
     def load_into(self, *args: Any) -> Any:
         raise NotImplementedError("restore a Keras model with ckpt_callbacks.keras.restore")

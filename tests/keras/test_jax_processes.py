@@ -5,6 +5,7 @@ during a save leaves the previous checkpoint latest; a 2-process checkpoint rest
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from keras_helpers import HERE, REPO, run_python
 from test_jax_sharded import RESTORE_ELSEWHERE, _env, _variables
 
 from ckpt_callbacks import CheckpointManager
+from ckpt_callbacks._manager._state import parse_state
 
 pytest.importorskip("jax")
 pytestmark = pytest.mark.slow
@@ -70,11 +72,21 @@ def _check(results) -> None:
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     out = {}
-    for layout in ("model", "data"):
+    for layout in ("model", "data", "frozen"):
         d = tmp_path_factory.mktemp(f"ref2-{layout}")
-        _check(_run_job(d / "ckpt", d / "final.npz", layout))
+        _check(_run(d, layout))
         out[layout] = d
     return out
+
+
+def _layout(layout: str) -> tuple:
+    """The script's layout and environment: "frozen" is "model" with the first layer frozen."""
+    return ("model", {"FREEZE": "1"}) if layout == "frozen" else (layout, {})
+
+
+def _run(directory, layout: str, *args, **extra) -> list[subprocess.CompletedProcess]:
+    name, env = _layout(layout)
+    return _run_job(directory / "ckpt", directory / "final.npz", name, *args, **env, **extra)
 
 
 def _same_as_reference(d, ref_dir) -> None:
@@ -93,20 +105,47 @@ def test_every_process_writes_its_own_file_and_process_0_commits(references, lay
     index = CheckpointManager(ckpt).checkpoints  # a plain reader sees the committed checkpoints
     assert [os.path.basename(p) for p in index] == ["ckpt-16", "ckpt-20"]
     if layout == "model":  # the kernel's model axis spans both processes: one chunk in each file
-        import json
-
         kernel = json.loads((ckpt / "ckpt-20.index").read_text())["tensors"][
             "model/sequential/dense_in/kernel"
         ]
         assert sorted(c["file"] for c in kernel["chunks"]) == [0, 1]
 
 
-@pytest.mark.parametrize(("layout", "async_save"), [("model", "0"), ("data", "0"), ("model", "1")])
+def test_frozen_pieces_are_written_once_and_every_later_checkpoint_points_at_them(references):
+    """Incremental saves across processes: each process compares its own pieces with the latest
+    checkpoint's; process 0's index points the frozen layer's pieces (one in each process's file) into
+    the first checkpoint's data files, whose bytes retention keeps after dropping its index."""
+    ckpt = references["frozen"] / "ckpt"
+    index = json.loads((ckpt / "ckpt-20.index").read_text())
+    names = [f["name"] for f in index["files"]]
+    frozen = index["tensors"]["model/sequential/dense_in/kernel"]["chunks"]
+    assert sorted(names[c["file"]] for c in frozen) == [f"ckpt-4.data-0000{p}-of-00002" for p in (0, 1)]
+    trained = index["tensors"]["model/sequential/dense_out/kernel"]["chunks"]
+    assert sorted(names[c["file"]] for c in trained) == [f"ckpt-20.data-0000{p}-of-00002" for p in (0, 1)]
+    assert not (ckpt / "ckpt-4.index").exists() and (ckpt / "ckpt-4.data-00001-of-00002").exists()
+    with open(ckpt / "checkpoint", "rb") as f:
+        refs = {r.name: r.refs for r in parse_state(f.read())[1]}
+    # (and any small leaf of process 0 unchanged since ckpt-16, e.g. the optimizer's learning rate)
+    assert refs["ckpt-20"] == tuple(sorted(n for n in names if not n.startswith("ckpt-20.")))
+    done = subprocess.run([sys.executable, "-m", "ckpt_callbacks", "verify", str(ckpt)], capture_output=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_python(
+        RESTORE_ELSEWHERE,
+        ckpt / "ckpt-20",
+        ckpt.parent / "final.0.npz",
+        "load_model",
+        backend="jax",
+        env=_env(1),
+    )
+
+
+@pytest.mark.parametrize(
+    ("layout", "async_save"), [("model", "0"), ("data", "0"), ("model", "1"), ("frozen", "0")]
+)
 def test_kill_both_processes_mid_fit_then_rerun_resumes_bit_exactly(references, tmp_path, layout, async_save):
-    args = (tmp_path / "ckpt", tmp_path / "final.npz", layout, 10)
-    killed = _run_job(*args, ASYNC_SAVE=async_save)
+    killed = _run(tmp_path, layout, 10, ASYNC_SAVE=async_save)
     assert [r.returncode for r in killed] == [-signal.SIGKILL] * 2, killed[0].stderr[-2000:]
-    _check(_run_job(*args, ASYNC_SAVE=async_save))
+    _check(_run(tmp_path, layout, 10, ASYNC_SAVE=async_save))
     for p in (0, 1):  # async: the kill may land before the background write of ckpt-8 commits
         assert str(np.load(tmp_path / f"final.{p}.npz")["resumed"]).endswith(("ckpt-8", "ckpt-4"))
     _same_as_reference(tmp_path, references[layout])
