@@ -279,3 +279,103 @@ def test_a_hostile_refs_record_is_not_trusted_and_the_index_decides(tmp_path):
         "ckpt-3.index",
         "ckpt-3.meta",
     ]
+
+
+def _corrupt_tensor(d, name: str, tensor: str) -> None:
+    """Flip one byte of ``tensor``'s bytes in the data file that holds them (the index stays valid)."""
+    index = _index(d, name)
+    t = index["tensors"][tensor]
+    path = d / index["files"][t["file"]]["name"]
+    data = bytearray(path.read_bytes())
+    data[t["offset"] + 7] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_after_a_resume_past_a_corrupt_latest_the_next_save_points_into_the_checkpoint_read(tmp_path):
+    """The resume skipped ckpt-2 (its frozen tensor's bytes are damaged) and read ckpt-1: the next
+    save compares with ckpt-1, so it never points into the damaged bytes its index still lists."""
+    with CheckpointManager(str(tmp_path), max_to_keep=None, incremental=False) as mgr:
+        mgr.save(_state(1), step=1)
+        mgr.save(_state(2), step=2)
+    _corrupt_tensor(tmp_path, "ckpt-2", "frozen")
+    with CheckpointManager(str(tmp_path), max_to_keep=None) as mgr:
+        with pytest.warns(UserWarning, match="falling back"):
+            path, state = mgr.restore_with_path()
+        assert path.endswith("ckpt-1")
+        mgr.save(_state(3, state["frozen"]), step=3)
+    index = _index(tmp_path, "ckpt-3")
+    assert index["files"][index["tensors"]["frozen"]["file"]]["name"] == "ckpt-1.data-00000-of-00001"
+    np.testing.assert_array_equal(load_checkpoint(str(tmp_path / "ckpt-3"))["frozen"], FROZEN)
+
+
+def test_after_a_resume_that_found_nothing_usable_the_next_save_writes_every_tensor(tmp_path):
+    with CheckpointManager(str(tmp_path), max_to_keep=None) as mgr:
+        mgr.save(_state(1), step=1)
+    _corrupt_tensor(tmp_path, "ckpt-1", "frozen")
+    with CheckpointManager(str(tmp_path), max_to_keep=None) as mgr:
+        with pytest.warns(UserWarning, match="falling back"):
+            assert mgr.restore_with_path() == (None, None)
+        mgr.save(_state(2), step=2)
+    assert [f["name"] for f in _index(tmp_path, "ckpt-2")["files"]] == [
+        "ckpt-2.data-00000-of-00001",
+        "ckpt-2.meta",
+    ]
+    np.testing.assert_array_equal(load_checkpoint(str(tmp_path / "ckpt-2"))["frozen"], FROZEN)
+
+
+def test_a_second_manager_on_the_directory_never_leaves_the_first_pointing_into_deleted_bytes(tmp_path):
+    """Manager B's retention deletes ckpt-1 whole (its own save changed everything); manager A, whose
+    memory still describes ckpt-1, compares its next save with B's ckpt-2 instead."""
+    a = CheckpointManager(str(tmp_path), max_to_keep=1)
+    a.save(_state(1), step=1)
+    with CheckpointManager(str(tmp_path), max_to_keep=1) as b:
+        b.save(_state(2, FROZEN + 1), step=2)
+    assert not (tmp_path / "ckpt-1.data-00000-of-00001").exists()
+    a.save(_state(3), step=3)  # the original frozen tensor again: ckpt-1's bytes are gone
+    a.close()
+    index = _index(tmp_path, "ckpt-3")
+    assert index["files"][index["tensors"]["frozen"]["file"]]["name"] == "ckpt-3.data-00000-of-00001"
+    np.testing.assert_array_equal(load_checkpoint(str(tmp_path / "ckpt-3"))["frozen"], FROZEN)
+
+
+def test_a_commit_whose_referenced_bytes_another_writer_deleted_meanwhile_commits_nothing(
+    tmp_path, monkeypatch
+):
+    """Manager B commits (and its retention deletes ckpt-1) while A writes ckpt-3, which points into
+    ckpt-1: A's commit finds the bytes gone and fails cleanly; B's ckpt-2 stays the latest."""
+    from ckpt_callbacks import CheckpointWriteError
+    from ckpt_callbacks._checkpoint import _checkpoint_io
+
+    a = CheckpointManager(str(tmp_path), max_to_keep=1)
+    a.save(_state(1), step=1)
+    b = CheckpointManager(str(tmp_path), max_to_keep=1)
+    started = []
+
+    def other_writer_commits(where):
+        if where == "after_index" and not started:
+            started.append(1)
+            b.save(_state(2, FROZEN + 1), step=2)
+
+    monkeypatch.setattr(_checkpoint_io, "_crash_point", other_writer_commits)
+    with pytest.raises(CheckpointWriteError, match="ckpt-1.data-00000-of-00001"):
+        a.save(_state(3), step=3)
+    monkeypatch.undo()
+    b.close()
+    a.close()
+    assert not (tmp_path / "ckpt-3.index").exists()
+    assert os.path.basename(CheckpointManager(str(tmp_path)).latest_checkpoint) == "ckpt-2"
+
+
+def test_a_resaved_step_points_into_lower_steps_only(tmp_path):
+    with CheckpointManager(str(tmp_path), max_to_keep=None) as mgr:
+        mgr.save(_state(1), step=1)
+        mgr.save(_state(2), step=2)
+        mgr.save(_state(20), step=2)  # the same step again (e.g. a final save): only the head is new
+    index = _index(tmp_path, "ckpt-2")
+    names = [f["name"] for f in index["files"]]
+    assert names[index["tensors"]["frozen"]["file"]] == "ckpt-1.data-00000-of-00001"
+    assert names[index["tensors"]["head"]["file"]].startswith("ckpt-2.data-")
+    assert not (tmp_path / "ckpt-2.data-00000-of-00001").exists()  # the replaced copy's data file went
+    state = load_checkpoint(str(tmp_path / "ckpt-2"))
+    np.testing.assert_array_equal(state["frozen"], FROZEN)
+    assert state["head"][0] == 20

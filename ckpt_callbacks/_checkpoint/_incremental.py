@@ -75,6 +75,7 @@ class Plan:
                 known is None
                 or not _same_layout(t, known.entry)
                 or not may_reference(self.name, known.file["name"])
+                or known.file["name"].startswith(self.name + ".")  # a re-saved step: its old bytes go
             ):
                 out.append(t)
                 continue
@@ -126,15 +127,15 @@ class Tracker:
         self.source: str | None = None  # the checkpoint ``table`` describes
         self.table: dict[str, Known] = {}
 
-    def plan(self, storage: Storage, name: str, latest: str | None, replacing: Any) -> Plan | None:
-        """What saving ``name`` compares with: the ``latest`` committed checkpoint's tensors, from
-        memory when this writer committed it, else (a first save, or one after a sharded save or
-        another writer's) read from its index. None (a full save) when turned off or re-saving a
-        step (whose old data files go once the new copy commits)."""
-        if not self.enabled or replacing is not None:
+    def plan(self, storage: Storage, name: str, base: str | None) -> Plan | None:
+        """What saving ``name`` compares with: the tensors of committed checkpoint ``base`` (the
+        latest, as a rule), from memory when this writer committed it, else (a first save, a resume
+        that passed over a corrupt latest, another writer's commit) read from its index. None (a full
+        save) when turned off."""
+        if not self.enabled:
             return None
-        if self.source != latest:
-            self.source, self.table = latest, read_table(storage, latest)
+        if self.source != base:
+            self.source, self.table = base, read_table(storage, base)
         return Plan(self.table, name)
 
     def committed(self, name: str, plan: Plan | None) -> None:

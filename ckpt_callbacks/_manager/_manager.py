@@ -4,7 +4,8 @@ state file, rotated by retention, restored newest-valid-first, optionally saved 
 The pieces it drives live next to it: :mod:`._checkpoint_io` writes one checkpoint,
 :mod:`._checkpoint_read` reads one, :mod:`._state` reads and writes the state file,
 :mod:`._retention` decides what to keep, :mod:`._leftovers` sweeps interrupted saves at start,
-:mod:`._async` holds the background-save helpers, :mod:`._lock` the one-writer lock.
+:mod:`._async` holds the background-save helpers, :mod:`._commits` the commit half of a save,
+:mod:`._lock` the one-writer lock.
 """
 
 from __future__ import annotations
@@ -21,30 +22,26 @@ import numpy as np
 
 from .. import _validation
 from .._checkpoint import _checkpoint_io as _cio
-from .._checkpoint._checkpoint_read import files_of, load, newest_first, newest_valid, written_by_us
-from .._format._names import INDEX_SUFFIX, checkpoint_name, split_url
+from .._checkpoint._checkpoint_read import load, newest_first, newest_valid, written_by_us
+from .._format._names import checkpoint_name, split_url
 from .._storage import Storage
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from . import _async, _foreign, _leftovers, _lock, _sharding
+from . import _async, _commits, _foreign, _leftovers, _lock, _sharding
 from ._mode import MonitoredMetric, resolve_mode
 from ._retention import BestN, EveryNHours, LatestN, Retention
 from ._state import (
     Record,
     checked_name,
-    commit_state,
-    dump_state,
     no_best_error,
     read_state,
-    read_state_bytes,
     restart,
-    write_state,
 )
 from ._writer import CheckpointWriter, PlainWriter, SaveJob
 
 logger = logging.getLogger("ckpt_callbacks")
 
 
-class CheckpointManager(_async.BackgroundSaves):
+class CheckpointManager(_async.BackgroundSaves, _commits.Commits):
     """Saves numbered checkpoints into a directory, rotates them, and restores the newest valid one.
 
     Args:
@@ -77,6 +74,10 @@ class CheckpointManager(_async.BackgroundSaves):
         ...         if step % 100 == 0:
         ...             mgr.save(state, step=step, metrics={"loss": 1.0 / step})
     """
+
+    # What the next incremental save compares with: None, the latest; else (name,) the checkpoint a
+    # resume read (its bytes verified), or (None,) when every listed one was unusable.
+    _base: tuple[str | None] | None = None
 
     def __init__(
         self,
@@ -113,7 +114,7 @@ class CheckpointManager(_async.BackgroundSaves):
         self._buffers = _async.SnapshotBuffers()  # async snapshot buffers, kept between saves
         self._metric = MonitoredMetric(monitor, keep_best)  # metrics[monitor] as a number, or None
         self._commit_lock = threading.Lock()
-        self.resumed_from: str | None = None
+        self._resumed_from: str | None = None
         self._closed = False
         # before any write: foreign files are never touched
         _foreign.check_not_foreign(self._storage, prefix, functools.partial(written_by_us, self._storage))
@@ -148,6 +149,7 @@ class CheckpointManager(_async.BackgroundSaves):
 
     def _load_state(self) -> None:
         now = float(self._clock())
+        self._base = None  # the next incremental save compares with the latest of this state
         self._latest: str | None = None
         self._records: list[Record] = []
         found = read_state(self._storage)
@@ -172,6 +174,18 @@ class CheckpointManager(_async.BackgroundSaves):
         return swept.removed
 
     # ------------------------------------------------------------------ properties
+
+    @property
+    def resumed_from(self) -> str | None:
+        """Name of the checkpoint the last resume (:meth:`restore_with_path`) read, until this manager
+        commits a newer one; None otherwise. Retention never deletes it before then, and the next
+        incremental save compares with it (not with a newer, unusable one the resume passed over)."""
+        return self._resumed_from
+
+    @resumed_from.setter
+    def resumed_from(self, name: str | None) -> None:
+        self._resumed_from = name
+        self._base = (name,) if name is not None else None
 
     @property
     def latest_checkpoint(self) -> str | None:
@@ -292,99 +306,6 @@ class CheckpointManager(_async.BackgroundSaves):
     def _run_job(self, job: SaveJob) -> None:
         job.writer.write(self._target, job)
 
-    def _commit_written(self, record: Record, replacing: _cio.Replaced | None = None) -> None:
-        """The commit half of a save whose files are all written: the state file through retention
-        (:meth:`_commit`: rolled back on failure, kept when the store may have committed after all),
-        then the files of a replaced copy and of the checkpoints retention dropped are deleted.
-
-        Every save commits here, through :class:`_Target` (what a writer sees of the manager).
-        """
-        decision = self._commit(record, replacing)
-        replaced = []  # the replaced copy's data files (its .meta and .index were overwritten)
-        if replacing is not None:
-            replaced = [n for n in replacing.data_files if n not in files_of(record.name, record.shards)]
-        _leftovers.remove_dropped(self._storage, decision.deleted, decision.kept, replaced)
-
-    def _replacing(self, name: str) -> _cio.Replaced | None:
-        """What a re-save of the already listed ``name`` must be able to put back; None for a new step.
-
-        Re-saving a step: the old copy stays listed and whole until the state file commits the new
-        one. New data files get other names (another shard count); a failure writes the old .meta
-        and .index back. Only a crash between the two small writes of the new .meta and .index
-        leaves the step unreadable (restore() then falls back to the one before).
-        """
-        with self._lock:
-            if not any(r.name == name for r in self._records):
-                return None
-        logger.warning("Replacing existing checkpoint %s", self._storage.url_of(name))
-        return _cio.Replaced.read(self._storage, name)
-
-    def _commit(self, record: Record, replacing: _cio.Replaced | None) -> Any:
-        """Apply retention and write the state file naming ``record``: the commit point. Returns the
-        retention decision. On failure the new checkpoint's files go again (or the replaced copy is
-        put back), unless the store may have committed after all (:func:`._state.commit_state`)."""
-        name = record.name
-        # _commit_lock orders commits; self._lock only guards the in-memory view, and is not held
-        # across the state file's write + fsync, so readers of latest_checkpoint / checkpoints on
-        # other threads never wait for storage.
-        with self._commit_lock:
-            self._follow_other_writer()
-            with self._lock:
-                records = [r for r in self._records if r.name != name]  # a re-saved step: the new copy
-                records.append(record)
-                decision = self._retention(name).apply(records, self._last_preserved)
-            best = self._best_of(decision.kept)
-            state_bytes = dump_state(name, decision.kept, decision.last_preserved, best)
-
-            def write(data: bytes) -> None:
-                _cio.crash_point("before_state")
-                write_state(self._storage, data)  # the commit point
-                _cio.crash_point("after_state")
-
-            def remove_new_files() -> None:
-                files = [name + INDEX_SUFFIX, *files_of(name, record.shards)]
-                if replacing is not None:
-                    replacing.roll_back(self._storage, files)
-                else:  # index first: without it the checkpoint does not exist for any reader
-                    _cio.remove_quietly(self._storage, files)
-
-            error = commit_state(self._storage, state_bytes, remove_new_files, write)
-            if error is not None:
-                logger.warning(
-                    "Writing the state file reported %s: %s, but the new state file is committed "
-                    "and names %s; the save succeeded.",
-                    type(error).__name__,
-                    error,
-                    self._storage.url_of(name),
-                )
-            with self._lock:
-                self._records = decision.kept
-                self._latest = name
-                self._last_preserved = decision.last_preserved
-                self._state_bytes = state_bytes
-                if self.resumed_from is not None and self.resumed_from != name:
-                    self.resumed_from = None  # a newer checkpoint is committed: no longer protected
-        return decision
-
-    def _follow_other_writer(self) -> None:
-        """Continue from the state file on storage if another writer changed it since this manager
-        last read or wrote it (a second manager on this directory in this process: the writer lock
-        is per process). Without this, this commit would drop the other writer's checkpoints from
-        the state file and the next start would delete them as leftovers. One small read per save."""
-        try:
-            data = read_state_bytes(self._storage)
-        except CheckpointError:
-            return  # unreadable now: the commit itself will tell
-        if data == self._state_bytes:
-            return
-        logger.warning(
-            "The state file of %s was changed by another writer since this manager read it; continuing "
-            "from the checkpoints it lists. Use one CheckpointManager per directory.",
-            self.directory,
-        )
-        with self._lock:
-            self._load_state()
-
     def wait_until_finished(self) -> None:
         """Block until every pending save is durable; re-raise a background failure."""
         self._wait(raise_error=True)
@@ -468,6 +389,7 @@ class CheckpointManager(_async.BackgroundSaves):
                 self._storage, self._storage_options, names, into, _collective.options
             )
             if name is None:
+                self._nothing_usable(names)
                 return None, None
             self.resumed_from = name
             return self._storage.url_of(name), into
@@ -478,11 +400,16 @@ class CheckpointManager(_async.BackgroundSaves):
         skip = (CorruptCheckpointError, CheckpointNotFoundError)
         found = newest_valid(self._storage, names, open_one, skip=skip)
         if found is None:
+            self._nothing_usable(names)
             return None, None
         name, state = found
         self.resumed_from = name
         self._prepare_snapshot(state)
         return self._storage.url_of(name), state
+
+    def _nothing_usable(self, names: list[str]) -> None:
+        if names:  # listed but all unusable: the next save writes every tensor
+            self._base = (None,)
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r}, prefix={self._prefix!r}, max_to_keep={self._max_to_keep!r})"
@@ -509,3 +436,6 @@ class _Target:
     def follow(self) -> None:
         with self._manager._lock:
             self._manager._load_state()
+
+    def incremental_base(self) -> str | None:
+        return self._manager._incremental_base()

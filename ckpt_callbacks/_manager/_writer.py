@@ -21,7 +21,6 @@ from typing import Any, Protocol
 from .._checkpoint import _checkpoint_io as _cio
 from .._checkpoint import _incremental
 from .._format import _format as fmt
-from .._format._names import split_url
 from .._storage import Storage
 from . import _async
 from ._retention import Record
@@ -64,6 +63,10 @@ class SaveTarget(Protocol):
 
     def follow(self) -> None:
         """Reload the state file another process (a sharded save's coordinator) committed."""
+
+    def incremental_base(self) -> str | None:
+        """The name of the checkpoint an incremental save compares with: the latest, or after a
+        resume that passed over unusable checkpoints the one it read (None: write every tensor)."""
 
 
 class CheckpointWriter(Protocol):
@@ -108,8 +111,7 @@ class PlainWriter:
         storage.makedirs()
         encoded, arrays = job.payload
         replacing = target.replacing(job.name)
-        latest = target.latest_checkpoint
-        plan = self._tracker.plan(storage, job.name, split_url(latest)[1] if latest else None, replacing)
+        plan = self._tracker.plan(storage, job.name, target.incremental_base())
         # defer_sync: the state file's temp is written while the last directory fsync runs
         shards = _cio.write_checkpoint(
             storage, job.name, encoded, job.step, job.meta_doc, arrays, replacing, defer_sync=True, plan=plan

@@ -30,7 +30,7 @@ from .._checkpoint._checkpoint_io import crash_point, meta_file, remove_quietly,
 from .._checkpoint._incremental import place_reused
 from .._format import _chunks
 from .._format import _format as fmt
-from .._format._names import INDEX_SUFFIX, META_SUFFIX, data_file_name, split_url
+from .._format._names import INDEX_SUFFIX, META_SUFFIX, data_file_name
 from .._manager import _async
 from .._manager._sharding import Collective
 from .._manager._writer import SaveJob, SaveTarget
@@ -93,8 +93,7 @@ class ProcessWriter:
         # Process 0 writes the state's small, unsharded leaves; every process its own shards.
         tensors = [t for t in encoded.tensors if me == 0 or t.name in pieces]
         fname = data_file_name(name, me, world)
-        latest = target.latest_checkpoint
-        plan = self._tracker.plan(storage, name, split_url(latest)[1] if latest else None, None)
+        plan = self._tracker.plan(storage, name, target.incremental_base())
         try:
             storage.makedirs()
             crash_point("before_data")
