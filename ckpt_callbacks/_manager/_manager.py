@@ -125,8 +125,8 @@ class CheckpointManager(_async.BackgroundSaves):
         self._plain = PlainWriter(allow_pickle, self._buffers, incremental)
         self._keep = _keep  # never deleted by this manager (Lightning: the checkpoint a run resumed from)
         # Every save and restore(into=) is this collective (ckpt_callbacks.distributed.manager), or
-        # only those of sharded state; an async manager keeps one sharded writer for all of them.
-        self._collective = _collective
+        # only those of sharded state; one sharded writer (its memory of the last save) serves all.
+        self._collective, self._incremental = _collective, incremental
         self._sharded_writer: CheckpointWriter | None = None
         self._target = _Target(self)
         try:
@@ -134,7 +134,7 @@ class CheckpointManager(_async.BackgroundSaves):
             self.aborted_uploads: list[str] = []  # names whose pending multipart upload was aborted
             self.removed_leftovers = [] if reader else self._remove_leftovers()
             if _collective is not None and async_save:  # its process group: a collective, made now
-                self._sharded_writer = _collective.backend.writer(True, _collective.options)
+                self._sharded_writer = _collective.backend.writer(True, _collective.options, incremental)
         except BaseException:
             self._release_writer_lock()
             raise
@@ -283,10 +283,10 @@ class CheckpointManager(_async.BackgroundSaves):
         collective = collective or self._collective or _sharding.collective_for(state)
         if collective is None:
             return self._plain, None
-        if not self._async:
-            return collective.backend.writer(False, collective.options), collective.options
         if self._sharded_writer is None:
-            self._sharded_writer = collective.backend.writer(True, collective.options)
+            self._sharded_writer = collective.backend.writer(
+                self._async, collective.options, self._incremental
+            )
         return self._sharded_writer, collective.options
 
     def _run_job(self, job: SaveJob) -> None:

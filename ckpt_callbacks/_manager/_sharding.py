@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 class ShardedBackend(Protocol):
     """Writes and reads sharded state; every call is a collective on every rank."""
 
-    def writer(self, async_save: bool, options: dict[str, Any] | None) -> CheckpointWriter:
-        """A writer for a manager's sharded saves (an async manager keeps one for all of them)."""
+    def writer(self, async_save: bool, options: dict[str, Any] | None, incremental: bool) -> CheckpointWriter:
+        """A writer for a manager's sharded saves (the manager keeps one for all of them).
+        ``incremental``: the manager's flag (the writer may point unchanged tensors into earlier
+        checkpoints' data files instead of writing them again)."""
 
     def load_into(
         self, path: str, into: Any, storage_options: dict[str, Any] | None, options: dict[str, Any] | None

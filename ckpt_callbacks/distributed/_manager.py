@@ -7,7 +7,12 @@ manager asks it for a :class:`DcpWriter` (the core's writer seam, :mod:`ckpt_cal
 for a state with ``DTensor`` leaves, or for every save of a manager :func:`manager` made. The
 coordinator's ``finish`` (after every rank reported success) commits through the manager's commit
 (the state file through retention, rolled back on failure, then the dropped checkpoints' files
-deleted: all N data files of each); the other ranks then follow the state file it wrote.
+deleted: all N data files of each, except those a kept checkpoint points into); the other ranks then
+follow the state file it wrote.
+
+Saves are incremental (the manager's ``incremental``): each rank's writer remembers the chunks of
+the last checkpoint it committed (:class:`ckpt_callbacks._checkpoint._incremental.Tracker`), writes
+only those that changed and points the others into the earlier data files holding them.
 
 ``async_save=True``: ``save`` blocks only for the staging copy (:mod:`._staging`: each rank copies
 its local shards into CPU buffers the writer keeps between saves); the manager's background worker
@@ -25,11 +30,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from .._checkpoint import _incremental
 from .._checkpoint._checkpoint_io import remove_quietly as _remove_quietly
 from .._checkpoint._checkpoint_read import newest_valid
 from .._checkpoint._checkpoint_read import read_index as _read_index
 from .._format import _format as fmt
-from .._format._names import INDEX_SUFFIX
+from .._format._names import INDEX_SUFFIX, split_url
 from .._manager import _sharding
 from .._manager._manager import CheckpointManager
 from .._manager._writer import SaveJob, SaveTarget
@@ -52,11 +58,13 @@ def _group_of(options: dict | None) -> Any:
 class DcpWriter:
     """Writes one sharded checkpoint with ``dcp.save`` on every rank (a :class:`ckpt_callbacks._manager._writer.
     CheckpointWriter`). Async: the gloo process group and the staging buffers are its own, kept
-    between saves and released when the manager closes."""
+    between saves and released when the manager closes. ``incremental``: this rank's chunks that did
+    not change since the latest checkpoint are not written again (its tracker remembers them)."""
 
     default_info: dict | None = {"framework": "torch"}
 
-    def __init__(self, async_save: bool, options: dict | None) -> None:
+    def __init__(self, async_save: bool, options: dict | None, incremental: bool = True) -> None:
+        self._tracker = _incremental.Tracker(incremental)
         self._group: Any = None
         self._staging: dict | None = None
         if async_save:
@@ -75,15 +83,20 @@ class DcpWriter:
         """``dcp.save`` through :class:`StorageWriter`, committed by the coordinator's ``finish``."""
         state, group = job.payload
         storage = target.storage
+        latest = target.latest_checkpoint
+        latest_name = split_url(latest)[1] if latest else None
+        # a sharded save never replaces a checkpoint (it fails before writing): no plan then
+        plan = None if latest_name == job.name else self._tracker.plan(storage, job.name, latest_name, None)
 
-        def commit(storage: Storage, name: str, step: int, shards: int) -> None:
-            target.commit(job.record(shards))
+        def commit(storage: Storage, name: str, step: int, shards: int, refs: tuple[str, ...]) -> None:
+            target.commit(job.record(shards, refs))
 
         writer = StorageWriter(
             storage.url_of(job.name),
             storage_options=target.storage_options,
             _commit=commit,
             _meta=job.meta_doc,
+            _plan=plan,
         )
         try:
             dcp.save(state, storage_writer=writer, process_group=group)
@@ -93,6 +106,7 @@ class DcpWriter:
             raise _write_error(target, job.name, e, group) from None
         if _rank(group) != 0:
             target.follow()  # the commit the coordinator made
+        self._tracker.committed(job.name, plan)
 
     def close(self) -> None:
         group, self._group, self._staging = self._group, None, None
@@ -106,8 +120,8 @@ class DcpWriter:
 class _DcpBackend:
     """This package's :class:`ckpt_callbacks._manager._sharding.ShardedBackend`: DCP with this format."""
 
-    def writer(self, async_save: bool, options: dict | None) -> DcpWriter:
-        return DcpWriter(async_save, options)
+    def writer(self, async_save: bool, options: dict | None, incremental: bool) -> DcpWriter:
+        return DcpWriter(async_save, options, incremental)
 
     def load_into(self, path: str, into: Any, storage_options: dict | None, options: dict | None) -> Any:
         return load_into(path, into, storage_options, process_group=_group_of(options))

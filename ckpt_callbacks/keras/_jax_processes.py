@@ -186,7 +186,7 @@ class _Backend:
     """The sharded backend of :mod:`.._sharding` for a Keras model on a multi-process JAX job. Only
     saves go through the seam; the callback restores through :func:`agree_on_checkpoint`."""
 
-    def writer(self, async_save: bool, options: dict | None) -> ProcessWriter:
+    def writer(self, async_save: bool, options: dict | None, incremental: bool) -> ProcessWriter:
         return ProcessWriter()
 
     def load_into(self, *args: Any) -> Any:
