@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -386,7 +386,8 @@ def frozen_and_head(mesh, seed: int):
 
 def incremental(rank, world, directory, out, result):
     """:func:`frozen_and_head` saved at steps 1-3 through a manager (max_to_keep=2), sync then
-    async_save=True (each in its own directory); then a fresh model restored from step 3."""
+    async_save=True (each in its own directory); then a fresh model restored from step 3. And a
+    manager with ``incremental=False``."""
     mesh = init_device_mesh("cpu", (world,))
     for async_save in (False, True):
         model, optim = frozen_and_head(mesh, 0)
@@ -422,6 +423,11 @@ def incremental(rank, world, directory, out, result):
         result[f"extra_{async_save}"] = state2["extra"]
         mgr.close()
         torch.save(want, os.path.join(out, f"incremental-{'async' if async_save else 'sync'}-rank{rank}.pt"))
+    # incremental=False: the same model saved twice, written twice
+    model, _ = frozen_and_head(mesh, 0)
+    with cd.manager(os.path.join(directory, "full"), incremental=False) as mgr:
+        for step in (1, 2):
+            cd.save(mgr, {"model": get_model_state_dict(model)}, step)
 
 
 SCENARIOS = {

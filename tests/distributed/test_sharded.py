@@ -245,6 +245,17 @@ def test_sharded_saves_point_unchanged_chunks_into_the_data_files_that_hold_them
     assert "ckpt-2" in cli.stdout and "ckpt-3" in cli.stdout
 
 
+def test_sharded_saves_with_incremental_false_write_every_chunk(incremental):
+    directory, _, results = incremental
+    assert all("error" not in r for r in results), results
+    index = read_index(os.path.join(directory, "full", "ckpt-2"))  # the same state as ckpt-1
+    assert [f["name"] for f in index["files"]] == [
+        "ckpt-2.data-00000-of-00002",
+        "ckpt-2.data-00001-of-00002",
+        "ckpt-2.meta",
+    ]
+
+
 def test_a_rank_1_error_raises_on_every_rank_and_commits_nothing(sharded):
     directory, _, results = sharded
     for r in results:
