@@ -91,6 +91,16 @@ def test_another_dtype_or_shape_is_written(tmp_path, change):
     assert _records(tmp_path)["ckpt-2"].refs == ()
 
 
+def test_an_empty_tensor_is_written_not_pointed_into_an_earlier_file(tmp_path):
+    # (e.g. a sharded save's empty chunk: a reference would keep an earlier data file for no bytes)
+    with CheckpointManager(str(tmp_path), max_to_keep=1) as mgr:
+        mgr.save({"empty": np.zeros((0, 8), np.float32), "head": np.full(4, 1.0)}, step=1)
+        mgr.save({"empty": np.zeros((0, 8), np.float32), "head": np.full(4, 2.0)}, step=2)
+    assert _records(tmp_path)["ckpt-2"].refs == ()
+    assert _files(tmp_path) == ["checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index", "ckpt-2.meta"]
+    assert load_checkpoint(str(tmp_path / "ckpt-2"))["empty"].shape == (0, 8)
+
+
 def test_incremental_false_writes_every_tensor(tmp_path):
     with CheckpointManager(str(tmp_path), max_to_keep=None, incremental=False) as mgr:
         mgr.save(_state(1), step=1)

@@ -73,6 +73,7 @@ class Plan:
             self.versions[t.name] = version
             if (
                 known is None
+                or t.nbytes == 0  # nothing to save: a reference would only keep an earlier file
                 or not _same_layout(t, known.entry)
                 or not may_reference(self.name, known.file["name"])
                 or known.file["name"].startswith(self.name + ".")  # a re-saved step: its old bytes go

@@ -8,6 +8,11 @@ rank's results in ``finish``, and only then, after all ranks reported success, d
 write ``.meta``, ``.index`` (JSON: global shapes, each chunk's file / offset / checksum, non-tensor
 leaves inline) and commit the ``checkpoint`` state file. No pickle is stored (the reader, which
 rebuilds DCP's ``Metadata`` from that JSON, is :mod:`._reader`).
+
+Through a manager (:class:`._manager.DcpWriter`) a save is incremental (:mod:`ckpt_callbacks._checkpoint.
+_incremental`): each rank writes only the chunks that changed since the manager's latest checkpoint
+and reports the others (where their bytes already are) to the coordinator, whose index points them
+into those earlier data files.
 """
 
 from __future__ import annotations
@@ -37,13 +42,14 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from .._checkpoint import _incremental
 from .._checkpoint._checkpoint_io import meta_doc as _meta_doc
 from .._checkpoint._checkpoint_io import meta_file as _meta_file
 from .._checkpoint._checkpoint_io import remove_quietly as _remove_quietly
 from .._checkpoint._checkpoint_io import write_data_file as _write_data_file
 from .._checkpoint._checkpoint_read import files_of, written_by_us
+from .._format import _chunks, _torch
 from .._format import _format as fmt
-from .._format import _torch
 from .._format._names import INDEX_SUFFIX, META_SUFFIX
 from .._format._names import split_url as _split
 from .._format._names import step_of as _step_of
@@ -143,6 +149,11 @@ class StorageWriter(_AtCheckpoint, dcp.StorageWriter):
     ``CheckpointException`` on every rank and commits nothing
     (:func:`ckpt_callbacks.distributed.save` raises ``CheckpointWriteError`` instead).
 
+    A save through this writer alone is always a full one: every chunk is written. Saves through a
+    manager (:func:`ckpt_callbacks.distributed.manager`, or a ``CheckpointManager`` given sharded
+    state) are incremental: a chunk unchanged since the manager's latest checkpoint is not written
+    again, the index points into the earlier data file that holds it.
+
     Example:
         >>> dcp.save({"model": model.state_dict()}, storage_writer=StorageWriter("s3://b/run/ckpt-1000"))
     """
@@ -152,14 +163,16 @@ class StorageWriter(_AtCheckpoint, dcp.StorageWriter):
         path: str | os.PathLike,
         *,
         storage_options: dict | None = None,
-        _commit: Callable[[Storage, str, int, int], None] | None = None,
+        _commit: Callable[[Storage, str, int, int, tuple[str, ...]], None] | None = None,
         _meta: dict | None = None,
+        _plan: _incremental.Plan | None = None,
     ) -> None:
         super().__init__()
         self._storage_options = storage_options
         self._set_path(path)
         self._commit = _commit or _add_to_state_file
         self._meta = _meta
+        self._plan = _plan  # this rank's incremental plan (a manager's save), or None: write every chunk
         self._rank = 0
         self._is_coordinator = False
 
@@ -216,12 +229,16 @@ class StorageWriter(_AtCheckpoint, dcp.StorageWriter):
                 continue
             chunk = item.tensor_data.chunk
             dtype = _torch_dtype_to_numpy(item.tensor_data.properties.dtype)
-            tname = f"{item.index.fqn}@{','.join(str(o) for o in chunk.offsets)}"
+            tname = _chunks.piece_name(item.index.fqn, chunk.offsets)
             lazy = fmt.LazyArray(tuple(chunk.sizes), dtype, functools.partial(_resolve, planner, item))
             entries.append(fmt.TensorEntry(tname, dtype, tuple(chunk.sizes), lazy))
             items[tname] = item
+        plan = self._plan
+        if plan is not None:
+            entries = plan.split(entries, None)
         _crash_point("before_data", info.rank)
-        written = _write_data_file(self._storage, fname, entries, None)
+        # A rank with nothing to write still writes its (empty) file: the index names all N.
+        written = _write_data_file(self._storage, fname, entries, None, plan=plan)
         try:
             _crash_point("after_data", info.rank)
         except BaseException:
@@ -236,6 +253,12 @@ class StorageWriter(_AtCheckpoint, dcp.StorageWriter):
                     storage_data={k: e[k] for k in ("offset", "length", "checksum")} | {"file": info.rank},
                 )
             )
+        if plan is not None:
+            plan.learn([(written.entry(), written.tensors)])
+            for tname, where in plan.report().items():
+                results.append(
+                    WriteResult(index=items[tname].index, size_in_bytes=0, storage_data={"reused": where})
+                )
         results.append(
             WriteResult(
                 index=MetadataIndex(_FILE_RESULT, [info.rank]),
@@ -276,7 +299,7 @@ class StorageWriter(_AtCheckpoint, dcp.StorageWriter):
             raise
         # The commit cleans up after itself: it removes these files when it surely failed, and
         # leaves them when the store may have committed the state file after all.
-        self._commit(storage, name, step, len(results))
+        self._commit(storage, name, step, len(results), tuple(_incremental.referenced_files(index, name)))
 
 
 def _resolve(planner: SavePlanner, item: Any) -> np.ndarray:
@@ -308,10 +331,12 @@ def _value_result(planner: SavePlanner, item: Any) -> WriteResult:
     return WriteResult(index=item.index, size_in_bytes=0, storage_data={"value": enc.tree})
 
 
-def _build_index(metadata: Metadata, results: list[list[WriteResult]], step: int) -> dict:
-    """This format's index from DCP's global metadata and every rank's write results."""
+def _rank_results(results: list[list[WriteResult]]) -> tuple[list, dict[str, dict], dict[str, Any]]:
+    """Every rank's write results: the data files (the ranks', then the earlier ones that chunks a
+    rank reused are in), each chunk's place by piece name, and the non-tensor values."""
     files: list[dict | None] = [None] * len(results)
-    locs: dict[tuple[str, tuple[int, ...]], dict] = {}
+    locs: dict[str, dict] = {}
+    reused: dict[str, dict] = {}
     values: dict[str, Any] = {}
     for rank_results in results:
         for r in rank_results:
@@ -320,12 +345,21 @@ def _build_index(metadata: Metadata, results: list[list[WriteResult]], step: int
                 files[r.index.offset[0]] = sd
             elif "value" in sd:
                 values[r.index.fqn] = sd["value"]
+            elif "reused" in sd:
+                reused[_chunks.piece_name(r.index.fqn, r.index.offset or ())] = sd["reused"]
             else:
-                locs[(r.index.fqn, tuple(r.index.offset or ()))] = sd
+                locs[_chunks.piece_name(r.index.fqn, r.index.offset or ())] = sd
     if any(f is None for f in files):
         raise CheckpointWriteError(
             f"Ranks {[i for i, f in enumerate(files) if f is None]} reported no data file; nothing was committed."
         )
+    _incremental.place_reused(files, locs, reused)
+    return files, locs, values
+
+
+def _build_index(metadata: Metadata, results: list[list[WriteResult]], step: int) -> dict:
+    """This format's index from DCP's global metadata and every rank's write results."""
+    files, locs, values = _rank_results(results)
     tensors: dict[str, dict] = {}
     for fqn, md in metadata.state_dict_metadata.items():
         if not isinstance(md, TensorStorageMetadata):
@@ -340,12 +374,13 @@ def _build_index(metadata: Metadata, results: list[list[WriteResult]], step: int
         }
         chunks = []
         for c in md.chunks:
-            loc = locs.get((fqn, tuple(c.offsets)))
+            loc = locs.get(_chunks.piece_name(fqn, c.offsets))
             if loc is None:
                 raise CheckpointWriteError(
                     f"No rank wrote the chunk at offsets {list(c.offsets)} of {fqn!r}; nothing was committed."
                 )
-            chunks.append({**loc, "offsets": list(c.offsets), "sizes": list(c.sizes)})
+            where = {k: loc[k] for k in ("file", "offset", "length", "checksum")}
+            chunks.append({**where, "offsets": list(c.offsets), "sizes": list(c.sizes)})
         if len(chunks) == 1 and chunks[0]["sizes"] == shape:
             # One whole piece: a plain entry, which every reader of this format understands.
             c = chunks[0]
@@ -409,7 +444,9 @@ class _Leaf:
     tree: Any
 
 
-def _add_to_state_file(storage: Storage, name: str, step: int, shards: int) -> None:
+def _add_to_state_file(
+    storage: Storage, name: str, step: int, shards: int, refs: tuple[str, ...] = ()
+) -> None:
     """The commit of a save without a manager: the state file lists the new checkpoint as newest
     (earlier ones stay listed; nothing is deleted without a manager's retention).
 
@@ -418,14 +455,14 @@ def _add_to_state_file(storage: Storage, name: str, step: int, shards: int) -> N
     """
     files = [name + INDEX_SUFFIX, *files_of(name, shards)]
     try:
-        new = _listing_with(storage, name, step, shards)
+        new = _listing_with(storage, name, step, shards, refs)
     except BaseException:
         _remove_quietly(storage, files)
         raise
     commit_state(storage, new, lambda: _remove_quietly(storage, files))
 
 
-def _listing_with(storage: Storage, name: str, step: int, shards: int) -> bytes:
+def _listing_with(storage: Storage, name: str, step: int, shards: int, refs: tuple[str, ...]) -> bytes:
     """The directory's state file with ``name`` added as the newest checkpoint."""
     now = time.time()
     data = read_state_bytes(storage)
@@ -435,5 +472,5 @@ def _listing_with(storage: Storage, name: str, step: int, shards: int) -> bytes:
         state, parsed = parse_state(data)
         last_preserved = state.last_preserved_timestamp
         records = [r for r in restart_records(state, parsed, now, last_preserved) if r.name != name]
-    records.append(Record(name, step, now, "active", None, shards))
+    records.append(Record(name, step, now, "active", None, shards, refs))
     return dump_state(name, records, last_preserved)

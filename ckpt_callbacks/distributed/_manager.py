@@ -7,7 +7,12 @@ manager asks it for a :class:`DcpWriter` (the core's writer seam, :mod:`ckpt_cal
 for a state with ``DTensor`` leaves, or for every save of a manager :func:`manager` made. The
 coordinator's ``finish`` (after every rank reported success) commits through the manager's commit
 (the state file through retention, rolled back on failure, then the dropped checkpoints' files
-deleted: all N data files of each); the other ranks then follow the state file it wrote.
+deleted: all N data files of each, except those a kept checkpoint points into); the other ranks then
+follow the state file it wrote.
+
+Saves are incremental (the manager's ``incremental``): each rank's writer remembers the chunks of
+the last checkpoint it committed (:class:`ckpt_callbacks._checkpoint._incremental.Tracker`), writes
+only those that changed and points the others into the earlier data files holding them.
 
 ``async_save=True``: ``save`` blocks only for the staging copy (:mod:`._staging`: each rank copies
 its local shards into CPU buffers the writer keeps between saves); the manager's background worker
@@ -25,6 +30,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from .._checkpoint import _incremental
 from .._checkpoint._checkpoint_io import remove_quietly as _remove_quietly
 from .._checkpoint._checkpoint_read import newest_valid
 from .._checkpoint._checkpoint_read import read_index as _read_index
@@ -52,12 +58,13 @@ def _group_of(options: dict | None) -> Any:
 class DcpWriter:
     """Writes one sharded checkpoint with ``dcp.save`` on every rank (a :class:`ckpt_callbacks._manager._writer.
     CheckpointWriter`). Async: the gloo process group and the staging buffers are its own, kept
-    between saves and released when the manager closes."""
+    between saves and released when the manager closes. ``incremental``: this rank's chunks that did
+    not change since the latest checkpoint are not written again (its tracker remembers them)."""
 
     default_info: dict | None = {"framework": "torch"}
 
     def __init__(self, async_save: bool, options: dict | None, incremental: bool = True) -> None:
-        self._incremental = incremental
+        self._tracker = _incremental.Tracker(incremental)
         self._group: Any = None
         self._staging: dict | None = None
         if async_save:
@@ -76,15 +83,19 @@ class DcpWriter:
         """``dcp.save`` through :class:`StorageWriter`, committed by the coordinator's ``finish``."""
         state, group = job.payload
         storage = target.storage
+        base = target.incremental_base()
+        # a sharded save never replaces a checkpoint (it fails before writing): no plan then
+        plan = None if base == job.name else self._tracker.plan(storage, job.name, base)
 
-        def commit(storage: Storage, name: str, step: int, shards: int) -> None:
-            target.commit(job.record(shards))
+        def commit(storage: Storage, name: str, step: int, shards: int, refs: tuple[str, ...]) -> None:
+            target.commit(job.record(shards, refs))
 
         writer = StorageWriter(
             storage.url_of(job.name),
             storage_options=target.storage_options,
             _commit=commit,
             _meta=job.meta_doc,
+            _plan=plan,
         )
         try:
             dcp.save(state, storage_writer=writer, process_group=group)
@@ -94,6 +105,7 @@ class DcpWriter:
             raise _write_error(target, job.name, e, group) from None
         if _rank(group) != 0:
             target.follow()  # the commit the coordinator made
+        self._tracker.committed(job.name, plan)
 
     def close(self) -> None:
         group, self._group, self._staging = self._group, None, None

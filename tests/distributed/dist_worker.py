@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -182,7 +182,8 @@ def killed(rank, world, directory, out, result):
 
 
 def s3(rank, world, directory, out, result):
-    """Two ranks save to S3 (one streamed upload each), load back, and a single process reads it."""
+    """Two ranks save to S3 (one streamed upload each), then the same state again (nothing uploaded
+    again but two empty data files), load back, and a single process reads it."""
     import torch.distributed.checkpoint as dcp
 
     endpoint = os.environ["S3_ENDPOINT"]
@@ -196,7 +197,7 @@ def s3(rank, world, directory, out, result):
     state = state_of(model, optim, cols, {"note": "s3"})
     mgr = cd.manager(directory, max_to_keep=1, storage_options=opts)
     cd.save(mgr, state, 1)
-    cd.save(mgr, state, 2)  # retention drops step 1: all of its files
+    cd.save(mgr, state, 2)  # unchanged: points into step 1's data files; retention drops the rest of step 1
     torch.save(full(state), os.path.join(out, f"s3-rank{rank}.pt"))
     model2, optim2, cols2 = build(world, seed=5)
     state2 = state_of(model2, optim2, cols2, {"note": ""})
@@ -372,6 +373,63 @@ def plain_manager(rank, world, directory, out, result):
     torch.save(saved[(False, 3)], os.path.join(out, f"sync3-rank{rank}.pt"))
 
 
+def frozen_and_head(mesh, seed: int):
+    """FSDP2 model: a frozen first layer (512 KiB, never trained) and a small trained head; Adam."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 6))
+    model[0].requires_grad_(False)
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+
+
+def incremental(rank, world, directory, out, result):
+    """:func:`frozen_and_head` saved at steps 1-3 through a manager (max_to_keep=2), sync then
+    async_save=True (each in its own directory); then a fresh model restored from step 3. And a
+    manager with ``incremental=False``."""
+    mesh = init_device_mesh("cpu", (world,))
+    for async_save in (False, True):
+        model, optim = frozen_and_head(mesh, 0)
+        g = torch.Generator().manual_seed(1)
+        sub = os.path.join(directory, "async" if async_save else "sync")
+        mgr = cd.manager(sub, max_to_keep=2, async_save=async_save)
+        for step in (1, 2, 3):
+            model(torch.randn(4, 256, generator=g)).pow(2).mean().backward()
+            optim.step()
+            optim.zero_grad()
+            msd, osd = get_state_dict(model, optim)
+            state = {"model": msd, "optim": osd, "extra": {"step": step}}
+            cd.save(mgr, state, step)
+            if step == 2 and not async_save:
+                # A new manager, as after a restart: step 3 compares with step 2's index (its
+                # chunks), not with the writer's memory; its start-up sweep keeps step 1's files.
+                mgr.close()
+                mgr = cd.manager(sub, max_to_keep=2)
+        mgr.wait_until_finished()
+        want = full(state)
+        result[f"listed_{async_save}"] = [os.path.basename(p) for p in mgr.checkpoints]
+        model2, optim2 = frozen_and_head(mesh, 123)
+        msd, osd = get_state_dict(model2, optim2)
+        state2 = {"model": msd, "optim": osd, "extra": {"step": -1}}
+        result[f"restored_{async_save}"] = os.path.basename(cd.restore(mgr, state2) or "")
+        apply(model2, optim2, state2)
+        msd, osd = get_state_dict(model2, optim2)
+        got = full({"model": msd, "optim": osd})
+        result[f"mismatch_{async_save}"] = sorted(
+            k for k in want if k not in got or not torch.equal(got[k], want[k])
+        )
+        result[f"compared_{async_save}"] = len(want)
+        result[f"extra_{async_save}"] = state2["extra"]
+        mgr.close()
+        torch.save(want, os.path.join(out, f"incremental-{'async' if async_save else 'sync'}-rank{rank}.pt"))
+    # incremental=False: the same model saved twice, written twice
+    model, _ = frozen_and_head(mesh, 0)
+    with cd.manager(os.path.join(directory, "full"), incremental=False) as mgr:
+        for step in (1, 2):
+            cd.save(mgr, {"model": get_model_state_dict(model)}, step)
+
+
 SCENARIOS = {
     "plain_manager": plain_manager,
     "raw_failure": raw_failure,
@@ -381,6 +439,7 @@ SCENARIOS = {
     "load_into": load_into,
     "killed": killed,
     "s3": s3,
+    "incremental": incremental,
 }
 
 if __name__ == "__main__":

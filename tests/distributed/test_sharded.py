@@ -24,6 +24,7 @@ import ckpt_callbacks  # noqa: E402
 from ckpt_callbacks import CheckpointManager, CorruptCheckpointError, get_checkpoint_state, load_checkpoint  # noqa: E402
 from ckpt_callbacks._api._resolve import read_index  # noqa: E402
 from ckpt_callbacks._format import _format as fmt  # noqa: E402
+from ckpt_callbacks._manager._state import parse_state  # noqa: E402
 from ckpt_callbacks.distributed import StorageReader  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -154,9 +155,11 @@ def test_single_process_load_checkpoint_gives_full_tensors(sharded):
 
 
 def test_plain_incremental_saves_after_sharded_ones_share_a_directory(sharded, tmp_path):
-    """Sharded saves write full checkpoints; plain (incremental) saves continue in the same directory:
-    the first one writes everything (a sharded index's chunks are never pointed into), the next one
-    points into it, and retention drops the sharded checkpoints whole."""
+    """Plain (incremental) saves continue a directory of sharded ones (here full checkpoints: every
+    tensor changed at every step): the first plain one writes everything (a plain save names its
+    tensors by tree path, ``model/0.weight``, never as DCP's keys and chunks, so nothing of a sharded
+    index is pointed into), the next one points into it, and retention drops the sharded checkpoints
+    whole."""
     directory = str(tmp_path / "mixed")
     shutil.copytree(sharded[0], directory)
     full = load_checkpoint(os.path.join(directory, "ckpt-3"))
@@ -178,6 +181,79 @@ def test_plain_incremental_saves_after_sharded_ones_share_a_directory(sharded, t
         "ckpt-6.data-00000-of-00001",
     ]
     assert_same(flat_tensors(load_checkpoint(os.path.join(directory, "ckpt-6"))), flat_tensors(full))
+
+
+@pytest.fixture(scope="module")
+def incremental(tmp_path_factory):
+    """Two FSDP2 ranks, a frozen layer and a trained head: steps 1-3 (max_to_keep=2), sync and async."""
+    base = tmp_path_factory.mktemp("incremental")
+    directory, out = str(base / "ckpts"), str(base / "out")
+    return directory, out, run_ranks("incremental", 2, directory, out)
+
+
+@pytest.mark.parametrize("sub", ["sync", "async"])
+def test_sharded_saves_point_unchanged_chunks_into_the_data_files_that_hold_them(incremental, sub):
+    from safetensors import safe_open
+
+    directory, out, results = incremental
+    for r in results:
+        assert "error" not in r, r
+        assert r[f"listed_{sub == 'async'}"] == ["ckpt-2", "ckpt-3"]
+        # the sharded restore (2 ranks) of a checkpoint pointing into another one's files
+        assert r[f"restored_{sub == 'async'}"] == "ckpt-3" and r[f"mismatch_{sub == 'async'}"] == []
+        assert r[f"compared_{sub == 'async'}"] == 10 and r[f"extra_{sub == 'async'}"] == {"step": 3}
+    d = os.path.join(directory, sub)
+    first = [f"ckpt-1.data-0000{rank}-of-00002" for rank in (0, 1)]
+    for step in (2, 3):  # (sync: step 3 planned from step 2's index, by a new manager)
+        index = read_index(os.path.join(d, f"ckpt-{step}"))
+        own = [f"ckpt-{step}.data-0000{rank}-of-00002" for rank in (0, 1)]
+        files = [f["name"] for f in index["files"]]
+        assert files == [*own, *first, f"ckpt-{step}.meta"]
+        tensors = index["tensors"]
+        # each rank's frozen chunks point into the data file it wrote at step 1; trained ones are new
+        for name in ("model.0.weight", "model.0.bias"):
+            assert [files[c["file"]] for c in tensors[name]["chunks"]] == first
+        for name in ("model.2.weight", "optim.state.2.weight.exp_avg"):
+            assert [files[c["file"]] for c in tensors[name]["chunks"]] == own
+        for rank in (0, 1):
+            path = os.path.join(d, own[rank])
+            assert os.path.getsize(path) < os.path.getsize(os.path.join(d, first[rank])) / 10
+            with safe_open(path, "pt") as f:
+                assert not [k for k in f.keys() if k.startswith("model.0.")]
+    with open(os.path.join(d, "checkpoint"), "rb") as f:
+        records = {r.name: r for r in parse_state(f.read())[1]}
+    assert records["ckpt-2"].refs == records["ckpt-3"].refs == tuple(first)
+    # Retention dropped step 1's .index and .meta and kept the data files the kept ones point into.
+    assert sorted(n for n in os.listdir(d) if not n.startswith(".")) == [
+        "checkpoint",
+        *first,
+        *[
+            f"ckpt-{s}.{x}"
+            for s in (2, 3)
+            for x in ("data-00000-of-00002", "data-00001-of-00002", "index", "meta")
+        ],
+    ]
+    want = torch.load(os.path.join(out, f"incremental-{sub}-rank0.pt"), weights_only=True)
+    assert_same(flat_tensors(load_checkpoint(d)), want)
+    cli = subprocess.run(
+        [sys.executable, "-m", "ckpt_callbacks", "verify", d],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "ckpt-2" in cli.stdout and "ckpt-3" in cli.stdout
+
+
+def test_sharded_saves_with_incremental_false_write_every_chunk(incremental):
+    directory, _, results = incremental
+    assert all("error" not in r for r in results), results
+    index = read_index(os.path.join(directory, "full", "ckpt-2"))  # the same state as ckpt-1
+    assert [f["name"] for f in index["files"]] == [
+        "ckpt-2.data-00000-of-00002",
+        "ckpt-2.data-00001-of-00002",
+        "ckpt-2.meta",
+    ]
 
 
 def test_a_rank_1_error_raises_on_every_rank_and_commits_nothing(sharded):
@@ -219,8 +295,12 @@ def test_a_plain_checkpoint_manager_on_every_rank_saves_and_restores_sharded_sta
         assert r["own"] == "ckpt-1"
     for sub in ("sync", "async"):
         names = sorted(n for n in os.listdir(os.path.join(directory, sub)) if not n.startswith("."))
+        # `cols` never changes: steps 2 and 3 point its chunks into step 1's data files, which
+        # retention keeps when it drops step 1 (its .index and .meta go).
         assert names == [
             "checkpoint",
+            "ckpt-1.data-00000-of-00002",
+            "ckpt-1.data-00001-of-00002",
             *[
                 f"ckpt-{s}.{x}"
                 for s in (2, 3)
@@ -347,12 +427,22 @@ def test_two_ranks_on_s3_stream_their_own_files(s3_endpoint, tmp_path):
     }
     fs = s3fs.S3FileSystem(**opts)
     names = sorted(os.path.basename(p) for p in fs.ls("sharded/run", refresh=True))
+    # Step 2 saved the same state: every chunk points into step 1's data files (uploaded once), which
+    # retention keeps when it drops step 1's .index and .meta; step 2's own data files hold nothing.
+    first = ["ckpt-1.data-00000-of-00002", "ckpt-1.data-00001-of-00002"]
     assert [n for n in names if n.startswith("ckpt-")] == [
+        *first,
         "ckpt-2.data-00000-of-00002",
         "ckpt-2.data-00001-of-00002",
         "ckpt-2.index",
         "ckpt-2.meta",
     ]
+    index = read_index("s3://sharded/run/ckpt-2", storage_options=opts)
+    files = index["files"]
+    assert all(f["size"] == f["header_size"] for f in files[:2])  # a header, no tensor
+    assert {files[c["file"]]["name"] for t in index["tensors"].values() for c in t.get("chunks", [t])} == set(
+        first
+    )
     want = torch.load(str(tmp_path / "out" / "s3-rank0.pt"), weights_only=True)
     assert_same(flat_tensors(load_checkpoint("s3://sharded/run", storage_options=opts)), want)
 

@@ -14,6 +14,7 @@ import torch
 from lightning_helpers import HERE, PYTHON, script_env
 
 from ckpt_callbacks import get_checkpoint_state, load_checkpoint
+from ckpt_callbacks._api._resolve import read_index
 
 SCRIPT = os.path.join(HERE, "lightning_sharded_script.py")
 
@@ -85,13 +86,16 @@ def _kill_and_resume(ns, tmp_path, *extra: str) -> None:
     )
 
     # SPEC §3 layout, each rank its own data file; retention (max_to_keep=2) removed every file of
-    # the older steps.
+    # the older steps but the data files the kept ones point into (incremental: e.g. RNG states
+    # unchanged since an earlier save).
     for d in (straight, killed):
-        assert sorted(os.listdir(d)) == [
+        named = {f["name"] for s in (6, 8) for f in read_index(os.path.join(d, f"ckpt-{s}"))["files"]}
+        assert set(os.listdir(d)) == {
             "checkpoint",
             *(f"ckpt-{s}.{x}" for s in (6, 8) for x in
               ("data-00000-of-00002", "data-00001-of-00002", "index", "meta")),
-        ]  # fmt: skip
+            *named,
+        }  # fmt: skip
         assert get_checkpoint_state(d).all_model_checkpoint_paths[-1].endswith("ckpt-8")
 
     a, b = _state(os.path.join(straight, "ckpt-8")), _state(os.path.join(killed, "ckpt-8"))
