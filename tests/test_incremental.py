@@ -186,7 +186,7 @@ def test_torch_version_counter_skips_hashing_a_trained_tensor(tmp_path, monkeypa
     torch = pytest.importorskip("torch", reason="the torch kind's version counter")
     from ckpt_callbacks._checkpoint import _incremental
 
-    frozen, head = torch.arange(4096, dtype=torch.float32), torch.zeros(5000)  # both over the probe's 12 KiB
+    frozen, head = torch.arange(8192, dtype=torch.float32), torch.zeros(5000)  # both over the probe's 12 KiB
     hashed = []
     real = _incremental.full_checksum
     monkeypatch.setattr(_incremental, "full_checksum", lambda a: hashed.append(a.nbytes) or real(a))
@@ -389,3 +389,46 @@ def test_a_resaved_step_points_into_lower_steps_only(tmp_path):
     state = load_checkpoint(str(tmp_path / "ckpt-2"))
     np.testing.assert_array_equal(state["frozen"], FROZEN)
     assert state["head"][0] == 20
+
+
+def _data_bytes(d) -> int:
+    return sum(os.path.getsize(d / f) for f in _files(d) if ".data-" in f)
+
+
+def test_a_small_unchanged_tensor_never_keeps_an_old_checkpoints_weights_on_storage(tmp_path):
+    """A constant of 1 KiB beside 256 KiB of trained weights: pointing into ckpt-1's data file would
+    keep all of it (ckpt-1's weights) for 1 KiB. The constant is written again, into a data file of
+    its own, which the later saves point into whole; retention leaves no more bytes than full saves."""
+    const = np.arange(256, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    with CheckpointManager(str(tmp_path), max_to_keep=1) as mgr:
+        for step in (1, 2, 3, 4):
+            mgr.save(
+                {"weights": rng.standard_normal(64 * 1024).astype(np.float32), "const": const}, step=step
+            )
+    index = _index(tmp_path, "ckpt-4")
+    names = [f["name"] for f in index["files"]]
+    assert names[index["tensors"]["const"]["file"]] == "ckpt-2.data-00001-of-00002"  # ckpt-2's own, whole
+    assert _files(tmp_path) == [
+        "checkpoint",
+        "ckpt-2.data-00001-of-00002",
+        "ckpt-4.data-00000-of-00001",
+        "ckpt-4.index",
+        "ckpt-4.meta",
+    ]
+    assert _data_bytes(tmp_path) < 64 * 1024 * 4 + const.nbytes + 1024  # one checkpoint's bytes, headers
+    np.testing.assert_array_equal(load_checkpoint(str(tmp_path / "ckpt-4"))["const"], const)
+
+
+def test_frozen_bytes_in_a_mostly_trained_file_are_written_once_more_then_pointed_into(tmp_path):
+    """A model 25 % frozen: ckpt-1's file is mostly trained bytes, so ckpt-2 writes the frozen tensor
+    again into a file of its own; from ckpt-3 on every save points into that file."""
+    frozen = np.arange(16 * 1024, dtype=np.float32)  # 64 KiB of 256 KiB
+    with CheckpointManager(str(tmp_path), max_to_keep=None) as mgr:
+        for step in (1, 2, 3, 4):
+            mgr.save({"frozen": frozen, "head": np.full(48 * 1024, step, np.float32)}, step=step)
+    for name in ("ckpt-3", "ckpt-4"):
+        index = _index(tmp_path, name)
+        assert index["files"][index["tensors"]["frozen"]["file"]]["name"] == "ckpt-2.data-00001-of-00002"
+    assert os.path.getsize(tmp_path / "ckpt-4.data-00000-of-00001") < 48 * 1024 * 4 + 1024  # the head only
+    np.testing.assert_array_equal(load_checkpoint(str(tmp_path / "ckpt-4"))["frozen"], frozen)

@@ -83,8 +83,13 @@ def write_checkpoint(
     written and fsync'd meanwhile.
     """
     tensors = plan.split(encoded.tensors, arrays) if plan is not None else encoded.tensors
-    total = preflight(storage, name, tensors)
-    shards = fmt.plan_shards(tensors, _num_shards(storage, total, len(tensors)))
+    preflight(storage, name, tensors)
+    stable = [t for t in tensors if t.name in plan.stable] if plan is not None else []
+    if stable:  # unchanged tensors written again: a data file of their own, which later saves keep whole
+        changed = [t for t in tensors if t.name not in plan.stable]
+        shards = [s for s in _shards(storage, changed) + _shards(storage, stable) if s]
+    else:
+        shards = _shards(storage, tensors)
     if replacing is not None and len(shards) == replacing.shards:
         shards.append([])  # an empty safetensors file: the new data files must not overwrite the old
     written: list[str] = []
@@ -161,6 +166,12 @@ def _write_local(
         for writer in staged:
             if writer.name not in written:
                 writer.abort()
+
+
+def _shards(storage: Storage, tensors: list[fmt.TensorEntry]) -> list[list[fmt.TensorEntry]]:
+    """``tensors`` in data files: one, or several of similar size on an object store (uploaded at once)."""
+    total = sum(t.nbytes for t in tensors)
+    return fmt.plan_shards(tensors, _num_shards(storage, total, len(tensors)))
 
 
 def _num_shards(storage: Storage, total: int, n_tensors: int) -> int:

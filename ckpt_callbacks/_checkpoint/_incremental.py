@@ -60,6 +60,8 @@ class Plan:
     versions: dict[str, Any] = field(default_factory=dict)
     probes: dict[str, str] = field(default_factory=dict)  # of the tensors written, for the next save
     table: dict[str, Known] | None = None  # the new checkpoint's, once written
+    # unchanged, but written again (their earlier file is mostly dead bytes): best in a file of their own
+    stable: set[str] = field(default_factory=set)
 
     def split(self, tensors: list[fmt.TensorEntry], arrays: dict | None) -> list[fmt.TensorEntry]:
         """The tensors that must be written; the others are recorded in ``reused``."""
@@ -67,6 +69,7 @@ class Plan:
             return tensors
         kept_bytes = 0
         out = []
+        candidates = {}
         for t in tensors:
             known = _known(self.previous, t)
             version = _version_of(t)
@@ -90,12 +93,30 @@ class Plan:
             checksum = full_checksum(arr)
             if checksum == known.entry["checksum"]:
                 self.reused[t.name] = known
+                candidates[t.name] = t
                 continue
             self.checksums[t.name] = checksum
             if arrays is None and not _is_view(t) and kept_bytes + arr.nbytes <= _KEEP_MATERIALISED_BYTES:
                 self.arrays[t.name] = arr
                 kept_bytes += arr.nbytes
             out.append(t)
+        return out + self._not_worth_pinning(candidates)
+
+    def _not_worth_pinning(self, candidates: dict[str, fmt.TensorEntry]) -> list[fmt.TensorEntry]:
+        """Unchanged tensors written again after all: those whose earlier data file would be more dead
+        bytes than bytes reused from it. A reference keeps its whole file; so a few small unchanged
+        tensors (an RNG state, a constant) never keep an old checkpoint's weights on storage, and a save
+        never leaves more bytes than a full one would. They go to a file of their own (:attr:`stable`),
+        which the next save points into whole."""
+        live: dict[str, int] = {}
+        for known in self.reused.values():
+            live[known.file["name"]] = live.get(known.file["name"], 0) + known.entry["length"]
+        weak = {f for f, n in live.items() if 2 * n < _files_size(self.reused, f)}
+        out = []
+        for name in [n for n, k in self.reused.items() if k.file["name"] in weak]:
+            self.checksums[name] = self.reused.pop(name).entry["checksum"]
+            self.stable.add(name)
+            out.append(candidates[name])
         return out
 
     def learn(self, written: list[tuple[dict, dict[str, dict]]]) -> None:
@@ -159,6 +180,12 @@ def place_reused(files: list, tensors: dict, reused: dict[str, dict]) -> tuple[s
             refs.append(fname)
         tensors[name] = {**r["entry"], "file": file_no[fname]}
     return tuple(sorted(refs))
+
+
+def _files_size(reused: dict[str, Known], fname: str) -> int:
+    """The tensor bytes of data file ``fname`` (its size less its header)."""
+    f = next(k.file for k in reused.values() if k.file["name"] == fname)
+    return int(f["size"]) - int(f.get("header_size", 0))
 
 
 def refs_of(plan: Plan | None) -> tuple[str, ...]:

@@ -5,7 +5,7 @@ LAYOUT: "model" (ModelParallel: kernels split over the "model" axis of a (2, D/2
 processes that axis spans both), "data" (DataParallel) or "none" (one device). The number of devices
 per process comes from XLA_FLAGS; NUM_PROCESSES / PROCESS_ID / COORDINATOR make it one process of a
 ``jax.distributed`` job (gloo CPU collectives; OUT.npz gets the process id appended). ASYNC_SAVE=1 turns
-on async_save; FREEZE=1 freezes the first layer; CALLBACK_ONLY_ON=P runs the callback on process P alone. CRASH_AT="P:N:POINT[:raise]" SIGKILLs process P (or raises OSError there) at crash point POINT of its
+on async_save; FREEZE=1 freezes the first layer (SGD); CALLBACK_ONLY_ON=P runs the callback on process P alone. CRASH_AT="P:N:POINT[:raise]" SIGKILLs process P (or raises OSError there) at crash point POINT of its
 N-th save. With KILL_AT_STEP the process SIGKILLs itself after that global step, once (a marker
 file in DIRECTORY remembers it), so rerunning the same command resumes. OUT.npz gets every model and
 optimizer variable, the checkpoint resumed from, each variable's sharding spec and whether any
@@ -64,14 +64,19 @@ y = (x @ rng.randn(6, 2)).astype("float32")
 model = keras.Sequential(
     [
         keras.Input((6,)),
-        keras.layers.Dense(16, activation="relu", name="dense_in"),
+        # FREEZE: a wide frozen layer, most of each process's bytes (beside its RNG states)
+        keras.layers.Dense(
+            2048 if os.environ.get("FREEZE") == "1" else 16, activation="relu", name="dense_in"
+        ),
         keras.layers.Dropout(0.25),
         keras.layers.Dense(2, name="dense_out"),
     ]
 )
-if os.environ.get("FREEZE") == "1":  # a frozen first layer: its pieces never change (incremental saves)
+optimizer = keras.optimizers.Adam(1e-2)
+if os.environ.get("FREEZE") == "1":  # a frozen first layer: its pieces never change
     model.get_layer("dense_in").trainable = False
-model.compile(keras.optimizers.Adam(1e-2), "mse")
+    optimizer = keras.optimizers.SGD(1e-2)
+model.compile(optimizer, "mse")
 cb = CheckpointCallback(
     directory, save_every_n_steps=4, max_to_keep=2, async_save=os.environ.get("ASYNC_SAVE") == "1"
 )
