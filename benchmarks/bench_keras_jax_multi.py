@@ -199,7 +199,7 @@ def free_port() -> int:
 
 
 def launch(processes: int, devices: int, args) -> list[dict]:
-    d = os.path.join(args.dir, f"job-{processes}")
+    d = os.path.join(os.path.abspath(args.dir), f"job-{processes}")  # Orbax takes absolute paths only
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
