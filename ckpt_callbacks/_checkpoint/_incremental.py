@@ -105,9 +105,9 @@ class Plan:
     def _not_worth_pinning(self, candidates: dict[str, fmt.TensorEntry]) -> list[fmt.TensorEntry]:
         """Unchanged tensors written again after all: those whose earlier data file would be more dead
         bytes than bytes reused from it. A reference keeps its whole file; so a few small unchanged
-        tensors (an RNG state, a constant) never keep an old checkpoint's weights on storage, and a save
-        never leaves more bytes than a full one would. They go to a file of their own (:attr:`stable`),
-        which the next save points into whole."""
+        tensors (an RNG state, a constant) never keep an old checkpoint's weights on storage, and the
+        dead bytes a reference keeps are at most the bytes it saves writing. They go to a file of their
+        own (:attr:`stable`), which the next save points into whole."""
         live: dict[str, int] = {}
         for known in self.reused.values():
             live[known.file["name"]] = live.get(known.file["name"], 0) + known.entry["length"]
