@@ -19,6 +19,7 @@ each committed checkpoint's referenced files ride in its state-file record (:cla
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,10 +109,12 @@ class Plan:
         tensors (an RNG state, a constant) never keep an old checkpoint's weights on storage, and the
         dead bytes a reference keeps are at most the bytes it saves writing. They go to a file of their
         own (:attr:`stable`), which the next save points into whole."""
-        live: dict[str, int] = {}
+        live: dict[str, int] = {}  # per earlier data file: its tensor bytes less twice those reused
         for known in self.reused.values():
-            live[known.file["name"]] = live.get(known.file["name"], 0) + known.entry["length"]
-        weak = {f for f, n in live.items() if 2 * n < _files_size(self.reused, f)}
+            f = known.file
+            live.setdefault(f["name"], int(f["size"]) - int(f.get("header_size", 0)))
+            live[f["name"]] -= 2 * known.entry["length"]
+        weak = {f for f, rest in live.items() if rest > 0}  # reused bytes under half of it
         out = []
         for name in [n for n, k in self.reused.items() if k.file["name"] in weak]:
             self.checksums[name] = self.reused.pop(name).entry["checksum"]
@@ -149,13 +152,14 @@ class Tracker:
         self.source: str | None = None  # the checkpoint ``table`` describes
         self.table: dict[str, Known] = {}
 
-    def plan(self, storage: Storage, name: str, base: str | None) -> Plan | None:
-        """What saving ``name`` compares with: the tensors of committed checkpoint ``base`` (the
-        latest, as a rule), from memory when this writer committed it, else (a first save, a resume
-        that passed over a corrupt latest, another writer's commit) read from its index. None (a full
-        save) when turned off."""
+    def plan(self, storage: Storage, name: str, base_of: Callable[[], str | None]) -> Plan | None:
+        """What saving ``name`` compares with: the tensors of committed checkpoint ``base_of()`` (the
+        latest, as a rule; asked only when turned on, as it may read the state file), from memory
+        when this writer committed it, else (a first save, a resume that passed over a corrupt
+        latest, another writer's commit) read from its index. None (a full save) when turned off."""
         if not self.enabled:
             return None
+        base = base_of()
         if self.source != base:
             self.source, self.table = base, read_table(storage, base)
         return Plan(self.table, name)
@@ -180,12 +184,6 @@ def place_reused(files: list, tensors: dict, reused: dict[str, dict]) -> tuple[s
             refs.append(fname)
         tensors[name] = {**r["entry"], "file": file_no[fname]}
     return tuple(sorted(refs))
-
-
-def _files_size(reused: dict[str, Known], fname: str) -> int:
-    """The tensor bytes of data file ``fname`` (its size less its header)."""
-    f = next(k.file for k in reused.values() if k.file["name"] == fname)
-    return int(f["size"]) - int(f.get("header_size", 0))
 
 
 def refs_of(plan: Plan | None) -> tuple[str, ...]:

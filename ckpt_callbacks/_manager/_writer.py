@@ -111,7 +111,7 @@ class PlainWriter:
         storage.makedirs()
         encoded, arrays = job.payload
         replacing = target.replacing(job.name)
-        plan = self._tracker.plan(storage, job.name, target.incremental_base())
+        plan = self._tracker.plan(storage, job.name, target.incremental_base)
         # defer_sync: the state file's temp is written while the last directory fsync runs
         shards = _cio.write_checkpoint(
             storage, job.name, encoded, job.step, job.meta_doc, arrays, replacing, defer_sync=True, plan=plan

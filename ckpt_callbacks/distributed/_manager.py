@@ -83,9 +83,7 @@ class DcpWriter:
         """``dcp.save`` through :class:`StorageWriter`, committed by the coordinator's ``finish``."""
         state, group = job.payload
         storage = target.storage
-        base = target.incremental_base()
-        # a sharded save never replaces a checkpoint (it fails before writing): no plan then
-        plan = None if base == job.name else self._tracker.plan(storage, job.name, base)
+        plan = self._tracker.plan(storage, job.name, target.incremental_base)
 
         def commit(storage: Storage, name: str, step: int, shards: int, refs: tuple[str, ...]) -> None:
             target.commit(job.record(shards, refs))

@@ -93,7 +93,7 @@ class ProcessWriter:
         # Process 0 writes the state's small, unsharded leaves; every process its own shards.
         tensors = [t for t in encoded.tensors if me == 0 or t.name in pieces]
         fname = data_file_name(name, me, world)
-        plan = self._tracker.plan(storage, name, target.incremental_base())
+        plan = self._tracker.plan(storage, name, target.incremental_base)
         try:
             storage.makedirs()
             crash_point("before_data")
